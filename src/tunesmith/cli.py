@@ -1,0 +1,129 @@
+"""The ``tunesmith`` command: train, eval, generate, data inspect.
+
+User errors print one line per problem and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from tunesmith.errors import TunesmithError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _quiet_libraries() -> None:
+    # The libraries' own warnings (deprecations, "generation flags") bury what matters to the user.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def cmd_train(args) -> int:
+    from tunesmith.config import load_config
+    from tunesmith.run import run_training
+
+    config = load_config(args.config, args.set)
+    try:
+        report = run_training(config, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: checkpoint saved in {config.output.dir}/checkpoints/last; "
+              f"continue with: tunesmith train {args.config} --resume"
+              + "".join(f" --set {s}" for s in args.set), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from tunesmith.run import evaluate_run
+
+    base, tuned = evaluate_run(Path(args.run_dir), args.data)
+    from tunesmith.eval.report import metrics_table
+
+    print(metrics_table(base, tuned))
+    print(json.dumps({"base": base, "tuned": tuned}))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from tunesmith.run import generate_stream
+
+    generate_stream(Path(args.run_dir), args.prompt, args.max_new_tokens)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from tunesmith.config import load_config
+    from tunesmith.data.pipeline import format_stats, prepare_data
+    from tunesmith.model import load_tokenizer, resolve_model
+
+    config = load_config(args.config, args.set)
+    tokenizer = load_tokenizer(resolve_model(config.model.name))
+    data = prepare_data(config.data, tokenizer)
+    print(format_stats(data.stats))
+    leak = data.stats["leakage"]
+    for example in leak.get("examples", []):
+        print(f"leak ({example[0]}): {example[1][:80]!r} ~ train {example[2][:80]!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune as a config says, then evaluate base and tuned model")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="test metrics of a run's base and tuned model, side by side")
+    p.add_argument("run_dir")
+    p.add_argument("--data", help="evaluate on this file (all rows) instead of the run's test split")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="stream a tuned model's answer to a prompt")
+    p.add_argument("run_dir")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("inspect", help="data statistics (rows dropped, token lengths, labels, leakage)")
+    q.add_argument("config")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    q.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _quiet_libraries()
+    try:
+        return args.func(args)
+    except TunesmithError as err:
+        for problem in err.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

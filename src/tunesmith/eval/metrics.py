@@ -1,0 +1,83 @@
+"""Metrics on held-out data, computed the same way for the base and the tuned model."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tunesmith.data.format import Encoder
+from tunesmith.train.loop import evaluate_loss
+from tunesmith.train.loss import per_example_loss
+from tunesmith.train.packing import collate, plan_batches
+
+
+def macro_f1(gold: list[str], pred: list[str], labels: list[str]) -> float:
+    scores = []
+    for label in labels:
+        tp = sum(g == label and p == label for g, p in zip(gold, pred))
+        fp = sum(g != label and p == label for g, p in zip(gold, pred))
+        fn = sum(g == label and p != label for g, p in zip(gold, pred))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def with_answer(example: dict, answer: str) -> dict:
+    messages = [*example["messages"][:-1], {"role": "assistant", "content": answer}]
+    return {**example, "messages": messages}
+
+
+@torch.no_grad()
+def classify(model, encoder: Encoder, examples: list[dict], labels: list[str], batch_tokens: int,
+             row_len: int, pad_id: int, direct: bool = True) -> list[str]:
+    """The model's choice among the label strings: the one with the highest log-likelihood."""
+    candidates = []
+    for ex in examples:
+        for label in labels:
+            encoded = encoder.encode(with_answer(ex, label))
+            candidates.append(encoded)
+    totals = torch.zeros(len(candidates))
+    was_training = model.training
+    model.eval()
+    for rows in plan_batches(candidates, batch_tokens, row_len, seed=None):
+        batch = collate(candidates, rows, row_len, pad_id)
+        sums, _ = per_example_loss(model, batch, len(candidates), direct)
+        totals += sums
+    model.train(was_training)
+    scores = totals.view(len(examples), len(labels))
+    return [labels[i] for i in scores.argmin(dim=1).tolist()]
+
+
+def evaluate(model, encoder: Encoder, examples: list[dict], encoded: list[dict], labels: list[str],
+             batch_tokens: int, row_len: int, pad_id: int, direct: bool = True) -> dict:
+    """``loss`` and ``perplexity`` always; ``accuracy`` and ``macro_f1`` when there are labels."""
+    loss = evaluate_loss(model, encoded, batch_tokens, row_len, pad_id, direct)
+    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+    if labels:
+        pred = classify(model, encoder, examples, labels, batch_tokens, row_len, pad_id, direct)
+        gold = [e["label"] for e in examples]
+        metrics["accuracy"] = sum(g == p for g, p in zip(gold, pred)) / len(gold)
+        metrics["macro_f1"] = macro_f1(gold, pred, labels)
+    return metrics
+
+
+@torch.no_grad()
+def generate_samples(model, tokenizer, encoder: Encoder, examples: list[dict], max_new_tokens: int) -> list[dict]:
+    """Greedy completions for a few held-out prompts."""
+    samples = []
+    was_training = model.training
+    model.eval()
+    for ex in examples:
+        if "messages" in ex:
+            prompt = encoder.prompt_text(ex)
+            expected = ex["messages"][-1]["content"] if ex["messages"][-1]["role"] == "assistant" else ""
+        else:
+            words = ex["text"].split()
+            prompt, expected = " ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2 :])
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        samples.append({"prompt": prompt, "expected": expected, "output": text.strip()})
+    model.train(was_training)
+    return samples

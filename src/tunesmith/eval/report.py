@@ -1,0 +1,80 @@
+"""The run report: before/after table, data statistics, loss curves and samples, as markdown."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tunesmith.data.pipeline import format_stats
+
+METRIC_NAMES = {"loss": "loss", "perplexity": "perplexity", "accuracy": "accuracy", "macro_f1": "macro-F1"}
+HIGHER_IS_BETTER = {"accuracy", "macro_f1"}
+
+
+def plot_losses(metrics_log: Path, out: Path) -> bool:
+    """Training and validation loss against step, as a PNG. False when there is nothing to plot."""
+    rows = [json.loads(line) for line in metrics_log.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if not train:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="train", alpha=0.7)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per trained token")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def metrics_table(base: dict, tuned: dict) -> str:
+    lines = ["| metric | base | tuned | change |", "|---|---:|---:|---:|"]
+    for key, name in METRIC_NAMES.items():
+        if key in base and key in tuned:
+            delta = tuned[key] - base[key]
+            lines.append(f"| {name} | {base[key]:.4f} | {tuned[key]:.4f} | {delta:+.4f} |")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, summary: dict, stats: dict, samples: list[dict], has_plot: bool) -> Path:
+    """``summary`` holds model, method, parameters, training figures and the base/tuned metrics."""
+    m = summary
+    out = [
+        f"# tunesmith run: {run_dir.name}",
+        "",
+        f"Model `{m['model']}`, method `{m['method']}`: {m['trainable_params']:,} trainable parameters "
+        f"of {m['total_params']:,} ({100 * m['trainable_params'] / m['total_params']:.2f}%).",
+        f"Trained {m['steps']} steps in {m['train_seconds']:.0f} s "
+        f"({m['tokens_per_s']:.0f} tokens/s); held-out test set: {m['test_examples']} examples.",
+        "",
+        "## Test metrics, base model and tuned model",
+        "",
+        metrics_table(m["base"], m["tuned"]),
+        "",
+    ]
+    if has_plot:
+        out += ["## Loss curves", "", "![loss curves](loss.png)", ""]
+    out += ["## Data", "", "```", format_stats(stats), "```", ""]
+    if samples:
+        out += ["## Samples (greedy, held-out prompts)", ""]
+        for s in samples:
+            out += [f"**Prompt:** `{_short(s['prompt'])}`", "",
+                    f"- expected: {s['expected']}", f"- base: {s['base']}", f"- tuned: {s['tuned']}", ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(out))
+    return path
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = text.replace("\n", " ⏎ ").replace("`", "'")
+    return text if len(text) <= limit else text[: limit - 1] + "…"

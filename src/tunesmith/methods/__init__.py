@@ -1,0 +1,35 @@
+"""Fine-tuning methods, registered in one place.
+
+A method turns a pretrained model into one whose trainable parameters are the method's own, saves
+and loads just those, and says whether it can merge into the base. Adding a method means one module
+here, one line in ``REGISTRY`` and one row in the test matrix.
+"""
+
+from __future__ import annotations
+
+from tunesmith.errors import TunesmithError
+from tunesmith.methods import full, lora
+from tunesmith.methods.base import Method
+
+REGISTRY: dict[str, Method] = {
+    "full": full.METHOD,
+    "lora": lora.METHOD,
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in REGISTRY:
+        raise TunesmithError(f"method.name: unknown method {name!r}; known: {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total

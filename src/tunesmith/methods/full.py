@@ -1,0 +1,26 @@
+"""Full fine-tuning: every weight trains; the run stores the whole model as safetensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunesmith.methods.base import Method
+
+
+def apply(model, cfg):
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def save(model, path: Path) -> None:
+    model.save_pretrained(path, safe_serialization=True)
+
+
+def load(base, path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=base.dtype)
+
+
+METHOD = Method(name="full", apply=apply, save=save, load=load, merge=lambda m: m)

@@ -1,0 +1,1 @@
+"""The training loop and its numerical pieces (packing, loss, schedules, checkpoints)."""

@@ -1,0 +1,65 @@
+"""Causal LM loss with the output projection computed only where a label is.
+
+Prompt tokens need no logits: with a 49k-token vocabulary the output projection is a large share
+of the compute, and the full [tokens x vocab] logits tensor is the largest activation. Logits are
+computed in chunks under activation checkpointing, so at most one chunk of them exists at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from tunesmith.data.format import IGNORE
+from tunesmith.methods.base import unwrap
+
+CHUNK = 2048
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight, bias).float()
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def token_losses(model, batch: dict[str, torch.Tensor], direct: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token losses at labelled positions, and the flat indices (into [B, T-1]) they belong to.
+
+    ``direct`` runs the decoder and the output head separately (the fast path); otherwise the
+    model's own forward computes logits for every position (for methods that need their forward).
+    """
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE
+    targets = labels[mask]
+    where = mask.flatten().nonzero().squeeze(1)
+    if not direct:
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        return F.cross_entropy(logits[:, :-1][mask].float(), targets, reduction="none"), where
+    inner = unwrap(model)
+    decoder = getattr(inner, inner.base_model_prefix)
+    head = inner.get_output_embeddings()
+    # No cache: with one, transformers would not read the packing from the position ids.
+    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                     use_cache=False).last_hidden_state
+    hidden = hidden[:, :-1][mask]
+    losses = [
+        checkpoint(_chunk_loss, h, head.weight, head.bias, t, use_reentrant=False)
+        if torch.is_grad_enabled() else _chunk_loss(h, head.weight, head.bias, t)
+        for h, t in zip(hidden.split(CHUNK), targets.split(CHUNK))
+    ]
+    return torch.cat(losses) if losses else hidden.new_zeros(0), where
+
+
+def loss_sum(model, batch, direct: bool = True) -> tuple[torch.Tensor, int]:
+    """Sum of token losses and the number of trained tokens in the batch."""
+    losses, _ = token_losses(model, batch, direct)
+    return losses.sum(), losses.numel()
+
+
+def per_example_loss(model, batch, n_examples: int, direct: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss and trained-token count for each example in a packed batch (by seq_ids)."""
+    losses, where = token_losses(model, batch, direct)
+    seq = batch["seq_ids"][:, 1:].flatten()[where]
+    sums = torch.zeros(n_examples, dtype=torch.float32).index_add_(0, seq, losses.detach().float())
+    counts = torch.zeros(n_examples, dtype=torch.long).index_add_(0, seq, torch.ones_like(seq))
+    return sums, counts

@@ -1,0 +1,70 @@
+"""Pack tokenised examples into fixed-length rows, so no compute is spent on padding.
+
+Examples in a row are told apart by their position ids, which restart at 0 for each example;
+transformers turns that into a block-diagonal causal mask, so packed examples never attend to
+each other (see ``masking_utils.find_packed_sequence_indices``).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from tunesmith.data.format import IGNORE
+
+
+def plan_rows(lengths: list[int], row_len: int) -> list[list[int]]:
+    """First-fit decreasing bin packing of example indices into rows of at most row_len tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    space: list[int] = []
+    for i in order:
+        n = min(lengths[i], row_len)
+        for r, free in enumerate(space):
+            if free >= n:
+                rows[r].append(i)
+                space[r] -= n
+                break
+        else:
+            rows.append([i])
+            space.append(row_len - n)
+    return rows
+
+
+def plan_batches(examples: list[dict], batch_tokens: int, row_len: int, seed: int | None) -> list[list[list[int]]]:
+    """Batches of rows of example indices. Shuffled with ``seed`` (None keeps a fixed order)."""
+    rows = plan_rows([len(e["input_ids"]) for e in examples], row_len)
+    if seed is not None:
+        random.Random(seed).shuffle(rows)
+    per_batch = max(1, batch_tokens // row_len)
+    return [rows[i : i + per_batch] for i in range(0, len(rows), per_batch)]
+
+
+def collate(examples: list[dict], rows: list[list[int]], row_len: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Tensors for one batch: input_ids, position_ids, labels and seq_ids ([B, T] each).
+
+    ``seq_ids`` holds, for every token, the index of its example in ``examples`` (-1 on padding),
+    so callers can sum losses per example.
+    """
+    width = max(sum(min(len(examples[i]["input_ids"]), row_len) for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    seq = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            ex = examples[i]
+            n = min(len(ex["input_ids"]), row_len)
+            ids[r, at : at + n] = torch.tensor(ex["input_ids"][:n])
+            labels[r, at : at + n] = torch.tensor(ex["labels"][:n])
+            # An example's first token has no context of its own to be predicted from: the token
+            # before it belongs to another example.
+            labels[r, at] = IGNORE
+            pos[r, at : at + n] = torch.arange(n)
+            seq[r, at : at + n] = i
+            at += n
+        # Padding forms its own sequence (positions restart), so it never joins the last example.
+        pos[r, at:] = torch.arange(width - at)
+    return {"input_ids": ids, "position_ids": pos, "labels": labels, "seq_ids": seq}

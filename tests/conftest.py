@@ -1,0 +1,115 @@
+"""Shared fixtures: a tiny Llama and tokenizer built from configs, and tiny data written here.
+
+No downloads: the tokenizer is trained on a few sentences, the model is 2 layers of width 32.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+POSITIVE = ["great", "wonderful", "moving", "brilliant", "delightful", "superb", "charming", "fun"]
+NEGATIVE = ["dull", "boring", "awful", "tedious", "clumsy", "bland", "lifeless", "weak"]
+OPENERS = ["honestly the", "i think this", "overall the", "to me the", "as a whole the", "sadly or not the"]
+NOUNS = ["film", "movie", "story", "script", "cast", "plot", "ending", "picture"]
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [f"a {w} {n} with {v} parts" for w in POSITIVE + NEGATIVE for n in NOUNS for v in ("some", "many")]
+    corpus += ["positive negative classify sentiment review user assistant system the of and is to"] * 5
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def make_model_dir(path: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.3, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    # A wide init: with the default 0.02 the tied output head cannot express a confident logit,
+    # and LoRA (which leaves embeddings frozen) could barely lower the loss.
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def review_rows(n: int, seed: int = 0) -> list[dict]:
+    """Sentiment rows whose label follows from the adjective: learnable by a tiny model."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        good = i % 2 == 0
+        adj = rng.choice(POSITIVE if good else NEGATIVE)
+        noun, other = rng.sample(NOUNS, 2)
+        rows.append({"review": f"{rng.choice(OPENERS)} {noun} is {adj}, unlike the {other} of take {i}",
+                     "sentiment": "fresh" if good else "rotten"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_config(path: Path, model_dir: Path, data: dict, **sections) -> Path:
+    import yaml
+
+    config = {
+        "model": {"name": str(model_dir)},
+        "data": data,
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"max_steps": 20, "batch_tokens": 256, "lr": 0.05, "eval_every": 10, "save_every": 5,
+                  "warmup_ratio": 0.0},
+        "eval": {"samples": 1, "max_new_tokens": 4},
+        "output": {"dir": str(path.parent / "run")},
+    }
+    for key, value in sections.items():
+        config[key] = {**config.get(key, {}), **value}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture
+def review_data(tmp_path) -> dict:
+    """A data section for 120 tiny labelled reviews in a JSONL file."""
+    path = write_jsonl(tmp_path / "reviews.jsonl", review_rows(120))
+    return {"path": str(path), "format": "classification", "columns": {"text": "review", "label": "sentiment"},
+            "label_map": {"fresh": "positive", "rotten": "negative"},
+            "instruction": "classify sentiment: {text}", "max_length": 64,
+            "split": {"validation": 0.15, "test": 0.15}}

@@ -1,0 +1,74 @@
+"""Configuration: YAML + --set overrides, every invalid field reported at once, shipped examples valid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tunesmith.config import apply_overrides, load_config, save_config, validate_config
+from tunesmith.errors import TunesmithError
+
+EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+
+
+def test_overrides_parse_types_and_nest():
+    raw = apply_overrides({"data": {"path": "x.csv"}}, ["train.lr=1e-4", "train.max_steps=3", "output.merge=true",
+                                                        "data.columns.text=review"])
+    config = validate_config(raw)
+    assert config.train.lr == 1e-4 and config.train.max_steps == 3 and config.output.merge is True
+    assert config.data.columns.text == "review"
+
+
+def test_every_invalid_field_is_reported_at_once_with_its_path(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"data": {"path": "x.csv"}, "train": {"lr": -1, "batch_tokens": 0, "epochs": 0},
+                                    "method": {"rank": 8}}))
+    with pytest.raises(TunesmithError) as err:
+        load_config(path)
+    text = str(err.value)
+    for fragment in ("train.lr", "train.batch_tokens", "train.epochs", "method.rank: unknown field"):
+        assert fragment in text
+    assert len(err.value.problems) == 4
+    assert all(p.startswith(f"{path}: ") for p in err.value.problems)
+
+
+def test_bad_override_syntax_and_missing_config(tmp_path):
+    with pytest.raises(TunesmithError, match="expected key.sub=value"):
+        apply_overrides({}, ["novalue"])
+    with pytest.raises(TunesmithError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  path: a.csv\n train: [\n")
+    with pytest.raises(TunesmithError, match=r"c.yaml:\d+: invalid YAML"):
+        load_config(path)
+
+
+def test_split_fractions_must_leave_training_rows():
+    with pytest.raises(TunesmithError, match="data.split"):
+        validate_config({"data": {"path": "a.csv", "split": {"validation": 0.5, "test": 0.5}}})
+
+
+def test_data_paths_resolve_relative_to_the_config_and_round_trip(tmp_path):
+    (tmp_path / "d.csv").write_text("text\nhello\n")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": {"path": "d.csv"}}))
+    config = load_config(path)
+    assert config.data.path == str(tmp_path / "d.csv")
+    save_config(config, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == config
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[e.name for e in EXAMPLES])
+def test_shipped_examples_load_and_open_with_their_command(example):
+    first = example.read_text().splitlines()[0]
+    assert first == f"# tunesmith train examples/{example.name}"
+    load_config(example)
+
+
+def test_there_are_examples():
+    assert EXAMPLES

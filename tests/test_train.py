@@ -1,0 +1,102 @@
+"""Training on a tiny model: the loss falls, only the method's parameters change, resume is exact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_config
+from tunesmith.config import load_config
+from tunesmith.run import run_training
+
+
+def _weights(model_dir):
+    return load_file(model_dir / "model.safetensors")
+
+
+def test_lora_run_learns_changes_only_adapter_and_writes_a_finished_run(tmp_path, tiny_model_dir, review_data):
+    config = load_config(write_config(tmp_path / "c.yaml", tiny_model_dir, review_data))
+    report = run_training(config)
+    run = tmp_path / "run"
+    assert report == run / "report.md" and report.is_file()
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 20
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("loss", "perplexity", "accuracy", "macro_f1"):
+        assert key in metrics["base"] and key in metrics["tuned"]
+    assert metrics["tuned"]["loss"] < metrics["base"]["loss"]
+    assert json.loads((run / "status.json").read_text())["status"] == "complete"
+    assert (run / "loss.png").is_file() and (run / "config.yaml").is_file()
+
+    # The adapter is standard PEFT; its weights moved away from LoRA's zero init; the base did not move.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tuned = PeftModel.from_pretrained(base, run / "adapter")
+    lora_b = [p for n, p in tuned.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+    original = _weights(tiny_model_dir)
+    for name, value in tuned.get_base_model().state_dict().items():
+        key = name.replace(".base_layer", "")
+        if "lora_" not in name and key in original:
+            torch.testing.assert_close(value, original[key], msg=name)
+
+
+def test_full_finetuning_changes_every_weight(tmp_path, tiny_model_dir, review_data):
+    config = load_config(write_config(tmp_path / "c.yaml", tiny_model_dir, review_data,
+                                      method={"name": "full"}, train={"max_steps": 5, "lr": 0.003}))
+    run_training(config)
+    tuned = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    original = _weights(tiny_model_dir)
+    for name, value in original.items():
+        assert not torch.equal(tuned[name], value), f"{name} did not change"
+
+
+def test_interrupted_then_resumed_equals_straight_through(tmp_path, tiny_model_dir, review_data):
+    def run(dirname, interrupt_at=None):
+        path = write_config(tmp_path / f"{dirname}.yaml", tiny_model_dir, review_data,
+                            output={"dir": str(tmp_path / dirname)},
+                            method={"dropout": 0.1}, train={"max_steps": 8, "save_every": 100, "grad_accum": 2})
+        config = load_config(path)
+
+        def stop(state):
+            if state.step == interrupt_at:
+                raise KeyboardInterrupt
+
+        if interrupt_at:
+            with pytest.raises(KeyboardInterrupt):
+                run_training(config, on_step=stop)
+            status = json.loads((tmp_path / dirname / "status.json").read_text())["status"]
+            assert status == "interrupted"
+            assert not (tmp_path / dirname / "metrics.json").exists()
+            run_training(config, resume=True)
+        else:
+            run_training(config)
+        return load_file(tmp_path / dirname / "adapter" / "adapter_model.safetensors")
+
+    straight = run("straight")
+    resumed = run("resumed", interrupt_at=3)
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+
+
+def test_early_stopping_restores_the_best_checkpoint(tmp_path, tiny_model_dir, review_data):
+    # A learning rate this high makes validation worse after the first evaluations.
+    config = load_config(write_config(tmp_path / "c.yaml", tiny_model_dir, review_data,
+                                      train={"max_steps": 40, "lr": 0.5, "eval_every": 2, "patience": 2,
+                                             "max_grad_norm": None}))
+    run_training(config)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in log if "val_loss" in r]
+    assert metrics["stopped_early"] and metrics["steps"] < 40
+    best = min(vals, key=lambda r: r["val_loss"])
+    assert metrics["best_step"] == best["step"]

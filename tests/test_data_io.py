@@ -95,7 +95,8 @@ def test_json_keeps_value_types(tmp_path):
 
 def test_json_object_with_one_list_of_records(tmp_path):
     text = '{"version": 1,\n "tags": ["x"],\n "data": [\n  {"text": "a"},\n\n  {"text": "b"}]}'
-    assert read_records(write(tmp_path / "t.json", text)) == [{"text": "a", "_line": 4}, {"text": "b", "_line": 6}]
+    expected = [{"text": "a", "_line": 4}, {"text": "b", "_line": 6}]
+    assert read_records(write(tmp_path / "t.json", text)) == expected
 
 
 def test_jsonl_skips_blank_lines_and_counts_them(tmp_path):

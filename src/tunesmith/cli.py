@@ -75,8 +75,9 @@ def cmd_inspect(args) -> int:
     data = prepare_data(config.data, tokenizer)
     print(format_stats(data.stats))
     leak = data.stats["leakage"]
-    for example in leak.get("examples", []):
-        print(f"leak ({example[0]}): {example[1][:80]!r} ~ train {example[2][:80]!r}")
+    for ex in leak.get("examples", []):
+        print(f"{ex['kind']} duplicate in {ex['split']} (similarity {ex['similarity']:.2f}): "
+              f"{ex['text'][:80]!r} ~ {ex['match_split']} {ex['match'][:80]!r}")
     return 0
 
 

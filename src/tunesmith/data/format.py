@@ -78,23 +78,30 @@ def detect_schema(records: list[dict], source: str, kind: str, named: dict[str, 
 
 
 def to_examples(records: list[dict], schema: Schema, instruction: str, source: str) -> list[dict]:
-    """Canonical examples: ``{"messages": [...]}`` or ``{"text": ...}``, plus ``label`` and ``_line``."""
+    """Canonical examples: ``{"messages": [...]}`` or ``{"text": ...}``, plus ``label`` and ``_line``.
+
+    ``_input`` keeps the user's own input text (without any instruction template), which is what
+    the leakage audit compares: a shared template would make every pair look alike.
+    """
     c = schema.columns
     examples = []
     for r in records:
         line = r.get("_line")
         if schema.kind == "text":
-            ex = {"text": r[c["text"]]}
+            ex = {"text": r[c["text"]], "_input": r[c["text"]]}
         elif schema.kind == "chat":
-            ex = {"messages": _check_messages(r[c["messages"]], f"{source}:{line}")}
+            messages = _check_messages(r[c["messages"]], f"{source}:{line}")
+            ex = {"messages": messages,
+                  "_input": "\n".join(m["content"] for m in messages if m["role"] != "assistant")}
         elif schema.kind == "prompt_completion":
             ex = {"messages": [{"role": "user", "content": r[c["prompt"]]},
-                               {"role": "assistant", "content": r[c["completion"]]}]}
+                               {"role": "assistant", "content": r[c["completion"]]}],
+                  "_input": r[c["prompt"]]}
         else:
             label = str(r[c["label"]])
             ex = {"messages": [{"role": "user", "content": instruction.format(text=r[c["text"]])},
                                {"role": "assistant", "content": label}],
-                  "label": label}
+                  "label": label, "_input": r[c["text"]]}
         ex["_line"] = line
         ex["_where"] = f"{source}:{line}" if line is not None else source
         examples.append(ex)

@@ -7,6 +7,7 @@ no lines, it is the 1-based row number.
 
 import bz2
 import csv
+import functools
 import gzip
 import io
 import json
@@ -62,8 +63,7 @@ def read_records(path: str | Path) -> list[dict]:
         text = _decode(path, raw)
         if not text.strip():
             raise TunesmithError(f"{path}: file is empty")
-        parse = {".csv": _parse_csv, ".tsv": _parse_tsv, ".json": _parse_json, ".jsonl": _parse_jsonl, ".txt": _parse_txt}
-        records = parse[fmt](path, text)
+        records = _TEXT_PARSERS[fmt](path, text)
     if not records:
         raise TunesmithError(f"{path}: no records found")
     return records
@@ -127,10 +127,6 @@ def _decode(path: Path, raw: bytes) -> str:
     return text.replace("\r\n", "\n")
 
 
-def _parse_tsv(path: Path, text: str) -> list[dict]:
-    return _parse_csv(path, text, delimiter="\t")
-
-
 def _parse_csv(path: Path, text: str, delimiter: str = ",") -> list[dict]:
     csv.field_size_limit(_CSV_FIELD_LIMIT)
     # strict: an unclosed quote must be an error, not a field that silently swallows the rest of the file.
@@ -149,7 +145,9 @@ def _parse_csv(path: Path, text: str, delimiter: str = ",") -> list[dict]:
                 problems += _header_problems(path, line, header)
                 continue
             if len(row) != len(header):
-                problems.append(f"{path}:{line}: expected {len(header)} fields as in the header, found {len(row)}")
+                problems.append(
+                    f"{path}:{line}: expected {len(header)} fields as in the header, found {len(row)}"
+                )
                 continue
             records.append({**dict(zip(header, row)), "_line": line})
     except csv.Error as error:
@@ -165,7 +163,9 @@ def _parse_csv(path: Path, text: str, delimiter: str = ",") -> list[dict]:
 
 
 def _header_problems(path: Path, line: int, header: list[str]) -> list[str]:
-    problems = [f"{path}:{line}: column {i} of the header has no name" for i, name in enumerate(header, 1) if not name]
+    problems = [
+        f"{path}:{line}: column {i} of the header has no name" for i, name in enumerate(header, 1) if not name
+    ]
     duplicates = sorted({name for name in header if name and header.count(name) > 1})
     if duplicates:
         problems.append(f"{path}:{line}: duplicate column names in the header: {', '.join(duplicates)}")
@@ -199,23 +199,11 @@ def _parse_json(path: Path, text: str) -> list[dict]:
     except json.JSONDecodeError as error:
         raise TunesmithError(f"{path}:{error.lineno}: malformed JSON ({error.msg})") from None
 
-    field = None
-    if isinstance(data, dict):
-        lists = [key for key, value in data.items() if isinstance(value, list)]
-        record_lists = [key for key in lists if data[key] and all(isinstance(item, dict) for item in data[key])]
-        if len(record_lists) == 1 or (not record_lists and len(lists) == 1):
-            # A lone list that is empty or holds non-objects is taken as the records, so that the
-            # user hears "no records found" or which element is wrong rather than a vaguer error.
-            field = (record_lists or lists)[0]
-        else:
-            found = f"fields {', '.join(record_lists)} all hold one" if record_lists else f"fields found: {', '.join(data) or 'none'}"
-            raise TunesmithError(
-                f"{path}: expected a list of records, or an object with exactly one field holding "
-                f'a list of records (like {{"data": [...]}}); {found}'
-            )
+    if isinstance(data, list):
+        field, items = None, data
+    elif isinstance(data, dict):
+        field = _records_field(path, data)
         items = data[field]
-    elif isinstance(data, list):
-        items = data
     else:
         raise TunesmithError(f"{path}: expected a list of records, found {_json_type(data)}")
 
@@ -227,6 +215,26 @@ def _parse_json(path: Path, text: str) -> list[dict]:
     ]
     raise_problems(problems, path)
     return [{**item, "_line": line} for item, line in zip(items, lines)]
+
+
+def _records_field(path: Path, data: dict) -> str:
+    """The one field of a top-level JSON object that holds the records."""
+    lists = [key for key, value in data.items() if isinstance(value, list)]
+    record_lists = [key for key in lists if data[key] and all(isinstance(item, dict) for item in data[key])]
+    if len(record_lists) == 1:
+        return record_lists[0]
+    if not record_lists and len(lists) == 1:
+        # A lone list that is empty or holds non-objects is taken as the records, so that the user
+        # hears "no records found" or which element is wrong rather than a vaguer error.
+        return lists[0]
+    if record_lists:
+        found = f"fields {', '.join(record_lists)} all hold one"
+    else:
+        found = f"fields found: {', '.join(data) or 'none'}"
+    raise TunesmithError(
+        f"{path}: expected a list of records, or an object with exactly one field holding "
+        f'a list of records (like {{"data": [...]}}); {found}'
+    )
 
 
 def _json_record_lines(text: str, field: str | None) -> list[int]:
@@ -301,3 +309,12 @@ def _parse_txt(path: Path, text: str) -> list[dict]:
     if paragraph:
         records.append({"text": "\n".join(paragraph), "_line": start})
     return records
+
+
+_TEXT_PARSERS = {
+    ".csv": _parse_csv,
+    ".tsv": functools.partial(_parse_csv, delimiter="\t"),
+    ".json": _parse_json,
+    ".jsonl": _parse_jsonl,
+    ".txt": _parse_txt,
+}

@@ -76,7 +76,7 @@ def _load(path: str, cfg: DataConfig, schema: Schema | None, dropped: Counter) -
                 dropped["label_not_in_label_map"] += 1
         records = kept
     n = len(records)
-    records, reasons = clean_records(records, schema.text_fields, cfg.min_chars, cfg.max_chars)
+    records, reasons = clean_records(records, schema.text_fields, cfg.min_chars, cfg.max_chars, source=shown)
     dropped.update(reasons)
     if not records:
         raise TunesmithError(
@@ -112,8 +112,7 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, list[dict]], Schema, dict]:
             # Only a training file: carve validation and test out of it, as with data.path.
             stratify = "label" if schema.kind == "classification" and cfg.split.stratify else None
             splits = split_records(splits["train"], cfg.split.validation, cfg.split.test, cfg.seed, stratify)
-    key = _input_key(schema)
-    splits, leakage = audit_leakage(splits, key, cfg.near_duplicate_threshold)
+    splits, leakage = audit_leakage(splits, lambda e: e["_input"], cfg.near_duplicate_threshold)
     if not splits["train"]:
         raise TunesmithError("data: no training rows left after splitting")
     if schema.kind == "classification":
@@ -136,17 +135,6 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, list[dict]], Schema, dict]:
     if schema.kind == "classification":
         stats["labels"] = {name: dict(Counter(e["label"] for e in splits[name])) for name in SPLITS}
     return splits, schema, stats
-
-
-def _input_key(schema: Schema):
-    """What counts as 'the same input' for the leakage audit: the prompt side, not the answer."""
-    if schema.kind == "text":
-        return lambda e: e["text"]
-
-    def prompt_side(e: dict) -> str:
-        return "\n".join(m["content"] for m in e["messages"] if m["role"] != "assistant")
-
-    return prompt_side
 
 
 def prepare_data(cfg: DataConfig, tokenizer, template: str | None = None) -> PreparedData:

@@ -16,8 +16,10 @@ def split_records(
     Sizes are the fractions of ``len(records)`` rounded half up. A fraction above 0 gives at least
     one record once there are 3 or more records, and train always keeps at least one, so a tiny data
     set still gets every split it asked for. With ``stratify_key``, each label keeps (as closely as
-    whole records allow) the same share of every split; the split sizes are the same as without it.
-    The same records in the same order with the same seed always give the same splits.
+    whole records allow) the same share of every split, and at least one record in train, where a
+    model can learn it; the split sizes are those without it, unless so many labels have a single
+    record that validation and test must shrink. The same records in the same order with the same
+    seed always give the same splits.
 
     Raises:
         TunesmithError: a fraction is negative, the fractions leave nothing for training, or a
@@ -38,8 +40,8 @@ def split_records(
 
     groups = _group_by(records, stratify_key)
     sizes = [len(group) for group in groups]
-    validation_counts = _apportion(n_validation, sizes, caps=sizes)
-    test_counts = _apportion(n_test, sizes, caps=[size - v for size, v in zip(sizes, validation_counts)])
+    validation_counts = _apportion(n_validation, sizes, caps=[size - 1 for size in sizes])
+    test_counts = _apportion(n_test, sizes, caps=[size - 1 - v for size, v in zip(sizes, validation_counts)])
 
     splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
     for group, n_v, n_t in zip(groups, validation_counts, test_counts):
@@ -102,17 +104,17 @@ def _group_by(records: list[dict], key: str) -> list[list[dict]]:
 
 
 def _apportion(total: int, sizes: list[int], caps: list[int]) -> list[int]:
-    """Share ``total`` among groups in proportion to ``sizes``, no group above its cap.
+    """Share ``total`` (or all the caps allow) among groups in proportion to ``sizes``, within caps.
 
     Largest remainder method: every group first gets its exact share rounded down, then the records
     left over go one by one to the groups whose share was rounded down the most.
     """
+    total = min(total, sum(caps))
     n = sum(sizes)
     shares = [total * size / n for size in sizes]
     counts = [min(math.floor(share), cap) for share, cap in zip(shares, caps)]
     by_remainder = sorted(range(len(sizes)), key=lambda i: shares[i] - counts[i], reverse=True)
     left = total - sum(counts)
-    assert total <= sum(caps), "callers keep the total within the caps, else this would never end"
     while left > 0:
         for i in by_remainder:
             if left > 0 and counts[i] < caps[i]:

@@ -28,37 +28,44 @@ def with_answer(example: dict, answer: str) -> dict:
 
 
 @torch.no_grad()
-def classify(model, encoder: Encoder, examples: list[dict], labels: list[str], batch_tokens: int,
-             row_len: int, pad_id: int, direct: bool = True) -> list[str]:
-    """The model's choice among the label strings: the one with the highest log-likelihood."""
-    candidates = []
-    for ex in examples:
-        for label in labels:
-            encoded = encoder.encode(with_answer(ex, label))
-            candidates.append(encoded)
+def score_labels(model, encoder: Encoder, examples: list[dict], labels: list[str], batch_tokens: int,
+                 row_len: int, pad_id: int, direct: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss and trained-token count of every (example, label) answer, each [examples, labels]."""
+    candidates = [encoder.encode(with_answer(ex, label)) for ex in examples for label in labels]
     totals = torch.zeros(len(candidates))
+    counts = torch.zeros(len(candidates), dtype=torch.long)
     was_training = model.training
     model.eval()
     for rows in plan_batches(candidates, batch_tokens, row_len, seed=None):
         batch = collate(candidates, rows, row_len, pad_id)
-        sums, _ = per_example_loss(model, batch, len(candidates), direct)
+        sums, n = per_example_loss(model, batch, len(candidates), direct)
         totals += sums
+        counts += n
     model.train(was_training)
-    scores = totals.view(len(examples), len(labels))
-    return [labels[i] for i in scores.argmin(dim=1).tolist()]
+    return totals.view(len(examples), len(labels)), counts.view(len(examples), len(labels))
 
 
 def evaluate(model, encoder: Encoder, examples: list[dict], encoded: list[dict], labels: list[str],
              batch_tokens: int, row_len: int, pad_id: int, direct: bool = True) -> dict:
-    """``loss`` and ``perplexity`` always; ``accuracy`` and ``macro_f1`` when there are labels."""
-    loss = evaluate_loss(model, encoded, batch_tokens, row_len, pad_id, direct)
-    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
-    if labels:
-        pred = classify(model, encoder, examples, labels, batch_tokens, row_len, pad_id, direct)
-        gold = [e["label"] for e in examples]
-        metrics["accuracy"] = sum(g == p for g, p in zip(gold, pred)) / len(gold)
-        metrics["macro_f1"] = macro_f1(gold, pred, labels)
-    return metrics
+    """``loss`` and ``perplexity`` always; ``accuracy`` and ``macro_f1`` when there are labels.
+
+    With labels, the model's choice is the label string with the highest log-likelihood, and the
+    loss comes from the same forward passes (the gold label's answer), not from a second pass.
+    """
+    if not labels:
+        loss = evaluate_loss(model, encoded, batch_tokens, row_len, pad_id, direct)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+    sums, counts = score_labels(model, encoder, examples, labels, batch_tokens, row_len, pad_id, direct)
+    gold_index = torch.tensor([labels.index(e["label"]) for e in examples]).unsqueeze(1)
+    loss = float(sums.gather(1, gold_index).sum() / counts.gather(1, gold_index).sum())
+    gold = [e["label"] for e in examples]
+    pred = [labels[i] for i in sums.argmin(dim=1).tolist()]
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50)),
+        "accuracy": sum(g == p for g, p in zip(gold, pred)) / len(gold),
+        "macro_f1": macro_f1(gold, pred, labels),
+    }
 
 
 @torch.no_grad()

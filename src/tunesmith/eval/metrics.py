@@ -77,14 +77,16 @@ def generate_samples(model, tokenizer, encoder: Encoder, examples: list[dict], m
     for ex in examples:
         if "messages" in ex:
             prompt = encoder.prompt_text(ex)
+            shown = next(m["content"] for m in reversed(ex["messages"]) if m["role"] != "assistant")
             expected = ex["messages"][-1]["content"] if ex["messages"][-1]["role"] == "assistant" else ""
         else:
             words = ex["text"].split()
             prompt, expected = " ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2 :])
+            shown = prompt
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id)
         text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        samples.append({"prompt": prompt, "expected": expected, "output": text.strip()})
+        samples.append({"prompt": shown, "expected": expected, "output": text.strip()})
     model.train(was_training)
     return samples

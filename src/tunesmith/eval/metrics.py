@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from tunesmith.data.format import Encoder
+from tunesmith.data.format import IGNORE, Encoder
+from tunesmith.eval.choices import score_choices
 from tunesmith.train.loop import evaluate_loss
 from tunesmith.train.loss import per_example_loss
 from tunesmith.train.packing import collate, plan_batches
@@ -31,18 +32,22 @@ def with_answer(example: dict, answer: str) -> dict:
 def score_labels(model, encoder: Encoder, examples: list[dict], labels: list[str], batch_tokens: int,
                  row_len: int, pad_id: int, direct: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed loss and trained-token count of every (example, label) answer, each [examples, labels]."""
-    candidates = [encoder.encode(with_answer(ex, label)) for ex in examples for label in labels]
-    totals = torch.zeros(len(candidates))
-    counts = torch.zeros(len(candidates), dtype=torch.long)
+    choices = [[encoder.encode(with_answer(ex, label)) for label in labels] for ex in examples]
+    counts = torch.tensor([[sum(t != IGNORE for t in c["labels"][1:]) for c in group] for group in choices])
     was_training = model.training
     model.eval()
-    for rows in plan_batches(candidates, batch_tokens, row_len, seed=None):
-        batch = collate(candidates, rows, row_len, pad_id)
-        sums, n = per_example_loss(model, batch, len(candidates), direct)
-        totals += sums
-        counts += n
+    if direct:
+        totals = score_choices(model, choices, batch_tokens, row_len)
+    else:
+        candidates = [c for group in choices for c in group]
+        totals = torch.zeros(len(candidates))
+        for rows in plan_batches(candidates, batch_tokens, row_len, seed=None):
+            batch = collate(candidates, rows, row_len, pad_id)
+            sums, _ = per_example_loss(model, batch, len(candidates), direct)
+            totals += sums
+        totals = totals.view(len(examples), len(labels))
     model.train(was_training)
-    return totals.view(len(examples), len(labels)), counts.view(len(examples), len(labels))
+    return totals, counts
 
 
 def evaluate(model, encoder: Encoder, examples: list[dict], encoded: list[dict], labels: list[str],

@@ -81,6 +81,16 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from tunesmith.compare import compare
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    table = compare(args.config, methods, args.set, Path(args.out))
+    print(table.read_text())
+    print(f"table: {table}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("compare", help="train several methods on the same splits; table of cost and quality")
+    p.add_argument("config")
+    p.add_argument("--methods", default="full,lora", help="comma-separated method names")
+    p.add_argument("--out", default="runs/compare", help="directory for the runs and compare.md / compare.csv")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)

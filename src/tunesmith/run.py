@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import resource
+import sys
 import time
 from pathlib import Path
 
@@ -178,14 +181,24 @@ def _run(session: Session, run_dir: Path, resume: bool, on_step) -> Path:
         "train_seconds": seconds,
         "tokens_per_s": state.input_tokens / max(seconds, 1e-9),
         "test_examples": len(session.test_set()[0]),
+        "best_val_loss": state.best_val if math.isfinite(state.best_val) else None,
+        "peak_memory_mb": peak_memory_mb(),
         "base": base["metrics"],
         "tuned": tuned,
     }
+    if torch.cuda.is_available():
+        summary["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     samples = [{**b, "base": b["output"], "tuned": t["output"]} for b, t in zip(base["samples"], tuned_samples)]
     has_plot = plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
     # metrics.json and report.md last: their presence means the run finished.
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
     return write_report(run_dir, summary, session.data.stats, samples, has_plot)
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def _has_tensorboard() -> bool:

@@ -1,0 +1,104 @@
+"""``tunesmith compare``: train several methods on the same splits and tabulate cost against quality.
+
+Each method runs as its own ``tunesmith train`` process, so that peak memory is that method's
+alone, into ``OUT/<method>/``; the table is written as ``OUT/compare.md`` and ``OUT/compare.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tunesmith.config import load_config
+from tunesmith.errors import TunesmithError
+from tunesmith.methods import REGISTRY
+
+COLUMNS = [
+    ("method", "method"),
+    ("trainable_params", "trainable params"),
+    ("trainable_share", "trainable %"),
+    ("stored_mb", "stored per task (MB)"),
+    ("peak_memory_mb", "peak memory (MB)"),
+    ("tokens_per_s", "tokens/s"),
+    ("train_seconds", "wall time (s)"),
+    ("val_loss", "validation loss"),
+    ("test_metric", "test metric"),
+]
+
+
+def dir_size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+def _row(method: str, run: Path) -> dict:
+    summary = json.loads((run / "metrics.json").read_text())
+    stored = run / ("model" if method == "full" else "adapter")
+    # The tokenizer is saved beside the weights for convenience; it is not what a task must store.
+    weights = sum(f.stat().st_size for f in stored.iterdir() if f.suffix in (".safetensors", ".bin", ".json")
+                  and not f.name.startswith(("tokenizer", "special_tokens", "chat_template")))
+    tuned = summary["tuned"]
+    metric = "accuracy" if "accuracy" in tuned else "perplexity"
+    return {
+        "method": method,
+        "trainable_params": summary["trainable_params"],
+        "trainable_share": 100 * summary["trainable_params"] / summary["total_params"],
+        "stored_mb": weights / 2**20,
+        "peak_memory_mb": summary.get("peak_memory_mb"),
+        "tokens_per_s": summary["tokens_per_s"],
+        "train_seconds": summary["train_seconds"],
+        "val_loss": summary.get("best_val_loss"),
+        "test_metric": f"{metric} {tuned[metric]:.4f}",
+    }
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.2f}" if value < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def write_tables(rows: list[dict], out: Path) -> tuple[Path, Path]:
+    md = out / "compare.md"
+    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r[key]) for key, _ in COLUMNS) + " |" for r in rows]
+    md.write_text("\n".join(lines) + "\n")
+    path = out / "compare.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[key for key, _ in COLUMNS])
+        writer.writeheader()
+        writer.writerows(rows)
+    return md, path
+
+
+def compare(config_path: str, methods: list[str], overrides: list[str], out: Path) -> Path:
+    """Train every method (each in a child process) and write the comparison tables."""
+    unknown = [m for m in methods if m not in REGISTRY]
+    if unknown:
+        raise TunesmithError(f"--methods: unknown method(s) {', '.join(unknown)}; known: {', '.join(REGISTRY)}")
+    for method in methods:  # every config problem before the first hour of training
+        load_config(config_path, [*overrides, f"method.name={method}", f"output.dir={out / method}"])
+    if out.exists() and any(out.iterdir()):
+        raise TunesmithError(f"{out} already holds files; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for method in methods:
+        run = out / method
+        print(f"== {method} ==", flush=True)
+        argv = [sys.executable, "-m", "tunesmith.cli", "train", config_path, "--set", f"method.name={method}",
+                "--set", f"output.dir={run}"]
+        for item in overrides:
+            argv += ["--set", item]
+        if subprocess.run(argv).returncode != 0:
+            raise TunesmithError(f"compare: training with method {method} failed; see the output above")
+        rows.append(_row(method, run))
+        write_tables(rows, out)  # after every method, so an interrupted comparison keeps what it has
+    md, _ = write_tables(rows, out)
+    return md

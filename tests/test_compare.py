@@ -1,0 +1,28 @@
+"""`tunesmith compare` trains each method on the same splits and writes one table."""
+
+from __future__ import annotations
+
+import csv
+
+from conftest import write_config
+from tunesmith.cli import main
+
+
+def test_compare_writes_markdown_and_csv(tmp_path, tiny_model_dir, review_data, capsys):
+    config = write_config(tmp_path / "c.yaml", tiny_model_dir, review_data, train={"max_steps": 3})
+    out = tmp_path / "cmp"
+    assert main(["compare", str(config), "--methods", "full,lora", "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert [r["method"] for r in rows] == ["full", "lora"]
+    full, lora = rows
+    assert int(lora["trainable_params"]) < int(full["trainable_params"])
+    assert float(lora["stored_mb"]) < float(full["stored_mb"])
+    assert all(float(r["peak_memory_mb"]) > 0 and r["test_metric"].startswith("accuracy") for r in rows)
+    assert "| method |" in (out / "compare.md").read_text()
+
+
+def test_compare_rejects_unknown_methods_before_training(tmp_path, tiny_model_dir, review_data, capsys):
+    config = write_config(tmp_path / "c.yaml", tiny_model_dir, review_data)
+    assert main(["compare", str(config), "--methods", "lora,nope", "--out", str(tmp_path / "cmp")]) == 2
+    assert "unknown method(s) nope" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()

@@ -122,6 +122,7 @@ class EncodeStats:
     truncated: int = 0
     completion_tokens_lost: int = 0
     dropped_no_trained_token: int = 0
+    split_into_blocks: int = 0
     lengths: list[int] = field(default_factory=list)
 
 
@@ -188,6 +189,17 @@ class Encoder:
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         return self._render(messages, generation_prompt=True)
+
+    def encode_text(self, example: dict, stats: EncodeStats | None = None) -> list[dict]:
+        """Plain text in blocks of at most max_length tokens: continued pre-training loses nothing
+        to truncation, since a long document just becomes several blocks."""
+        ids = self.tokenizer(example["text"] + self.eos, add_special_tokens=False)["input_ids"]
+        if stats is not None:
+            stats.examples += 1
+            stats.lengths.append(len(ids))
+            stats.split_into_blocks += len(ids) > self.max_length
+        blocks = [ids[i : i + self.max_length] for i in range(0, len(ids), self.max_length)]
+        return [{"input_ids": b, "labels": list(b)} for b in blocks if len(b) > 1]
 
     def encode(self, example: dict, stats: EncodeStats | None = None) -> dict | None:
         """Token ids and labels (-100 where no loss). None when truncation left no trained token."""

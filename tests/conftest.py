@@ -57,6 +57,21 @@ def make_model_dir(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def one_thread_for_tiny_models(request):
+    # Tiny models gain nothing from a second thread, and on a shared machine its spin-waits make
+    # these tests several times slower. The real-model (slow) tests keep every thread.
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return make_model_dir(tmp_path_factory.mktemp("tiny-llama"))

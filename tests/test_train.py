@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_config
+from conftest import review_rows, write_config, write_jsonl
 from tunesmith.config import load_config
 from tunesmith.run import run_training
 
@@ -89,14 +89,28 @@ def test_interrupted_then_resumed_equals_straight_through(tmp_path, tiny_model_d
 
 
 def test_early_stopping_restores_the_best_checkpoint(tmp_path, tiny_model_dir, review_data):
-    # A learning rate this high makes validation worse after the first evaluations.
-    config = load_config(write_config(tmp_path / "c.yaml", tiny_model_dir, review_data,
-                                      train={"max_steps": 40, "lr": 0.5, "eval_every": 2, "patience": 2,
-                                             "max_grad_norm": None}))
+    # Validation labels are the opposite of training labels: the better the model learns, the worse
+    # validation gets, so early stopping must trigger and bring back the earliest weights.
+    flip = {"fresh": "rotten", "rotten": "fresh"}
+    train = write_jsonl(tmp_path / "train.jsonl", review_rows(80))
+    val = write_jsonl(tmp_path / "val.jsonl", [{**r, "sentiment": flip[r["sentiment"]]} for r in review_rows(20, 3)])
+    test = write_jsonl(tmp_path / "test.jsonl", review_rows(20, 4))
+    data = {**review_data, "path": None, "train": str(train), "validation": str(val), "test": str(test)}
+    config = load_config(write_config(tmp_path / "c.yaml", tiny_model_dir, data,
+                                      train={"max_steps": 40, "eval_every": 2, "patience": 2}))
     run_training(config)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     vals = [r for r in log if "val_loss" in r]
     assert metrics["stopped_early"] and metrics["steps"] < 40
     best = min(vals, key=lambda r: r["val_loss"])
-    assert metrics["best_step"] == best["step"]
+    assert metrics["best_step"] == best["step"] < metrics["steps"]
+    # The restored weights are the best step's: evaluating them gives the best validation loss.
+    from tunesmith.run import Session, load_run
+    from tunesmith.train.loop import evaluate_loss
+
+    _, model, _ = load_run(tmp_path / "run")
+    session = Session(config)
+    restored = evaluate_loss(model, session.data.encoded["validation"], session.batch_tokens, session.row_len,
+                             session.pad_id)
+    assert restored == pytest.approx(best["val_loss"], rel=1e-4)

@@ -82,6 +82,8 @@ class DataConfig(_Section):
 
 
 class MethodConfig(_Section):
+    """Options of every method; each method reads the ones that concern it."""
+
     name: str = "lora"
     r: int = Field(16, ge=1)
     alpha: float = Field(32, gt=0)
@@ -89,6 +91,20 @@ class MethodConfig(_Section):
     target_modules: list[str] | str | None = Field(
         None, description="Module names to adapt; default per architecture, 'all-linear' for every linear."
     )
+    # lora, qlora
+    use_dora: bool = Field(False, description="DoRA: learn each weight's magnitude apart from its direction.")
+    use_rslora: bool = Field(False, description="rsLoRA: scale updates by alpha/sqrt(r) instead of alpha/r.")
+    # prefix, prompt, ptuning
+    num_virtual_tokens: int = Field(20, ge=1)
+    prompt_init_text: str | None = Field(
+        None, min_length=1, description="prompt: start the virtual tokens from this text's embeddings."
+    )
+    # adapter
+    adapter_size: int = Field(64, ge=1, description="Bottleneck width of each adapter.")
+    adapter_position: Literal["ffn", "both"] = Field(
+        "ffn", description="After the feed-forward block (Pfeiffer) or after attention too (Houlsby)."
+    )
+    adapter_activation: Literal["gelu", "relu"] = "gelu"
 
 
 class TrainConfig(_Section):
@@ -110,6 +126,14 @@ class TrainConfig(_Section):
     patience: int | None = Field(None, ge=1, description="Stop after N validations without improvement.")
     save_every: int = Field(100, ge=1)
     threads: int | None = Field(None, ge=1)
+    packing: bool = Field(
+        True, description="Pack examples into rows of data.max_length; off: batches of similar-length "
+        "examples, one per row, right-padded."
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer in the backward pass: less memory, ~30% more compute."
+    )
+    compile: bool = Field(False, description="torch.compile each decoder layer.")
 
 
 class EvalConfig(_Section):
@@ -196,9 +220,21 @@ def validate_config(raw: dict, source: str = "config") -> RunConfig:
     method = (raw.get("method") or {}).get("name", "lora") if isinstance(raw.get("method"), dict | None) else None
     if isinstance(method, str) and method not in REGISTRY:
         problems.append(f"{source}: method.name: unknown method {method!r}; known: {', '.join(REGISTRY)}")
+    elif isinstance(method, str):
+        section = config.method if config else _valid_method_section(raw.get("method") or {})
+        if section is not None:
+            problems += [f"{source}: {p}" for p in REGISTRY[method].check(section)]
     if problems:
         raise TunesmithError(*problems)
     return config
+
+
+def _valid_method_section(raw: dict) -> MethodConfig | None:
+    # The method's own checks run even when other sections are invalid, so all problems show at once.
+    try:
+        return MethodConfig.model_validate(raw)
+    except ValidationError:
+        return None  # its problems are already reported
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

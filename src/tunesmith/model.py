@@ -105,12 +105,13 @@ def load_tokenizer(source: str):
     return tokenizer
 
 
-def load_causal_lm(source: str, dtype: str = "float32"):
+def load_causal_lm(source: str, dtype: str = "float32", **kwargs):
+    """``kwargs`` go to ``from_pretrained``: a method's ``load_kwargs`` (QLoRA's quantisation)."""
     from transformers import AutoModelForCausalLM
 
     try:
         return AutoModelForCausalLM.from_pretrained(
-            source, dtype="auto" if dtype == "auto" else DTYPES[dtype]
+            source, dtype="auto" if dtype == "auto" else DTYPES[dtype], **kwargs
         )
     except OSError as err:
         raise TunesmithError(f"model {source!r}: could not be loaded ({err})") from None

@@ -75,6 +75,8 @@ class Session:
         self.row_len = config.data.max_length
         self.batch_tokens = max(config.train.batch_tokens, self.row_len)
         self.pad_id = self.tokenizer.pad_token_id
+        # Rows of one example when packing is off, or for methods that cannot pack (prompt learning).
+        self.one_per_row = not (config.train.packing and self.method.packs)
 
     def test_set(self) -> tuple[list[dict], list[dict]]:
         n = self.config.eval.max_examples
@@ -88,7 +90,7 @@ class Session:
         if not examples:
             raise TunesmithError("data: no test or validation rows to evaluate on")
         return evaluate(model, self.encoder, examples, encoded, self.data.labels, self.batch_tokens,
-                        self.row_len, self.pad_id, direct)
+                        self.row_len, self.pad_id, direct, one_per_row=self.one_per_row)
 
     def samples(self, model) -> list[dict]:
         examples, _ = self.test_set()
@@ -129,7 +131,10 @@ def _run(session: Session, run_dir: Path, resume: bool, on_step) -> Path:
     if trackers:
         accelerator.init_trackers("tensorboard", config={"method": config.method.name, "lr": config.train.lr})
     set_seed(config.train.seed)
-    model = load_causal_lm(session.model_source, config.model.dtype).to(accelerator.device)
+    load_kwargs = session.method.load_kwargs(config.method)
+    model = load_causal_lm(session.model_source, config.model.dtype, **load_kwargs)
+    if "device_map" not in load_kwargs:  # a quantised model is placed by its loader and cannot move
+        model = model.to(accelerator.device)
     if config.train.dropout is not None:
         set_dropout(model, config.train.dropout)
 
@@ -147,7 +152,8 @@ def _run(session: Session, run_dir: Path, resume: bool, on_step) -> Path:
     print(f"method {config.method.name}: {trainable:,} trainable parameters of {total:,} "
           f"({100 * trainable / total:.2f}%)")
     batches = Batches(session.data.encoded["train"], session.batch_tokens, session.row_len,
-                      config.train.seed, session.pad_id)
+                      config.train.seed, session.pad_id,
+                      one_per_row=session.one_per_row)
     direct = session.method.direct_decoder
     started = time.perf_counter()
     state = train(model, accelerator, batches, session.data.encoded["validation"], config.train, run_dir,
@@ -222,7 +228,7 @@ def load_run(run_dir: Path):
     if not saved.is_dir():
         raise TunesmithError(f"{run_dir}: the run has no saved {saved.name}/ (status: {read_status(run_dir)})")
     source = resolve_model(config.model.name)
-    base = load_causal_lm(source, config.model.dtype)
+    base = load_causal_lm(source, config.model.dtype, **method.load_kwargs(config.method))
     model = method.load(base, saved)
     model.eval()
     return config, model, load_tokenizer(source)

@@ -30,7 +30,8 @@ def with_answer(example: dict, answer: str) -> dict:
 
 @torch.no_grad()
 def score_labels(model, encoder: Encoder, examples: list[dict], labels: list[str], batch_tokens: int,
-                 row_len: int, pad_id: int, direct: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 row_len: int, pad_id: int, direct: bool = True,
+                 one_per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed loss and trained-token count of every (example, label) answer, each [examples, labels]."""
     choices = [[encoder.encode(with_answer(ex, label)) for label in labels] for ex in examples]
     counts = torch.tensor([[sum(t != IGNORE for t in c["labels"][1:]) for c in group] for group in choices])
@@ -41,7 +42,7 @@ def score_labels(model, encoder: Encoder, examples: list[dict], labels: list[str
     else:
         candidates = [c for group in choices for c in group]
         totals = torch.zeros(len(candidates))
-        for rows in plan_batches(candidates, batch_tokens, row_len, seed=None):
+        for rows in plan_batches(candidates, batch_tokens, row_len, seed=None, one_per_row=one_per_row):
             batch = collate(candidates, rows, row_len, pad_id)
             sums, _ = per_example_loss(model, batch, len(candidates), direct)
             totals += sums
@@ -51,16 +52,17 @@ def score_labels(model, encoder: Encoder, examples: list[dict], labels: list[str
 
 
 def evaluate(model, encoder: Encoder, examples: list[dict], encoded: list[dict], labels: list[str],
-             batch_tokens: int, row_len: int, pad_id: int, direct: bool = True) -> dict:
+             batch_tokens: int, row_len: int, pad_id: int, direct: bool = True, one_per_row: bool = False) -> dict:
     """``loss`` and ``perplexity`` always; ``accuracy`` and ``macro_f1`` when there are labels.
 
     With labels, the model's choice is the label string with the highest log-likelihood, and the
     loss comes from the same forward passes (the gold label's answer), not from a second pass.
     """
     if not labels:
-        loss = evaluate_loss(model, encoded, batch_tokens, row_len, pad_id, direct)
+        loss = evaluate_loss(model, encoded, batch_tokens, row_len, pad_id, direct, one_per_row)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
-    sums, counts = score_labels(model, encoder, examples, labels, batch_tokens, row_len, pad_id, direct)
+    sums, counts = score_labels(model, encoder, examples, labels, batch_tokens, row_len, pad_id, direct,
+                                one_per_row)
     gold_index = torch.tensor([labels.index(e["label"]) for e in examples]).unsqueeze(1)
     loss = float(sums.gather(1, gold_index).sum() / counts.gather(1, gold_index).sum())
     gold = [e["label"] for e in examples]

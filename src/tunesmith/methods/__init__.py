@@ -8,12 +8,18 @@ here, one line in ``REGISTRY`` and one row in the test matrix.
 from __future__ import annotations
 
 from tunesmith.errors import TunesmithError
-from tunesmith.methods import full, lora
+from tunesmith.methods import adapter, full, ia3, lora, prefix, prompt, ptuning, qlora
 from tunesmith.methods.base import Method
 
 REGISTRY: dict[str, Method] = {
     "full": full.METHOD,
     "lora": lora.METHOD,
+    "qlora": qlora.METHOD,
+    "ia3": ia3.METHOD,
+    "prefix": prefix.METHOD,
+    "prompt": prompt.METHOD,
+    "ptuning": ptuning.METHOD,
+    "adapter": adapter.METHOD,
 }
 
 

@@ -11,6 +11,14 @@ import torch
 from tunesmith.config import MethodConfig
 
 
+def no_problems(cfg: MethodConfig) -> list[str]:
+    return []
+
+
+def no_load_kwargs(cfg: MethodConfig) -> dict:
+    return {}
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -25,6 +33,13 @@ class Method:
     # Whether the tuned model can run the base model's decoder directly (needed by the label-only
     # output projection); methods that inject virtual tokens through the forward call cannot.
     direct_decoder: bool = True
+    # Whether several examples may share a row. Methods that prepend virtual tokens once per row
+    # (prefix, prompt, p-tuning) need one example per row.
+    packs: bool = True
+    # Problems with a config that this method cannot run, found at config load time ("method.x: why").
+    check: Callable[[MethodConfig], list[str]] = no_problems
+    # Extra keyword arguments for the base model's ``from_pretrained`` (QLoRA loads it quantised).
+    load_kwargs: Callable[[MethodConfig], dict] = no_load_kwargs
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

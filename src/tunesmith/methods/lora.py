@@ -1,10 +1,12 @@
-"""LoRA through PEFT: low-rank updates on the chosen linear layers; the base stays frozen."""
+"""LoRA through PEFT: low-rank updates on the chosen linear layers; the base stays frozen.
+
+``use_dora`` learns each weight's magnitude apart from its direction (DoRA); ``use_rslora`` scales
+the update by alpha/sqrt(r), which keeps high ranks learning (rsLoRA). Both merge like plain LoRA.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from tunesmith.errors import TunesmithError
+from tunesmith.methods import _peft
 from tunesmith.methods.base import Method
 
 
@@ -15,30 +17,12 @@ def default_targets(model) -> str | list[str]:
 
 
 def apply(model, cfg):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
-    targets = cfg.target_modules or default_targets(model)
-    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
-                        task_type="CAUSAL_LM")
-    try:
-        return get_peft_model(model, config)
-    except ValueError as err:
-        if "not found in the base model" not in str(err) and "Target modules" not in str(err):
-            raise
-        names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
-        raise TunesmithError(
-            f"method.target_modules: {targets} match no module; module names found: {', '.join(names)}"
-        ) from None
+    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                        target_modules=cfg.target_modules or default_targets(model), use_dora=cfg.use_dora,
+                        use_rslora=cfg.use_rslora, task_type="CAUSAL_LM")
+    return _peft.wrap(model, config)
 
 
-def save(model, path: Path) -> None:
-    model.save_pretrained(path)
-
-
-def load(base, path: Path):
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(base, path)
-
-
-METHOD = Method(name="lora", apply=apply, save=save, load=load, merge=lambda m: m.merge_and_unload())
+METHOD = Method(name="lora", apply=apply, save=_peft.save, load=_peft.load, merge=_peft.merge)

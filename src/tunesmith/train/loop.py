@@ -17,6 +17,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from tunesmith.config import TrainConfig
+from tunesmith.data.format import IGNORE
+from tunesmith.methods.base import unwrap
 from tunesmith.train.checkpoint import load_checkpoint, save_checkpoint
 from tunesmith.train.loss import loss_sum
 from tunesmith.train.packing import collate, plan_batches
@@ -37,16 +39,21 @@ class TrainState:
 
 @dataclass
 class Batches:
-    """The packed micro-batches of the training set, reshuffled each epoch with a seeded order."""
+    """The micro-batches of the training set, reshuffled each epoch with a seeded order.
+
+    Packed rows by default; ``one_per_row`` gives length-grouped batches of one example per row,
+    right-padded (``train.packing: false``, or a method that cannot pack).
+    """
 
     examples: list[dict]
     batch_tokens: int
     row_len: int
     seed: int
     pad_id: int
+    one_per_row: bool = False
 
     def epoch(self, epoch: int) -> list[list[list[int]]]:
-        return plan_batches(self.examples, self.batch_tokens, self.row_len, self.seed + epoch)
+        return plan_batches(self.examples, self.batch_tokens, self.row_len, self.seed + epoch, self.one_per_row)
 
     def tensors(self, rows) -> dict[str, torch.Tensor]:
         return collate(self.examples, rows, self.row_len, self.pad_id)
@@ -89,14 +96,47 @@ def load_trainable(model, state: dict[str, torch.Tensor]) -> None:
             params[name].copy_(value)
 
 
+def apply_speed_options(model, cfg: TrainConfig) -> None:
+    """Activation checkpointing and torch.compile of the decoder layers, as ``cfg`` asks (in place)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    inner = unwrap(model)
+    if cfg.activation_checkpointing:
+        # Non-reentrant checkpointing works when a layer's inputs need no grad (frozen embeddings);
+        # transformers also makes the embedding output require grad for PEFT models.
+        inner.activation_checkpointing_enable({"use_reentrant": False})
+    if cfg.compile:
+        for module in inner.modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                module.compile()
+
+
+def backward_micro_batches(model, accelerator, tensors: list[dict[str, torch.Tensor]], direct: bool) -> tuple[float, int]:
+    """Backward through the micro-batches of one optimizer step; returns (summed loss, trained tokens).
+
+    Each micro-batch's loss sum is divided by the trained tokens of the whole step, so accumulating
+    k micro-batches gives the same gradient as one batch k times as large.
+    """
+    n_tokens = sum(int((t["labels"][:, 1:] != IGNORE).sum()) for t in tensors)
+    step_loss = 0.0
+    for i, t in enumerate(tensors):
+        t = {k: v.to(accelerator.device) for k, v in t.items()}
+        sync = accelerator.no_sync(model) if i < len(tensors) - 1 else nullcontext()
+        with sync:
+            s, _ = loss_sum(model, t, direct)
+            accelerator.backward(s / max(n_tokens, 1))
+        step_loss += s.item()
+    return step_loss, n_tokens
+
+
 @torch.no_grad()
 def evaluate_loss(model, examples: list[dict], batch_tokens: int, row_len: int, pad_id: int,
-                  direct: bool = True) -> float:
+                  direct: bool = True, one_per_row: bool = False) -> float:
     """Mean loss per trained token over the examples."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for rows in plan_batches(examples, batch_tokens, row_len, seed=None):
+    for rows in plan_batches(examples, batch_tokens, row_len, seed=None, one_per_row=one_per_row):
         batch = collate(examples, rows, row_len, pad_id)
         s, n = loss_sum(model, batch, direct)
         total += s.item()
@@ -110,6 +150,7 @@ def train(model, accelerator, batches: Batches, validation: list[dict], cfg: Tra
           on_step: Callable[[TrainState], None] | None = None) -> TrainState:
     """Train ``model`` in place. Ctrl-C saves a checkpoint and re-raises KeyboardInterrupt."""
     ckpt_dir = run_dir / "checkpoints"
+    apply_speed_options(model, cfg)
     optimizer = make_optimizer(model, cfg)
     micro_per_epoch = len(batches.epoch(0))
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.grad_accum))
@@ -125,7 +166,8 @@ def train(model, accelerator, batches: Batches, validation: list[dict], cfg: Tra
     val_set = validation[: cfg.eval_max_examples] if cfg.eval_max_examples else validation
 
     def validate() -> float:
-        val = evaluate_loss(model, val_set, batches.batch_tokens, batches.row_len, batches.pad_id, direct)
+        val = evaluate_loss(model, val_set, batches.batch_tokens, batches.row_len, batches.pad_id, direct,
+                            batches.one_per_row)
         record = {"step": state.step, "val_loss": val}
         log.write(json.dumps(record) + "\n")
         log.flush()
@@ -160,18 +202,8 @@ def train(model, accelerator, batches: Batches, validation: list[dict], cfg: Tra
                 micro.append(order[state.micro_in_epoch])
                 state.micro_in_epoch += 1
             tensors = [batches.tensors(rows) for rows in micro]
-            # Normalise by the trained tokens of the whole step, so accumulating k micro-batches
-            # gives the same gradient as one batch k times as large.
-            n_tokens = sum(int((t["labels"][:, 1:] != -100).sum()) for t in tensors)
-            step_loss = 0.0
-            for i, t in enumerate(tensors):
-                t = {k: v.to(accelerator.device) for k, v in t.items()}
-                sync = accelerator.no_sync(model) if i < len(tensors) - 1 else nullcontext()
-                with sync:
-                    s, _ = loss_sum(model, t, direct)
-                    accelerator.backward(s / max(n_tokens, 1))
-                step_loss += s.item()
-                state.input_tokens += int((t["seq_ids"] >= 0).sum())
+            step_loss, n_tokens = backward_micro_batches(model, accelerator, tensors, direct)
+            state.input_tokens += sum(int((t["seq_ids"] >= 0).sum()) for t in tensors)
             grad_norm = None
             if cfg.max_grad_norm:
                 grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))

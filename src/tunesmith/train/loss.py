@@ -33,14 +33,14 @@ def token_losses(model, batch: dict[str, torch.Tensor], direct: bool = True) -> 
     targets = labels[mask]
     where = mask.flatten().nonzero().squeeze(1)
     if not direct:
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-        return F.cross_entropy(logits[:, :-1][mask].float(), targets, reduction="none"), where
+        return _forward_losses(model, batch, mask, targets), where
     inner = unwrap(model)
     decoder = getattr(inner, inner.base_model_prefix)
     head = inner.get_output_embeddings()
-    # No cache: with one, transformers would not read the packing from the position ids.
-    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                     use_cache=False).last_hidden_state
+    # No cache: with one, transformers would not read the packing from the position ids. Rows of
+    # one example need no position ids: without them attention is plainly causal, with no mask.
+    extra = {"position_ids": batch["position_ids"]} if is_packed(batch) else {}
+    hidden = decoder(input_ids=batch["input_ids"], use_cache=False, **extra).last_hidden_state
     hidden = hidden[:, :-1][mask]
     losses = [
         checkpoint(_chunk_loss, h, head.weight, head.bias, t, use_reentrant=False)
@@ -48,6 +48,28 @@ def token_losses(model, batch: dict[str, torch.Tensor], direct: bool = True) -> 
         for h, t in zip(hidden.split(CHUNK), targets.split(CHUNK))
     ]
     return torch.cat(losses) if losses else hidden.new_zeros(0), where
+
+
+def is_packed(batch: dict[str, torch.Tensor]) -> bool:
+    """Whether some row holds more than one example: an example starts after the row's first token."""
+    starts = (batch["position_ids"][:, 1:] == 0) & (batch["seq_ids"][:, 1:] >= 0)
+    return bool(starts.any())
+
+
+def _forward_losses(model, batch, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # Position ids, with no cache, tell packed examples apart. Rows of one example need neither,
+    # and prompt-learning methods must place their virtual tokens themselves: PEFT drops or shifts
+    # the position ids, and hands prefix tuning's keys and values to the model as a cache.
+    extra = {}
+    if is_packed(batch):
+        if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+            raise ValueError("prompt-learning methods prepend virtual tokens once per row: batches must hold "
+                             "one example per row (Method.packs is False)")
+        extra = {"position_ids": batch["position_ids"], "use_cache": False}
+    logits = model(input_ids=batch["input_ids"], **extra).logits
+    # Prompt tuning and p-tuning put their virtual tokens before the row; drop the logits there.
+    logits = logits[:, logits.shape[1] - batch["input_ids"].shape[1] :]
+    return F.cross_entropy(logits[:, :-1][mask].float(), targets, reduction="none")
 
 
 def loss_sum(model, batch, direct: bool = True) -> tuple[torch.Tensor, int]:

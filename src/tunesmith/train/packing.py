@@ -14,9 +14,15 @@ import torch
 from tunesmith.data.format import IGNORE
 
 
-def plan_rows(lengths: list[int], row_len: int) -> list[list[int]]:
-    """First-fit decreasing bin packing of example indices into rows of at most row_len tokens."""
+def plan_rows(lengths: list[int], row_len: int, one_per_row: bool = False) -> list[list[int]]:
+    """First-fit decreasing bin packing of example indices into rows of at most row_len tokens.
+
+    ``one_per_row`` gives each example a row of its own, longest first, for methods whose forward
+    cannot tell packed examples apart (``Method.packs``).
+    """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if one_per_row:
+        return [[i] for i in order]
     rows: list[list[int]] = []
     space: list[int] = []
     for i in order:
@@ -32,13 +38,32 @@ def plan_rows(lengths: list[int], row_len: int) -> list[list[int]]:
     return rows
 
 
-def plan_batches(examples: list[dict], batch_tokens: int, row_len: int, seed: int | None) -> list[list[list[int]]]:
+def plan_batches(examples: list[dict], batch_tokens: int, row_len: int, seed: int | None,
+                 one_per_row: bool = False) -> list[list[list[int]]]:
     """Batches of rows of example indices. Shuffled with ``seed`` (None keeps a fixed order)."""
-    rows = plan_rows([len(e["input_ids"]) for e in examples], row_len)
+    lengths = [len(e["input_ids"]) for e in examples]
+    rows = plan_rows(lengths, row_len, one_per_row)
+    if one_per_row:
+        return _batch_padded_rows(rows, [min(n, row_len) for n in lengths], batch_tokens, seed)
     if seed is not None:
         random.Random(seed).shuffle(rows)
     per_batch = max(1, batch_tokens // row_len)
     return [rows[i : i + per_batch] for i in range(0, len(rows), per_batch)]
+
+
+def _batch_padded_rows(rows: list[list[int]], lengths: list[int], batch_tokens: int,
+                       seed: int | None) -> list[list[list[int]]]:
+    # One-example rows are padded to the longest of their batch, so batch neighbours (rows come
+    # longest first) up to batch_tokens padded tokens, and shuffle the batches rather than the rows.
+    batches: list[list[list[int]]] = []
+    for row in rows:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0][0]] <= batch_tokens:
+            batches[-1].append(row)
+        else:
+            batches.append([row])
+    if seed is not None:
+        random.Random(seed).shuffle(batches)
+    return batches
 
 
 def collate(examples: list[dict], rows: list[list[int]], row_len: int, pad_id: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,20 @@
+"""Prefix tuning through PEFT: learned keys and values that every layer's attention sees first.
+
+The prefix reaches the model as a key/value cache, so it adds no positions to the logits. It is
+prepended once per row, so rows hold one example each (``packs=False``).
+"""
+
+from __future__ import annotations
+
+from tunesmith.methods import _peft
+from tunesmith.methods.base import Method
+
+
+def apply(model, cfg):
+    from peft import PrefixTuningConfig
+
+    _peft.require_attention(model, "prefix")
+    return _peft.wrap(model, PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM"))
+
+
+METHOD = Method(name="prefix", apply=apply, save=_peft.save, load=_peft.load, direct_decoder=False, packs=False)

@@ -22,7 +22,9 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     name: str = Field("smollm2-135m", description="Alias, local HF directory, GGUF file or hub id.")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    task: Literal["causal"] = "causal"
+    task: Literal["causal", "classification", "seq2seq"] = Field(
+        "causal", description="causal LM, a classification head (encoder or decoder), or T5-style seq2seq."
+    )
 
 
 class ColumnsConfig(_Section):

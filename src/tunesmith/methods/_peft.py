@@ -27,6 +27,15 @@ def wrap(model, peft_config):
         ) from None
 
 
+def task_type(model) -> str:
+    """PEFT's task type for this model; SEQ_CLS also makes the new classification head trainable."""
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "SEQ_2_SEQ_LM"
+    return "CAUSAL_LM"
+
+
 def require_attention(model, method: str) -> None:
     """PEFT's prompt-learning methods size their virtual tokens from the attention heads."""
     config = model.config.get_text_config()

@@ -18,9 +18,8 @@ def save(model, path: Path) -> None:
 
 
 def load(base, path: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=base.dtype)
+    # The base's own class: a causal LM, a classifier or a seq2seq model.
+    return type(base).from_pretrained(path, dtype=base.dtype)
 
 
 METHOD = Method(name="full", apply=apply, save=save, load=load, merge=lambda m: m)

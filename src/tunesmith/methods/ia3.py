@@ -26,7 +26,7 @@ def apply(model, cfg):
         )
     # With targets named by the user, PEFT's per-architecture feed-forward list may not apply.
     feedforward = FEEDFORWARD if cfg.target_modules else None
-    config = IA3Config(target_modules=cfg.target_modules, feedforward_modules=feedforward, task_type="CAUSAL_LM")
+    config = IA3Config(target_modules=cfg.target_modules, feedforward_modules=feedforward, task_type=_peft.task_type(model))
     return _peft.wrap(model, config)
 
 

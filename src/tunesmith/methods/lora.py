@@ -10,10 +10,11 @@ from tunesmith.methods import _peft
 from tunesmith.methods.base import Method
 
 
-def default_targets(model) -> str | list[str]:
-    # Every linear layer of attention and MLP (not the output head): the QLoRA paper found this
-    # matters more than the rank; PEFT resolves "all-linear" for any architecture.
-    return "all-linear"
+def default_targets(model) -> str | None:
+    # A causal LM: every linear layer of attention and MLP (not the output head), which the QLoRA
+    # paper found matters more than the rank. A classifier or seq2seq model: PEFT's per-architecture
+    # default (query and value for BERT-style encoders, as in the LoRA paper).
+    return "all-linear" if _peft.task_type(model) == "CAUSAL_LM" else None
 
 
 def apply(model, cfg):
@@ -21,7 +22,7 @@ def apply(model, cfg):
 
     config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                         target_modules=cfg.target_modules or default_targets(model), use_dora=cfg.use_dora,
-                        use_rslora=cfg.use_rslora, task_type="CAUSAL_LM")
+                        use_rslora=cfg.use_rslora, task_type=_peft.task_type(model))
     return _peft.wrap(model, config)
 
 

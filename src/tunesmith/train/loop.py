@@ -39,10 +39,12 @@ class TrainState:
 
 @dataclass
 class Batches:
-    """The micro-batches of the training set, reshuffled each epoch with a seeded order.
+    """The micro-batches of a causal LM training set, reshuffled each epoch with a seeded order.
 
     Packed rows by default; ``one_per_row`` gives length-grouped batches of one example per row,
-    right-padded (``train.packing: false``, or a method that cannot pack).
+    right-padded (``train.packing: false``, or a method that cannot pack). The loop only uses
+    ``epoch``, ``tensors``, ``loss``, ``trained_tokens``, ``input_tokens`` and ``mean_loss``, which
+    the other task types (``tunesmith.tasks.TaskBatches``) provide too.
     """
 
     examples: list[dict]
@@ -51,12 +53,28 @@ class Batches:
     seed: int
     pad_id: int
     one_per_row: bool = False
+    direct: bool = True  # the label-only output projection (see train/loss.py)
 
     def epoch(self, epoch: int) -> list[list[list[int]]]:
         return plan_batches(self.examples, self.batch_tokens, self.row_len, self.seed + epoch, self.one_per_row)
 
     def tensors(self, rows) -> dict[str, torch.Tensor]:
         return collate(self.examples, rows, self.row_len, self.pad_id)
+
+    def loss(self, model, batch) -> tuple[torch.Tensor, int]:
+        return loss_sum(model, batch, self.direct)
+
+    @staticmethod
+    def trained_tokens(batch) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+    @staticmethod
+    def input_tokens(batch) -> int:
+        return int((batch["seq_ids"] >= 0).sum())
+
+    def mean_loss(self, model, examples: list[dict]) -> float:
+        return evaluate_loss(model, examples, self.batch_tokens, self.row_len, self.pad_id, self.direct,
+                             self.one_per_row)
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -111,19 +129,19 @@ def apply_speed_options(model, cfg: TrainConfig) -> None:
                 module.compile()
 
 
-def backward_micro_batches(model, accelerator, tensors: list[dict[str, torch.Tensor]], direct: bool) -> tuple[float, int]:
+def backward_micro_batches(model, accelerator, batches, tensors: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
     """Backward through the micro-batches of one optimizer step; returns (summed loss, trained tokens).
 
     Each micro-batch's loss sum is divided by the trained tokens of the whole step, so accumulating
     k micro-batches gives the same gradient as one batch k times as large.
     """
-    n_tokens = sum(int((t["labels"][:, 1:] != IGNORE).sum()) for t in tensors)
+    n_tokens = sum(batches.trained_tokens(t) for t in tensors)
     step_loss = 0.0
     for i, t in enumerate(tensors):
         t = {k: v.to(accelerator.device) for k, v in t.items()}
         sync = accelerator.no_sync(model) if i < len(tensors) - 1 else nullcontext()
         with sync:
-            s, _ = loss_sum(model, t, direct)
+            s, _ = batches.loss(model, t)
             accelerator.backward(s / max(n_tokens, 1))
         step_loss += s.item()
     return step_loss, n_tokens
@@ -146,7 +164,7 @@ def evaluate_loss(model, examples: list[dict], batch_tokens: int, row_len: int, 
 
 
 def train(model, accelerator, batches: Batches, validation: list[dict], cfg: TrainConfig, run_dir: Path,
-          resume: bool = False, direct: bool = True,
+          resume: bool = False,
           on_step: Callable[[TrainState], None] | None = None) -> TrainState:
     """Train ``model`` in place. Ctrl-C saves a checkpoint and re-raises KeyboardInterrupt."""
     ckpt_dir = run_dir / "checkpoints"
@@ -166,8 +184,7 @@ def train(model, accelerator, batches: Batches, validation: list[dict], cfg: Tra
     val_set = validation[: cfg.eval_max_examples] if cfg.eval_max_examples else validation
 
     def validate() -> float:
-        val = evaluate_loss(model, val_set, batches.batch_tokens, batches.row_len, batches.pad_id, direct,
-                            batches.one_per_row)
+        val = batches.mean_loss(model, val_set)
         record = {"step": state.step, "val_loss": val}
         log.write(json.dumps(record) + "\n")
         log.flush()
@@ -202,8 +219,8 @@ def train(model, accelerator, batches: Batches, validation: list[dict], cfg: Tra
                 micro.append(order[state.micro_in_epoch])
                 state.micro_in_epoch += 1
             tensors = [batches.tensors(rows) for rows in micro]
-            step_loss, n_tokens = backward_micro_batches(model, accelerator, tensors, direct)
-            state.input_tokens += sum(int((t["seq_ids"] >= 0).sum()) for t in tensors)
+            step_loss, n_tokens = backward_micro_batches(model, accelerator, batches, tensors)
+            state.input_tokens += sum(batches.input_tokens(t) for t in tensors)
             grad_norm = None
             if cfg.max_grad_norm:
                 grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
@@ -217,7 +234,7 @@ def train(model, accelerator, batches: Batches, validation: list[dict], cfg: Tra
             loss = step_loss / max(n_tokens, 1)
             record = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
                       "grad_norm": grad_norm, "trained_tokens": n_tokens,
-                      "tokens_per_s": sum(int((t["seq_ids"] >= 0).sum()) for t in tensors) / elapsed}
+                      "tokens_per_s": sum(batches.input_tokens(t) for t in tensors) / elapsed}
             log.write(json.dumps(record) + "\n")
             log.flush()
             accelerator.log({"train/loss": loss, "train/lr": record["lr"]}, step=state.step)

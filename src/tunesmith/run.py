@@ -73,8 +73,9 @@ class Session:
             raise TunesmithError(f"method.name: {self.method.name} serves causal LMs only, not model.task {self.task}")
         self.model_source = resolve_model(config.model.name)
         self.tokenizer = load_tokenizer(self.model_source)
-        self.encoder = Encoder(self.tokenizer, config.data.template, config.data.system_prompt,
-                               config.data.max_length)
+        # Templates frame prompts for causal LMs only; the other tasks tokenise their inputs directly.
+        self.encoder = (Encoder(self.tokenizer, config.data.template, config.data.system_prompt,
+                                config.data.max_length) if self.task == "causal" else None)
         self.data: PreparedData = (prepare_data(config.data, self.tokenizer) if self.task == "causal"
                                    else self._prepare_task_data())
         self.row_len = config.data.max_length

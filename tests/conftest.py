@@ -97,6 +97,22 @@ def review_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def random_examples(n: int, seed: int = 0, vocab: int = 300) -> list[dict]:
+    """Tokenised examples of 5 to 19 random ids, the second half of each trained."""
+    import torch
+
+    from tunesmith.data.format import IGNORE
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(5, 20, (1,), generator=g))
+        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
+        prompt = length // 2
+        out.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
+    return out
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import random_examples
 from tunesmith.config import MethodConfig
 from tunesmith.data.format import IGNORE
 from tunesmith.errors import TunesmithError
@@ -15,15 +16,8 @@ from tunesmith.train.packing import collate, plan_batches
 PROMPT_LEARNING = ["prefix", "prompt", "ptuning"]
 
 
-def _examples(n=7, seed=0, vocab=300):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        length = int(torch.randint(5, 20, (1,), generator=g))
-        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
-        prompt = length // 2
-        out.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
-    return out
+def _examples(n=7, seed=0):
+    return random_examples(n, seed)
 
 
 def _tuned(name, model_dir, **options):

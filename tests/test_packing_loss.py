@@ -5,20 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from conftest import random_examples
 from tunesmith.data.format import IGNORE
 from tunesmith.train.loss import loss_sum, per_example_loss
 from tunesmith.train.packing import collate, plan_batches, plan_rows
 
 
-def _examples(n=6, seed=0, vocab=300):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        length = int(torch.randint(5, 20, (1,), generator=g))
-        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
-        prompt = length // 2
-        out.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
-    return out
+def _examples(n=6, seed=0):
+    return random_examples(n, seed)
 
 
 def _reference_loss(model, examples):

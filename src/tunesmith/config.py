@@ -136,6 +136,10 @@ class TrainConfig(_Section):
         False, description="Recompute each decoder layer in the backward pass: less memory, ~30% more compute."
     )
     compile: bool = Field(False, description="torch.compile each decoder layer.")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "no", description="bf16 autocast of the training forward; 'auto': where bf16 matmuls are native "
+        "(CPUs with AVX512-BF16 or AMX, GPUs with bf16)."
+    )
 
 
 class EvalConfig(_Section):

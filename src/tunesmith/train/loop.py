@@ -129,7 +129,28 @@ def apply_speed_options(model, cfg: TrainConfig) -> None:
                 module.compile()
 
 
-def backward_micro_batches(model, accelerator, batches, tensors: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively (fast) on ``device``."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return any(getattr(torch.cpu, check, lambda: False)()
+                   for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
+def autocast(mixed_precision: str, device: torch.device):
+    """bf16 autocast as ``train.mixed_precision`` says ("auto": where bf16 is native), else a no-op.
+
+    Weights, gradients and optimizer state stay float32; matmuls run in bf16.
+    """
+    if mixed_precision == "bf16" or (mixed_precision == "auto" and native_bf16(device)):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def backward_micro_batches(model, accelerator, batches, tensors: list[dict[str, torch.Tensor]],
+                           mixed_precision: str = "no") -> tuple[float, int]:
     """Backward through the micro-batches of one optimizer step; returns (summed loss, trained tokens).
 
     Each micro-batch's loss sum is divided by the trained tokens of the whole step, so accumulating
@@ -141,7 +162,8 @@ def backward_micro_batches(model, accelerator, batches, tensors: list[dict[str, 
         t = {k: v.to(accelerator.device) for k, v in t.items()}
         sync = accelerator.no_sync(model) if i < len(tensors) - 1 else nullcontext()
         with sync:
-            s, _ = batches.loss(model, t)
+            with autocast(mixed_precision, accelerator.device):
+                s, _ = batches.loss(model, t)
             accelerator.backward(s / max(n_tokens, 1))
         step_loss += s.item()
     return step_loss, n_tokens
@@ -184,7 +206,8 @@ def train(model, accelerator, batches: Batches, validation: list[dict], cfg: Tra
     val_set = validation[: cfg.eval_max_examples] if cfg.eval_max_examples else validation
 
     def validate() -> float:
-        val = batches.mean_loss(model, val_set)
+        with autocast(cfg.mixed_precision, accelerator.device):
+            val = batches.mean_loss(model, val_set)
         record = {"step": state.step, "val_loss": val}
         log.write(json.dumps(record) + "\n")
         log.flush()
@@ -219,7 +242,7 @@ def train(model, accelerator, batches: Batches, validation: list[dict], cfg: Tra
                 micro.append(order[state.micro_in_epoch])
                 state.micro_in_epoch += 1
             tensors = [batches.tensors(rows) for rows in micro]
-            step_loss, n_tokens = backward_micro_batches(model, accelerator, batches, tensors)
+            step_loss, n_tokens = backward_micro_batches(model, accelerator, batches, tensors, cfg.mixed_precision)
             state.input_tokens += sum(batches.input_tokens(t) for t in tensors)
             grad_norm = None
             if cfg.max_grad_norm:

@@ -1,0 +1,224 @@
+"""tunesmith against TRL's SFTTrainer: the same LoRA fine-tune, timed and validated side by side.
+
+    python benchmarks/vs_trl.py                  # 600 training / 100 validation examples (~10 min, 2 cores)
+    python benchmarks/vs_trl.py --quick          # smoke run: 48 / 16 examples
+    python benchmarks/vs_trl.py --sweep-trl --train-examples 192   # time every TRL configuration
+
+Both sides fine-tune the bundled SmolLM2-135M-Instruct on the demo data (examples/rotten_tomatoes_lora.yaml)
+with the demo's hyperparameters: LoRA r=16 on every linear layer of the decoder, AdamW, cosine schedule,
+one epoch. They get the same tokenised examples (tunesmith's data pipeline: chat template, loss on
+the answer and its end-of-turn token only), the same initial adapter weights, the same number of
+optimizer steps over the same examples per step on average, and the same validation examples, scored
+by the same function (mean loss over completion tokens).
+
+Each side runs in a child process of its own, so its peak resident memory (ru_maxrss, from wait4) is
+its own; tokens/s counts every non-padding token (prompt and completion) over the wall time of the
+training call alone (no model loading, no data preparation, no validation). TRL is a benchmark-only
+dependency: `pip install -e ".[bench]"`.
+
+The last line reads: ``speedup X.XXx  memory Y.YYx  val_loss tunesmith A.AAAA trl B.BBBB``
+(speedup: tunesmith tokens/s over TRL's; memory: tunesmith peak RSS over TRL's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from harness import DEMO, lora_model, machine, measure, serve_child
+
+# TRL configurations: name -> SFTConfig options. "bfd" packs examples into rows of max_length
+# (best-fit decreasing) and runs padding-free (position ids, no attention mask); "padding_free"
+# flattens each batch into one sequence without packing it first; "grouped" pads batches of similar
+# length (transformers' LengthGroupedSampler); "padded" pads random batches. Each in float32, with
+# bf16 autocast ("-bf16", SFTConfig's default where the hardware has bf16), or with the frozen base
+# weights stored in bf16 ("-bf16w", the adapter staying float32 as PEFT keeps it). Gradient
+# checkpointing, which SFTConfig turns on by default, is off: it only costs time at these sizes.
+TRL_LAYOUTS = {
+    "bfd": {"packing": True, "packing_strategy": "bfd"},
+    "padding_free": {"padding_free": True},
+    "grouped": {"train_sampling_strategy": "group_by_length"},
+    "padded": {},
+}
+TRL_VARIANTS = [f"{layout}{suffix}" for layout in TRL_LAYOUTS for suffix in ("", "-bf16", "-bf16w")]
+TRL_DEFAULT = "bfd-bf16"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train-examples", type=int, default=600)
+    p.add_argument("--val-examples", type=int, default=100)
+    p.add_argument("--max-steps", type=int, default=None, help="Cap on optimizer steps (both sides); default one epoch.")
+    p.add_argument("--quick", action="store_true", help="Smoke run: 48 training and 16 validation examples.")
+    p.add_argument("--trl", default=TRL_DEFAULT, choices=TRL_VARIANTS, help="TRL configuration to compare with.")
+    p.add_argument("--sweep-trl", action="store_true", help="Time every TRL configuration; compare with the fastest.")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="Override the demo config for tunesmith (e.g. train.packing=false); repeatable.")
+    p.add_argument("--only", choices=["tunesmith", "trl"], help="Run one side only.")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.train_examples, args.val_examples = 48, 16
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parent: prepare the examples once, run each side in a child, compare.
+
+
+def prepare_spec(args) -> dict:
+    """Tokenise the demo data with tunesmith's pipeline: what both children need."""
+    from tunesmith.config import load_config
+    from tunesmith.data.pipeline import prepare_data
+    from tunesmith.model import load_tokenizer, resolve_model
+
+    config = load_config(DEMO, args.overrides)
+    source = resolve_model(config.model.name)
+    tokenizer = load_tokenizer(source)
+    data = prepare_data(config.data, tokenizer)
+    train = data.encoded["train"][: args.train_examples]
+    validation = data.encoded["validation"][: args.val_examples]
+    if len(validation) < args.val_examples:  # the demo keeps 2% for validation: top up from test
+        validation += data.encoded["test"][: args.val_examples - len(validation)]
+    t = config.train
+    return {
+        "model": source,
+        "overrides": args.overrides,
+        "method": config.method.model_dump(),
+        "pad_id": tokenizer.pad_token_id,
+        "max_length": config.data.max_length,
+        "batch_tokens": max(t.batch_tokens, config.data.max_length),
+        "lr": t.lr, "weight_decay": t.weight_decay, "warmup_ratio": t.warmup_ratio, "scheduler": t.scheduler,
+        "max_grad_norm": t.max_grad_norm, "seed": t.seed, "max_steps": args.max_steps,
+        "train": train, "validation": validation,
+    }
+
+
+def show(name: str, r: dict) -> str:
+    return (f"{name:<28} {r['tokens_per_s']:>9.0f} tok/s  {r['train_s']:>7.1f} s  {r['steps']:>4} steps  "
+            f"peak RSS {r['peak_rss_mb']:>6.0f} MB  val_loss {r['val_loss']:.4f}")
+
+
+def main(argv=None) -> None:
+    if serve_child(CHILDREN):
+        return
+    args = parse_args(argv)
+    print(f"machine: {machine()}")
+    spec = prepare_spec(args)
+    print(f"{len(spec['train'])} training examples, {len(spec['validation'])} validation examples; "
+          f"tunesmith overrides: {' '.join(args.overrides) or 'none'}")
+    results = {}
+    if args.only != "trl":
+        results["tunesmith"] = measure(__file__, "tunesmith", spec)
+        print(show("tunesmith", results["tunesmith"]), flush=True)
+    if args.only != "tunesmith":
+        trl = {}
+        for variant in TRL_VARIANTS if args.sweep_trl else [args.trl]:
+            trl[variant] = measure(__file__, "trl", {**spec, "variant": variant})
+            print(show(f"trl {variant}", trl[variant]), flush=True)
+        best = max(trl, key=lambda v: trl[v]["tokens_per_s"])
+        results["trl"] = trl[best]
+        if args.sweep_trl:
+            print(f"fastest TRL configuration: {best}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    if len(results) == 2:
+        ours, theirs = results["tunesmith"], results["trl"]
+        print(f"speedup {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x  "
+              f"memory {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x  "
+              f"val_loss tunesmith {ours['val_loss']:.4f} trl {theirs['val_loss']:.4f}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Children: one fine-tune each, in its own process.
+
+
+def _lora_model(spec: dict, dtype: str):
+    return lora_model(spec["model"], dtype, spec["method"], spec["seed"])
+
+
+def _val_loss(model, spec: dict) -> float:
+    from tunesmith.train.loop import evaluate_loss
+
+    return evaluate_loss(model, spec["validation"], spec["batch_tokens"], spec["max_length"], spec["pad_id"])
+
+
+def _tokens(examples: list[dict]) -> int:
+    return sum(len(e["input_ids"]) for e in examples)
+
+
+def child_tunesmith(spec: dict) -> dict:
+    """tunesmith's own loop, configured as the demo config (plus --set overrides) says."""
+    from accelerate import Accelerator
+
+    from tunesmith.config import load_config
+    from tunesmith.run import setup_threads
+    from tunesmith.train.loop import Batches, train
+
+    config = load_config(DEMO, spec["overrides"])
+    cfg = config.train.model_copy(update={"epochs": 1, "max_steps": spec["max_steps"], "eval_max_examples": None,
+                                          "save_every": 10**9, "patience": None})
+    setup_threads(cfg.threads)
+    model = _lora_model(spec, config.model.dtype)
+    batches = Batches(spec["train"], spec["batch_tokens"], spec["max_length"], cfg.seed, spec["pad_id"],
+                      one_per_row=not cfg.packing)
+    with tempfile.TemporaryDirectory() as run_dir:
+        started = time.perf_counter()
+        state = train(model, Accelerator(cpu=True), batches, [], cfg, Path(run_dir))
+        seconds = time.perf_counter() - started
+    return {"tokens": state.input_tokens, "train_s": seconds, "tokens_per_s": state.input_tokens / seconds,
+            "steps": state.step, "val_loss": _val_loss(model, spec)}
+
+
+def child_trl(spec: dict) -> dict:
+    """TRL's SFTTrainer on the same tokenised examples (their labels carry the completion-only mask)."""
+    import logging
+
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from tunesmith.model import load_tokenizer
+    from tunesmith.train.packing import plan_batches
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    layout, _, precision = spec["variant"].partition("-")
+    train = spec["train"]
+    # The same number of optimizer steps as tunesmith's packed plan: as many rows per batch for
+    # packed layouts, as many examples per batch (on average) for the others.
+    n_batches = len(plan_batches(train, spec["batch_tokens"], spec["max_length"], seed=0))
+    per_batch = spec["batch_tokens"] // spec["max_length"] if layout == "bfd" else math.ceil(len(train) / n_batches)
+    warmup = int(spec["warmup_ratio"] * (spec["max_steps"] or n_batches))  # tunesmith's rounding
+    options = {**TRL_LAYOUTS[layout]}
+    if layout == "padding_free":
+        options["max_length"] = None  # the examples are already cut to max_length; TRL insists
+    args = SFTConfig(
+        output_dir=tempfile.mkdtemp(), use_cpu=True, seed=spec["seed"], data_seed=spec["seed"],
+        num_train_epochs=1, max_steps=spec["max_steps"] or -1, per_device_train_batch_size=per_batch,
+        gradient_accumulation_steps=1, learning_rate=spec["lr"], weight_decay=spec["weight_decay"],
+        lr_scheduler_type=spec["scheduler"], warmup_steps=warmup, max_grad_norm=spec["max_grad_norm"] or 0.0,
+        optim="adamw_torch", bf16=precision == "bf16", gradient_checkpointing=False,
+        max_length=spec["max_length"], completion_only_loss=True, eval_strategy="no", save_strategy="no",
+        logging_steps=10**6, report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        **options,
+    )
+    dataset = Dataset.from_dict({"input_ids": [e["input_ids"] for e in train],
+                                 "labels": [e["labels"] for e in train]})
+    model = _lora_model(spec, "bfloat16" if precision == "bf16w" else "float32")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
+                         processing_class=load_tokenizer(spec["model"]))
+    started = time.perf_counter()
+    output = trainer.train()
+    seconds = time.perf_counter() - started
+    tokens = trainer._total_train_tokens  # SFTTrainer's count of non-padding tokens (its num_tokens metric)
+    return {"tokens": tokens, "train_s": seconds, "tokens_per_s": tokens / seconds,
+            "steps": output.global_step, "val_loss": _val_loss(trainer.model, spec)}
+
+
+CHILDREN = {"tunesmith": child_tunesmith, "trl": child_trl}
+
+
+if __name__ == "__main__":
+    main()

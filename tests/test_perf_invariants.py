@@ -10,7 +10,7 @@ from conftest import random_examples
 from tunesmith.config import MethodConfig, TrainConfig
 from tunesmith.data.format import IGNORE
 from tunesmith.methods import get_method
-from tunesmith.train.loop import Batches, apply_speed_options, evaluate_loss, train
+from tunesmith.train.loop import Batches, apply_speed_options, autocast, evaluate_loss, native_bf16, train
 from tunesmith.train.loss import loss_sum
 from tunesmith.train.packing import collate, plan_batches
 
@@ -122,3 +122,19 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_model_dir):
     assert got.keys() == expected.keys()
     for name, grad in expected.items():
         torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_bf16_autocast_stays_close_to_float32(tiny_model_dir):
+    model = _lora(tiny_model_dir)
+    examples = _examples()
+    batch = collate(examples, plan_batches(examples, 3 * ROW_LEN, ROW_LEN, seed=None)[0], ROW_LEN, pad_id=0)
+    with torch.no_grad():
+        s32, n = loss_sum(model, batch)
+        with autocast("bf16", torch.device("cpu")):
+            s16, _ = loss_sum(model, batch)
+        with autocast("no", torch.device("cpu")):
+            assert not torch.is_autocast_enabled("cpu")
+    assert s16.dtype == torch.float32  # the loss itself is computed in float32
+    torch.testing.assert_close(s16 / n, s32 / n, rtol=2e-2, atol=0)
+    with autocast("auto", torch.device("cpu")):
+        assert torch.is_autocast_enabled("cpu") == native_bf16(torch.device("cpu"))

@@ -131,7 +131,7 @@ def child_train(payload: dict) -> dict:
     from tunesmith.config import load_config
     from tunesmith.model import load_tokenizer, resolve_model
     from tunesmith.run import setup_threads
-    from tunesmith.train.loop import Batches, train
+    from tunesmith.train.loop import Batches, native_bf16, train
 
     config = load_config(DEMO, payload["overrides"] + [f"method.name={payload['method']}"])
     steps = payload["steps"] + 1
@@ -161,8 +161,11 @@ def child_train(payload: dict) -> dict:
     (t0, n0), (t1, n1) = marks[0], marks[-1]
     used = [examples[i] for rows in first_epoch[1:steps] for row in rows for i in row]
     flops, terms = flops_per_token(model, used, lora=config.method.name != "full")
+    bf16_matmuls = config.model.dtype == "bfloat16" or cfg.mixed_precision == "bf16" or (
+        cfg.mixed_precision == "auto" and native_bf16(torch.device("cpu")))
     return {"tokens_per_s": (n1 - n0) / (t1 - t0), "flops_per_token": flops, "terms": terms,
-            "plan_s": plan_s, "examples": len(examples), "dtype": config.model.dtype,
+            "plan_s": plan_s, "examples": len(examples),
+            "dtype": "bfloat16" if bf16_matmuls else "float32",
             "rows_per_batch": len(first_epoch[0]), "threads": torch.get_num_threads()}
 
 
@@ -189,13 +192,13 @@ def main(argv=None) -> None:
     if "mfu" in parts:
         print("\n## model-FLOPs utilisation, demo data "
               "(full: 6N + 12Ldc + 6dVf; LoRA: 4N + 6N_lora + 12Ldc + 4dVf per token)")
-        print(f"{'method':<6} {'dtype':<9} {'tok/s':>7} {'GFLOP/token':>12} {'GFLOP/s':>8} {'MFU':>6} "
+        print(f"{'method':<6} {'matmuls':<9} {'tok/s':>7} {'GFLOP/token':>12} {'GFLOP/s':>8} {'MFU':>6} "
               f"{'peak RSS':>9}  terms")
         for method in ("full", "lora"):
             r = measure(__file__, "train", {**base, "method": method, "examples": "demo"})
             achieved = r["tokens_per_s"] * r["flops_per_token"] / 1e9
-            # Matmuls run in bf16 for bf16 weights; autocast is not used by the loop.
-            ceiling = peak["bfloat16" if r["dtype"] == "bfloat16" else "float32"]
+            # The precision the matmuls run in: bf16 under autocast (train.mixed_precision) or bf16 weights.
+            ceiling = peak[r["dtype"]]
             t = r["terms"]
             print(f"{method:<6} {r['dtype']:<9} {r['tokens_per_s']:>7.0f} {r['flops_per_token'] / 1e9:>12.3f} "
                   f"{achieved:>8.1f} {achieved / ceiling:>6.1%} {r['peak_rss_mb']:>6.0f} MB  "

@@ -38,14 +38,19 @@ from harness import DEMO, lora_model, machine, measure, serve_child
 # bf16 autocast ("-bf16", SFTConfig's default where the hardware has bf16), or with the frozen base
 # weights stored in bf16 ("-bf16w", the adapter staying float32 as PEFT keeps it). Gradient
 # checkpointing, which SFTConfig turns on by default, is off: it only costs time at these sizes.
+#
+# "same" is TRL's padding-free layout fed tunesmith's own packed rows, batches and batch order (and
+# seq_lengths, from which TRL's collator builds per-example position ids): both tools then take the
+# same optimizer steps on the same tokens, so their validation losses differ only by arithmetic.
 TRL_LAYOUTS = {
+    "same": {"padding_free": True},
     "bfd": {"packing": True, "packing_strategy": "bfd"},
     "padding_free": {"padding_free": True},
     "grouped": {"train_sampling_strategy": "group_by_length"},
     "padded": {},
 }
 TRL_VARIANTS = [f"{layout}{suffix}" for layout in TRL_LAYOUTS for suffix in ("", "-bf16", "-bf16w")]
-TRL_DEFAULT = "bfd-bf16"
+TRL_DEFAULT = ["same-bf16", "bfd-bf16"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,7 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-examples", type=int, default=100)
     p.add_argument("--max-steps", type=int, default=None, help="Cap on optimizer steps (both sides); default one epoch.")
     p.add_argument("--quick", action="store_true", help="Smoke run: 48 training and 16 validation examples.")
-    p.add_argument("--trl", default=TRL_DEFAULT, choices=TRL_VARIANTS, help="TRL configuration to compare with.")
+    p.add_argument("--trl", nargs="+", default=TRL_DEFAULT, choices=TRL_VARIANTS, metavar="VARIANT",
+                   help=f"TRL configuration(s); speed and memory are compared with the fastest, validation loss "
+                        f"with a 'same' one where run. Default: {' '.join(TRL_DEFAULT)}; all: {', '.join(TRL_VARIANTS)}.")
     p.add_argument("--sweep-trl", action="store_true", help="Time every TRL configuration; compare with the fastest.")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="Override the demo config for tunesmith (e.g. train.packing=false); repeatable.")
@@ -99,8 +106,9 @@ def prepare_spec(args) -> dict:
 
 
 def show(name: str, r: dict) -> str:
-    return (f"{name:<28} {r['tokens_per_s']:>9.0f} tok/s  {r['train_s']:>7.1f} s  {r['steps']:>4} steps  "
-            f"peak RSS {r['peak_rss_mb']:>6.0f} MB  val_loss {r['val_loss']:.4f}")
+    return (f"{name:<24} {r['tokens_per_s']:>5.0f} tok/s ({r['steady_tokens_per_s']:>4.0f} steady, first step "
+            f"{r['first_step_s']:>4.1f} s)  {r['train_s']:>6.1f} s  {r['steps']:>3} steps  "
+            f"peak RSS {r['peak_rss_mb']:>5.0f} MB  val_loss {r['val_loss']:.4f}")
 
 
 def main(argv=None) -> None:
@@ -117,19 +125,20 @@ def main(argv=None) -> None:
         print(show("tunesmith", results["tunesmith"]), flush=True)
     if args.only != "tunesmith":
         trl = {}
-        for variant in TRL_VARIANTS if args.sweep_trl else [args.trl]:
+        for variant in TRL_VARIANTS if args.sweep_trl else args.trl:
             trl[variant] = measure(__file__, "trl", {**spec, "variant": variant})
             print(show(f"trl {variant}", trl[variant]), flush=True)
         best = max(trl, key=lambda v: trl[v]["tokens_per_s"])
+        matched = next((v for v in trl if v.startswith("same")), best)
         results["trl"] = trl[best]
-        if args.sweep_trl:
-            print(f"fastest TRL configuration: {best}")
+        results["trl_val_loss"] = trl[matched]["val_loss"]
+        print(f"fastest TRL configuration: {best}; validation loss from: {matched}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
-    if len(results) == 2:
+    if len(results) == 3:
         ours, theirs = results["tunesmith"], results["trl"]
         print(f"speedup {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x  "
               f"memory {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x  "
-              f"val_loss tunesmith {ours['val_loss']:.4f} trl {theirs['val_loss']:.4f}")
+              f"val_loss tunesmith {ours['val_loss']:.4f} trl {results['trl_val_loss']:.4f}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,8 +155,17 @@ def _val_loss(model, spec: dict) -> float:
     return evaluate_loss(model, spec["validation"], spec["batch_tokens"], spec["max_length"], spec["pad_id"])
 
 
-def _tokens(examples: list[dict]) -> int:
-    return sum(len(e["input_ids"]) for e in examples)
+def _result(tokens: int, started: float, ended: float, marks: list[tuple[float, int]], model, spec: dict) -> dict:
+    """Whole-run and steady figures; ``marks`` holds (time, tokens so far) after each optimizer step.
+
+    "Steady" leaves the first step out: it allocates the process's memory, which on a VM can cost
+    more than the step's compute.
+    """
+    (t0, n0), (t1, n1) = marks[0], marks[-1]
+    return {"tokens": tokens, "train_s": ended - started, "tokens_per_s": tokens / (ended - started),
+            "steps": len(marks), "first_step_s": t0 - started,
+            "steady_tokens_per_s": (n1 - n0) / (t1 - t0) if len(marks) > 1 else float("nan"),
+            "val_loss": _val_loss(model, spec)}
 
 
 def child_tunesmith(spec: dict) -> dict:
@@ -165,19 +183,22 @@ def child_tunesmith(spec: dict) -> dict:
     model = _lora_model(spec, config.model.dtype)
     batches = Batches(spec["train"], spec["batch_tokens"], spec["max_length"], cfg.seed, spec["pad_id"],
                       one_per_row=not cfg.packing)
+    marks = []
     with tempfile.TemporaryDirectory() as run_dir:
         started = time.perf_counter()
-        state = train(model, Accelerator(cpu=True), batches, [], cfg, Path(run_dir))
-        seconds = time.perf_counter() - started
-    return {"tokens": state.input_tokens, "train_s": seconds, "tokens_per_s": state.input_tokens / seconds,
-            "steps": state.step, "val_loss": _val_loss(model, spec)}
+        state = train(model, Accelerator(cpu=True), batches, [], cfg, Path(run_dir),
+                      on_step=lambda st: marks.append((time.perf_counter(), st.input_tokens)))
+        ended = time.perf_counter()
+    return _result(state.input_tokens, started, ended, marks, model, spec)
 
 
 def child_trl(spec: dict) -> dict:
     """TRL's SFTTrainer on the same tokenised examples (their labels carry the completion-only mask)."""
     import logging
 
+    import torch
     from datasets import Dataset
+    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     from tunesmith.model import load_tokenizer
@@ -189,10 +210,11 @@ def child_trl(spec: dict) -> dict:
     # The same number of optimizer steps as tunesmith's packed plan: as many rows per batch for
     # packed layouts, as many examples per batch (on average) for the others.
     n_batches = len(plan_batches(train, spec["batch_tokens"], spec["max_length"], seed=0))
-    per_batch = spec["batch_tokens"] // spec["max_length"] if layout == "bfd" else math.ceil(len(train) / n_batches)
+    per_batch = (spec["batch_tokens"] // spec["max_length"] if layout in ("bfd", "same")
+                 else math.ceil(len(train) / n_batches))
     warmup = int(spec["warmup_ratio"] * (spec["max_steps"] or n_batches))  # tunesmith's rounding
-    options = {**TRL_LAYOUTS[layout]}
-    if layout == "padding_free":
+    options = {"max_length": spec["max_length"], **TRL_LAYOUTS[layout]}
+    if layout in ("padding_free", "same"):
         options["max_length"] = None  # the examples are already cut to max_length; TRL insists
     args = SFTConfig(
         output_dir=tempfile.mkdtemp(), use_cpu=True, seed=spec["seed"], data_seed=spec["seed"],
@@ -200,21 +222,49 @@ def child_trl(spec: dict) -> dict:
         gradient_accumulation_steps=1, learning_rate=spec["lr"], weight_decay=spec["weight_decay"],
         lr_scheduler_type=spec["scheduler"], warmup_steps=warmup, max_grad_norm=spec["max_grad_norm"] or 0.0,
         optim="adamw_torch", bf16=precision == "bf16", gradient_checkpointing=False,
-        max_length=spec["max_length"], completion_only_loss=True, eval_strategy="no", save_strategy="no",
+        completion_only_loss=True, eval_strategy="no", save_strategy="no",
         logging_steps=10**6, report_to="none", disable_tqdm=True, dataloader_num_workers=0,
         **options,
     )
-    dataset = Dataset.from_dict({"input_ids": [e["input_ids"] for e in train],
-                                 "labels": [e["labels"] for e in train]})
+    if layout == "same":
+        dataset = Dataset.from_dict(_same_rows(spec, per_batch))
+    else:
+        dataset = Dataset.from_dict({"input_ids": [e["input_ids"] for e in train],
+                                     "labels": [e["labels"] for e in train]})
     model = _lora_model(spec, "bfloat16" if precision == "bf16w" else "float32")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset,
-                         processing_class=load_tokenizer(spec["model"]))
+    marks = []
+
+    class Marks(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            # SFTTrainer's count of non-padding tokens so far (its num_tokens metric)
+            marks.append((time.perf_counter(), trainer._total_train_tokens))
+
+    class InOrder(SFTTrainer):
+        def _get_train_sampler(self, train_dataset=None):  # the rows are already in tunesmith's order
+            return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
+
+    trainer = (InOrder if layout == "same" else SFTTrainer)(
+        model=model, args=args, train_dataset=dataset, processing_class=load_tokenizer(spec["model"]),
+        callbacks=[Marks()])
     started = time.perf_counter()
-    output = trainer.train()
-    seconds = time.perf_counter() - started
-    tokens = trainer._total_train_tokens  # SFTTrainer's count of non-padding tokens (its num_tokens metric)
-    return {"tokens": tokens, "train_s": seconds, "tokens_per_s": tokens / seconds,
-            "steps": output.global_step, "val_loss": _val_loss(trainer.model, spec)}
+    trainer.train()
+    ended = time.perf_counter()
+    return _result(trainer._total_train_tokens, started, ended, marks, trainer.model, spec)
+
+
+def _same_rows(spec: dict, per_batch: int) -> dict[str, list]:
+    """tunesmith's first-epoch packed rows, in its batch order, as TRL dataset columns."""
+    from tunesmith.config import load_config
+    from tunesmith.train.loop import Batches
+
+    train = spec["train"]
+    seed = load_config(DEMO, spec["overrides"]).train.seed
+    batches = Batches(train, spec["batch_tokens"], spec["max_length"], seed, spec["pad_id"]).epoch(0)
+    assert all(len(rows) == per_batch for rows in batches[:-1]), "unequal batches: TRL would regroup the rows"
+    rows = [row for rows in batches for row in rows]
+    return {"input_ids": [[t for i in row for t in train[i]["input_ids"]] for row in rows],
+            "labels": [[t for i in row for t in train[i]["labels"]] for row in rows],
+            "seq_lengths": [[len(train[i]["input_ids"]) for i in row] for row in rows]}
 
 
 CHILDREN = {"tunesmith": child_tunesmith, "trl": child_trl}

@@ -107,10 +107,11 @@ def test_early_stopping_restores_the_best_checkpoint(tmp_path, tiny_model_dir, r
     assert metrics["best_step"] == best["step"] < metrics["steps"]
     # The restored weights are the best step's: evaluating them gives the best validation loss.
     from tunesmith.run import Session, load_run
-    from tunesmith.train.loop import evaluate_loss
+    from tunesmith.train.loop import autocast, evaluate_loss
 
     _, model, _ = load_run(tmp_path / "run")
     session = Session(config)
-    restored = evaluate_loss(model, session.data.encoded["validation"], session.batch_tokens, session.row_len,
-                             session.pad_id)
+    with autocast(config.train.mixed_precision, torch.device("cpu")):  # as validation ran in training
+        restored = evaluate_loss(model, session.data.encoded["validation"], session.batch_tokens,
+                                 session.row_len, session.pad_id)
     assert restored == pytest.approx(best["val_loss"], rel=1e-4)

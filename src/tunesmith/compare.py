@@ -2,6 +2,8 @@
 
 Each method runs as its own ``tunesmith train`` process, so that peak memory is that method's
 alone, into ``OUT/<method>/``; the table is written as ``OUT/compare.md`` and ``OUT/compare.csv``.
+An override ``--set METHOD:KEY=VALUE`` applies to that method's run only (methods differ in the
+learning rate they need: ``--set full:train.lr=5e-5 --set prompt:train.lr=3e-2``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ COLUMNS = [
     ("method", "method"),
     ("trainable_params", "trainable params"),
     ("trainable_share", "trainable %"),
+    ("lr", "learning rate"),
     ("stored_mb", "stored per task (MB)"),
     ("peak_memory_mb", "peak memory (MB)"),
     ("tokens_per_s", "tokens/s"),
@@ -33,7 +36,7 @@ def dir_size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
-def _row(method: str, run: Path) -> dict:
+def _row(method: str, run: Path, lr: float) -> dict:
     summary = json.loads((run / "metrics.json").read_text())
     stored = run / ("model" if method == "full" else "adapter")
     # The tokenizer is saved beside the weights for convenience; it is not what a task must store.
@@ -45,6 +48,7 @@ def _row(method: str, run: Path) -> dict:
         "method": method,
         "trainable_params": summary["trainable_params"],
         "trainable_share": 100 * summary["trainable_params"] / summary["total_params"],
+        "lr": f"{lr:g}",
         "stored_mb": weights / 2**20,
         "peak_memory_mb": summary.get("peak_memory_mb"),
         "tokens_per_s": summary["tokens_per_s"],
@@ -78,13 +82,28 @@ def write_tables(rows: list[dict], out: Path) -> tuple[Path, Path]:
     return md, path
 
 
+def method_overrides(method: str, overrides: list[str]) -> list[str]:
+    """The overrides for ``method``'s run: the shared ones, then its own (``METHOD:KEY=VALUE``)."""
+    shared = [item for item in overrides if ":" not in item.split("=", 1)[0]]
+    own = [item.split(":", 1)[1] for item in overrides
+           if ":" in item.split("=", 1)[0] and item.split(":", 1)[0] == method]
+    return [*shared, *own]
+
+
 def compare(config_path: str, methods: list[str], overrides: list[str], out: Path) -> Path:
     """Train every method (each in a child process) and write the comparison tables."""
     unknown = [m for m in methods if m not in REGISTRY]
     if unknown:
         raise TunesmithError(f"--methods: unknown method(s) {', '.join(unknown)}; known: {', '.join(REGISTRY)}")
+    stray = [item for item in overrides
+             if ":" in item.split("=", 1)[0] and item.split(":", 1)[0] not in methods]
+    if stray:
+        raise TunesmithError(*(f"--set {item}: {item.split(':', 1)[0]!r} is not one of --methods "
+                               f"({', '.join(methods)})" for item in stray))
+    configs = {}
     for method in methods:  # every config problem before the first hour of training
-        load_config(config_path, [*overrides, f"method.name={method}", f"output.dir={out / method}"])
+        configs[method] = load_config(config_path, [*method_overrides(method, overrides),
+                                                    f"method.name={method}", f"output.dir={out / method}"])
     if out.exists() and any(out.iterdir()):
         raise TunesmithError(f"{out} already holds files; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -94,11 +113,11 @@ def compare(config_path: str, methods: list[str], overrides: list[str], out: Pat
         print(f"== {method} ==", flush=True)
         argv = [sys.executable, "-m", "tunesmith.cli", "train", config_path, "--set", f"method.name={method}",
                 "--set", f"output.dir={run}"]
-        for item in overrides:
+        for item in method_overrides(method, overrides):
             argv += ["--set", item]
         if subprocess.run(argv).returncode != 0:
             raise TunesmithError(f"compare: training with method {method} failed; see the output above")
-        rows.append(_row(method, run))
+        rows.append(_row(method, run, configs[method].train.lr))
         write_tables(rows, out)  # after every method, so an interrupted comparison keeps what it has
     md, _ = write_tables(rows, out)
     return md

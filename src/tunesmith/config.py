@@ -137,8 +137,8 @@ class TrainConfig(_Section):
     )
     compile: bool = Field(False, description="torch.compile each decoder layer.")
     mixed_precision: Literal["auto", "no", "bf16"] = Field(
-        "no", description="bf16 autocast of the training forward; 'auto': where bf16 matmuls are native "
-        "(CPUs with AVX512-BF16 or AMX, GPUs with bf16)."
+        "auto", description="bf16 autocast of the training forward and validation; 'auto': where bf16 "
+        "matmuls are native (CPUs with AVX512-BF16 or AMX, GPUs with bf16), 'no': float32 throughout."
     )
 
 

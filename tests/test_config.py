@@ -21,6 +21,13 @@ def test_overrides_parse_types_and_nest():
     assert config.data.columns.text == "review"
 
 
+@pytest.mark.parametrize(("given", "expected"), [("no", "no"), ("off", "no"), ("auto", "auto"), ("bf16", "bf16")])
+def test_mixed_precision_reads_yaml_booleans_as_words(given, expected):
+    # YAML reads a bare `no` as False: `--set train.mixed_precision=no` must still mean "no".
+    raw = apply_overrides({"data": {"path": "x.csv"}}, [f"train.mixed_precision={given}"])
+    assert validate_config(raw).train.mixed_precision == expected
+
+
 def test_every_invalid_field_is_reported_at_once_with_its_path(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"data": {"path": "x.csv"}, "train": {"lr": -1, "batch_tokens": 0, "epochs": 0},

@@ -18,17 +18,17 @@ from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import REGISTRY
 
-COLUMNS = [
-    ("method", "method"),
-    ("trainable_params", "trainable params"),
-    ("trainable_share", "trainable %"),
-    ("lr", "learning rate"),
-    ("stored_mb", "stored per task (MB)"),
-    ("peak_memory_mb", "peak memory (MB)"),
-    ("tokens_per_s", "tokens/s"),
-    ("train_seconds", "wall time (s)"),
-    ("val_loss", "validation loss"),
-    ("test_metric", "test metric"),
+COLUMNS = [  # (key, title, markdown format)
+    ("method", "method", "{}"),
+    ("trainable_params", "trainable params", "{:,}"),
+    ("trainable_share", "trainable %", "{:.3g}"),
+    ("lr", "learning rate", "{}"),
+    ("stored_mb", "stored per task (MB)", "{:,.3g}"),
+    ("peak_memory_mb", "peak memory (MB)", "{:,.0f}"),
+    ("tokens_per_s", "tokens/s", "{:,.0f}"),
+    ("train_seconds", "wall time (s)", "{:,.0f}"),
+    ("val_loss", "validation loss", "{:.4f}"),
+    ("test_metric", "test metric", "{}"),
 ]
 
 
@@ -58,25 +58,19 @@ def _row(method: str, run: Path, lr: float) -> dict:
     }
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.2f}" if value < 1000 else f"{value:,.0f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else spec.format(value)
 
 
 def write_tables(rows: list[dict], out: Path) -> tuple[Path, Path]:
     md = out / "compare.md"
-    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r[key]) for key, _ in COLUMNS) + " |" for r in rows]
+    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+             "|" + "---|" + "---:|" * (len(COLUMNS) - 2) + "---|"]
+    lines += ["| " + " | ".join(_fmt(r[key], spec) for key, _, spec in COLUMNS) + " |" for r in rows]
     md.write_text("\n".join(lines) + "\n")
     path = out / "compare.csv"
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[key for key, _ in COLUMNS])
+        writer = csv.DictWriter(f, fieldnames=[key for key, _, _ in COLUMNS])
         writer.writeheader()
         writer.writerows(rows)
     return md, path

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunesmith.errors import TunesmithError
 
@@ -140,6 +140,12 @@ class TrainConfig(_Section):
         "auto", description="bf16 autocast of the training forward and validation; 'auto': where bf16 "
         "matmuls are native (CPUs with AVX512-BF16 or AMX, GPUs with bf16), 'no': float32 throughout."
     )
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value):
+        # YAML reads a bare no/off/false as False (and yes/on/true as True).
+        return {False: "no", True: "bf16"}.get(value, value) if isinstance(value, bool) else value
 
 
 class EvalConfig(_Section):

@@ -1,15 +1,17 @@
 """tunesmith against TRL's SFTTrainer: the same LoRA fine-tune, timed and validated side by side.
 
-    python benchmarks/vs_trl.py                  # 600 training / 100 validation examples (~10 min, 2 cores)
+    python benchmarks/vs_trl.py                  # 600 training / 100 validation examples (~12 min, 2 cores)
+    python benchmarks/vs_trl.py --trl same-bf16 grouped-bf16     # the run in docs/performance.md
     python benchmarks/vs_trl.py --quick          # smoke run: 48 / 16 examples
-    python benchmarks/vs_trl.py --sweep-trl --train-examples 192   # time every TRL configuration
+    python benchmarks/vs_trl.py --only tunesmith --set train.mixed_precision=no   # tunesmith alone
 
 Both sides fine-tune the bundled SmolLM2-135M-Instruct on the demo data (examples/rotten_tomatoes_lora.yaml)
 with the demo's hyperparameters: LoRA r=16 on every linear layer of the decoder, AdamW, cosine schedule,
 one epoch. They get the same tokenised examples (tunesmith's data pipeline: chat template, loss on
 the answer and its end-of-turn token only), the same initial adapter weights, the same number of
-optimizer steps over the same examples per step on average, and the same validation examples, scored
-by the same function (mean loss over completion tokens).
+optimizer steps, and the same validation examples, scored by the same function (mean loss over
+completion tokens, float32). In TRL's "same" layout they also get the same batches in the same order,
+so validation losses are compared with that one; speed and memory with the fastest TRL layout run.
 
 Each side runs in a child process of its own, so its peak resident memory (ru_maxrss, from wait4) is
 its own; tokens/s counts every non-padding token (prompt and completion) over the wall time of the

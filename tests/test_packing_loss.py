@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -39,8 +40,14 @@ def test_plan_rows_fits_every_example_once():
     assert all(sum(lengths[i] for i in r) <= 10 for r in rows)
 
 
-def test_packed_label_only_loss_and_grads_match_unpacked_full_logits(tiny_model_dir):
+@pytest.mark.parametrize("chunk", [512, 5])
+def test_packed_label_only_loss_and_grads_match_unpacked_full_logits(tiny_model_dir, monkeypatch, chunk):
     from transformers import AutoModelForCausalLM
+
+    import tunesmith.train.loss
+
+    # 5 tokens a chunk: the labelled positions span several chunks of the output projection.
+    monkeypatch.setattr(tunesmith.train.loss, "CHUNK", chunk)
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     examples = _examples()
@@ -55,6 +62,7 @@ def test_packed_label_only_loss_and_grads_match_unpacked_full_logits(tiny_model_
     fast_sum, fast_n = loss_sum(model, batch, direct=True)
     (fast_sum / fast_n).backward()
     assert fast_n == ref_n
+    assert (chunk < fast_n) == (chunk == 5)
     torch.testing.assert_close(fast_sum, ref_sum, rtol=1e-5, atol=1e-5)
     for name, grad in _grads(model).items():
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)

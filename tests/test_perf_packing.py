@@ -1,9 +1,11 @@
-"""Batch planning: best-fit packing against a slow reference, and its cost at scale."""
+"""Batch planning: best-fit packing against a slow reference, and at scale.
+
+How long planning takes is measured by `python benchmarks/limits.py --only size`, not here.
+"""
 
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 
@@ -34,11 +36,10 @@ def test_plan_rows_is_best_fit_decreasing(seed, row_len):
     assert sorted(free) == sorted(_reference_best_fit(lengths, row_len))
 
 
-def test_planning_a_large_data_set_is_fast():
+def test_planning_a_large_data_set_places_every_example_once_within_budget():
     rng = random.Random(0)
     examples = [{"input_ids": [0] * max(8, int(rng.gauss(62, 10)))} for _ in range(200_000)]
-    started = time.perf_counter()
     batches = plan_batches(examples, 2048, 128, seed=0)
-    # Scanning every row for every example took minutes here; best fit by free space, well under one second.
-    assert time.perf_counter() - started < 15
-    assert sum(len(row) for rows in batches for row in rows) == len(examples)
+    assert sorted(i for rows in batches for row in rows for i in row) == list(range(len(examples)))
+    assert all(sum(len(examples[i]["input_ids"]) for i in row) <= 128 for rows in batches for row in rows)
+    assert all(len(rows) * 128 <= 2048 for rows in batches)

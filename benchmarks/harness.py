@@ -37,6 +37,14 @@ def measure(script: str, name: str, payload: dict) -> dict:
     return result
 
 
+def steady_rate(marks: list[tuple[float, int]]) -> float:
+    """Tokens/s from the first optimizer step's end to the last's; ``marks`` holds (time, tokens so far)
+    after each step. The first step is left out: it allocates the process's memory, which on a VM can
+    cost more than the step's compute."""
+    (t0, n0), (t1, n1) = marks[0], marks[-1]
+    return (n1 - n0) / (t1 - t0) if len(marks) > 1 else float("nan")
+
+
 def serve_child(children: dict) -> bool:
     """In a child started by ``measure``: run the named measurement, write its result, return True."""
     if len(sys.argv) != 5 or sys.argv[1] != "--child":

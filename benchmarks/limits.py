@@ -34,7 +34,7 @@ import os
 import random
 import time
 
-from harness import DEMO, lora_model, machine, measure, serve_child
+from harness import DEMO, lora_model, machine, measure, serve_child, steady_rate
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -131,7 +131,7 @@ def child_train(payload: dict) -> dict:
     from tunesmith.config import load_config
     from tunesmith.model import load_tokenizer, resolve_model
     from tunesmith.run import setup_threads
-    from tunesmith.train.loop import Batches, native_bf16, train
+    from tunesmith.train.loop import Batches, train, uses_bf16
 
     config = load_config(DEMO, payload["overrides"] + [f"method.name={payload['method']}"])
     steps = payload["steps"] + 1
@@ -158,12 +158,10 @@ def child_train(payload: dict) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
         train(model, Accelerator(cpu=True), batches, [], cfg, Path(run_dir),
               on_step=lambda state: marks.append((time.perf_counter(), state.input_tokens)))
-    (t0, n0), (t1, n1) = marks[0], marks[-1]
     used = [examples[i] for rows in first_epoch[1:steps] for row in rows for i in row]
     flops, terms = flops_per_token(model, used, lora=config.method.name != "full")
-    bf16_matmuls = config.model.dtype == "bfloat16" or cfg.mixed_precision == "bf16" or (
-        cfg.mixed_precision == "auto" and native_bf16(torch.device("cpu")))
-    return {"tokens_per_s": (n1 - n0) / (t1 - t0), "flops_per_token": flops, "terms": terms,
+    bf16_matmuls = config.model.dtype == "bfloat16" or uses_bf16(cfg.mixed_precision, torch.device("cpu"))
+    return {"tokens_per_s": steady_rate(marks), "flops_per_token": flops, "terms": terms,
             "plan_s": plan_s, "examples": len(examples),
             "dtype": "bfloat16" if bf16_matmuls else "float32",
             "rows_per_batch": len(first_epoch[0]), "threads": torch.get_num_threads()}

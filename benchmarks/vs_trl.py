@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import DEMO, lora_model, machine, measure, serve_child
+from harness import DEMO, lora_model, machine, measure, serve_child, steady_rate
 
 # TRL configurations: name -> SFTConfig options. "bfd" packs examples into rows of max_length
 # (best-fit decreasing) and runs padding-free (position ids, no attention mask); "padding_free"
@@ -158,15 +158,9 @@ def _val_loss(model, spec: dict) -> float:
 
 
 def _result(tokens: int, started: float, ended: float, marks: list[tuple[float, int]], model, spec: dict) -> dict:
-    """Whole-run and steady figures; ``marks`` holds (time, tokens so far) after each optimizer step.
-
-    "Steady" leaves the first step out: it allocates the process's memory, which on a VM can cost
-    more than the step's compute.
-    """
-    (t0, n0), (t1, n1) = marks[0], marks[-1]
+    """Whole-run and steady figures (see ``harness.steady_rate``)."""
     return {"tokens": tokens, "train_s": ended - started, "tokens_per_s": tokens / (ended - started),
-            "steps": len(marks), "first_step_s": t0 - started,
-            "steady_tokens_per_s": (n1 - n0) / (t1 - t0) if len(marks) > 1 else float("nan"),
+            "steps": len(marks), "first_step_s": marks[0][0] - started, "steady_tokens_per_s": steady_rate(marks),
             "val_loss": _val_loss(model, spec)}
 
 

@@ -32,10 +32,6 @@ COLUMNS = [  # (key, title, markdown format)
 ]
 
 
-def dir_size_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
-
-
 def _row(method: str, run: Path, lr: float) -> dict:
     summary = json.loads((run / "metrics.json").read_text())
     stored = run / ("model" if method == "full" else "adapter")
@@ -76,11 +72,16 @@ def write_tables(rows: list[dict], out: Path) -> tuple[Path, Path]:
     return md, path
 
 
+def _method_of(item: str) -> str | None:
+    """The METHOD of an override ``METHOD:KEY=VALUE``; None for a shared ``KEY=VALUE``."""
+    key = item.split("=", 1)[0]
+    return key.split(":", 1)[0] if ":" in key else None
+
+
 def method_overrides(method: str, overrides: list[str]) -> list[str]:
     """The overrides for ``method``'s run: the shared ones, then its own (``METHOD:KEY=VALUE``)."""
-    shared = [item for item in overrides if ":" not in item.split("=", 1)[0]]
-    own = [item.split(":", 1)[1] for item in overrides
-           if ":" in item.split("=", 1)[0] and item.split(":", 1)[0] == method]
+    shared = [item for item in overrides if _method_of(item) is None]
+    own = [item.split(":", 1)[1] for item in overrides if _method_of(item) == method]
     return [*shared, *own]
 
 
@@ -89,10 +90,9 @@ def compare(config_path: str, methods: list[str], overrides: list[str], out: Pat
     unknown = [m for m in methods if m not in REGISTRY]
     if unknown:
         raise TunesmithError(f"--methods: unknown method(s) {', '.join(unknown)}; known: {', '.join(REGISTRY)}")
-    stray = [item for item in overrides
-             if ":" in item.split("=", 1)[0] and item.split(":", 1)[0] not in methods]
+    stray = [item for item in overrides if _method_of(item) not in (None, *methods)]
     if stray:
-        raise TunesmithError(*(f"--set {item}: {item.split(':', 1)[0]!r} is not one of --methods "
+        raise TunesmithError(*(f"--set {item}: {_method_of(item)!r} is not one of --methods "
                                f"({', '.join(methods)})" for item in stray))
     configs = {}
     for method in methods:  # every config problem before the first hour of training

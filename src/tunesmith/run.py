@@ -251,6 +251,12 @@ def _fmt(metrics: dict) -> str:
     return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
+def run_labels(run_dir: Path) -> list[str] | None:
+    """The class labels a run trained on (labels.json), or None for a run from before they were saved."""
+    path = Path(run_dir) / "labels.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def load_run(run_dir: Path):
     """The tuned model of a finished (or at least saved) run, with its session."""
     run_dir = Path(run_dir)
@@ -262,9 +268,8 @@ def load_run(run_dir: Path):
     if not saved.is_dir():
         raise TunesmithError(f"{run_dir}: the run has no saved {saved.name}/ (status: {read_status(run_dir)})")
     source = resolve_model(config.model.name)
-    labels_file = run_dir / "labels.json"
-    labels = json.loads(labels_file.read_text()) if labels_file.is_file() else None
-    base = load_model(source, config.model.task, config.model.dtype, labels, **method.load_kwargs(config.method))
+    base = load_model(source, config.model.task, config.model.dtype, run_labels(run_dir),
+                      **method.load_kwargs(config.method))
     model = method.load(base, saved)
     model.eval()
     return config, model, load_tokenizer(source)
@@ -300,10 +305,8 @@ def generate_stream(run_dir: Path, prompt: str, max_new_tokens: int) -> str:
 
     config, model, tokenizer = load_run(run_dir)
     if config.model.task != "causal":
-        labels_file = Path(run_dir) / "labels.json"
-        labels = json.loads(labels_file.read_text()) if labels_file.is_file() else []
         example = {"text": prompt, "label": None, "messages": [{"role": "assistant", "content": ""}]}
-        (sample,) = tasks.task_samples(model, config.model.task, [example], tokenizer, labels,
+        (sample,) = tasks.task_samples(model, config.model.task, [example], tokenizer, run_labels(run_dir) or [],
                                        config.data.max_length, max_new_tokens)
         print(sample["output"])
         return sample["output"]

@@ -139,14 +139,17 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+def uses_bf16(mixed_precision: str, device: torch.device) -> bool:
+    """Whether ``train.mixed_precision`` turns bf16 autocast on ("auto": where bf16 is native)."""
+    return mixed_precision == "bf16" or (mixed_precision == "auto" and native_bf16(device))
+
+
 def autocast(mixed_precision: str, device: torch.device):
-    """bf16 autocast as ``train.mixed_precision`` says ("auto": where bf16 is native), else a no-op.
+    """bf16 autocast where ``uses_bf16``, else a no-op.
 
     Weights, gradients and optimizer state stay float32; matmuls run in bf16.
     """
-    if mixed_precision == "bf16" or (mixed_precision == "auto" and native_bf16(device)):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(mixed_precision, device) else nullcontext()
 
 
 def backward_micro_batches(model, accelerator, batches, tensors: list[dict[str, torch.Tensor]],

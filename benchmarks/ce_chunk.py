@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import ROOT, lora_model, machine, measure, serve_child
+from harness import ROOT, demo_encoded, lora_model, machine, measure, serve_child
 
 CONFIG = ROOT / "examples" / "hamlet_continued_pretraining.yaml"
 
@@ -23,18 +23,17 @@ CONFIG = ROOT / "examples" / "hamlet_continued_pretraining.yaml"
 def child_steps(payload: dict) -> dict:
     import torch
 
-    import tunesmith.train.loss as loss
+    import tunesmith.objectives.lm_loss as loss
     from tunesmith.config import load_config
-    from tunesmith.data.pipeline import prepare_data
+    from tunesmith.data.batching import collate, plan_batches
     from tunesmith.model import load_tokenizer, resolve_model
-    from tunesmith.train.loop import autocast
-    from tunesmith.train.packing import collate, plan_batches
+    from tunesmith.train.precision import autocast
 
     loss.CHUNK = payload["chunk"]
     config = load_config(CONFIG)
     source = resolve_model(config.model.name)
     tokenizer = load_tokenizer(source)
-    examples = prepare_data(config.data, tokenizer).encoded["train"]
+    examples = demo_encoded(config)["train"]
     model = lora_model(source, config.model.dtype, config.method.model_dump(), config.train.seed)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.train.lr)

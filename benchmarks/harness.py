@@ -65,14 +65,30 @@ def machine() -> str:
             f"load average {os.getloadavg()[0]:.2f}")
 
 
+def demo_encoded(config) -> dict[str, list[dict]]:
+    """The demo data, encoded per split as ``tunesmith train`` encodes it."""
+    from tunesmith.session import Session
+
+    return Session(config).prepare().encoded
+
+
+def packed_batches(examples: list[dict], batch_tokens: int, row_len: int, seed: int, pad_id: int,
+                   packing: bool = True):
+    """tunesmith's causal batches over ``examples``."""
+    from tunesmith.objectives.base import Layout
+    from tunesmith.objectives.causal import PackedBatches
+
+    return PackedBatches(examples, Layout(batch_tokens, row_len, pad_id, seed, one_per_row=not packing))
+
+
 def lora_model(source: str, dtype: str, method: dict, seed: int):
     """The base model with the adapter tunesmith's method adds, initialised from ``seed``."""
     import torch
 
-    from tunesmith.config import MethodConfig
     from tunesmith.methods import get_method
-    from tunesmith.model import load_causal_lm
+    from tunesmith.model import load_model
 
-    model = load_causal_lm(source, dtype)
+    model = load_model(source, dtype=dtype)
     torch.manual_seed(seed)
-    return get_method(method["name"]).apply(model, MethodConfig(**method))
+    chosen = get_method(method["name"])
+    return chosen.apply(model, chosen.options(**method))

@@ -34,7 +34,7 @@ import os
 import random
 import time
 
-from harness import DEMO, lora_model, machine, measure, serve_child, steady_rate
+from harness import DEMO, demo_encoded, lora_model, machine, measure, packed_batches, serve_child, steady_rate
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -95,7 +95,7 @@ def flops_per_token(model, examples: list[dict], lora: bool) -> tuple[float, dic
     """Model FLOPs per token of a training step (see the module docstring) and its terms."""
     import torch
 
-    from tunesmith.methods.base import unwrap
+    from tunesmith.model import unwrap
 
     inner = unwrap(model)
     config = inner.config.get_text_config()
@@ -130,8 +130,9 @@ def child_train(payload: dict) -> dict:
 
     from tunesmith.config import load_config
     from tunesmith.model import load_tokenizer, resolve_model
-    from tunesmith.run import setup_threads
-    from tunesmith.train.loop import Batches, train, uses_bf16
+    from tunesmith.recipe import setup_threads
+    from tunesmith.train.loop import fit
+    from tunesmith.train.precision import uses_bf16
 
     config = load_config(DEMO, payload["overrides"] + [f"method.name={payload['method']}"])
     steps = payload["steps"] + 1
@@ -143,20 +144,17 @@ def child_train(payload: dict) -> dict:
     row_len = payload.get("length") or config.data.max_length
     batch_tokens = max(cfg.batch_tokens, row_len)
     if payload.get("examples") == "demo":
-        from tunesmith.data.pipeline import prepare_data
-
-        examples = prepare_data(config.data, tokenizer).encoded["train"]
+        examples = demo_encoded(config)["train"]
     else:
         examples = _synthetic(payload["examples"], payload.get("length"), len(tokenizer), cfg.seed)
     planned = time.perf_counter()
-    batches = Batches(examples, batch_tokens, row_len, cfg.seed, tokenizer.pad_token_id,
-                      one_per_row=not cfg.packing)
+    batches = packed_batches(examples, batch_tokens, row_len, cfg.seed, tokenizer.pad_token_id, cfg.packing)
     first_epoch = batches.epoch(0)
     plan_s = time.perf_counter() - planned
     model = lora_model(source, config.model.dtype, config.method.model_dump(), cfg.seed)
     marks = []
     with tempfile.TemporaryDirectory() as run_dir:
-        train(model, Accelerator(cpu=True), batches, [], cfg, Path(run_dir),
+        fit(model, Accelerator(cpu=True), batches, [], cfg, Path(run_dir),
               on_step=lambda state: marks.append((time.perf_counter(), state.input_tokens)))
     used = [examples[i] for rows in first_epoch[1:steps] for row in rows for i in row]
     flops, terms = flops_per_token(model, used, lora=config.method.name != "full")

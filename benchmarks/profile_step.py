@@ -15,7 +15,7 @@ import argparse
 import contextlib
 import time
 
-from harness import DEMO, lora_model, machine
+from harness import DEMO, demo_encoded, lora_model, machine
 
 
 def main(argv=None) -> None:
@@ -31,17 +31,16 @@ def main(argv=None) -> None:
 
     from tunesmith.config import load_config
     from tunesmith.data.format import IGNORE
-    from tunesmith.data.pipeline import prepare_data
+    from tunesmith.data.batching import collate, plan_batches
     from tunesmith.model import load_tokenizer, resolve_model
+    from tunesmith.objectives.lm_loss import loss_sum
     from tunesmith.train.loop import apply_speed_options
-    from tunesmith.train.loss import loss_sum
-    from tunesmith.train.packing import collate, plan_batches
 
     config = load_config(DEMO, args.overrides)
     print(f"machine: {machine()}")
     source = resolve_model(config.model.name)
     tokenizer = load_tokenizer(source)
-    examples = prepare_data(config.data, tokenizer).encoded["train"][:2000]
+    examples = demo_encoded(config)["train"][:2000]
     row_len = config.data.max_length
     plan = plan_batches(examples, args.rows * row_len, row_len, seed=0, one_per_row=not config.train.packing)
     model = lora_model(source, config.model.dtype, config.method.model_dump(), config.train.seed)

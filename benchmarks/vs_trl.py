@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import DEMO, lora_model, machine, measure, serve_child, steady_rate
+from harness import DEMO, demo_encoded, lora_model, machine, measure, packed_batches, serve_child, steady_rate
 
 # TRL configurations: name -> SFTConfig options. "bfd" packs examples into rows of max_length
 # (best-fit decreasing) and runs padding-free (position ids, no attention mask); "padding_free"
@@ -82,17 +82,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def prepare_spec(args) -> dict:
     """Tokenise the demo data with tunesmith's pipeline: what both children need."""
     from tunesmith.config import load_config
-    from tunesmith.data.pipeline import prepare_data
     from tunesmith.model import load_tokenizer, resolve_model
 
     config = load_config(DEMO, args.overrides)
     source = resolve_model(config.model.name)
     tokenizer = load_tokenizer(source)
-    data = prepare_data(config.data, tokenizer)
-    train = data.encoded["train"][: args.train_examples]
-    validation = data.encoded["validation"][: args.val_examples]
+    encoded = demo_encoded(config)
+    train = encoded["train"][: args.train_examples]
+    validation = encoded["validation"][: args.val_examples]
     if len(validation) < args.val_examples:  # the demo keeps 2% for validation: top up from test
-        validation += data.encoded["test"][: args.val_examples - len(validation)]
+        validation += encoded["test"][: args.val_examples - len(validation)]
     t = config.train
     return {
         "model": source,
@@ -152,9 +151,8 @@ def _lora_model(spec: dict, dtype: str):
 
 
 def _val_loss(model, spec: dict) -> float:
-    from tunesmith.train.loop import evaluate_loss
-
-    return evaluate_loss(model, spec["validation"], spec["batch_tokens"], spec["max_length"], spec["pad_id"])
+    batches = packed_batches(spec["validation"], spec["batch_tokens"], spec["max_length"], 0, spec["pad_id"])
+    return batches.mean_loss(model, spec["validation"])
 
 
 def _result(tokens: int, started: float, ended: float, marks: list[tuple[float, int]], model, spec: dict) -> dict:
@@ -169,20 +167,20 @@ def child_tunesmith(spec: dict) -> dict:
     from accelerate import Accelerator
 
     from tunesmith.config import load_config
-    from tunesmith.run import setup_threads
-    from tunesmith.train.loop import Batches, train
+    from tunesmith.recipe import setup_threads
+    from tunesmith.train.loop import fit
 
     config = load_config(DEMO, spec["overrides"])
     cfg = config.train.model_copy(update={"epochs": 1, "max_steps": spec["max_steps"], "eval_max_examples": None,
                                           "save_every": 10**9, "patience": None})
     setup_threads(cfg.threads)
     model = _lora_model(spec, config.model.dtype)
-    batches = Batches(spec["train"], spec["batch_tokens"], spec["max_length"], cfg.seed, spec["pad_id"],
-                      one_per_row=not cfg.packing)
+    batches = packed_batches(spec["train"], spec["batch_tokens"], spec["max_length"], cfg.seed, spec["pad_id"],
+                             cfg.packing)
     marks = []
     with tempfile.TemporaryDirectory() as run_dir:
         started = time.perf_counter()
-        state = train(model, Accelerator(cpu=True), batches, [], cfg, Path(run_dir),
+        state = fit(model, Accelerator(cpu=True), batches, [], cfg, Path(run_dir),
                       on_step=lambda st: marks.append((time.perf_counter(), st.input_tokens)))
         ended = time.perf_counter()
     return _result(state.input_tokens, started, ended, marks, model, spec)
@@ -198,7 +196,7 @@ def child_trl(spec: dict) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from tunesmith.model import load_tokenizer
-    from tunesmith.train.packing import plan_batches
+    from tunesmith.data.batching import plan_batches
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     layout, _, precision = spec["variant"].partition("-")
@@ -251,11 +249,10 @@ def child_trl(spec: dict) -> dict:
 def _same_rows(spec: dict, per_batch: int) -> dict[str, list]:
     """tunesmith's first-epoch packed rows, in its batch order, as TRL dataset columns."""
     from tunesmith.config import load_config
-    from tunesmith.train.loop import Batches
 
     train = spec["train"]
     seed = load_config(DEMO, spec["overrides"]).train.seed
-    batches = Batches(train, spec["batch_tokens"], spec["max_length"], seed, spec["pad_id"]).epoch(0)
+    batches = packed_batches(train, spec["batch_tokens"], spec["max_length"], seed, spec["pad_id"]).epoch(0)
     assert all(len(rows) == per_batch for rows in batches[:-1]), "unequal batches: TRL would regroup the rows"
     rows = [row for rows in batches for row in rows]
     return {"input_ids": [[t for i in row for t in train[i]["input_ids"]] for row in rows],

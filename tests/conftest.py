@@ -131,7 +131,12 @@ def write_config(path: Path, model_dir: Path, data: dict, **sections) -> Path:
         "output": {"dir": str(path.parent / "run")},
     }
     for key, value in sections.items():
-        config[key] = {**config.get(key, {}), **value}
+        base = config.get(key, {})
+        if key == "method" and "name" in value:  # the defaults above that this method takes
+            from tunesmith.methods import REGISTRY
+
+            base = {k: v for k, v in base.items() if k in REGISTRY[value["name"]].options.model_fields}
+        config[key] = {**base, **value}
     path.write_text(yaml.safe_dump(config))
     return path
 

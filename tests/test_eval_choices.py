@@ -6,7 +6,9 @@ import torch
 
 from conftest import review_rows
 from tunesmith.data.format import Encoder, Schema, to_examples
-from tunesmith.eval.metrics import macro_f1, score_labels
+from tunesmith.eval.metrics import macro_f1
+from tunesmith.objectives.base import Layout
+from tunesmith.objectives.causal import score_labels
 
 
 def test_shared_prompt_scores_equal_separate_sequences(tiny_model_dir, tiny_tokenizer):
@@ -19,8 +21,8 @@ def test_shared_prompt_scores_equal_separate_sequences(tiny_model_dir, tiny_toke
     encoder = Encoder(tiny_tokenizer, "chat", None, 64)
     # Labels that share their first characters exercise answers that diverge after the prompt.
     labels = ["fresh", "rotten", "fresher"]
-    fast, fast_n = score_labels(model, encoder, examples, labels, 256, 64, pad_id=0, direct=True)
-    slow, slow_n = score_labels(model, encoder, examples, labels, 256, 64, pad_id=0, direct=False)
+    fast, fast_n = score_labels(model, encoder, examples, labels, Layout(256, 64, pad_id=0, seed=0, direct=True))
+    slow, slow_n = score_labels(model, encoder, examples, labels, Layout(256, 64, pad_id=0, seed=0, direct=False))
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
     assert torch.equal(fast_n, slow_n)
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunesmith.config import MethodConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import REGISTRY
 from tunesmith.methods.adapter import BottleneckAdapter
-from tunesmith.train.loss import token_losses
-from tunesmith.train.packing import collate
+from tunesmith.objectives.lm_loss import token_losses
+from tunesmith.data.batching import collate
 
 ADAPTER = REGISTRY["adapter"]
 
@@ -55,7 +54,7 @@ def test_adapters_start_as_the_base_model_and_only_they_train(arch, position, ti
     ids = torch.randint(3, 300, (2, 12))
     with torch.no_grad():
         base = model(input_ids=ids).logits
-    model = ADAPTER.apply(model, MethodConfig(name="adapter", adapter_size=8, adapter_position=position))
+    model = ADAPTER.apply(model, ADAPTER.options(adapter_size=8, adapter_position=position))
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, base, rtol=0, atol=0)
 
@@ -73,14 +72,14 @@ def test_adapters_start_as_the_base_model_and_only_they_train(arch, position, ti
 
 
 def test_houlsby_adapters_follow_attention_and_feed_forward(tiny_model_dir):
-    model = ADAPTER.apply(tiny_llama(tiny_model_dir), MethodConfig(name="adapter", adapter_position="both"))
+    model = ADAPTER.apply(tiny_llama(tiny_model_dir), ADAPTER.options(adapter_position="both"))
     adapted = sorted(n.removesuffix(".adapter") for n, m in model.named_modules() if isinstance(m, BottleneckAdapter))
     assert adapted == [f"model.layers.{i}.{s}" for i in range(2) for s in ("mlp", "self_attn")]
     assert all(a.down.out_features == 64 and isinstance(a.act, torch.nn.GELU) for a in _adapters(model))
 
 
 def test_direct_decoder_loss_equals_the_full_forward_loss(tiny_model_dir):
-    model = ADAPTER.apply(tiny_llama(tiny_model_dir), MethodConfig(name="adapter", adapter_size=8,
+    model = ADAPTER.apply(tiny_llama(tiny_model_dir), ADAPTER.options(adapter_size=8,
                                                                   adapter_position="both", adapter_activation="relu"))
     for adapter in _adapters(model):
         torch.nn.init.normal_(adapter.up.weight, std=0.1)
@@ -93,14 +92,14 @@ def test_direct_decoder_loss_equals_the_full_forward_loss(tiny_model_dir):
 def test_unknown_target_lists_the_block_modules(tiny_model_dir):
     with pytest.raises(TunesmithError, match=r"'nope' matches no module in a transformer block; module names in "
                                              r"a block: self_attn, self_attn\.q_proj.*mlp\.down_proj"):
-        ADAPTER.apply(tiny_llama(tiny_model_dir), MethodConfig(name="adapter", target_modules=["nope"]))
+        ADAPTER.apply(tiny_llama(tiny_model_dir), ADAPTER.options(target_modules=["nope"]))
 
 
 def test_architecture_without_a_named_mlp_needs_named_targets():
     # OPT's feed-forward block is two bare linears (fc1, fc2) in the decoder layer.
     with pytest.raises(TunesmithError, match=r"adapter found none of mlp, feed_forward, ffn.*fc2"):
-        ADAPTER.apply(tiny_opt(), MethodConfig(name="adapter"))
-    cfg = MethodConfig(name="adapter", target_modules=["self_attn", "fc2"], adapter_size=4)
+        ADAPTER.apply(tiny_opt(), ADAPTER.options())
+    cfg = ADAPTER.options(target_modules=["self_attn", "fc2"], adapter_size=4)
     model = ADAPTER.apply(tiny_opt(), cfg)
     assert len(_adapters(model)) == 4
     assert model(input_ids=torch.randint(3, 300, (1, 8))).logits.shape == (1, 8, 300)

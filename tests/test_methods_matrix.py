@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import write_config
-from tunesmith.config import MethodConfig, load_config
+from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import REGISTRY
-from tunesmith.train.loss import loss_sum, token_losses
-from tunesmith.train.packing import collate, plan_batches
+from tunesmith.objectives.lm_loss import loss_sum, token_losses
+from tunesmith.data.batching import collate, plan_batches
 
 # case -> (method, options, learning rate)
 CASES = {
@@ -32,6 +32,12 @@ OPTIONS = {"r": 4, "alpha": 8, "dropout": 0.0, "num_virtual_tokens": 4, "adapter
 ROW_LEN, BATCH_TOKENS = 64, 256
 
 
+def _options(name, **options):
+    """``name``'s options from ``options``, leaving out those the method does not take."""
+    fields = REGISTRY[name].options.model_fields
+    return REGISTRY[name].options(**{k: v for k, v in options.items() if k in fields})
+
+
 def test_every_method_has_a_row():
     assert {method for method, _, _ in CASES.values()} == set(REGISTRY) - {"qlora"}
 
@@ -43,9 +49,9 @@ def review_config(tmp_path, tiny_model_dir, review_data):
 
 @pytest.fixture
 def encoded(review_config, tiny_tokenizer):
-    from tunesmith.data.pipeline import prepare_data
+    from tunesmith.session import Session
 
-    return prepare_data(review_config.data, tiny_tokenizer).encoded
+    return Session(review_config).prepare().encoded
 
 
 def _load_base(model_dir):
@@ -75,7 +81,7 @@ def test_method_learns_its_own_weights_saves_loads_and_merges(case, tmp_path, ti
     torch.manual_seed(0)
     model = _load_base(tiny_model_dir)
     base_weights = {id(p): p.detach().clone() for p in model.parameters()}
-    model = method.apply(model, MethodConfig(name=name, **{**OPTIONS, **options}))
+    model = method.apply(model, _options(name, **{**OPTIONS, **options}))
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     start = {n: p.detach().clone() for n, p in trainable.items()}
     if name != "full":
@@ -114,12 +120,12 @@ def test_method_learns_its_own_weights_saves_loads_and_merges(case, tmp_path, ti
 
 @pytest.mark.parametrize("case", CASES)
 def test_run_training_with_each_method(case, tmp_path, tiny_model_dir, review_data):
-    from tunesmith.run import evaluate_run, run_training
+    from tunesmith.recipe import evaluate_run, run_training
 
     name, options, lr = CASES[case]
     # Rows long enough for two answers, so that scoring would pack them if the method allowed it.
     config = load_config(write_config(tmp_path / "c.yaml", tiny_model_dir, {**review_data, "max_length": 128},
-                                      method={"name": name, **OPTIONS, **options},
+                                      method=_options(name, **{**OPTIONS, **options}).model_dump(),
                                       train={"max_steps": 10, "lr": lr, "eval_every": 10}))
     run_training(config)
     run = tmp_path / "run"
@@ -131,15 +137,15 @@ def test_run_training_with_each_method(case, tmp_path, tiny_model_dir, review_da
 
 def test_dora_and_rslora_reach_peft(tiny_model_dir):
     options = {"name": "lora", "r": 4, "alpha": 8}
-    dora = REGISTRY["lora"].apply(_load_base(tiny_model_dir), MethodConfig(**options, use_dora=True))
+    dora = REGISTRY["lora"].apply(_load_base(tiny_model_dir), REGISTRY["lora"].options(**options, use_dora=True))
     assert any("lora_magnitude_vector" in n for n, p in dora.named_parameters() if p.requires_grad)
-    rslora = REGISTRY["lora"].apply(_load_base(tiny_model_dir), MethodConfig(**options, use_rslora=True))
+    rslora = REGISTRY["lora"].apply(_load_base(tiny_model_dir), REGISTRY["lora"].options(**options, use_rslora=True))
     q_proj = rslora.get_base_model().model.layers[0].self_attn.q_proj
     assert q_proj.scaling["default"] == pytest.approx(8 / 4**0.5)
 
 
 def test_qlora_without_cuda_fails_at_config_load_with_the_other_problems(tmp_path, tiny_model_dir, review_data):
-    if not REGISTRY["qlora"].check(MethodConfig(name="qlora")):
+    if not REGISTRY["qlora"].check(REGISTRY["qlora"].options()):
         pytest.skip("this machine can run qlora")
     path = write_config(tmp_path / "c.yaml", tiny_model_dir, review_data, method={"name": "qlora"},
                         train={"lr": -1})
@@ -152,13 +158,13 @@ def test_qlora_without_cuda_fails_at_config_load_with_the_other_problems(tmp_pat
 
 def test_qlora_refuses_a_base_model_that_is_not_quantised(tiny_model_dir):
     with pytest.raises(TunesmithError, match="4-bit"):
-        REGISTRY["qlora"].apply(_load_base(tiny_model_dir), MethodConfig(name="qlora"))
+        REGISTRY["qlora"].apply(_load_base(tiny_model_dir), REGISTRY["qlora"].options())
 
 
 @pytest.mark.parametrize("name", ["lora", "ia3", "adapter"])
 def test_target_modules_that_match_nothing_list_the_module_names(name, tiny_model_dir):
     with pytest.raises(TunesmithError, match=r"method.target_modules: .*nope.* match.*q_proj.*"):
-        REGISTRY[name].apply(_load_base(tiny_model_dir), MethodConfig(name=name, target_modules=["nope"]))
+        REGISTRY[name].apply(_load_base(tiny_model_dir), REGISTRY[name].options(target_modules=["nope"]))
 
 
 def test_ia3_without_default_targets_for_the_architecture_asks_for_them():
@@ -166,4 +172,4 @@ def test_ia3_without_default_targets_for_the_architecture_asks_for_them():
 
     mamba = MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=1))
     with pytest.raises(TunesmithError, match=r"no default \(IA\)³ targets for model type 'mamba'.*in_proj"):
-        REGISTRY["ia3"].apply(mamba, MethodConfig(name="ia3"))
+        REGISTRY["ia3"].apply(mamba, REGISTRY["ia3"].options())

@@ -6,12 +6,11 @@ import pytest
 import torch
 
 from conftest import random_examples
-from tunesmith.config import MethodConfig
 from tunesmith.data.format import IGNORE
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import REGISTRY
-from tunesmith.train.loss import loss_sum, per_example_loss
-from tunesmith.train.packing import collate, plan_batches
+from tunesmith.objectives.lm_loss import example_losses, loss_sum
+from tunesmith.data.batching import collate, plan_batches
 
 PROMPT_LEARNING = ["prefix", "prompt", "ptuning"]
 
@@ -25,7 +24,7 @@ def _tuned(name, model_dir, **options):
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(model_dir)
-    return REGISTRY[name].apply(base, MethodConfig(name=name, num_virtual_tokens=4, **options))
+    return REGISTRY[name].apply(base, REGISTRY[name].options(num_virtual_tokens=4, **options))
 
 
 def test_one_per_row_batches_hold_every_example_once_within_the_token_budget():
@@ -50,8 +49,8 @@ def test_forward_loss_on_padded_rows_equals_peft_loss_on_each_example(name, tiny
     sums = torch.zeros(len(examples))
     with torch.no_grad():
         for rows in batches:
-            s, _ = per_example_loss(model, collate(examples, rows, 40, pad_id=0), len(examples), direct=False)
-            sums += s
+            index, s, _ = example_losses(model, collate(examples, rows, 40, pad_id=0), direct=False)
+            sums.index_add_(0, index, s)
         for i, ex in enumerate(examples):
             labels = torch.tensor([ex["labels"]])
             out = model(input_ids=torch.tensor([ex["input_ids"]]), labels=labels)
@@ -81,4 +80,4 @@ def test_prompt_learning_on_a_model_without_attention_is_a_clear_error(name):
 
     mamba = MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=16, state_size=4, num_hidden_layers=1))
     with pytest.raises(TunesmithError, match=rf"{name} needs a decoder with attention layers; model type 'mamba'"):
-        REGISTRY[name].apply(mamba, MethodConfig(name=name))
+        REGISTRY[name].apply(mamba, REGISTRY[name].options())

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from conftest import random_examples
 from tunesmith.data.format import IGNORE
-from tunesmith.train.loss import loss_sum, per_example_loss
-from tunesmith.train.packing import collate, plan_batches, plan_rows
+from tunesmith.objectives.lm_loss import example_losses, loss_sum
+from tunesmith.data.batching import collate, plan_batches, plan_rows
 
 
 def _examples(n=6, seed=0):
@@ -44,10 +44,10 @@ def test_plan_rows_fits_every_example_once():
 def test_packed_label_only_loss_and_grads_match_unpacked_full_logits(tiny_model_dir, monkeypatch, chunk):
     from transformers import AutoModelForCausalLM
 
-    import tunesmith.train.loss
+    import tunesmith.objectives.lm_loss
 
     # 5 tokens a chunk: the labelled positions span several chunks of the output projection.
-    monkeypatch.setattr(tunesmith.train.loss, "CHUNK", chunk)
+    monkeypatch.setattr(tunesmith.objectives.lm_loss, "CHUNK", chunk)
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     examples = _examples()
@@ -80,7 +80,8 @@ def test_per_example_loss_sums_to_the_batch_loss(tiny_model_dir):
     with torch.no_grad():
         for rows in plan_batches(examples, 80, 40, seed=None):
             batch = collate(examples, rows, 40, pad_id=0)
-            sums, counts = per_example_loss(model, batch, len(examples))
+            index, sums, counts = example_losses(model, batch)
+            assert sorted(index.tolist()) == sorted(i for row in rows for i in row)
             total, n = loss_sum(model, batch)
             torch.testing.assert_close(sums.sum(), total, rtol=1e-5, atol=1e-5)
             assert int(counts.sum()) == n
@@ -88,5 +89,5 @@ def test_per_example_loss_sums_to_the_batch_loss(tiny_model_dir):
     ref, _ = _reference_loss(model, [single])
     batch = collate(examples, [[0, 1, 2, 3, 4]], 200, pad_id=0)
     with torch.no_grad():
-        sums, _ = per_example_loss(model, batch, len(examples))
-    torch.testing.assert_close(sums[2], ref.detach(), rtol=1e-5, atol=1e-5)
+        index, sums, _ = example_losses(model, batch)
+    torch.testing.assert_close(sums[index.tolist().index(2)], ref.detach(), rtol=1e-5, atol=1e-5)

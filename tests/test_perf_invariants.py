@@ -7,12 +7,15 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from conftest import random_examples
-from tunesmith.config import MethodConfig, TrainConfig
+from tunesmith.train.options import TrainConfig
 from tunesmith.data.format import IGNORE
 from tunesmith.methods import get_method
-from tunesmith.train.loop import Batches, apply_speed_options, autocast, evaluate_loss, native_bf16, train
-from tunesmith.train.loss import loss_sum
-from tunesmith.train.packing import collate, plan_batches
+from tunesmith.objectives.base import Layout
+from tunesmith.objectives.causal import PackedBatches
+from tunesmith.train.loop import apply_speed_options, fit
+from tunesmith.train.precision import autocast, native_bf16
+from tunesmith.objectives.lm_loss import loss_sum
+from tunesmith.data.batching import collate, plan_batches
 
 ROW_LEN = 40
 
@@ -27,7 +30,7 @@ def _lora(model_dir):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     # No dropout: its masks depend on batch shapes, which is what these tests vary.
-    model = get_method("lora").apply(model, MethodConfig(r=4, alpha=8, dropout=0.0))
+    model = get_method("lora").apply(model, get_method("lora").options(r=4, alpha=8, dropout=0.0))
     with torch.no_grad():  # B starts at zero, which would leave A without gradient
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -54,11 +57,11 @@ def _first_step_grads(model_dir, tmp_path, batch_tokens: int, grad_accum: int) -
     # float32: bf16 matmuls round differently for different batch shapes.
     cfg = TrainConfig(max_steps=1, batch_tokens=batch_tokens, grad_accum=grad_accum, max_grad_norm=None,
                       warmup_ratio=0.0, mixed_precision="no")
-    batches = Batches(_examples(), batch_tokens, ROW_LEN, seed=0, pad_id=0)
+    batches = PackedBatches(_examples(), Layout(batch_tokens, ROW_LEN, pad_id=0, seed=0))
     handle = register_optimizer_step_pre_hook(capture)
     tmp_path.mkdir()
     try:
-        train(model, Accelerator(cpu=True), batches, [], cfg, tmp_path)
+        fit(model, Accelerator(cpu=True), batches, [], cfg, tmp_path / "checkpoints")
     finally:
         handle.remove()
     return seen
@@ -102,8 +105,9 @@ def test_length_grouped_batches_give_the_loss_and_gradient_of_packed_rows(tiny_m
         torch.testing.assert_close(grouped_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
     with torch.no_grad():
-        on_packed = evaluate_loss(model, examples, 3 * ROW_LEN, ROW_LEN, pad_id=0)
-        on_grouped = evaluate_loss(model, examples, 3 * ROW_LEN, ROW_LEN, pad_id=0, one_per_row=True)
+        on_packed = PackedBatches(examples, Layout(3 * ROW_LEN, ROW_LEN, pad_id=0, seed=0)).mean_loss(model, examples)
+        on_grouped = PackedBatches(examples, Layout(3 * ROW_LEN, ROW_LEN, pad_id=0, seed=0, one_per_row=True)
+                                   ).mean_loss(model, examples)
     assert on_grouped == pytest.approx(on_packed, rel=1e-5)
 
 

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from tunesmith.train.packing import plan_batches, plan_rows
+from tunesmith.data.batching import plan_batches, plan_rows
 
 
 def _reference_best_fit(lengths: list[int], row_len: int) -> list[int]:

@@ -10,8 +10,8 @@ import torch
 from conftest import make_tokenizer, review_rows, write_config, write_jsonl
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
-from tunesmith.run import evaluate_run, run_training
-from tunesmith.tasks import length_grouped
+from tunesmith.recipe import evaluate_run, run_training
+from tunesmith.data.batching import length_grouped
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import review_rows, write_config, write_jsonl
 from tunesmith.config import load_config
-from tunesmith.run import run_training
+from tunesmith.recipe import run_training
 
 
 def _weights(model_dir):
@@ -106,12 +106,11 @@ def test_early_stopping_restores_the_best_checkpoint(tmp_path, tiny_model_dir, r
     best = min(vals, key=lambda r: r["val_loss"])
     assert metrics["best_step"] == best["step"] < metrics["steps"]
     # The restored weights are the best step's: evaluating them gives the best validation loss.
-    from tunesmith.run import Session, load_run
-    from tunesmith.train.loop import autocast, evaluate_loss
+    from tunesmith.store import load_run
+    from tunesmith.train.precision import autocast
 
-    _, model, _ = load_run(tmp_path / "run")
-    session = Session(config)
+    _, session, model = load_run(tmp_path / "run")
+    validation = session.prepare().encoded["validation"]
     with autocast(config.train.mixed_precision, torch.device("cpu")):  # as validation ran in training
-        restored = evaluate_loss(model, session.data.encoded["validation"], session.batch_tokens,
-                                 session.row_len, session.pad_id)
+        restored = session.objective.batches(validation).mean_loss(model, validation)
     assert restored == pytest.approx(best["val_loss"], rel=1e-4)

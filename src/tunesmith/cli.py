@@ -16,7 +16,8 @@ from pathlib import Path
 from tunesmith.errors import TunesmithError
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 def _quiet_libraries() -> None:
@@ -33,22 +34,23 @@ def _quiet_libraries() -> None:
 
 def cmd_train(args) -> int:
     from tunesmith.config import load_config
-    from tunesmith.run import run_training
+    from tunesmith.recipe import run_training
+    from tunesmith.train.loop import Interrupted
 
     config = load_config(args.config, args.set)
     try:
         report = run_training(config, resume=args.resume)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print(f"\ninterrupted: checkpoint saved in {config.output.dir}/checkpoints/last; "
               f"continue with: tunesmith train {args.config} --resume"
               + "".join(f" --set {s}" for s in args.set), file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(interrupt, Interrupted) else EXIT_INTERRUPTED
     print(f"report: {report}")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from tunesmith.run import evaluate_run
+    from tunesmith.recipe import evaluate_run
 
     base, tuned = evaluate_run(Path(args.run_dir), args.data)
     from tunesmith.eval.report import metrics_table
@@ -59,20 +61,18 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from tunesmith.run import generate_stream
+    from tunesmith.recipe import generate
 
-    generate_stream(Path(args.run_dir), args.prompt, args.max_new_tokens)
+    generate(Path(args.run_dir), args.prompt, args.max_new_tokens)
     return 0
 
 
 def cmd_inspect(args) -> int:
     from tunesmith.config import load_config
-    from tunesmith.data.pipeline import format_stats, prepare_data
-    from tunesmith.model import load_tokenizer, resolve_model
+    from tunesmith.data.pipeline import format_stats
+    from tunesmith.session import Session
 
-    config = load_config(args.config, args.set)
-    tokenizer = load_tokenizer(resolve_model(config.model.name))
-    data = prepare_data(config.data, tokenizer)
+    data = Session(load_config(args.config, args.set)).prepare()
     print(format_stats(data.stats))
     leak = data.stats["leakage"]
     for ex in leak.get("examples", []):

@@ -1,7 +1,9 @@
 """``tunesmith compare``: train several methods on the same splits and tabulate cost against quality.
 
-Each method runs as its own ``tunesmith train`` process, so that peak memory is that method's
-alone, into ``OUT/<method>/``; the table is written as ``OUT/compare.md`` and ``OUT/compare.csv``.
+Each method runs as its own ``tunesmith train OUT/<method>.yaml`` process (the resolved config,
+written by compare), so that peak memory is that method's alone, into ``OUT/<method>/``. The
+config's method options go to every compared method that takes them (``r`` to lora and qlora,
+``num_virtual_tokens`` to prompt learning, none to full). The table is written as ``OUT/compare.md`` and ``OUT/compare.csv``.
 An override ``--set METHOD:KEY=VALUE`` applies to that method's run only (methods differ in the
 learning rate they need: ``--set full:train.lr=5e-5 --set prompt:train.lr=3e-2``).
 """
@@ -9,14 +11,14 @@ learning rate they need: ``--set full:train.lr=5e-5 --set prompt:train.lr=3e-2``
 from __future__ import annotations
 
 import csv
-import json
 import subprocess
 import sys
 from pathlib import Path
 
-from tunesmith.config import load_config
+from tunesmith.config import apply_overrides, load_config, read_config_file, save_config, with_method
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import REGISTRY
+from tunesmith.store import Run
 
 COLUMNS = [  # (key, title, markdown format)
     ("method", "method", "{}"),
@@ -33,8 +35,8 @@ COLUMNS = [  # (key, title, markdown format)
 
 
 def _row(method: str, run: Path, lr: float) -> dict:
-    summary = json.loads((run / "metrics.json").read_text())
-    stored = run / ("model" if method == "full" else "adapter")
+    summary = Run(run).load_json("metrics")
+    stored = Run(run).saved(REGISTRY[method])
     # The tokenizer is saved beside the weights for convenience; it is not what a task must store.
     weights = sum(f.stat().st_size for f in stored.iterdir() if f.suffix in (".safetensors", ".bin", ".json")
                   and not f.name.startswith(("tokenizer", "special_tokens", "chat_template")))
@@ -96,22 +98,21 @@ def compare(config_path: str, methods: list[str], overrides: list[str], out: Pat
                                f"({', '.join(methods)})" for item in stray))
     configs = {}
     for method in methods:  # every config problem before the first hour of training
-        configs[method] = load_config(config_path, [*method_overrides(method, overrides),
-                                                    f"method.name={method}", f"output.dir={out / method}"])
+        raw = apply_overrides(read_config_file(config_path), method_overrides(method, overrides))
+        configs[method] = load_config(config_path, [f"output.dir={out / method}"], raw=with_method(raw, method))
     if out.exists() and any(out.iterdir()):
         raise TunesmithError(f"{out} already holds files; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for method in methods:
-        run = out / method
         print(f"== {method} ==", flush=True)
-        argv = [sys.executable, "-m", "tunesmith.cli", "train", config_path, "--set", f"method.name={method}",
-                "--set", f"output.dir={run}"]
-        for item in method_overrides(method, overrides):
-            argv += ["--set", item]
+        # Each run reads its resolved config, as compare validated it.
+        resolved = out / f"{method}.yaml"
+        save_config(configs[method], resolved)
+        argv = [sys.executable, "-m", "tunesmith.cli", "train", str(resolved)]
         if subprocess.run(argv).returncode != 0:
             raise TunesmithError(f"compare: training with method {method} failed; see the output above")
-        rows.append(_row(method, run, configs[method].train.lr))
+        rows.append(_row(method, out / method, configs[method].train.lr))
         write_tables(rows, out)  # after every method, so an interrupted comparison keeps what it has
     md, _ = write_tables(rows, out)
     return md

@@ -1,172 +1,90 @@
 """Typed run configuration: YAML plus ``--set a.b=value`` overrides resolve to one ``RunConfig``.
 
-Every invalid field is reported at once, with its dotted path, as a ``TunesmithError``.
+Each layer declares its own option groups (``data/options.py``, ``train/options.py``, each method's
+and each objective's ``Options``); this module assembles them, with the ``method:`` and
+``objective:`` sections as unions tagged by ``name``, built from the registries. Every invalid field
+is reported at once, with its dotted path, as a ``TunesmithError``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
+from tunesmith.data.options import DataConfig
 from tunesmith.errors import TunesmithError
+from tunesmith.methods import REGISTRY as METHODS
+from tunesmith.objectives import REGISTRY as OBJECTIVES
+from tunesmith.options import Section
+from tunesmith.train.options import TrainConfig
+
+DEFAULT_METHOD = "lora"
+DEFAULT_OBJECTIVE = "causal"
 
 
-class _Section(BaseModel):
-    # A misspelt key is a silent no-op in most YAML-driven tools; here it is an error.
-    model_config = ConfigDict(extra="forbid")
+def _union(options: list[type[Section]]):
+    return Annotated[Union[tuple(options)], Field(discriminator="name")]  # noqa: UP007 (built at run time)
 
 
-class ModelConfig(_Section):
+MethodOptions = _union([m.options for m in METHODS.values()])
+ObjectiveOptions = _union([o.Options for o in OBJECTIVES.values()])
+# The sections whose options depend on their ``name``: (section, registry of option classes, what).
+TAGGED = {"method": ({n: m.options for n, m in METHODS.items()}, "method"),
+          "objective": ({n: o.Options for n, o in OBJECTIVES.items()}, "objective")}
+
+
+class ModelConfig(Section):
     name: str = Field("smollm2-135m", description="Alias, local HF directory, GGUF file or hub id.")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    task: Literal["causal", "classification", "seq2seq"] = Field(
-        "causal", description="causal LM, a classification head (encoder or decoder), or T5-style seq2seq."
-    )
 
 
-class ColumnsConfig(_Section):
-    """Which of the user's columns play which role. Unset roles are guessed from common names."""
-
-    prompt: str | None = None
-    completion: str | None = None
-    messages: str | None = None
-    text: str | None = None
-    label: str | None = None
-
-
-class SplitConfig(_Section):
-    validation: float = Field(0.1, ge=0, lt=1)
-    test: float = Field(0.1, ge=0, lt=1)
-    stratify: bool = True
-
-    @model_validator(mode="after")
-    def _fractions_leave_training_data(self) -> SplitConfig:
-        if self.validation + self.test >= 1:
-            raise ValueError("validation + test must be below 1, leaving rows to train on")
-        return self
-
-
-class DataConfig(_Section):
-    path: str | None = Field(None, description="One file to split; or give train (+ validation/test).")
-    train: str | None = None
-    validation: str | None = None
-    test: str | None = None
-    format: Literal["auto", "prompt_completion", "chat", "text", "classification"] = "auto"
-    columns: ColumnsConfig = ColumnsConfig()
-    label_map: dict[str, str] | None = Field(
-        None, description="Rename labels; rows whose label is not a key are dropped."
-    )
-    instruction: str = Field(
-        "{text}", description="For label data on a causal model: the prompt, with {text} filled in."
-    )
-    template: str = Field("chat", description="'chat' (the tokenizer's chat template) or 'plain'.")
-    system_prompt: str | None = None
-    max_length: int = Field(512, ge=8)
-    min_chars: int | None = Field(None, ge=0)
-    max_chars: int | None = Field(None, ge=1)
-    max_rows: int | None = Field(None, ge=1, description="Keep at most this many rows after cleaning.")
-    split: SplitConfig = SplitConfig()
-    seed: int = 0
-    near_duplicate_threshold: float = Field(0.8, gt=0, le=1)
-
-    @model_validator(mode="after")
-    def _has_a_source(self) -> DataConfig:
-        if not self.path and not self.train:
-            raise ValueError("give data.path (one file to split) or data.train")
-        if self.path and self.train:
-            raise ValueError("give either data.path or data.train, not both")
-        if "{text}" not in self.instruction:
-            raise ValueError("data.instruction must contain {text}")
-        return self
-
-
-class MethodConfig(_Section):
-    """Options of every method; each method reads the ones that concern it."""
-
-    name: str = "lora"
-    r: int = Field(16, ge=1)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | str | None = Field(
-        None, description="Module names to adapt; default per architecture, 'all-linear' for every linear."
-    )
-    # lora, qlora
-    use_dora: bool = Field(False, description="DoRA: learn each weight's magnitude apart from its direction.")
-    use_rslora: bool = Field(False, description="rsLoRA: scale updates by alpha/sqrt(r) instead of alpha/r.")
-    # prefix, prompt, ptuning
-    num_virtual_tokens: int = Field(20, ge=1)
-    prompt_init_text: str | None = Field(
-        None, min_length=1, description="prompt: start the virtual tokens from this text's embeddings."
-    )
-    # adapter
-    adapter_size: int = Field(64, ge=1, description="Bottleneck width of each adapter.")
-    adapter_position: Literal["ffn", "both"] = Field(
-        "ffn", description="After the feed-forward block (Pfeiffer) or after attention too (Houlsby)."
-    )
-    adapter_activation: Literal["gelu", "relu"] = "gelu"
-
-
-class TrainConfig(_Section):
-    epochs: float = Field(1, gt=0)
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
-    batch_tokens: int = Field(
-        2048, ge=16, description="Tokens per micro-batch: examples are packed, so no compute on padding."
-    )
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(2e-4, gt=0, le=1)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    dropout: float | None = Field(None, ge=0, lt=1, description="Override the model's dropout rates.")
-    seed: int = 0
-    eval_every: int = Field(50, ge=1, description="Validate every N optimizer steps.")
-    eval_max_examples: int | None = Field(200, ge=1)
-    patience: int | None = Field(None, ge=1, description="Stop after N validations without improvement.")
-    save_every: int = Field(100, ge=1)
-    threads: int | None = Field(None, ge=1)
-    packing: bool = Field(
-        True, description="Pack examples into rows of data.max_length; off: batches of similar-length "
-        "examples, one per row, right-padded."
-    )
-    activation_checkpointing: bool = Field(
-        False, description="Recompute each decoder layer in the backward pass: less memory, ~30% more compute."
-    )
-    compile: bool = Field(False, description="torch.compile each decoder layer.")
-    mixed_precision: Literal["auto", "no", "bf16"] = Field(
-        "auto", description="bf16 autocast of the training forward and validation; 'auto': where bf16 "
-        "matmuls are native (CPUs with AVX512-BF16 or AMX, GPUs with bf16), 'no': float32 throughout."
-    )
-
-    @field_validator("mixed_precision", mode="before")
-    @classmethod
-    def _yaml_booleans(cls, value):
-        # YAML reads a bare no/off/false as False (and yes/on/true as True).
-        return {False: "no", True: "bf16"}.get(value, value) if isinstance(value, bool) else value
-
-
-class EvalConfig(_Section):
+class EvalConfig(Section):
     max_examples: int | None = Field(None, ge=1, description="Cap on test examples scored.")
     samples: int = Field(3, ge=0, description="Generated samples shown in the report.")
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(16, ge=1)
 
 
-class OutputConfig(_Section):
+class OutputConfig(Section):
     dir: str = "runs/run"
     merge: bool = False
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     model: ModelConfig = ModelConfig()
+    objective: ObjectiveOptions = Field(default_factory=lambda: OBJECTIVES[DEFAULT_OBJECTIVE].Options())
     data: DataConfig
-    method: MethodConfig = MethodConfig()
+    method: MethodOptions = Field(default_factory=lambda: METHODS[DEFAULT_METHOD].options())
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_and_aliases(cls, raw):
+        if not isinstance(raw, dict):
+            return raw
+        raw = dict(raw)
+        model = raw.get("model")
+        # `model.task` named the objective before objectives had options of their own; runs saved
+        # then, and configs written for them, still load.
+        if isinstance(model, dict) and "task" in model:
+            model = dict(model)
+            task = model.pop("task")
+            raw["model"] = model
+            objective = raw.get("objective")
+            if objective is None:
+                raw["objective"] = {"name": task}
+            elif isinstance(objective, dict) and objective.get("name", task) != task:
+                raise ValueError(f"model.task {task!r} and objective.name {objective.get('name')!r} disagree; "
+                                 "give objective.name only")
+        for section, default in (("method", DEFAULT_METHOD), ("objective", DEFAULT_OBJECTIVE)):
+            if isinstance(raw.get(section), dict) and "name" not in raw[section]:
+                raw[section] = {"name": default, **raw[section]}
+        return raw
 
 
 def _parse_value(text: str) -> Any:
@@ -212,45 +130,57 @@ def format_validation_error(err: ValidationError, source: str) -> list[str]:
     """One line per invalid field: ``config.yaml: train.lr: Input should be greater than 0``."""
     lines = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = list(e["loc"])
+        options, what = TAGGED.get(loc[0], ({}, None)) if loc else ({}, None)
+        # pydantic puts the union member's tag in the path (method.prefix.r); the user wrote method.r.
+        tag = loc.pop(1) if len(loc) > 1 and loc[1] in options else None
+        path = ".".join(str(p) for p in loc) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "union_tag_invalid":
+            path += ".name"
+            msg = f"unknown {what} {e['ctx']['tag']!r}; known: {', '.join(options)}"
+        elif e["type"] == "extra_forbidden":
             msg = "unknown field"
+            if tag:
+                takes = [f for f in options[tag].model_fields if f != "name"]
+                msg += f"; {what} {tag} takes " + (", ".join(takes) if takes else "no options")
         lines.append(f"{source}: {path}: {msg}")
     return lines
 
 
 def validate_config(raw: dict, source: str = "config") -> RunConfig:
-    from tunesmith.methods import REGISTRY  # here, not at the top: methods import this module
-
     problems = []
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as err:
         problems += format_validation_error(err, source)
         config = None
-    method = (raw.get("method") or {}).get("name", "lora") if isinstance(raw.get("method"), dict | None) else None
-    if isinstance(method, str) and method not in REGISTRY:
-        problems.append(f"{source}: method.name: unknown method {method!r}; known: {', '.join(REGISTRY)}")
-    elif isinstance(method, str):
-        section = config.method if config else _valid_method_section(raw.get("method") or {})
-        if section is not None:
-            problems += [f"{source}: {p}" for p in REGISTRY[method].check(section)]
+    # The method's and objective's own checks run even when other sections are invalid, so that
+    # every problem shows at once.
+    method = config.method if config else _section_alone(raw, "method", MethodOptions, DEFAULT_METHOD)
+    objective = config.objective if config else _section_alone(raw, "objective", ObjectiveOptions,
+                                                               DEFAULT_OBJECTIVE)
+    if method is not None:
+        problems += [f"{source}: {p}" for p in METHODS[method.name].check(method)]
+        if objective is not None:
+            problems += [f"{source}: {p}" for p in OBJECTIVES[objective.name].check_method(METHODS[method.name])]
     if problems:
         raise TunesmithError(*problems)
     return config
 
 
-def _valid_method_section(raw: dict) -> MethodConfig | None:
-    # The method's own checks run even when other sections are invalid, so all problems show at once.
+def _section_alone(raw: dict, section: str, union, default: str):
+    value = raw.get(section) or {}
+    if isinstance(value, dict) and "name" not in value:
+        value = {"name": default, **value}
     try:
-        return MethodConfig.model_validate(raw)
+        return TypeAdapter(union).validate_python(value)
     except ValidationError:
         return None  # its problems are already reported
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config, apply overrides, validate, and resolve relative data paths."""
+def read_config_file(path: str | Path) -> dict:
+    """The raw mapping of a YAML config file, before overrides and validation."""
     path = Path(path)
     if not path.is_file():
         raise TunesmithError(f"{path}: config file not found")
@@ -262,8 +192,23 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise TunesmithError(f"{path}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(raw, dict):
         raise TunesmithError(f"{path}: expected a mapping of sections (model, data, method, train, ...)")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, raw: dict | None = None) -> RunConfig:
+    """Read a YAML config (or take its ``raw`` mapping), apply overrides, validate, and resolve
+    relative data paths."""
+    raw = read_config_file(path) if raw is None else raw
     config = validate_config(apply_overrides(raw, overrides or []), str(path))
-    return _resolve_paths(config, path.parent)
+    return _resolve_paths(config, Path(path).parent)
+
+
+def with_method(raw: dict, name: str) -> dict:
+    """``raw`` with its method switched to ``name``, keeping the method options that ``name`` takes
+    (so that one config can be compared across methods)."""
+    takes = METHODS[name].options.model_fields if name in METHODS else {}
+    section = raw.get("method") if isinstance(raw.get("method"), dict) else {}
+    return {**raw, "method": {**{k: v for k, v in section.items() if k in takes}, "name": name}}
 
 
 def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:

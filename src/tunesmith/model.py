@@ -7,7 +7,6 @@ directory ~0.1 s.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from tunesmith.errors import TunesmithError
+from tunesmith.packages import package_dir
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +31,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def cache_dir() -> Path:
     return Path(os.environ.get("TUNESMITH_CACHE", Path.home() / ".cache" / "tunesmith"))
-
-
-def package_dir(package: str) -> Path | None:
-    """The directory of an installed package, found without importing it (imports can be heavy)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def resolve_model(name: str) -> str:
@@ -109,29 +101,16 @@ def load_tokenizer(source: str):
     return tokenizer
 
 
-def load_model(source: str, task: str = "causal", dtype: str = "float32", labels: list[str] | None = None,
-               **kwargs):
-    """The pretrained model for ``task``; ``kwargs`` go to ``from_pretrained`` (a method's
-    ``load_kwargs``, such as QLoRA's quantisation)."""
+def load_model(source: str, auto_class: str = "AutoModelForCausalLM", dtype: str = "float32", **kwargs):
+    """A pretrained model through a transformers auto class (the objective says which); ``kwargs``
+    go to ``from_pretrained`` (a method's ``load_kwargs``, an objective's head size)."""
     import transformers
 
-    if task == "classification":
-        kwargs |= {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-                   "label2id": {label: i for i, label in enumerate(labels)}}
-    auto = {"causal": transformers.AutoModelForCausalLM, "seq2seq": transformers.AutoModelForSeq2SeqLM,
-            "classification": transformers.AutoModelForSequenceClassification}[task]
+    auto = getattr(transformers, auto_class)
     try:
-        model = auto.from_pretrained(source, dtype="auto" if dtype == "auto" else DTYPES[dtype], **kwargs)
+        return auto.from_pretrained(source, dtype="auto" if dtype == "auto" else DTYPES[dtype], **kwargs)
     except (OSError, ValueError) as err:
-        raise TunesmithError(f"model {source!r}: could not be loaded as a {task} model ({err})") from None
-    if task == "classification" and model.config.pad_token_id is None:
-        # Decoders classify from the last non-padding token, which they find through the pad id.
-        model.config.pad_token_id = model.config.eos_token_id
-    return model
-
-
-def load_causal_lm(source: str, dtype: str = "float32", **kwargs):
-    return load_model(source, "causal", dtype, **kwargs)
+        raise TunesmithError(f"model {source!r}: could not be loaded with {auto_class} ({err})") from None
 
 
 def set_dropout(model: torch.nn.Module, p: float) -> None:
@@ -147,3 +126,9 @@ def set_dropout(model: torch.nn.Module, p: float) -> None:
     for module in model.modules():
         if hasattr(module, "attention_dropout") and isinstance(module.attention_dropout, float):
             module.attention_dropout = p
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a PEFT wrapper (adapter layers stay injected)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model

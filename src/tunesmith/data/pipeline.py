@@ -1,7 +1,8 @@
-"""From the data section of a config to train / validation / test examples, tokenised, with statistics.
+"""From the data section of a config to train / validation / test examples, with statistics.
 
 Steps: read -> map columns -> relabel -> clean -> split (or read the user's splits) -> leakage
-audit -> tokenise. Every row dropped is counted by reason; ``tunesmith data inspect`` prints it all.
+audit. Every row dropped is counted by reason; ``tunesmith data inspect`` prints it all. Each
+objective then encodes the examples its own way (``objectives/``).
 """
 
 from __future__ import annotations
@@ -11,16 +12,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from tunesmith.config import DataConfig
 from tunesmith.data.clean import clean_records
-from tunesmith.data.format import Encoder, EncodeStats, Schema, detect_schema, to_examples
+from tunesmith.data.format import Schema, detect_schema, to_examples
 from tunesmith.data.io import read_records
 from tunesmith.data.leakage import audit_leakage
+from tunesmith.data.options import DataConfig
 from tunesmith.data.split import split_records
 from tunesmith.errors import TunesmithError
-from tunesmith.model import package_dir
+from tunesmith.packages import package_dir
 
 SPLITS = ("train", "validation", "test")
 
@@ -136,45 +135,6 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, list[dict]], Schema, dict]:
     if schema.kind == "classification":
         stats["labels"] = {name: dict(Counter(e["label"] for e in splits[name])) for name in SPLITS}
     return splits, schema, stats
-
-
-def prepare_data(cfg: DataConfig, tokenizer, template: str | None = None) -> PreparedData:
-    splits, schema, stats = load_splits(cfg)
-    encoder = Encoder(tokenizer, template or cfg.template, cfg.system_prompt, cfg.max_length)
-    encoded, token_stats = {}, {}
-    for name in SPLITS:
-        es = EncodeStats()
-        encoded[name] = []
-        kept = []
-        for ex in splits[name]:
-            if "text" in ex:
-                encoded[name] += encoder.encode_text(ex, es)
-                kept.append(ex)
-                continue
-            item = encoder.encode(ex, es)
-            if item is not None:
-                encoded[name].append(item)
-                kept.append(ex)
-        splits[name] = kept
-        token_stats[name] = _token_summary(es)
-    stats["tokens"] = token_stats
-    labels = sorted({e["label"] for e in splits["train"]}) if schema.kind == "classification" else []
-    return PreparedData(schema, splits, encoded, labels, stats)
-
-
-def _token_summary(es: EncodeStats) -> dict:
-    if not es.lengths:
-        return {"examples": 0}
-    p = np.percentile(es.lengths, [50, 90, 99])
-    return {
-        "examples": es.examples,
-        "total": int(sum(es.lengths)),
-        "p50": int(p[0]), "p90": int(p[1]), "p99": int(p[2]), "max": int(max(es.lengths)),
-        "truncated": es.truncated,
-        "completion_tokens_lost": es.completion_tokens_lost,
-        "dropped_no_trained_token": es.dropped_no_trained_token,
-        "split_into_blocks": es.split_into_blocks,
-    }
 
 
 def format_stats(stats: dict) -> str:

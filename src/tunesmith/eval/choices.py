@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.data.format import IGNORE
-from tunesmith.methods.base import unwrap
-from tunesmith.train.packing import plan_rows
+from tunesmith.model import unwrap
+from tunesmith.data.batching import plan_rows
 
 
 def shared_prefix(candidates: list[dict]) -> int:

@@ -15,19 +15,34 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import load_file, save_file
+from pydantic import Field
 from torch import nn
 
 from tunesmith.errors import TunesmithError
 from tunesmith.methods.base import Method
+from tunesmith.options import Section
 
 ATTENTION = ("self_attn", "attn", "attention", "self_attention")
 FEEDFORWARD = ("mlp", "feed_forward", "ffn")
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 CONFIG_FILE = "bottleneck_adapter.json"
 WEIGHTS_FILE = "bottleneck_adapter.safetensors"
+
+
+class Options(Section):
+    name: Literal["adapter"] = "adapter"
+    adapter_size: int = Field(64, ge=1, description="Bottleneck width of each adapter.")
+    adapter_position: Literal["ffn", "both"] = Field(
+        "ffn", description="After the feed-forward block (Pfeiffer) or after attention too (Houlsby)."
+    )
+    adapter_activation: Literal["gelu", "relu"] = "gelu"
+    target_modules: list[str] | str | None = Field(
+        None, description="Sublayers of a block to follow with an adapter, instead of adapter_position's."
+    )
 
 
 class BottleneckAdapter(nn.Module):
@@ -134,4 +149,4 @@ def load(base, path: Path):
     return model
 
 
-METHOD = Method(name="adapter", apply=apply, save=save, load=load)
+METHOD = Method(name="adapter", options=Options, apply=apply, save=save, load=load)

@@ -8,22 +8,25 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.config import MethodConfig
+from tunesmith.options import Section
 
 
-def no_problems(cfg: MethodConfig) -> list[str]:
+def no_problems(options: Section) -> list[str]:
     return []
 
 
-def no_load_kwargs(cfg: MethodConfig) -> dict:
+def no_load_kwargs(options: Section) -> dict:
     return {}
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
+    # The method's typed options (a Section with ``name: Literal[<name>]``); config.py puts them
+    # in the union of ``method:`` sections, so an option the method does not take is an error.
+    options: type[Section]
     # Wrap or modify a freshly loaded base model so that only the method's parameters train.
-    apply: Callable[[torch.nn.Module, MethodConfig], torch.nn.Module]
+    apply: Callable[[torch.nn.Module, Section], torch.nn.Module]
     # Save only what the method trained, in the format its users expect (PEFT, safetensors).
     save: Callable[[torch.nn.Module, Path], None]
     # Rebuild the tuned model from a base model and a saved directory.
@@ -36,13 +39,9 @@ class Method:
     # Whether several examples may share a row. Methods that prepend virtual tokens once per row
     # (prefix, prompt, p-tuning) need one example per row.
     packs: bool = True
-    # Problems with a config that this method cannot run, found at config load time ("method.x: why").
-    check: Callable[[MethodConfig], list[str]] = no_problems
+    # Problems with running this method here (a GPU it needs, say), found at config load time.
+    check: Callable[[Section], list[str]] = no_problems
     # Extra keyword arguments for the base model's ``from_pretrained`` (QLoRA loads it quantised).
-    load_kwargs: Callable[[MethodConfig], dict] = no_load_kwargs
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside a PEFT wrapper (adapter layers stay injected)."""
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
+    load_kwargs: Callable[[Section], dict] = no_load_kwargs
+    # The run directory's folder for what ``save`` writes: the whole model, or the method's weights.
+    saved_as: str = "adapter"

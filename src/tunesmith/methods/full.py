@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from tunesmith.methods.base import Method
+from tunesmith.options import Section
+
+
+class Options(Section):
+    name: Literal["full"] = "full"
 
 
 def apply(model, cfg):
@@ -22,4 +28,5 @@ def load(base, path: Path):
     return type(base).from_pretrained(path, dtype=base.dtype)
 
 
-METHOD = Method(name="full", apply=apply, save=save, load=load, merge=lambda m: m)
+METHOD = Method(name="full", options=Options, apply=apply, save=save, load=load, merge=lambda m: m,
+                saved_as="model")

@@ -6,12 +6,24 @@ paper. The vectors start at 1 (the base model) and merge into the weights exactl
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
+
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import _peft
 from tunesmith.methods.base import Method
+from tunesmith.options import Section
 
 # Output projections of feed-forward blocks across architectures: (IA)³ scales their input.
 FEEDFORWARD = r".*\.(down_proj|fc2|w2|dense_4h_to_h|mlp\.c_proj)"
+
+
+class Options(Section):
+    name: Literal["ia3"] = "ia3"
+    target_modules: list[str] | str | None = Field(
+        None, description="Module names to rescale; default: PEFT's per-architecture keys, values and feed-forward."
+    )
 
 
 def apply(model, cfg):
@@ -30,4 +42,4 @@ def apply(model, cfg):
     return _peft.wrap(model, config)
 
 
-METHOD = Method(name="ia3", apply=apply, save=_peft.save, load=_peft.load, merge=_peft.merge)
+METHOD = Method(name="ia3", options=Options, apply=apply, save=_peft.save, load=_peft.load, merge=_peft.merge)

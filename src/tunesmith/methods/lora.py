@@ -6,8 +6,26 @@ the update by alpha/sqrt(r), which keeps high ranks learning (rsLoRA). Both merg
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
+
 from tunesmith.methods import _peft
 from tunesmith.methods.base import Method
+from tunesmith.options import Section
+
+
+class Options(Section):
+    name: Literal["lora"] = "lora"
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str | None = Field(
+        None, description="Module names to adapt; default: every linear layer of a causal LM, PEFT's "
+        "per-architecture choice otherwise ('all-linear' for every linear)."
+    )
+    use_dora: bool = Field(False, description="DoRA: learn each weight's magnitude apart from its direction.")
+    use_rslora: bool = Field(False, description="rsLoRA: scale updates by alpha/sqrt(r) instead of alpha/r.")
 
 
 def default_targets(model) -> str | None:
@@ -26,4 +44,4 @@ def apply(model, cfg):
     return _peft.wrap(model, config)
 
 
-METHOD = Method(name="lora", apply=apply, save=_peft.save, load=_peft.load, merge=_peft.merge)
+METHOD = Method(name="lora", options=Options, apply=apply, save=_peft.save, load=_peft.load, merge=_peft.merge)

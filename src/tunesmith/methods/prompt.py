@@ -7,8 +7,21 @@ random vectors (Lester et al., 2021). One example per row (``packs=False``).
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
+
 from tunesmith.methods import _peft
 from tunesmith.methods.base import Method
+from tunesmith.options import Section
+
+
+class Options(Section):
+    name: Literal["prompt"] = "prompt"
+    num_virtual_tokens: int = Field(20, ge=1)
+    prompt_init_text: str | None = Field(
+        None, min_length=1, description="Start the virtual tokens from this text's embeddings."
+    )
 
 
 def apply(model, cfg):
@@ -25,4 +38,4 @@ def apply(model, cfg):
     return _peft.wrap(model, config)
 
 
-METHOD = Method(name="prompt", apply=apply, save=_peft.save, load=_peft.load, direct_decoder=False, packs=False)
+METHOD = Method(name="prompt", options=Options, apply=apply, save=_peft.save, load=_peft.load, direct_decoder=False, packs=False)

@@ -6,8 +6,18 @@ stably than free embeddings (Liu et al., 2021). One example per row (``packs=Fal
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import Field
+
 from tunesmith.methods import _peft
 from tunesmith.methods.base import Method
+from tunesmith.options import Section
+
+
+class Options(Section):
+    name: Literal["ptuning"] = "ptuning"
+    num_virtual_tokens: int = Field(20, ge=1)
 
 
 def apply(model, cfg):
@@ -17,4 +27,4 @@ def apply(model, cfg):
     return _peft.wrap(model, PromptEncoderConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM"))
 
 
-METHOD = Method(name="ptuning", apply=apply, save=_peft.save, load=_peft.load, direct_decoder=False, packs=False)
+METHOD = Method(name="ptuning", options=Options, apply=apply, save=_peft.save, load=_peft.load, direct_decoder=False, packs=False)

@@ -8,12 +8,17 @@ merge by loading the base in full precision and the adapter with ``lora``'s load
 from __future__ import annotations
 
 import importlib.util
+from typing import Literal
 
 import torch
 
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import _peft, lora
 from tunesmith.methods.base import Method
+
+
+class Options(lora.Options):
+    name: Literal["qlora"] = "qlora"
 
 
 def check(cfg) -> list[str]:
@@ -48,4 +53,4 @@ def apply(model, cfg):
     return lora.apply(model, cfg)
 
 
-METHOD = Method(name="qlora", apply=apply, save=_peft.save, load=_peft.load, check=check, load_kwargs=load_kwargs)
+METHOD = Method(name="qlora", options=Options, apply=apply, save=_peft.save, load=_peft.load, check=check, load_kwargs=load_kwargs)

@@ -1,13 +1,17 @@
-"""The training loop: AdamW, warm-up then decay, accumulation, clipping, validation, early stopping,
-checkpoints and resume. Built on accelerate so the same loop runs on CPU, one GPU or many.
+"""The training loop: AdamW, warm-up then decay, accumulation, validation, early stopping,
+checkpoints and resume. Built on accelerate, so the same loop runs on CPU, one GPU or many.
+
+The loop knows nothing of objectives but the ``Batches`` protocol, and nothing of how a step
+updates the model but the ``Step`` protocol: ``make_step`` builds the step (``DefaultStep`` unless
+a caller such as private training supplies its own).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import threading
 import time
-from contextlib import nullcontext
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,65 +20,30 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from tunesmith.config import TrainConfig
-from tunesmith.data.format import IGNORE
-from tunesmith.methods.base import unwrap
+from tunesmith.model import unwrap
+from tunesmith.objectives.base import Batches
+from tunesmith.train import distributed
 from tunesmith.train.checkpoint import load_checkpoint, save_checkpoint
-from tunesmith.train.loss import loss_sum
-from tunesmith.train.packing import collate, plan_batches
+from tunesmith.train.options import TrainConfig
+from tunesmith.train.precision import autocast
+from tunesmith.train.step import DefaultStep, LossForward, Step
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped on request (SIGTERM, or Ctrl-C), after saving a checkpoint at a step boundary."""
 
 
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
     epoch: int = 0
-    micro_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    micro_in_epoch: int = 0  # micro-batches of the current epoch already consumed (by all processes)
     tokens: int = 0  # trained (labelled) tokens seen
     input_tokens: int = 0  # non-padding tokens processed
     best_val: float = math.inf
     best_step: int = -1
     bad_evals: int = 0
     stopped_early: bool = False
-
-
-@dataclass
-class Batches:
-    """The micro-batches of a causal LM training set, reshuffled each epoch with a seeded order.
-
-    Packed rows by default; ``one_per_row`` gives length-grouped batches of one example per row,
-    right-padded (``train.packing: false``, or a method that cannot pack). The loop only uses
-    ``epoch``, ``tensors``, ``loss``, ``trained_tokens``, ``input_tokens`` and ``mean_loss``, which
-    the other task types (``tunesmith.tasks.TaskBatches``) provide too.
-    """
-
-    examples: list[dict]
-    batch_tokens: int
-    row_len: int
-    seed: int
-    pad_id: int
-    one_per_row: bool = False
-    direct: bool = True  # the label-only output projection (see train/loss.py)
-
-    def epoch(self, epoch: int) -> list[list[list[int]]]:
-        return plan_batches(self.examples, self.batch_tokens, self.row_len, self.seed + epoch, self.one_per_row)
-
-    def tensors(self, rows) -> dict[str, torch.Tensor]:
-        return collate(self.examples, rows, self.row_len, self.pad_id)
-
-    def loss(self, model, batch) -> tuple[torch.Tensor, int]:
-        return loss_sum(model, batch, self.direct)
-
-    @staticmethod
-    def trained_tokens(batch) -> int:
-        return int((batch["labels"][:, 1:] != IGNORE).sum())
-
-    @staticmethod
-    def input_tokens(batch) -> int:
-        return int((batch["seq_ids"] >= 0).sum())
-
-    def mean_loss(self, model, examples: list[dict]) -> float:
-        return evaluate_loss(model, examples, self.batch_tokens, self.row_len, self.pad_id, self.direct,
-                             self.one_per_row)
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -129,144 +98,100 @@ def apply_speed_options(model, cfg: TrainConfig) -> None:
                 module.compile()
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run natively (fast) on ``device``."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return any(getattr(torch.cpu, check, lambda: False)()
-                   for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return False
+def steps_per_epoch(batches: Batches, cfg: TrainConfig, processes: int) -> int:
+    return max(1, math.ceil(len(batches.epoch(0)) / (cfg.grad_accum * processes)))
 
 
-def uses_bf16(mixed_precision: str, device: torch.device) -> bool:
-    """Whether ``train.mixed_precision`` turns bf16 autocast on ("auto": where bf16 is native)."""
-    return mixed_precision == "bf16" or (mixed_precision == "auto" and native_bf16(device))
+MakeStep = Callable[..., Step]
 
 
-def autocast(mixed_precision: str, device: torch.device):
-    """bf16 autocast where ``uses_bf16``, else a no-op.
+def fit(model, accelerator, batches: Batches, validation: list[dict], cfg: TrainConfig, checkpoints: Path,
+        metrics_log: Path | None = None, resume: bool = False,
+        on_step: Callable[[TrainState], None] | None = None, stop: threading.Event | None = None,
+        make_step: MakeStep = DefaultStep) -> TrainState:
+    """Train ``model`` in place; returns the final loop state.
 
-    Weights, gradients and optimizer state stay float32; matmuls run in bf16.
+    ``stop``, once set (by a SIGTERM handler, say), ends training at the next step boundary on every
+    process: a checkpoint is saved and ``Interrupted`` raised. A KeyboardInterrupt within a step
+    drops that step and saves a checkpoint from its start. Only the main process writes files.
     """
-    return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(mixed_precision, device) else nullcontext()
-
-
-def backward_micro_batches(model, accelerator, batches, tensors: list[dict[str, torch.Tensor]],
-                           mixed_precision: str = "no") -> tuple[float, int]:
-    """Backward through the micro-batches of one optimizer step; returns (summed loss, trained tokens).
-
-    Each micro-batch's loss sum is divided by the trained tokens of the whole step, so accumulating
-    k micro-batches gives the same gradient as one batch k times as large.
-    """
-    n_tokens = sum(batches.trained_tokens(t) for t in tensors)
-    step_loss = 0.0
-    for i, t in enumerate(tensors):
-        t = {k: v.to(accelerator.device) for k, v in t.items()}
-        sync = accelerator.no_sync(model) if i < len(tensors) - 1 else nullcontext()
-        with sync:
-            with autocast(mixed_precision, accelerator.device):
-                s, _ = batches.loss(model, t)
-            accelerator.backward(s / max(n_tokens, 1))
-        step_loss += s.item()
-    return step_loss, n_tokens
-
-
-@torch.no_grad()
-def evaluate_loss(model, examples: list[dict], batch_tokens: int, row_len: int, pad_id: int,
-                  direct: bool = True, one_per_row: bool = False) -> float:
-    """Mean loss per trained token over the examples."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for rows in plan_batches(examples, batch_tokens, row_len, seed=None, one_per_row=one_per_row):
-        batch = collate(examples, rows, row_len, pad_id)
-        s, n = loss_sum(model, batch, direct)
-        total += s.item()
-        count += n
-    model.train(was_training)
-    return total / max(count, 1)
-
-
-def train(model, accelerator, batches: Batches, validation: list[dict], cfg: TrainConfig, run_dir: Path,
-          resume: bool = False,
-          on_step: Callable[[TrainState], None] | None = None) -> TrainState:
-    """Train ``model`` in place. Ctrl-C saves a checkpoint and re-raises KeyboardInterrupt."""
-    ckpt_dir = run_dir / "checkpoints"
+    main = accelerator.is_main_process
     apply_speed_options(model, cfg)
     optimizer = make_optimizer(model, cfg)
-    micro_per_epoch = len(batches.epoch(0))
-    steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.grad_accum))
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    micro_per_step = cfg.grad_accum * accelerator.num_processes
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch(batches, cfg,
+                                                                                 accelerator.num_processes)))
     scheduler = make_scheduler(optimizer, cfg, total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    forward, optimizer, scheduler = accelerator.prepare(LossForward(model, batches), optimizer, scheduler)
+    step = make_step(forward, optimizer, scheduler, accelerator, batches, cfg)
     state = TrainState()
     if resume:
-        state = TrainState(**load_checkpoint(ckpt_dir / "last", model, optimizer, scheduler))
-    params = [p for p in model.parameters() if p.requires_grad]
-    log = (run_dir / "metrics.jsonl").open("a")
-    val_every = cfg.eval_every
+        loaded, rng = load_checkpoint(checkpoints / "last", model, optimizer, scheduler, accelerator.process_index)
+        state = TrainState(**loaded)
+        distributed.set_random_state(rng)
+    log = metrics_log.open("a") if main and metrics_log else None
     val_set = validation[: cfg.eval_max_examples] if cfg.eval_max_examples else validation
+
+    def write(record: dict) -> None:
+        if log:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+    def save(at: dict, rng: dict, collective: bool = True) -> None:
+        states = distributed.gather_random_states(rng, accelerator) if collective else [rng]
+        if main:
+            save_checkpoint(checkpoints / "last", model, optimizer, scheduler, at, states)
 
     def validate() -> float:
         with autocast(cfg.mixed_precision, accelerator.device):
-            val = batches.mean_loss(model, val_set)
-        record = {"step": state.step, "val_loss": val}
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+            total, count = batches.loss_totals(model, distributed.share(val_set, accelerator))
+        val = distributed.total(total, accelerator) / max(distributed.total(count, accelerator), 1)
+        write({"step": state.step, "val_loss": val})
         accelerator.log({"val/loss": val}, step=state.step)
         if val < state.best_val:
             state.best_val, state.best_step, state.bad_evals = val, state.step, 0
-            ckpt_dir.mkdir(exist_ok=True)
-            save_file(trainable_state(accelerator.unwrap_model(model)), ckpt_dir / "best.safetensors")
+            if main:
+                checkpoints.mkdir(parents=True, exist_ok=True)
+                save_file(trainable_state(model), checkpoints / "best.safetensors")
         else:
             state.bad_evals += 1
         return val
 
     order = batches.epoch(state.epoch)
-    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step",
-               disable=not accelerator.is_main_process, dynamic_ncols=True)
-    rng_at_step_start = torch.get_rng_state()
-    state_at_step_start = asdict(state)
-    in_step = False
-    model.train()
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not main,
+               dynamic_ncols=True)
+    rng_at_step_start, state_at_step_start, in_step = distributed.random_state(), asdict(state), False
+    forward.train()
     try:
         while state.step < total_steps:
-            rng_at_step_start = torch.get_rng_state()
-            state_at_step_start = asdict(state)
-            in_step = True
+            if stop is not None and distributed.any_process(stop.is_set(), accelerator):
+                raise Interrupted()
+            rng_at_step_start, state_at_step_start, in_step = distributed.random_state(), asdict(state), True
             started = time.perf_counter()
             micro = []
-            while len(micro) < cfg.grad_accum:
+            while len(micro) < micro_per_step:
                 if state.micro_in_epoch >= len(order):
                     state.epoch += 1
                     state.micro_in_epoch = 0
                     order = batches.epoch(state.epoch)
                 micro.append(order[state.micro_in_epoch])
                 state.micro_in_epoch += 1
-            tensors = [batches.tensors(rows) for rows in micro]
-            step_loss, n_tokens = backward_micro_batches(model, accelerator, batches, tensors, cfg.mixed_precision)
-            state.input_tokens += sum(batches.input_tokens(t) for t in tensors)
-            grad_norm = None
-            if cfg.max_grad_norm:
-                grad_norm = float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            tensors = [batches.tensors(m) for m in distributed.share(micro, accelerator)]
+            result = step(tensors)
+            input_tokens = distributed.total(sum(batches.input_tokens(t) for t in tensors), accelerator)
             state.step += 1
-            state.tokens += n_tokens
+            state.tokens += result.trained_tokens
+            state.input_tokens += input_tokens
             in_step = False
-            elapsed = time.perf_counter() - started
-            loss = step_loss / max(n_tokens, 1)
+            loss = result.loss_sum / max(result.trained_tokens, 1)
             record = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": grad_norm, "trained_tokens": n_tokens,
-                      "tokens_per_s": sum(batches.input_tokens(t) for t in tensors) / elapsed}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+                      "grad_norm": result.grad_norm, "trained_tokens": result.trained_tokens,
+                      "tokens_per_s": input_tokens / (time.perf_counter() - started)}
+            write(record)
             accelerator.log({"train/loss": loss, "train/lr": record["lr"]}, step=state.step)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if val_set and (state.step % val_every == 0 or state.step == total_steps):
+            if val_set and (state.step % cfg.eval_every == 0 or state.step == total_steps):
                 val = validate()
                 bar.write(f"step {state.step}: val_loss {val:.4f}" + (" (best)" if state.best_step == state.step else ""))
                 if cfg.patience and state.bad_evals >= cfg.patience:
@@ -274,21 +199,25 @@ def train(model, accelerator, batches: Batches, validation: list[dict], cfg: Tra
                     bar.write(f"early stop: no improvement in {cfg.patience} validations; best step {state.best_step}")
                     break
             if state.step % cfg.save_every == 0:
-                save_checkpoint(ckpt_dir / "last", model, optimizer, scheduler, asdict(state), torch.get_rng_state())
+                save(asdict(state), distributed.random_state())
             if on_step:
                 on_step(state)
-    except KeyboardInterrupt:
-        # A step in progress is dropped: the checkpoint resumes from its start, RNG included.
+    except KeyboardInterrupt as interrupt:
+        # A step in progress is dropped: the checkpoint resumes from its start, random state included.
+        # Only a requested stop finds every process at the same step boundary; otherwise they may be
+        # at different places, and no collective is attempted.
         optimizer.zero_grad(set_to_none=True)
         if in_step:
-            save_checkpoint(ckpt_dir / "last", model, optimizer, scheduler, state_at_step_start, rng_at_step_start)
+            save(state_at_step_start, rng_at_step_start, collective=False)
         else:
-            save_checkpoint(ckpt_dir / "last", model, optimizer, scheduler, asdict(state), torch.get_rng_state())
+            save(asdict(state), distributed.random_state(), collective=isinstance(interrupt, Interrupted))
         raise
     finally:
         bar.close()
-        log.close()
-    if cfg.patience and (ckpt_dir / "best.safetensors").is_file() and state.best_step != state.step:
-        load_trainable(accelerator.unwrap_model(model), load_file(ckpt_dir / "best.safetensors"))
+        if log:
+            log.close()
+    if cfg.patience and (checkpoints / "best.safetensors").is_file() and state.best_step != state.step:
+        accelerator.wait_for_everyone()
+        load_trainable(model, load_file(checkpoints / "best.safetensors"))
         bar.write(f"restored the best checkpoint (step {state.best_step}, val_loss {state.best_val:.4f})")
     return state

@@ -1,8 +1,13 @@
-"""Pack tokenised examples into fixed-length rows, so no compute is spent on padding.
+"""Batching for every objective: packed rows for decoders, length-grouped padded batches otherwise.
 
-Examples in a row are told apart by their position ids, which restart at 0 for each example;
-transformers turns that into a block-diagonal causal mask, so packed examples never attend to
-each other (see ``masking_utils.find_packed_sequence_indices``).
+Packing: examples share fixed-length rows, so no compute is spent on padding. Examples in a row are
+told apart by their position ids, which restart at 0 for each example; transformers turns that into
+a block-diagonal causal mask, so packed examples never attend to each other (see
+``masking_utils.find_packed_sequence_indices``).
+
+Length grouping: examples that cannot share a row (encoders attend both ways; prompt-learning
+methods prepend virtual tokens once per row) go one per row, in batches of similar length, so
+that padding stays small.
 """
 
 from __future__ import annotations
@@ -59,26 +64,38 @@ def plan_batches(examples: list[dict], batch_tokens: int, row_len: int, seed: in
     lengths = [len(e["input_ids"]) for e in examples]
     rows = plan_rows(lengths, row_len, one_per_row)
     if one_per_row:
-        return _batch_padded_rows(rows, [min(n, row_len) for n in lengths], batch_tokens, seed)
+        return [[[i] for i in batch] for batch in length_grouped([min(n, row_len) for n in lengths],
+                                                                  batch_tokens, seed)]
     if seed is not None:
         random.Random(seed).shuffle(rows)
     per_batch = max(1, batch_tokens // row_len)
     return [rows[i : i + per_batch] for i in range(0, len(rows), per_batch)]
 
 
-def _batch_padded_rows(rows: list[list[int]], lengths: list[int], batch_tokens: int,
-                       seed: int | None) -> list[list[list[int]]]:
-    # One-example rows are padded to the longest of their batch, so batch neighbours (rows come
-    # longest first) up to batch_tokens padded tokens, and shuffle the batches rather than the rows.
-    batches: list[list[list[int]]] = []
-    for row in rows:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0][0]] <= batch_tokens:
-            batches[-1].append(row)
+def length_grouped(lengths: list[int], batch_tokens: int, seed: int | None) -> list[list[int]]:
+    """Batches of example indices of similar length, each at most ``batch_tokens`` once padded.
+
+    Longest first, so a batch's first example sets its padded width; the batches (not the
+    examples) are shuffled with ``seed`` (None keeps the fixed order).
+    """
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= batch_tokens:
+            batches[-1].append(i)
         else:
-            batches.append([row])
+            batches.append([i])
     if seed is not None:
         random.Random(seed).shuffle(batches)
     return batches
+
+
+def pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    """Right-padded [len(seqs), longest] tensor."""
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s)
+    return out
 
 
 def collate(examples: list[dict], rows: list[list[int]], row_len: int, pad_id: int) -> dict[str, torch.Tensor]:

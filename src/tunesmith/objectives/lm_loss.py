@@ -1,4 +1,7 @@
-"""Causal LM loss with the output projection computed only where a label is.
+"""Causal LM token losses with the output projection computed only where a label is.
+
+Shared by the objectives that score a causal LM's tokens: supervised fine-tuning and continued
+pre-training today, preference objectives (which sum log-probabilities per sequence) next.
 
 Prompt tokens need no logits: with a 49k-token vocabulary the output projection is a large share
 of the compute, and the full [tokens x vocab] logits tensor is the largest activation. Logits are
@@ -12,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.format import IGNORE
-from tunesmith.methods.base import unwrap
+from tunesmith.model import unwrap
 
 # Labelled tokens per logits chunk. `python benchmarks/ce_chunk.py` (2 CPU cores, every token
 # labelled): 7.4 s a step and 6.8 GB peak at 512, against 10.8 s and 7.6 GB at 2048.
@@ -80,10 +83,16 @@ def loss_sum(model, batch, direct: bool = True) -> tuple[torch.Tensor, int]:
     return losses.sum(), losses.numel()
 
 
-def per_example_loss(model, batch, n_examples: int, direct: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed loss and trained-token count for each example in a packed batch (by seq_ids)."""
+def example_losses(model, batch, direct: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed loss and trained-token count of each example in a batch, with gradients kept.
+
+    Returns ``(examples, sums, counts)``: the example indices present in the batch (its ``seq_ids``,
+    ascending), and for each the sum of its token losses (a tensor in the autograd graph, so a
+    step can clip per example, as differentially private training does) and its token count.
+    """
     losses, where = token_losses(model, batch, direct)
     seq = batch["seq_ids"][:, 1:].flatten()[where]
-    sums = torch.zeros(n_examples, dtype=torch.float32).index_add_(0, seq, losses.detach().float())
-    counts = torch.zeros(n_examples, dtype=torch.long).index_add_(0, seq, torch.ones_like(seq))
-    return sums, counts
+    examples, slot = torch.unique(seq, return_inverse=True)
+    sums = losses.new_zeros(len(examples), dtype=torch.float32).index_add(0, slot, losses.float())
+    counts = torch.zeros(len(examples), dtype=torch.long, device=seq.device).index_add_(0, slot, torch.ones_like(slot))
+    return examples, sums, counts

@@ -1,0 +1,27 @@
+"""Training objectives, registered in one place.
+
+An objective owns everything that differs between kinds of training: its data check and encoding,
+its batches and loss, its evaluation and samples, and which model head it loads (see
+``objectives.base`` for the protocols). Each declares its typed ``Options``; config.py builds the
+``objective:`` union from this registry. Adding an objective means one module here, one line in
+``REGISTRY`` and one row in the test matrix (tests/test_objectives.py).
+"""
+
+from __future__ import annotations
+
+from tunesmith.errors import TunesmithError
+from tunesmith.objectives.causal import Causal
+from tunesmith.objectives.classification import Classification
+from tunesmith.objectives.seq2seq import Seq2Seq
+
+REGISTRY = {
+    "causal": Causal,
+    "classification": Classification,
+    "seq2seq": Seq2Seq,
+}
+
+
+def get_objective(name: str):
+    if name not in REGISTRY:
+        raise TunesmithError(f"objective.name: unknown objective {name!r}; known: {', '.join(REGISTRY)}")
+    return REGISTRY[name]

@@ -1,0 +1,99 @@
+"""The shapes every training objective fills in: ``Objective`` for the recipe, ``Batches`` for the loop.
+
+Written as ``typing.Protocol``s, as torchtune writes its recipe interfaces: they say what a caller
+may use, and carry no code to inherit. An objective is one module under ``objectives/`` and one
+line in ``objectives.REGISTRY``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from tunesmith.data.pipeline import PreparedData
+from tunesmith.options import Section
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How batches are laid out, from the config and what the method allows."""
+
+    batch_tokens: int  # tokens (padding included) per micro-batch
+    row_len: int  # longest row: data.max_length
+    pad_id: int
+    seed: int
+    one_per_row: bool = False  # no packing: the config turned it off, or the method cannot pack
+    direct: bool = True  # the method lets the decoder run without the model's own forward
+
+
+class Batches(Protocol):
+    """A training set as the loop sees it: a seeded plan per epoch, tensors per plan entry, a loss.
+
+    The loop never looks inside a batch; it sums ``loss`` over the micro-batches of a step and
+    divides by the step's ``trained_tokens`` (summed over every process), so accumulation and
+    several processes give the gradient of one large batch.
+    """
+
+    def epoch(self, epoch: int) -> list[Any]:
+        """The micro-batches of ``epoch`` in a seeded order (``epoch < 0``: a fixed order)."""
+
+    def tensors(self, micro_batch: Any) -> dict[str, torch.Tensor]:
+        """The tensors of one micro-batch, on the CPU."""
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The summed loss of a batch (what ``trained_tokens`` counts), in the autograd graph."""
+
+    def example_losses(self, model: torch.nn.Module,
+                       batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per example of the batch: (example indices, summed losses with gradients, counts)."""
+
+    def trained_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """What the loss is averaged over: labelled tokens, or examples for a classifier."""
+
+    def input_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        """Non-padding tokens the model reads (for tokens/s)."""
+
+    def loss_totals(self, model: torch.nn.Module, items: list[dict]) -> tuple[float, int]:
+        """Summed loss and its count over ``items`` (validation), without gradients."""
+
+
+class Objective(Protocol):
+    """What a run trains for: its data check and encoding, batches, loss, evaluation and samples.
+
+    Built once per run as ``Objective(options, data_config, tokenizer, layout)``.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type[Section]]  # the typed ``objective:`` options, with ``name: Literal[...]``
+
+    @classmethod
+    def check_method(cls, method) -> list[str]:
+        """Problems with training this objective with ``method`` (a ``methods.base.Method``)."""
+
+    def prepare(self) -> PreparedData:
+        """Read, check, split and encode the data of the config's ``data:`` section."""
+
+    def load_model(self, source: str, dtype: str, labels: list[str], **kwargs) -> torch.nn.Module:
+        """The pretrained model with the head this objective trains."""
+
+    def batches(self, items: list[dict]) -> Batches:
+        """The loop's view of encoded ``items``."""
+
+    def evaluate(self, model: torch.nn.Module, examples: list[dict], encoded: list[dict],
+                 labels: list[str]) -> dict[str, float]:
+        """Held-out metrics: ``loss`` always; ``accuracy`` and ``macro_f1`` where there are labels."""
+
+    def samples(self, model: torch.nn.Module, examples: list[dict], labels: list[str],
+                max_new_tokens: int) -> list[dict]:
+        """A few held-out predictions: ``{prompt, expected, output}`` each."""
+
+    def answer(self, model: torch.nn.Module, prompt: str, labels: list[str], max_new_tokens: int,
+               stream: bool = False) -> str:
+        """The model's answer to a user's prompt, framed as in training (``tunesmith generate``)."""
+
+
+def to_device(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}

@@ -1,0 +1,223 @@
+"""Causal language modelling: supervised fine-tuning (prompt/completion, chat, label answers) and
+continued pre-training (plain text, every token trained).
+
+Training batches are packed rows (``data.batching``) whose loss is computed only at labelled
+positions (``objectives.lm_loss``). Label data is scored by the log-likelihood of every label
+string after each prompt, the prompt run once for all of them (``eval.choices``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+from tunesmith.data.batching import collate, plan_batches
+from tunesmith.data.format import IGNORE, Encoder, EncodeStats
+from tunesmith.data.options import DataConfig
+from tunesmith.data.pipeline import SPLITS, PreparedData, load_splits
+from tunesmith.eval.choices import score_choices
+from tunesmith.eval.metrics import label_metrics, loss_metrics
+from tunesmith.model import load_model
+from tunesmith.objectives.base import Layout, to_device
+from tunesmith.objectives.lm_loss import example_losses, loss_sum
+from tunesmith.options import Section
+
+
+class Options(Section):
+    name: Literal["causal"] = "causal"
+
+
+class PackedBatches:
+    """The micro-batches of a causal LM training set, reshuffled each epoch with a seeded order.
+
+    Packed rows by default; ``layout.one_per_row`` gives length-grouped batches of one example per
+    row, right-padded (``train.packing: false``, or a method that cannot pack).
+    """
+
+    def __init__(self, examples: list[dict], layout: Layout):
+        self.examples = examples
+        self.layout = layout
+
+    def epoch(self, epoch: int) -> list[list[list[int]]]:
+        seed = None if epoch < 0 else self.layout.seed + epoch
+        return plan_batches(self.examples, self.layout.batch_tokens, self.layout.row_len, seed,
+                            self.layout.one_per_row)
+
+    def tensors(self, rows) -> dict[str, torch.Tensor]:
+        return collate(self.examples, rows, self.layout.row_len, self.layout.pad_id)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        return loss_sum(model, batch, self.layout.direct)[0]
+
+    def example_losses(self, model, batch):
+        return example_losses(model, batch, self.layout.direct)
+
+    @staticmethod
+    def trained_tokens(batch) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+    @staticmethod
+    def input_tokens(batch) -> int:
+        return int((batch["seq_ids"] >= 0).sum())
+
+    @torch.no_grad()
+    def loss_totals(self, model, items: list[dict]) -> tuple[float, int]:
+        was_training = model.training
+        model.eval()
+        view = PackedBatches(items, self.layout)
+        total, count = 0.0, 0
+        for rows in view.epoch(-1):
+            s, n = loss_sum(model, to_device(view.tensors(rows), model), self.layout.direct)
+            total, count = total + s.item(), count + n
+        model.train(was_training)
+        return total, count
+
+    def mean_loss(self, model, items: list[dict]) -> float:
+        """Mean loss per trained token over ``items``."""
+        total, count = self.loss_totals(model, items)
+        return total / max(count, 1)
+
+
+class Causal:
+    name = "causal"
+    Options = Options
+
+    def __init__(self, options: Options, data: DataConfig, tokenizer, layout: Layout):
+        self.options = options
+        self.data = data
+        self.tokenizer = tokenizer
+        self.layout = layout
+        self.encoder = Encoder(tokenizer, data.template, data.system_prompt, data.max_length)
+
+    @classmethod
+    def check_method(cls, method) -> list[str]:
+        return []
+
+    def prepare(self) -> PreparedData:
+        splits, schema, stats = load_splits(self.data)
+        encoded, stats["tokens"] = encode_splits(splits, self.encoder)
+        labels = sorted({e["label"] for e in splits["train"]}) if schema.kind == "classification" else []
+        return PreparedData(schema, splits, encoded, labels, stats)
+
+    def load_model(self, source: str, dtype: str, labels: list[str], **kwargs):
+        return load_model(source, "AutoModelForCausalLM", dtype, **kwargs)
+
+    def batches(self, items: list[dict]) -> PackedBatches:
+        return PackedBatches(items, self.layout)
+
+    def evaluate(self, model, examples: list[dict], encoded: list[dict], labels: list[str]) -> dict:
+        """``loss`` and ``perplexity`` always; ``accuracy`` and ``macro_f1`` when there are labels.
+
+        With labels, the model's choice is the label string with the highest log-likelihood, and the
+        loss comes from the same forward passes (the gold label's answer), not from a second pass.
+        """
+        if not labels:
+            return loss_metrics(self.batches(encoded).mean_loss(model, encoded))
+        sums, counts = score_labels(model, self.encoder, examples, labels, self.layout)
+        gold_index = torch.tensor([labels.index(e["label"]) for e in examples]).unsqueeze(1)
+        loss = float(sums.gather(1, gold_index).sum() / counts.gather(1, gold_index).sum())
+        pred = [labels[i] for i in sums.argmin(dim=1).tolist()]
+        return label_metrics(loss, [e["label"] for e in examples], pred, labels)
+
+    @torch.no_grad()
+    def samples(self, model, examples: list[dict], labels: list[str], max_new_tokens: int) -> list[dict]:
+        """Greedy completions for a few held-out prompts."""
+        samples = []
+        was_training = model.training
+        model.eval()
+        for ex in examples:
+            if "messages" in ex:
+                prompt = self.encoder.prompt_text(ex)
+                shown = next(m["content"] for m in reversed(ex["messages"]) if m["role"] != "assistant")
+                expected = ex["messages"][-1]["content"] if ex["messages"][-1]["role"] == "assistant" else ""
+            else:
+                words = ex["text"].split()
+                prompt, expected = " ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2 :])
+                shown = prompt
+            samples.append({"prompt": shown, "expected": expected,
+                            "output": self._generate(model, prompt, max_new_tokens).strip()})
+        model.train(was_training)
+        return samples
+
+    def answer(self, model, prompt: str, labels: list[str], max_new_tokens: int, stream: bool = False) -> str:
+        # A model tuned on label data answers the instruction it was trained with.
+        text = self.data.instruction.format(text=prompt) if labels else prompt
+        framed = self.encoder.prompt_text({"messages": [{"role": "user", "content": text}]})
+        return self._generate(model, framed, max_new_tokens, stream)
+
+    @torch.no_grad()
+    def _generate(self, model, text: str, max_new_tokens: int, stream: bool = False) -> str:
+        from transformers import TextStreamer
+
+        tokenizer = self.tokenizer
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id, streamer=streamer)
+        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def encode_splits(splits: dict[str, list[dict]], encoder: Encoder) -> tuple[dict[str, list[dict]], dict]:
+    """Token ids and labels per split, and token statistics. Examples that truncation left without
+    a trained token are dropped from ``splits`` too, so examples and encodings stay aligned."""
+    encoded, token_stats = {}, {}
+    for name in SPLITS:
+        es = EncodeStats()
+        encoded[name], kept = [], []
+        for ex in splits[name]:
+            if "text" in ex:
+                encoded[name] += encoder.encode_text(ex, es)
+                kept.append(ex)
+                continue
+            item = encoder.encode(ex, es)
+            if item is not None:
+                encoded[name].append(item)
+                kept.append(ex)
+        splits[name] = kept
+        token_stats[name] = _token_summary(es)
+    return encoded, token_stats
+
+
+def _token_summary(es: EncodeStats) -> dict:
+    if not es.lengths:
+        return {"examples": 0}
+    p = np.percentile(es.lengths, [50, 90, 99])
+    return {
+        "examples": es.examples,
+        "total": int(sum(es.lengths)),
+        "p50": int(p[0]), "p90": int(p[1]), "p99": int(p[2]), "max": int(max(es.lengths)),
+        "truncated": es.truncated,
+        "completion_tokens_lost": es.completion_tokens_lost,
+        "dropped_no_trained_token": es.dropped_no_trained_token,
+        "split_into_blocks": es.split_into_blocks,
+    }
+
+
+def with_answer(example: dict, answer: str) -> dict:
+    messages = [*example["messages"][:-1], {"role": "assistant", "content": answer}]
+    return {**example, "messages": messages}
+
+
+@torch.no_grad()
+def score_labels(model, encoder: Encoder, examples: list[dict], labels: list[str],
+                 layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss and trained-token count of every (example, label) answer, each [examples, labels]."""
+    choices = [[encoder.encode(with_answer(ex, label)) for label in labels] for ex in examples]
+    counts = torch.tensor([[sum(t != IGNORE for t in c["labels"][1:]) for c in group] for group in choices])
+    was_training = model.training
+    model.eval()
+    if layout.direct:
+        totals = score_choices(model, choices, layout.batch_tokens, layout.row_len)
+    else:
+        candidates = [c for group in choices for c in group]
+        totals = torch.zeros(len(candidates))
+        view = PackedBatches(candidates, layout)
+        for rows in view.epoch(-1):
+            index, sums, _ = view.example_losses(model, to_device(view.tensors(rows), model))
+            totals.index_add_(0, index.cpu(), sums.cpu())
+        totals = totals.view(len(examples), len(labels))
+    model.train(was_training)
+    return totals, counts
+

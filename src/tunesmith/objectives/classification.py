@@ -1,0 +1,112 @@
+"""Sequence classification: a classification head on an encoder (BERT-style) or a decoder.
+
+The head reads the user's raw text, not the instruction prompt (a head needs no instructions);
+the loss is cross-entropy per example, averaged over examples.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.data.options import DataConfig
+from tunesmith.data.pipeline import SPLITS, PreparedData, load_splits
+from tunesmith.errors import TunesmithError
+from tunesmith.eval.metrics import label_metrics
+from tunesmith.model import load_model
+from tunesmith.objectives.base import Layout, to_device
+from tunesmith.objectives.padded import PaddedBatches, user_input
+from tunesmith.options import Section
+
+
+class Options(Section):
+    name: Literal["classification"] = "classification"
+
+
+def example_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    losses = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+    return losses, torch.ones_like(batch["labels"])
+
+
+class Classification:
+    name = "classification"
+    Options = Options
+
+    def __init__(self, options: Options, data: DataConfig, tokenizer, layout: Layout):
+        self.options = options
+        self.data = data
+        self.tokenizer = tokenizer
+        self.layout = layout
+
+    @classmethod
+    def check_method(cls, method) -> list[str]:
+        if not method.packs:
+            return [f"method.name: {method.name} serves causal LMs only, not objective {cls.name}"]
+        return []
+
+    def prepare(self) -> PreparedData:
+        splits, schema, stats = load_splits(self.data)
+        if schema.kind != "classification":
+            raise TunesmithError(
+                f"objective classification needs text/label data, but the data is {schema.kind}: "
+                "name the label column under data.columns.label"
+            )
+        labels = sorted({e["label"] for e in splits["train"]})
+        encoded = {n: self.encode(splits[n], labels) for n in SPLITS}
+        return PreparedData(schema, splits, encoded, labels, stats)
+
+    def encode(self, examples: list[dict], labels: list[str]) -> list[dict]:
+        index = {label: i for i, label in enumerate(labels)}
+        return [{"input_ids": self._ids(e["_input"]), "label": index[e["label"]]} for e in examples]
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, truncation=True, max_length=self.data.max_length)["input_ids"]
+
+    def load_model(self, source: str, dtype: str, labels: list[str], **kwargs):
+        model = load_model(source, "AutoModelForSequenceClassification", dtype, num_labels=len(labels),
+                           id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+                           **kwargs)
+        if model.config.pad_token_id is None:
+            # Decoders classify from the last non-padding token, which they find through the pad id.
+            model.config.pad_token_id = model.config.eos_token_id
+        return model
+
+    def batches(self, items: list[dict]) -> PaddedBatches:
+        return PaddedBatches(items, self.layout, example_loss)
+
+    @torch.no_grad()
+    def evaluate(self, model, examples: list[dict], encoded: list[dict], labels: list[str]) -> dict:
+        was_training = model.training
+        model.eval()
+        batches = self.batches(encoded)
+        predictions = {}
+        for rows in batches.epoch(-1):
+            batch = to_device(batches.tensors(rows), model)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            predictions.update(zip(rows, logits.argmax(-1).tolist()))
+        loss = batches.mean_loss(model, encoded)
+        model.train(was_training)
+        pred = [labels[predictions[i]] for i in range(len(examples))]
+        return label_metrics(loss, [e["label"] for e in examples], pred, labels)
+
+    def samples(self, model, examples: list[dict], labels: list[str], max_new_tokens: int) -> list[dict]:
+        return [{"prompt": user_input(e), "expected": e["label"], "output": self._predict(model, e["_input"], labels)}
+                for e in examples]
+
+    def answer(self, model, prompt: str, labels: list[str], max_new_tokens: int, stream: bool = False) -> str:
+        label = self._predict(model, prompt, labels)
+        if stream:
+            print(label)
+        return label
+
+    @torch.no_grad()
+    def _predict(self, model, text: str, labels: list[str]) -> str:
+        was_training = model.training
+        model.eval()
+        ids = torch.tensor([self._ids(text)], device=next(model.parameters()).device)
+        label = labels[int(model(input_ids=ids).logits.argmax(-1))]
+        model.train(was_training)
+        return label

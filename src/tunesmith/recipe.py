@@ -1,0 +1,218 @@
+"""The fine-tuning recipe: set up, evaluate the base, train, evaluate the tuned model, save, report.
+
+One readable function per phase, wired by ``run_training``. A run directory only looks finished
+(``metrics.json``, ``report.md``, status ``complete``) once everything in it has been written; until
+then its status says ``running``, ``interrupted``, ``failed`` or (its process gone) ``crashed``.
+
+Several processes (``accelerate launch``, ``torchrun``) run the same recipe: each trains on its
+share of every step, and only the main process evaluates and writes.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from tunesmith.config import RunConfig
+from tunesmith.data.options import SplitConfig
+from tunesmith.data.pipeline import format_stats
+from tunesmith.errors import TunesmithError
+from tunesmith.eval.report import plot_losses, write_report
+from tunesmith.methods import count_parameters
+from tunesmith.model import set_dropout
+from tunesmith.session import Session
+from tunesmith.store import Run, load_run
+from tunesmith.train.loop import TrainState, fit
+
+
+def setup_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+@contextmanager
+def stop_on_sigterm():
+    """SIGTERM (what schedulers, spot instances and ``kill`` send) stops training like Ctrl-C:
+    at the next step boundary, with a checkpoint. Yields the event the loop watches."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_training(config: RunConfig, resume: bool = False, on_step=None) -> Path:
+    """Train and evaluate as ``config`` says; returns the path of report.md."""
+    from accelerate import PartialState
+
+    main = PartialState().is_main_process
+    run = Run(config.output.dir, writer=main)
+    run.check_new(resume)
+    setup_threads(config.train.threads)
+    session = Session(config)
+    session.prepare()  # all input problems surface here, before anything is written
+    if main:
+        print(format_stats(session.data.stats))
+    run.set_status("running")
+    run.save_config(config)
+    run.save_json("data_stats", session.data.stats)
+    run.save_json("labels", session.data.labels)
+    try:
+        with stop_on_sigterm() as stop:
+            report = _run(session, run, resume, on_step, stop)
+    except KeyboardInterrupt:
+        run.set_status("interrupted")
+        raise
+    except BaseException as err:
+        run.set_status("failed", error=str(err))
+        raise
+    run.set_status("complete")
+    return report
+
+
+def _run(session: Session, run: Run, resume: bool, on_step, stop: threading.Event) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    config = session.config
+    trackers = "tensorboard" if _has_tensorboard() else None
+    accelerator = Accelerator(log_with=trackers, project_dir=str(run.path), step_scheduler_with_optimizer=False)
+    if trackers:
+        accelerator.init_trackers("tensorboard", config={"method": config.method.name, "lr": config.train.lr})
+    set_seed(config.train.seed)
+    model = session.load_model(session.data.labels)
+    if "device_map" not in session.method.load_kwargs(config.method):
+        model = model.to(accelerator.device)  # a quantised model is placed by its loader and cannot move
+    if config.train.dropout is not None:
+        set_dropout(model, config.train.dropout)
+
+    base = evaluate_base(session, run, model, resume, accelerator.is_main_process)
+    model = session.method.apply(model, config.method)
+    trainable, total = count_parameters(model)
+    if accelerator.is_main_process:
+        print(f"method {config.method.name}: {trainable:,} trainable parameters of {total:,} "
+              f"({100 * trainable / total:.2f}%)")
+    started = time.perf_counter()
+    state = fit(model, accelerator, session.objective.batches(session.data.encoded["train"]),
+                session.data.encoded["validation"], config.train, run.checkpoints, run.metrics_log,
+                resume=resume, on_step=on_step, stop=stop)
+    seconds = time.perf_counter() - started
+    accelerator.end_training()
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return run.report
+    return finish(session, run, model, base, state, seconds, trainable, total)
+
+
+def evaluate_base(session: Session, run: Run, model, resume: bool, main: bool) -> dict:
+    """The base model's metrics and samples (main process only; kept for a resumed run)."""
+    base = run.load_json("base_eval") if resume else None
+    if base is None and main:
+        print("evaluating the base model on held-out data ...")
+        base = {"metrics": session.score(model), "samples": session.samples(model)}
+        run.save_json("base_eval", base)
+    if main:
+        print("base: " + _fmt(base["metrics"]))
+    return base
+
+
+def finish(session: Session, run: Run, model, base: dict, state: TrainState, seconds: float,
+           trainable: int, total: int) -> Path:
+    """Evaluate the tuned model, save it, and write metrics.json and the report."""
+    config, method = session.config, session.method
+    print("evaluating the tuned model on held-out data ...")
+    tuned = session.score(model)
+    print("tuned: " + _fmt(tuned))
+    tuned_samples = session.samples(model)
+
+    saved = run.saved(method)
+    method.save(model, saved)
+    session.tokenizer.save_pretrained(saved)
+    if config.output.merge and method.merge is not None:
+        merged = method.merge(model)
+        merged.save_pretrained(run.merged)
+        session.tokenizer.save_pretrained(run.merged)
+
+    summary = {
+        "model": config.model.name,
+        "objective": config.objective.name,
+        "method": method.name,
+        "trainable_params": trainable,
+        "total_params": total,
+        "steps": state.step,
+        "stopped_early": state.stopped_early,
+        "best_step": state.best_step,
+        "train_seconds": seconds,
+        "tokens_per_s": state.input_tokens / max(seconds, 1e-9),
+        "test_examples": len(session.test_set()[0]),
+        "best_val_loss": state.best_val if math.isfinite(state.best_val) else None,
+        "peak_memory_mb": peak_memory_mb(),
+        "base": base["metrics"],
+        "tuned": tuned,
+    }
+    if torch.cuda.is_available():
+        summary["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    samples = [{**b, "base": b["output"], "tuned": t["output"]} for b, t in zip(base["samples"], tuned_samples)]
+    has_plot = plot_losses(run.metrics_log, run.loss_plot)
+    # metrics.json and report.md last: their presence means the run finished.
+    run.save_json("metrics", summary)
+    return write_report(run.path, summary, session.data.stats, samples, has_plot)
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+
+
+def _fmt(metrics: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def evaluate_run(run_dir: Path, data_file: str | None = None) -> tuple[dict, dict]:
+    """Base and tuned metrics on the run's test split, or on every row of ``data_file``."""
+    run, session, model = load_run(run_dir)
+    if data_file:
+        if not Path(data_file).is_file():
+            raise TunesmithError(f"{data_file}: file not found")
+        config = session.config
+        config.data = config.data.model_copy(update={
+            "path": str(Path(data_file).resolve()), "train": None, "validation": None, "test": None,
+            "max_rows": None, "split": SplitConfig(validation=0.0, test=0.0, stratify=False)})
+        session = Session(config)
+    data = session.prepare()
+    # The labels the model was trained on, in its output order, whatever the new data holds.
+    data.labels = run.labels()
+    if data_file:
+        data.examples["test"], data.encoded["test"] = data.examples["train"], data.encoded["train"]
+    tuned = session.score(model)
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            base = session.score(model)
+    else:
+        base = session.score(session.load_model(data.labels))
+    return base, tuned
+
+
+def generate(run_dir: Path, prompt: str, max_new_tokens: int) -> str:
+    """Stream the tuned model's answer to ``prompt``, framed as the run's training framed prompts."""
+    run, session, model = load_run(run_dir)
+    return session.objective.answer(model, prompt, run.labels(), max_new_tokens, stream=True)

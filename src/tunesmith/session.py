@@ -1,0 +1,61 @@
+"""What every command that works on a run assembles from its config: the method, the tokenizer,
+the objective with its batch layout, and (after ``prepare``) the data."""
+
+from __future__ import annotations
+
+from tunesmith.config import RunConfig
+from tunesmith.data.pipeline import PreparedData
+from tunesmith.errors import TunesmithError
+from tunesmith.methods import get_method
+from tunesmith.model import load_tokenizer, resolve_model
+from tunesmith.objectives import get_objective
+from tunesmith.objectives.base import Layout
+
+
+class Session:
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.method = get_method(config.method.name)
+        objective = get_objective(config.objective.name)
+        problems = objective.check_method(self.method)
+        if problems:
+            raise TunesmithError(*problems)
+        self.model_source = resolve_model(config.model.name)
+        self.tokenizer = load_tokenizer(self.model_source)
+        self.layout = Layout(
+            batch_tokens=max(config.train.batch_tokens, config.data.max_length),
+            row_len=config.data.max_length,
+            pad_id=self.tokenizer.pad_token_id,
+            seed=config.train.seed,
+            # Rows of one example when packing is off, or for methods that cannot pack (prompt learning).
+            one_per_row=not (config.train.packing and self.method.packs),
+            direct=self.method.direct_decoder,
+        )
+        self.objective = objective(config.objective, config.data, self.tokenizer, self.layout)
+        self.data: PreparedData | None = None
+
+    def prepare(self) -> PreparedData:
+        """Read, split and encode the data (all input problems surface here)."""
+        self.data = self.objective.prepare()
+        return self.data
+
+    def load_model(self, labels: list[str]):
+        """The base model, with the objective's head, loaded as the method needs it."""
+        kwargs = self.method.load_kwargs(self.config.method)
+        return self.objective.load_model(self.model_source, self.config.model.dtype, labels, **kwargs)
+
+    def test_set(self) -> tuple[list[dict], list[dict]]:
+        """The held-out examples scored: the test split (validation where there is none), capped."""
+        n = self.config.eval.max_examples
+        split = "test" if self.data.examples["test"] else "validation"
+        return self.data.examples[split][:n], self.data.encoded[split][:n]
+
+    def score(self, model) -> dict:
+        examples, encoded = self.test_set()
+        if not examples:
+            raise TunesmithError("data: no test or validation rows to evaluate on")
+        return self.objective.evaluate(model, examples, encoded, self.data.labels)
+
+    def samples(self, model) -> list[dict]:
+        examples = self.test_set()[0][: self.config.eval.samples]
+        return self.objective.samples(model, examples, self.data.labels, self.config.eval.max_new_tokens)

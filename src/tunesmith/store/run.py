@@ -1,0 +1,178 @@
+"""A run directory: what is in it, where, and what state the run is in.
+
+Layout (every later feature reads runs through ``Run``, never by file name)::
+
+    status.json       running | interrupted | failed | crashed | complete, with pid, host, times, parent
+    config.yaml       the resolved configuration
+    labels.json       the class labels, in the order the model's outputs use
+    data_stats.json   rows read, dropped and kept, token lengths, leakage
+    base_eval.json    the base model's metrics and samples (kept so that a resumed run skips them)
+    metrics.jsonl     one line per step and per validation
+    checkpoints/      last/ (resume) and best.safetensors (early stopping)
+    adapter/ | model/ the saved method weights, or the whole model (``Method.saved_as``)
+    merged/           the merged model, with output.merge
+    metrics.json      base and tuned metrics: written last but one, so it means the run finished
+    report.md         the report, with loss.png
+
+A run whose status says ``running`` but whose process is gone (killed, out of memory, machine
+rebooted) reads as ``crashed``. Only one process writes: a ``Run`` made with ``writer=False`` (the
+other processes of a multi-process run) reads but never writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import yaml
+
+from tunesmith.config import load_config
+from tunesmith.errors import TunesmithError
+from tunesmith.session import Session
+
+UNFINISHED = ("running", "interrupted", "failed", "crashed")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+class Run:
+    def __init__(self, path: str | Path, writer: bool = True):
+        self.path = Path(path)
+        self.writer = writer
+
+    # Layout.
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def metrics_log(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report.md"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.path / "loss.png"
+
+    @property
+    def merged(self) -> Path:
+        return self.path / "merged"
+
+    def saved(self, method) -> Path:
+        """Where ``method`` (a ``methods.base.Method``) saves what it trained."""
+        return self.path / method.saved_as
+
+    def has_checkpoint(self) -> bool:
+        return (self.checkpoints / "last" / "state.json").is_file()
+
+    # Life.
+    def record(self) -> dict:
+        """status.json as written, with ``running`` read as ``crashed`` when its process is gone."""
+        path = self.path / "status.json"
+        if not path.is_file():
+            return {}
+        record = json.loads(path.read_text())
+        if (record.get("status") == "running" and record.get("host") == socket.gethostname()
+                and isinstance(record.get("pid"), int) and not _alive(record["pid"])):
+            record["status"] = "crashed"
+        return record
+
+    def status(self) -> str | None:
+        return self.record().get("status")
+
+    def set_status(self, status: str, **extra) -> None:
+        """Record the run's state; ``running`` also records this process, and the start time once."""
+        if not self.writer:
+            return
+        record = {k: v for k, v in self.record().items() if k not in ("error", "resume")}
+        now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        if status == "running":
+            record |= {"pid": os.getpid(), "host": socket.gethostname()}
+            record.setdefault("started_at", now)
+        record |= {"status": status, "updated_at": now, **extra}
+        self._write("status.json", json.dumps(record, indent=1))
+
+    def check_new(self, resume: bool) -> None:
+        """Never overwrite a run; resume only one that has a checkpoint and has not finished."""
+        status = self.status()
+        if resume:
+            if status == "complete":
+                raise TunesmithError(f"output.dir {self.path}: this run is already complete; nothing to resume")
+            if status == "running":
+                record = self.record()
+                raise TunesmithError(f"output.dir {self.path}: the run is still running "
+                                     f"(pid {record.get('pid')} on {record.get('host')})")
+            if not self.has_checkpoint():
+                raise TunesmithError(f"output.dir {self.path}: no checkpoint to resume from")
+        elif self.path.exists() and any(self.path.iterdir()):
+            what = f"a run (status: {status})" if status else "files"
+            raise TunesmithError(
+                f"output.dir {self.path} already holds {what}; choose another output.dir "
+                "(--set output.dir=...) or pass --resume to continue it"
+            )
+
+    # Contents.
+    def save_config(self, config) -> None:
+        self._write("config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+    def load_config(self):
+        if not (self.path / "config.yaml").is_file():
+            raise TunesmithError(f"{self.path}: not a tunesmith run directory (no config.yaml)")
+        return load_config(self.path / "config.yaml")
+
+    def save_json(self, name: str, value) -> None:
+        """``labels``, ``data_stats``, ``base_eval`` or ``metrics`` (name.json)."""
+        self._write(f"{name}.json", json.dumps(value, indent=1))
+
+    def load_json(self, name: str, default=None):
+        path = self.path / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else default
+
+    def labels(self) -> list[str]:
+        """The class labels the run trained on ([] for a run without labels)."""
+        return self.load_json("labels", [])
+
+    @property
+    def parent(self) -> Path | None:
+        """The run this one continued from, if any."""
+        parent = self.record().get("parent")
+        return Path(parent) if parent else None
+
+    def _write(self, name: str, text: str) -> None:
+        if not self.writer:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        # Write beside and rename: a reader never sees half a file.
+        tmp = self.path / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(self.path / name)
+
+
+def load_run(path: str | Path):
+    """The tuned model of a saved run, in eval mode: ``(run, session, model)``.
+
+    The session is built from the run's own config; its data is not read (``session.prepare()``).
+    """
+    run = Run(path, writer=False)
+    config = run.load_config()
+    session = Session(config)
+    saved = run.saved(session.method)
+    if not saved.is_dir():
+        raise TunesmithError(f"{run.path}: the run has no saved {saved.name}/ (status: {run.status()})")
+    model = session.method.load(session.load_model(run.labels()), saved)
+    model.eval()
+    return run, session, model

@@ -1,0 +1,49 @@
+"""The ``train:`` section of a run's configuration."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from tunesmith.options import Section
+
+
+class TrainConfig(Section):
+    epochs: float = Field(1, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
+    batch_tokens: int = Field(
+        2048, ge=16, description="Tokens per micro-batch (per process): examples are packed, so no compute "
+        "on padding."
+    )
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (per process).")
+    lr: float = Field(2e-4, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    dropout: float | None = Field(None, ge=0, lt=1, description="Override the model's dropout rates.")
+    seed: int = 0
+    eval_every: int = Field(50, ge=1, description="Validate every N optimizer steps.")
+    eval_max_examples: int | None = Field(200, ge=1)
+    patience: int | None = Field(None, ge=1, description="Stop after N validations without improvement.")
+    save_every: int = Field(100, ge=1)
+    threads: int | None = Field(None, ge=1)
+    packing: bool = Field(
+        True, description="Pack examples into rows of data.max_length; off: batches of similar-length "
+        "examples, one per row, right-padded."
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer in the backward pass: less memory, ~30% more compute."
+    )
+    compile: bool = Field(False, description="torch.compile each decoder layer.")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "auto", description="bf16 autocast of the training forward and validation; 'auto': where bf16 "
+        "matmuls are native (CPUs with AVX512-BF16 or AMX, GPUs with bf16), 'no': float32 throughout."
+    )
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value):
+        # YAML reads a bare no/off/false as False (and yes/on/true as True).
+        return {False: "no", True: "bf16"}.get(value, value) if isinstance(value, bool) else value

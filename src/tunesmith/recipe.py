@@ -53,11 +53,19 @@ def stop_on_sigterm():
         signal.signal(signal.SIGTERM, previous)
 
 
+def cpu_only() -> bool:
+    """No accelerator here: accelerate then runs several processes on the CPU (gloo) only when told."""
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return not (torch.cuda.is_available() or (mps is not None and mps.is_available())
+                or (xpu is not None and xpu.is_available()))
+
+
 def run_training(config: RunConfig, resume: bool = False, on_step=None) -> Path:
     """Train and evaluate as ``config`` says; returns the path of report.md."""
     from accelerate import PartialState
 
-    main = PartialState().is_main_process
+    main = PartialState(cpu=cpu_only()).is_main_process
     run = Run(config.output.dir, writer=main)
     run.check_new(resume)
     setup_threads(config.train.threads)
@@ -88,7 +96,9 @@ def _run(session: Session, run: Run, resume: bool, on_step, stop: threading.Even
 
     config = session.config
     trackers = "tensorboard" if _has_tensorboard() else None
-    accelerator = Accelerator(log_with=trackers, project_dir=str(run.path), step_scheduler_with_optimizer=False)
+    # The scheduler steps once per optimizer step: the loop already counts steps over all processes.
+    accelerator = Accelerator(cpu=cpu_only(), log_with=trackers, project_dir=str(run.path),
+                              step_scheduler_with_optimizer=False)
     if trackers:
         accelerator.init_trackers("tensorboard", config={"method": config.method.name, "lr": config.train.lr})
     set_seed(config.train.seed)
@@ -109,8 +119,8 @@ def _run(session: Session, run: Run, resume: bool, on_step, stop: threading.Even
                 session.data.encoded["validation"], config.train, run.checkpoints, run.metrics_log,
                 resume=resume, on_step=on_step, stop=stop)
     seconds = time.perf_counter() - started
-    accelerator.end_training()
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # closes the trackers, and the process group: no collective after it
     if not accelerator.is_main_process:
         return run.report
     return finish(session, run, model, base, state, seconds, trainable, total)

@@ -41,7 +41,8 @@ def parquet_bytes(rows: list[dict]) -> bytes:
     return buffer.getvalue()
 
 
-# Each format holding ROWS, and the line where each row starts.
+# Each format holding ROWS, and the line where each row starts. The TSV quotes its third row as
+# CSV would, so it is read with tsv_quoting on (which the other formats ignore).
 FORMATS = {
     ".csv": ('text,label\na fine film,pos\n"dull, and long",neg\n"she said ""wow""",pos\n', [2, 3, 4]),
     ".tsv": ('text\tlabel\na fine film\tpos\ndull, and long\tneg\n"she said ""wow"""\tpos\n', [2, 3, 4]),
@@ -56,7 +57,8 @@ FORMATS = {
 def test_every_format_and_compression(tmp_path, fmt, compression):
     content, lines = FORMATS[fmt]
     path = write(tmp_path / f"train{fmt}{compression}", content)
-    assert read_records(path) == [{**row, "_line": line} for row, line in zip(ROWS, lines)]
+    expected = [{**row, "_line": line} for row, line in zip(ROWS, lines)]
+    assert read_records(path, tsv_quoting=True) == expected
 
 
 @pytest.mark.parametrize("compression", list(COMPRESS))
@@ -68,6 +70,52 @@ def test_txt_gives_one_record_per_paragraph(tmp_path, compression):
         {"text": "Second one.", "_line": 6},
         {"text": "Third", "_line": 8},
     ]
+
+
+def test_tsv_keeps_stray_quotes_by_default(tmp_path):
+    # As in the UCI SMS Spam Collection: quotes are part of the messages, never quoting.
+    messages = [
+        '"Wen u miss someone, the person is definitely special for u..." gdeve..',
+        'Ok lar... "Joking wif u oni',
+        'He said ""no"" twice',
+    ]
+    path = write(tmp_path / "sms.tsv", "label\ttext\n" + "".join(f"ham\t{m}\n" for m in messages))
+    assert read_records(path) == [
+        {"label": "ham", "text": message, "_line": line} for line, message in enumerate(messages, 2)
+    ]
+
+
+def test_tsv_quoting_reads_quoted_fields(tmp_path):
+    path = write(tmp_path / "t.tsv", 'text\tlabel\n"a\ttab"\tpos\n"two\nlines"\tneg\nplain "x"\tpos\n')
+    assert read_records(path, tsv_quoting=True) == [
+        {"text": "a\ttab", "label": "pos", "_line": 2},
+        {"text": "two\nlines", "label": "neg", "_line": 3},
+        {"text": 'plain "x"', "label": "pos", "_line": 5},
+    ]
+
+
+@pytest.mark.parametrize("name, sep", [("t.csv", ","), ("t.tsv", "\t"), ("t.csv.gz", ",")])
+def test_without_header_columns_are_named_by_position(tmp_path, name, sep):
+    path = write(tmp_path / name, f"ham{sep}see you soon\n\nspam{sep}WIN a prize\n")
+    assert read_records(path, header=False) == [
+        {"1": "ham", "2": "see you soon", "_line": 1},
+        {"1": "spam", "2": "WIN a prize", "_line": 3},
+    ]
+
+
+def test_without_header_a_first_row_that_looks_like_a_header_is_data(tmp_path):
+    path = write(tmp_path / "t.csv", "text,,text\na,b,c\n")
+    assert read_records(path, header=False) == [
+        {"1": "text", "2": "", "3": "text", "_line": 1},
+        {"1": "a", "2": "b", "3": "c", "_line": 2},
+    ]
+
+
+@pytest.mark.parametrize("name, content", [
+    ("t.jsonl", '{"text": "a"}\n'), ("t.txt", "a\n"), ("t.parquet", parquet_bytes([{"text": "a"}])),
+])
+def test_header_is_ignored_outside_csv_and_tsv(tmp_path, name, content):
+    assert read_records(write(tmp_path / name, content), header=False) == [{"text": "a", "_line": 1}]
 
 
 def test_csv_line_numbers_count_multiline_fields_and_blank_lines(tmp_path):
@@ -108,9 +156,9 @@ def test_uppercase_suffix(tmp_path):
     assert read_records(write(tmp_path / "T.CSV.GZ", "text\nhi\n")) == [{"text": "hi", "_line": 2}]
 
 
-def problems(path) -> list[str]:
+def problems(path, **options) -> list[str]:
     with pytest.raises(TunesmithError) as error:
-        read_records(path)
+        read_records(path, **options)
     return error.value.problems
 
 
@@ -176,6 +224,15 @@ def test_tsv_row_with_wrong_number_of_fields(tmp_path):
     assert problems(path) == [f"{path}:3: expected 2 fields as in the header, found 1"]
 
 
+@pytest.mark.parametrize("name, sep", [("t.csv", ","), ("t.tsv", "\t")])
+def test_row_with_wrong_number_of_fields_without_header(tmp_path, name, sep):
+    path = write(tmp_path / name, f"ham{sep}hello\nspam{sep}win\nno separator\nham{sep}ok{sep}extra\n")
+    assert problems(path, header=False) == [
+        f"{path}:3: expected 2 fields as in the first row, found 1",
+        f"{path}:4: expected 2 fields as in the first row, found 3",
+    ]
+
+
 def test_csv_unclosed_quote(tmp_path):
     path = write(tmp_path / "t.csv", 'text,label\nfine,pos\n"never closed,neg\nmore,pos\n')
     assert problems(path) == [f"{path}:3: a quoted field starting in this row is never closed"]
@@ -184,6 +241,22 @@ def test_csv_unclosed_quote(tmp_path):
 def test_csv_text_after_closing_quote(tmp_path):
     path = write(tmp_path / "t.csv", 'text,label\n"quoted"tail,pos\n')
     assert problems(path) == [f"{path}:2: malformed CSV (',' expected after '\"')"]
+
+
+def test_quoted_tsv_error_suggests_turning_quoting_off(tmp_path):
+    path = write(tmp_path / "t.tsv", 'label\ttext\nham\tfine\nham\t"Wen u miss someone" gdeve..\n')
+    assert problems(path, tsv_quoting=True) == [
+        (f"{path}:3: malformed TSV ('\\t' expected after '\"'); "
+         "if the quotes are part of the text, set data.tsv_quoting: false")
+    ]
+
+
+def test_quoted_tsv_unclosed_quote_suggests_turning_quoting_off(tmp_path):
+    path = write(tmp_path / "t.tsv", 'label\ttext\nham\t"Joking wif u oni\nham\tok\n')
+    assert problems(path, tsv_quoting=True) == [
+        (f"{path}:2: a quoted field starting in this row is never closed; "
+         "if the quotes are part of the text, set data.tsv_quoting: false")
+    ]
 
 
 def test_csv_header_problems_reported_together(tmp_path):

@@ -7,7 +7,6 @@ no lines, it is the 1-based row number.
 
 import bz2
 import csv
-import functools
 import gzip
 import io
 import json
@@ -32,16 +31,23 @@ _CSV_FIELD_LIMIT = 2**31 - 1
 _JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
-def read_records(path: str | Path) -> list[dict]:
+def read_records(path: str | Path, header: bool = True, tsv_quoting: bool = False) -> list[dict]:
     """Read every record of a data file, each with its starting line under ``"_line"``.
 
-    Supported formats, told apart by suffix: ``.csv`` and ``.tsv`` (first row is the header; values
-    stay strings), ``.jsonl`` (one JSON object per line), ``.json`` (a list of objects, or an object
-    with exactly one field holding a list of objects, such as ``{"data": [...]}``), ``.parquet`` and
-    ``.txt``. A ``.txt`` file gives one record ``{"text": paragraph}`` per block of lines separated
-    by blank lines, which suits continued pre-training on plain prose. Any of them may be compressed
-    with ``.gz``, ``.bz2`` or ``.zst``/``.zstd`` on top, as in ``train.csv.bz2``. Text files must be
+    Supported formats, told apart by suffix: ``.csv`` and ``.tsv`` (values stay strings),
+    ``.jsonl`` (one JSON object per line), ``.json`` (a list of objects, or an object with exactly
+    one field holding a list of objects, such as ``{"data": [...]}``), ``.parquet`` and ``.txt``. A
+    ``.txt`` file gives one record ``{"text": paragraph}`` per block of lines separated by blank
+    lines, which suits continued pre-training on plain prose. Any of them may be compressed with
+    ``.gz``, ``.bz2`` or ``.zst``/``.zstd`` on top, as in ``train.csv.bz2``. Text files must be
     UTF-8 (a byte-order mark is allowed). A ``"_line"`` field in the data itself is overwritten.
+
+    Args:
+        path: the data file.
+        header: CSV/TSV only: the first row names the columns. When false every row is data and
+            the columns are named by position, ``"1"``, ``"2"``, ...
+        tsv_quoting: TSV only: double quotes quote fields, as in CSV. When false (the default) a
+            quote is an ordinary character, kept in the text. CSV is always read with quoting.
 
     Raises:
         TunesmithError: the file is missing, empty, of an unsupported type, or malformed; every
@@ -63,7 +69,11 @@ def read_records(path: str | Path) -> list[dict]:
         text = _decode(path, raw)
         if not text.strip():
             raise TunesmithError(f"{path}: file is empty")
-        records = _TEXT_PARSERS[fmt](path, text)
+        if fmt in _DELIMITERS:
+            quoting = fmt == ".csv" or tsv_quoting
+            records = _parse_delimited(path, text, _DELIMITERS[fmt], quoting, header)
+        else:
+            records = _TEXT_PARSERS[fmt](path, text)
     if not records:
         raise TunesmithError(f"{path}: no records found")
     return records
@@ -127,11 +137,15 @@ def _decode(path: Path, raw: bytes) -> str:
     return text.replace("\r\n", "\n")
 
 
-def _parse_csv(path: Path, text: str, delimiter: str = ",") -> list[dict]:
+def _parse_delimited(path: Path, text: str, delimiter: str, quoting: bool, header: bool) -> list[dict]:
     csv.field_size_limit(_CSV_FIELD_LIMIT)
+    kind = "TSV" if delimiter == "\t" else "CSV"
     # strict: an unclosed quote must be an error, not a field that silently swallows the rest of the file.
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
-    header: list[str] | None = None
+    reader = csv.reader(
+        io.StringIO(text, newline=""), delimiter=delimiter, strict=True,
+        quoting=csv.QUOTE_MINIMAL if quoting else csv.QUOTE_NONE,
+    )
+    names: list[str] | None = None
     records, problems = [], []
     row_start = 1
     try:
@@ -139,25 +153,32 @@ def _parse_csv(path: Path, text: str, delimiter: str = ",") -> list[dict]:
             line, row_start = row_start, reader.line_num + 1
             if not row:
                 continue
-            if header is None:
+            if names is None and header:
                 # Stray spaces around column names would make "no column 'text'" errors baffling.
-                header = [name.strip() for name in row]
-                problems += _header_problems(path, line, header)
+                names = [name.strip() for name in row]
+                problems += _header_problems(path, line, names)
                 continue
-            if len(row) != len(header):
-                problems.append(
-                    f"{path}:{line}: expected {len(header)} fields as in the header, found {len(row)}"
-                )
+            if names is None:
+                names = [str(i) for i in range(1, len(row) + 1)]
+            if len(row) != len(names):
+                first = "the header" if header else "the first row"
+                problems.append(f"{path}:{line}: expected {len(names)} fields as in {first}, found {len(row)}")
                 continue
-            records.append({**dict(zip(header, row)), "_line": line})
+            records.append({**dict(zip(names, row)), "_line": line})
     except csv.Error as error:
+        # TSV is quoted only on request, and then a failure most often means a text holding a stray
+        # quote, which reading the file unquoted keeps as it is.
+        hint = ""
+        if kind == "TSV" and quoting:
+            hint = "; if the quotes are part of the text, set data.tsv_quoting: false"
         if "unexpected end of data" in str(error):
-            problems.append(f"{path}:{row_start}: a quoted field starting in this row is never closed")
+            problems.append(f"{path}:{row_start}: a quoted field starting in this row is never closed{hint}")
         else:
-            kind = "TSV" if delimiter == "\t" else "CSV"
-            problems.append(f"{path}:{reader.line_num}: malformed {kind} ({error})")
+            # The csv module names the delimiter itself; a raw tab would read as blank space.
+            reason = str(error).replace("\t", "\\t")
+            problems.append(f"{path}:{reader.line_num}: malformed {kind} ({reason}){hint}")
     raise_problems(problems, path)
-    if header is not None and not records:
+    if names is not None and not records:
         raise TunesmithError(f"{path}: no data rows below the header")
     return records
 
@@ -311,9 +332,9 @@ def _parse_txt(path: Path, text: str) -> list[dict]:
     return records
 
 
+_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+
 _TEXT_PARSERS = {
-    ".csv": _parse_csv,
-    ".tsv": functools.partial(_parse_csv, delimiter="\t"),
     ".json": _parse_json,
     ".jsonl": _parse_jsonl,
     ".txt": _parse_txt,

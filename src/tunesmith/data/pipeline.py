@@ -56,7 +56,7 @@ class PreparedData:
 
 def _load(path: str, cfg: DataConfig, schema: Schema | None, dropped: Counter) -> tuple[list[dict], Schema]:
     source = resolve_data_path(path)
-    records = read_records(source)
+    records = read_records(source, header=cfg.header, tsv_quoting=cfg.tsv_quoting)
     shown = path if path.startswith("builtin:") else source
     if schema is None:
         schema = detect_schema(records, shown, cfg.format, cfg.columns.model_dump())

@@ -79,3 +79,31 @@ def test_shipped_examples_load_and_open_with_their_command(example):
 
 def test_there_are_examples():
     assert EXAMPLES
+
+
+def test_an_option_the_method_does_not_take_is_an_error_naming_what_it_takes():
+    with pytest.raises(TunesmithError) as err:
+        validate_config({"data": {"path": "x.csv"}, "method": {"name": "prefix", "r": 8, "num_virtual_tokens": 0}})
+    assert sorted(err.value.problems) == [
+        "config: method.num_virtual_tokens: Input should be greater than or equal to 1",
+        "config: method.r: unknown field; method prefix takes num_virtual_tokens",
+    ]
+    with pytest.raises(TunesmithError, match="method.name: unknown method 'nope'; known: full, lora"):
+        validate_config({"data": {"path": "x.csv"}, "method": {"name": "nope"}})
+    assert validate_config({"data": {"path": "x.csv"}, "method": {"r": 4}}).method.name == "lora"
+
+
+def test_objective_section_and_the_model_task_alias():
+    config = validate_config({"data": {"path": "x.csv"}})
+    assert config.objective.name == "causal"
+    assert validate_config({"data": {"path": "x.csv"}, "model": {"task": "seq2seq"}}).objective.name == "seq2seq"
+    with pytest.raises(TunesmithError, match="disagree"):
+        validate_config({"data": {"path": "x.csv"}, "model": {"task": "seq2seq"}, "objective": {"name": "causal"}})
+    with pytest.raises(TunesmithError, match="objective.name: unknown objective 'dpo'"):
+        validate_config({"data": {"path": "x.csv"}, "objective": {"name": "dpo"}})
+    # An objective that cannot use the method says so at load time, with the other problems.
+    with pytest.raises(TunesmithError) as err:
+        validate_config({"data": {"path": "x.csv"}, "objective": {"name": "classification"},
+                         "method": {"name": "prompt"}, "train": {"lr": 0}})
+    assert len(err.value.problems) == 2
+    assert "method.name: prompt serves causal LMs only, not objective classification" in str(err.value)

@@ -8,7 +8,7 @@ line in ``objectives.REGISTRY``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -28,6 +28,7 @@ class Layout:
     direct: bool = True  # the method lets the decoder run without the model's own forward
 
 
+@runtime_checkable
 class Batches(Protocol):
     """A training set as the loop sees it: a seeded plan per epoch, tensors per plan entry, a loss.
 
@@ -59,6 +60,7 @@ class Batches(Protocol):
         """Summed loss and its count over ``items`` (validation), without gradients."""
 
 
+@runtime_checkable
 class Objective(Protocol):
     """What a run trains for: its data check and encoding, batches, loss, evaluation and samples.
 

@@ -1,4 +1,5 @@
-"""The README's commands are real: every `tunesmith ...` line parses, every config it names exists."""
+"""The README's commands are real: every `tunesmith ...` line, and the tunesmith part of every
+`... -m tunesmith.cli ...` launcher line, parses; every config it names exists."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ def _commands():
             line = line.split("#")[0].strip()
             if line.startswith("tunesmith "):
                 yield shlex.split(line)[1:]
+            elif " -m tunesmith.cli " in line:  # accelerate launch ..., torchrun ...
+                yield shlex.split(line.split(" -m tunesmith.cli ", 1)[1])
 
 
 def test_readme_tunesmith_commands_parse():

@@ -8,7 +8,8 @@ string after each prompt, the prompt run once for all of them (``eval.choices``)
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -80,16 +81,17 @@ class PackedBatches:
         return total / max(count, 1)
 
 
+@dataclass
 class Causal:
-    name = "causal"
-    Options = Options
+    name: ClassVar[str] = "causal"
+    Options: ClassVar[type[Section]] = Options
+    options: Options
+    data: DataConfig
+    tokenizer: Any
+    layout: Layout
 
-    def __init__(self, options: Options, data: DataConfig, tokenizer, layout: Layout):
-        self.options = options
-        self.data = data
-        self.tokenizer = tokenizer
-        self.layout = layout
-        self.encoder = Encoder(tokenizer, data.template, data.system_prompt, data.max_length)
+    def __post_init__(self):
+        self.encoder = Encoder(self.tokenizer, self.data.template, self.data.system_prompt, self.data.max_length)
 
     @classmethod
     def check_method(cls, method) -> list[str]:

@@ -80,3 +80,10 @@ def user_input(example: dict) -> str:
     if "text" in example:
         return example["text"]
     return "\n".join(m["content"] for m in example["messages"] if m["role"] != "assistant")
+
+
+def prompt_learning_is_causal_only(objective: str, method) -> list[str]:
+    """Prompt-learning methods (they cannot pack) put virtual tokens before a causal LM's input only."""
+    if not method.packs:
+        return [f"method.name: {method.name} serves causal LMs only, not objective {objective}"]
+    return []

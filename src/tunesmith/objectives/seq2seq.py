@@ -6,7 +6,8 @@ model's choice.
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.eval.metrics import label_metrics, loss_metrics
 from tunesmith.model import load_model
 from tunesmith.objectives.base import Layout, to_device
-from tunesmith.objectives.padded import PaddedBatches, user_input
+from tunesmith.objectives.padded import PaddedBatches, prompt_learning_is_causal_only, user_input
 from tunesmith.options import Section
 
 
@@ -33,21 +34,18 @@ def example_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return losses.sum(dim=1), (labels != IGNORE).sum(dim=1)
 
 
+@dataclass
 class Seq2Seq:
-    name = "seq2seq"
-    Options = Options
-
-    def __init__(self, options: Options, data: DataConfig, tokenizer, layout: Layout):
-        self.options = options
-        self.data = data
-        self.tokenizer = tokenizer
-        self.layout = layout
+    name: ClassVar[str] = "seq2seq"
+    Options: ClassVar[type[Section]] = Options
+    options: Options
+    data: DataConfig
+    tokenizer: Any
+    layout: Layout
 
     @classmethod
     def check_method(cls, method) -> list[str]:
-        if not method.packs:
-            return [f"method.name: {method.name} serves causal LMs only, not objective {cls.name}"]
-        return []
+        return prompt_learning_is_causal_only(cls.name, method)
 
     def prepare(self) -> PreparedData:
         splits, schema, stats = load_splits(self.data)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from conftest import write_config
 from tunesmith.cli import main
 from tunesmith.config import load_config
@@ -68,3 +70,12 @@ def test_quoting_on_names_the_line_and_the_way_out(tmp_path, tiny_model_dir, cap
     # The first message, on line 1, opens with a quote closed mid-way.
     assert "spam.tsv:1: malformed TSV ('\\t' expected after '\"')" in err
     assert "data.tsv_quoting: false" in err and "Traceback" not in err
+
+
+def test_positional_columns_without_header_false_say_how():
+    from tunesmith.data.format import detect_schema
+    from tunesmith.errors import TunesmithError
+
+    records = [{"ham": "spam", "Go until jurong point": "Free entry", "_line": 2}]
+    with pytest.raises(TunesmithError, match="named by position .* with data.header: false"):
+        detect_schema(records, "spam.tsv", "classification", {"label": "1", "text": "2"})

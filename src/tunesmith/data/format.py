@@ -67,8 +67,10 @@ def detect_schema(records: list[dict], source: str, kind: str, named: dict[str, 
     for role in NEEDS[kind]:
         name = column(role)
         if name is None or name not in found:
+            # Columns named by position only exist when the file is read without a header row.
+            hint = "; columns are named by position (1, 2, ...) with data.header: false" if (name or "").isdigit() else ""
             problems.append(
-                f"{source}: no column {name or role!r} for {role} ({kind} data); columns found: {', '.join(found)}"
+                f"{source}: no column {name or role!r} for {role} ({kind} data); columns found: {', '.join(found)}{hint}"
             )
         else:
             columns[role] = name

@@ -44,7 +44,14 @@ def test_status_records_the_process_and_reads_crashed_when_it_is_gone(tmp_path):
     with pytest.raises(TunesmithError, match="still running"):
         run.check_new(resume=True)
     run.set_status("complete")
-    assert run.status() == "complete"
+    assert run.status() == "complete" and run.parent is None
+
+
+def test_a_run_remembers_its_parent(tmp_path):
+    run = Run(tmp_path / "child")
+    run.set_status("running", parent=str(tmp_path / "parent"))
+    run.set_status("complete")
+    assert run.parent == tmp_path / "parent"
 
 
 def test_a_reader_never_writes(tmp_path):

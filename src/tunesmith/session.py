@@ -30,6 +30,7 @@ class Session:
             # Rows of one example when packing is off, or for methods that cannot pack (prompt learning).
             one_per_row=not (config.train.packing and self.method.packs),
             direct=self.method.direct_decoder,
+            shared_prefix=config.train.shared_prefix,
         )
         self.objective = objective(config.objective, config.data, self.tokenizer, self.layout)
         self.data: PreparedData | None = None

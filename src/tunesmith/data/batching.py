@@ -5,6 +5,12 @@ told apart by their position ids, which restart at 0 for each example; transform
 a block-diagonal causal mask, so packed examples never attend to each other (see
 ``masking_utils.find_packed_sequence_indices``).
 
+Shared prefixes: when every example starts with the same tokens (a system prompt, the chat
+template's header, an instruction), a row holds them once, followed by each example's remainder. A
+4D attention mask lets each remainder see the prefix and itself only, and its position ids continue
+from the prefix, so each example is computed exactly as if it were alone; the prefix's gradient is
+the sum of what every example in the row sends it.
+
 Length grouping: examples that cannot share a row (encoders attend both ways; prompt-learning
 methods prepend virtual tokens once per row) go one per row, in batches of similar length, so
 that padding stays small.
@@ -58,11 +64,35 @@ def plan_rows(lengths: list[int], row_len: int, one_per_row: bool = False) -> li
     return rows
 
 
+def shared_prefix(examples: list[dict]) -> int:
+    """How many tokens every example starts with, stopping before the token that precedes an
+    example's first trained token, so that every trained token is predicted within its remainder.
+
+    Found from the token ids, not from the config: whatever the template and instruction render
+    the same for every example. 0 for fewer than two examples.
+    """
+    if len(examples) < 2:
+        return 0
+    ids = examples[0]["input_ids"]
+    limit = len(ids)
+    for e in examples:
+        trained = next((i for i, label in enumerate(e["labels"]) if label != IGNORE), len(e["labels"]))
+        limit = min(limit, trained - 1, len(e["input_ids"]) - 1)
+    n = 0
+    while n < limit and all(e["input_ids"][n] == ids[n] for e in examples):
+        n += 1
+    return n
+
+
 def plan_batches(examples: list[dict], batch_tokens: int, row_len: int, seed: int | None,
-                 one_per_row: bool = False) -> list[list[list[int]]]:
-    """Batches of rows of example indices. Shuffled with ``seed`` (None keeps a fixed order)."""
-    lengths = [len(e["input_ids"]) for e in examples]
-    rows = plan_rows(lengths, row_len, one_per_row)
+                 one_per_row: bool = False, prefix: int = 0) -> list[list[list[int]]]:
+    """Batches of rows of example indices. Shuffled with ``seed`` (None keeps a fixed order).
+
+    With a shared ``prefix`` (packed rows only), each row holds the prefix once and the examples'
+    remainders after it.
+    """
+    lengths = [min(len(e["input_ids"]), row_len) - prefix for e in examples]
+    rows = plan_rows(lengths, row_len - prefix, one_per_row)
     if one_per_row:
         return [[[i] for i in batch] for batch in length_grouped([min(n, row_len) for n in lengths],
                                                                   batch_tokens, seed)]
@@ -125,3 +155,41 @@ def collate(examples: list[dict], rows: list[list[int]], row_len: int, pad_id: i
         # Padding forms its own sequence (positions restart), so it never joins the last example.
         pos[r, at:] = torch.arange(width - at)
     return {"input_ids": ids, "position_ids": pos, "labels": labels, "seq_ids": seq}
+
+
+def collate_shared(examples: list[dict], rows: list[list[int]], row_len: int, pad_id: int,
+                   prefix: int) -> dict[str, torch.Tensor]:
+    """``collate`` for rows that hold a shared prefix once, then each example's remainder.
+
+    Adds ``attention_mask`` [B, 1, T, T] (True: may attend): a remainder sees the prefix and itself,
+    causally; padding sees only itself. ``seq_ids`` is -2 on the prefix. Every example's token at
+    ``prefix`` is untrained (``shared_prefix`` stops before it), so no trained token is predicted
+    from another example's remainder.
+    """
+    head = examples[rows[0][0]]["input_ids"][:prefix]
+    width = prefix + max(sum(min(len(examples[i]["input_ids"]), row_len) - prefix for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    seq = torch.full((len(rows), width), -1, dtype=torch.long)
+    ids[:, :prefix] = torch.tensor(head, dtype=torch.long)
+    pos[:, :prefix] = torch.arange(prefix)
+    seq[:, :prefix] = -2
+    for r, row in enumerate(rows):
+        at = prefix
+        for i in row:
+            ex = examples[i]
+            n = min(len(ex["input_ids"]), row_len) - prefix
+            ids[r, at : at + n] = torch.tensor(ex["input_ids"][prefix : prefix + n])
+            labels[r, at : at + n] = torch.tensor(ex["labels"][prefix : prefix + n])
+            pos[r, at : at + n] = torch.arange(prefix, prefix + n)
+            seq[r, at : at + n] = i
+            at += n
+        pos[r, at:] = torch.arange(width - at)
+    index = torch.arange(width)
+    causal = index[None, :] <= index[:, None]
+    same = (seq[:, :, None] == seq[:, None, :]) & (seq[:, :, None] >= 0)
+    sees_prefix = (index < prefix)[None, None, :] & (seq[:, :, None] != -1)
+    mask = ((same | sees_prefix) & causal) | torch.eye(width, dtype=torch.bool)
+    return {"input_ids": ids, "position_ids": pos, "labels": labels, "seq_ids": seq,
+            "attention_mask": mask.unsqueeze(1)}

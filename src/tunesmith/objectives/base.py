@@ -26,6 +26,7 @@ class Layout:
     seed: int
     one_per_row: bool = False  # no packing: the config turned it off, or the method cannot pack
     direct: bool = True  # the method lets the decoder run without the model's own forward
+    shared_prefix: bool = False  # packed rows hold the examples' common first tokens once
 
 
 @runtime_checkable

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from tunesmith.data.batching import collate, plan_batches
+from tunesmith.data.batching import collate, collate_shared, plan_batches, shared_prefix
 from tunesmith.data.format import IGNORE, Encoder, EncodeStats
 from tunesmith.data.options import DataConfig
 from tunesmith.data.pipeline import SPLITS, PreparedData, load_splits
@@ -40,13 +40,18 @@ class PackedBatches:
     def __init__(self, examples: list[dict], layout: Layout):
         self.examples = examples
         self.layout = layout
+        # Only the label-only path runs the decoder with our own mask; prompt learning cannot pack.
+        shares = layout.shared_prefix and layout.direct and not layout.one_per_row
+        self.prefix = shared_prefix(examples) if shares else 0
 
     def epoch(self, epoch: int) -> list[list[list[int]]]:
         seed = None if epoch < 0 else self.layout.seed + epoch
         return plan_batches(self.examples, self.layout.batch_tokens, self.layout.row_len, seed,
-                            self.layout.one_per_row)
+                            self.layout.one_per_row, self.prefix)
 
     def tensors(self, rows) -> dict[str, torch.Tensor]:
+        if self.prefix:
+            return collate_shared(self.examples, rows, self.layout.row_len, self.layout.pad_id, self.prefix)
         return collate(self.examples, rows, self.layout.row_len, self.layout.pad_id)
 
     def loss(self, model, batch) -> torch.Tensor:
@@ -59,9 +64,11 @@ class PackedBatches:
     def trained_tokens(batch) -> int:
         return int((batch["labels"][:, 1:] != IGNORE).sum())
 
-    @staticmethod
-    def input_tokens(batch) -> int:
-        return int((batch["seq_ids"] >= 0).sum())
+    def input_tokens(self, batch) -> int:
+        """The examples' tokens, a shared prefix counted once per example: what the batch stands for,
+        so that tokens/s compares with tools that compute the prefix again for every example."""
+        seq = batch["seq_ids"]
+        return int((seq >= 0).sum()) + self.prefix * int(torch.unique(seq[seq >= 0]).numel())
 
     @torch.no_grad()
     def loss_totals(self, model, items: list[dict]) -> tuple[float, int]:

@@ -44,7 +44,10 @@ def token_losses(model, batch: dict[str, torch.Tensor], direct: bool = True) -> 
     head = inner.get_output_embeddings()
     # No cache: with one, transformers would not read the packing from the position ids. Rows of
     # one example need no position ids: without them attention is plainly causal, with no mask.
+    # Rows with a shared prefix bring their own 4D mask (data/batching.py).
     extra = {"position_ids": batch["position_ids"]} if is_packed(batch) else {}
+    if "attention_mask" in batch:
+        extra = {"position_ids": batch["position_ids"], "attention_mask": batch["attention_mask"]}
     hidden = decoder(input_ids=batch["input_ids"], use_cache=False, **extra).last_hidden_state
     hidden = hidden[:, :-1][mask]
     losses = [
@@ -56,7 +59,9 @@ def token_losses(model, batch: dict[str, torch.Tensor], direct: bool = True) -> 
 
 
 def is_packed(batch: dict[str, torch.Tensor]) -> bool:
-    """Whether some row holds more than one example: an example starts after the row's first token."""
+    """Whether some row holds more than one example: an example starts after the row's first token.
+
+    (Rows with a shared prefix carry their own attention mask, and are not asked.)"""
     starts = (batch["position_ids"][:, 1:] == 0) & (batch["seq_ids"][:, 1:] >= 0)
     return bool(starts.any())
 

@@ -33,6 +33,10 @@ class TrainConfig(Section):
         True, description="Pack examples into rows of data.max_length; off: batches of similar-length "
         "examples, one per row, right-padded."
     )
+    shared_prefix: bool = Field(
+        True, description="With packing: when every example starts with the same tokens (system prompt, "
+        "template, instruction), a row holds them once and each example's remainder attends to them."
+    )
     activation_checkpointing: bool = Field(
         False, description="Recompute each decoder layer in the backward pass: less memory, ~30% more compute."
     )

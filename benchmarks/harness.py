@@ -73,12 +73,13 @@ def demo_encoded(config) -> dict[str, list[dict]]:
 
 
 def packed_batches(examples: list[dict], batch_tokens: int, row_len: int, seed: int, pad_id: int,
-                   packing: bool = True):
+                   packing: bool = True, shared_prefix: bool = False):
     """tunesmith's causal batches over ``examples``."""
     from tunesmith.objectives.base import Layout
     from tunesmith.objectives.causal import PackedBatches
 
-    return PackedBatches(examples, Layout(batch_tokens, row_len, pad_id, seed, one_per_row=not packing))
+    return PackedBatches(examples, Layout(batch_tokens, row_len, pad_id, seed, one_per_row=not packing,
+                                          shared_prefix=shared_prefix))
 
 
 def lora_model(source: str, dtype: str, method: dict, seed: int):

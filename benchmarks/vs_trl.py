@@ -1,7 +1,7 @@
 """tunesmith against TRL's SFTTrainer: the same LoRA fine-tune, timed and validated side by side.
 
     python benchmarks/vs_trl.py                  # 600 training / 100 validation examples (~12 min, 2 cores)
-    python benchmarks/vs_trl.py --trl same-bf16 grouped-bf16     # the run in docs/performance.md
+    python benchmarks/vs_trl.py --trl same-bf16 grouped-bf16     # the bf16-CPU run in docs/performance.md
     python benchmarks/vs_trl.py --quick          # smoke run: 48 / 16 examples
     python benchmarks/vs_trl.py --only tunesmith --set train.mixed_precision=no   # tunesmith alone
 
@@ -52,19 +52,26 @@ TRL_LAYOUTS = {
     "padded": {},
 }
 TRL_VARIANTS = [f"{layout}{suffix}" for layout in TRL_LAYOUTS for suffix in ("", "-bf16", "-bf16w")]
-TRL_DEFAULT = ["same-bf16", "bfd-bf16"]
+# By default TRL runs as fast as this hardware lets it: under bf16 autocast where bf16 matmuls are
+# native, in float32 where they are not (there autocast only emulates bf16, and slows TRL down).
+TRL_DEFAULT = {True: ["same-bf16", "bfd-bf16"], False: ["same", "grouped"]}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    import torch
+
+    from tunesmith.train.precision import native_bf16
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-examples", type=int, default=600)
     p.add_argument("--val-examples", type=int, default=100)
     p.add_argument("--max-steps", type=int, default=None, help="Cap on optimizer steps (both sides); default one epoch.")
     p.add_argument("--quick", action="store_true", help="Smoke run: 48 training and 16 validation examples.")
-    p.add_argument("--trl", nargs="+", default=TRL_DEFAULT, choices=TRL_VARIANTS, metavar="VARIANT",
+    default = TRL_DEFAULT[native_bf16(torch.device("cpu"))]
+    p.add_argument("--trl", nargs="+", default=default, choices=TRL_VARIANTS, metavar="VARIANT",
                    help=f"TRL configuration(s); speed and memory are compared with the fastest, validation loss "
-                        f"with a 'same' one where run. Default: {' '.join(TRL_DEFAULT)}; all: {', '.join(TRL_VARIANTS)}.")
+                        f"with a 'same' one where run. Default here: {' '.join(default)}; all: {', '.join(TRL_VARIANTS)}.")
     p.add_argument("--sweep-trl", action="store_true", help="Time every TRL configuration; compare with the fastest.")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="Override the demo config for tunesmith (e.g. train.packing=false); repeatable.")
@@ -176,7 +183,7 @@ def child_tunesmith(spec: dict) -> dict:
     setup_threads(cfg.threads)
     model = _lora_model(spec, config.model.dtype)
     batches = packed_batches(spec["train"], spec["batch_tokens"], spec["max_length"], cfg.seed, spec["pad_id"],
-                             cfg.packing)
+                             cfg.packing, cfg.shared_prefix)
     marks = []
     with tempfile.TemporaryDirectory() as run_dir:
         started = time.perf_counter()

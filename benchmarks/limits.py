@@ -128,13 +128,14 @@ def child_train(payload: dict) -> dict:
     import torch
     from accelerate import Accelerator
 
-    from tunesmith.config import load_config
+    from tunesmith.config import load_config, read_config_file, with_method
     from tunesmith.model import load_tokenizer, resolve_model
     from tunesmith.recipe import setup_threads
     from tunesmith.train.loop import fit
     from tunesmith.train.precision import uses_bf16
 
-    config = load_config(DEMO, payload["overrides"] + [f"method.name={payload['method']}"])
+    # The demo's method options that the measured method takes (full takes none of LoRA's).
+    config = load_config(DEMO, payload["overrides"], raw=with_method(read_config_file(DEMO), payload["method"]))
     steps = payload["steps"] + 1
     cfg = config.train.model_copy(update={"max_steps": steps, "eval_max_examples": None, "save_every": 10**9,
                                           "warmup_ratio": 0.0})

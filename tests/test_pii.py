@@ -15,7 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import write_config, write_jsonl
+from tunesmith.cli import main
+from tunesmith.config import load_config
 from tunesmith.data.pii import KINDS, PLACEHOLDERS, Match, PiiScan, find_pii, redact
+from tunesmith.data.pipeline import load_splits
 
 DOCS = Path(__file__).parent.parent / "docs" / "privacy.md"
 
@@ -330,9 +334,6 @@ def test_match_is_a_plain_value():
 
 
 def test_data_inspect_redacts_and_counts(tmp_path, tiny_model_dir, capsys):
-    from conftest import write_config, write_jsonl
-    from tunesmith.cli import main
-
     rows = [{"prompt": f"question {i} from user{i}@example.com", "completion": f"answer {i}"} for i in range(12)]
     rows += [{"prompt": f"plain question {i}", "completion": f"call me on +44 20 7946 09{i:02d}"} for i in range(8)]
     rows += [{"prompt": f"nothing personal {i}", "completion": f"answer number {i}"} for i in range(20)]
@@ -342,9 +343,6 @@ def test_data_inspect_redacts_and_counts(tmp_path, tiny_model_dir, capsys):
     out = capsys.readouterr().out
     assert "pii (redact): email 12, phone 8 in 20 rows; names: not checked (install tunesmith[pii-ner])" in out
     assert "rows read: 40" in out
-
-    from tunesmith.config import load_config
-    from tunesmith.data.pipeline import load_splits
 
     splits, _, stats = load_splits(load_config(config).data)
     texts = json.dumps([e["messages"] for name in splits for e in splits[name]])
@@ -357,13 +355,10 @@ def test_data_inspect_redacts_and_counts(tmp_path, tiny_model_dir, capsys):
 
 
 def test_pii_is_off_by_default(tmp_path, tiny_model_dir, capsys):
-    from conftest import write_config, write_jsonl
-    from tunesmith.cli import main
-
     rows = [{"text": f"write to user{i}@example.com about item {i}"} for i in range(20)]
     config = write_config(tmp_path / "c.yaml", tiny_model_dir, {"path": str(write_jsonl(tmp_path / "t.jsonl", rows))})
     assert main(["data", "inspect", str(config)]) == 0
-    assert "pii" not in capsys.readouterr().out
+    assert "pii (" not in capsys.readouterr().out
 
 
 if __name__ == "__main__":

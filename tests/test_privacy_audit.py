@@ -88,8 +88,9 @@ def test_roc_auc_matches_the_pairwise_count():
 def test_tpr_at_one_percent_fpr():
     non_members = np.arange(200, dtype=float)  # 1% of 200: two false positives allowed
     members = np.array([199.5, 198.5, 197.5, 10.0])
-    # The threshold is the third-highest non-member (197): 199 and 198 are the false positives.
-    assert tpr_at_fpr(members, non_members) == pytest.approx(2 / 4)
+    # The threshold is the third-highest non-member (197): 199 and 198 are the false positives
+    # (1%), and three members of four score above it.
+    assert tpr_at_fpr(members, non_members) == pytest.approx(3 / 4)
     # Fewer than 100 non-members: no false positive is allowed, the threshold is the highest one.
     assert tpr_at_fpr(np.array([5.0, 3.0]), np.array([1.0, 4.0])) == 0.5
 
@@ -126,7 +127,7 @@ def test_canaries_join_the_training_split_only(tmp_path, fmt):
             "columns": {"text": "review", "label": "sentiment"} if fmt != "prompt_completion" else {}}
     plain, _, _ = load_splits(DataConfig(**data))
     cfg = DataConfig(**data, canaries={"count": 2, "repetitions": [1, 4]})
-    splits, schema, stats = load_splits(cfg)
+    splits, _, stats = load_splits(cfg)
     assert len(splits["train"]) == len(plain["train"]) + 10
     assert splits["train"][: len(plain["train"])] == plain["train"]
     assert splits["validation"] == plain["validation"] and splits["test"] == plain["test"]
@@ -192,8 +193,9 @@ def test_privacy_audit_command(canary_run, capsys):
     # Sixteen repetitions are memorised; one is not, on this model and this many steps.
     assert exposure[16]["mean"] > exposure[1]["mean"] + 3
     assert exposure[16]["mean"] > exposure[16]["base_mean"] + 3
-    membership = result["membership"]
-    assert membership["members"] == 48 and membership["non_members"] == 32
+    membership, rows = result["membership"], json.loads((canary_run / "data_stats.json").read_text())["rows"]
+    assert membership["members"] == rows["train"] - 68  # every training row but the canaries
+    assert membership["non_members"] == rows["validation"] + rows["test"]
     assert 0 <= membership["auc"] <= 1 and 0 <= membership["tpr_at_1pct_fpr"] <= 1
 
 
@@ -207,3 +209,25 @@ def test_audit_of_a_run_without_canaries_reports_membership_only(tmp_path, tiny_
     out = capsys.readouterr().out
     assert "canary exposure: the run has no canaries" in out
     assert "exposure" not in json.loads((tmp_path / "run" / "privacy_audit.json").read_text())
+
+
+def test_small_secret_spaces_are_ranked_exactly(tmp_path, tiny_model_dir, review_data, capsys):
+    from tunesmith.cli import main
+
+    # Label data on a causal LM: the canaries join it as prompt/completion pairs without a label.
+    data = {**review_data, "canaries": {"count": 2, "repetitions": [1, 16], "digits": 3}}
+    config = write_config(tmp_path / "c.yaml", tiny_model_dir, data, method={"name": "full"},
+                          train={"max_steps": 60, "lr": 0.01, "eval_every": 1000, "save_every": 1000})
+    assert main(["train", str(config)]) == 0
+    assert main(["privacy", "audit", str(tmp_path / "run"), "--candidates", "1000"]) == 0
+    assert json.loads((tmp_path / "run" / "labels.json").read_text()) == ["negative", "positive"]
+    assert "exact: all 1,000 secrets scored, less the run's other canaries" in capsys.readouterr().out
+    exposure = json.loads((tmp_path / "run" / "privacy_audit.json").read_text())["exposure"]
+    assert exposure["method"] == "exact" and exposure["candidates"] == 996  # the space less the 4 canaries
+    by_reps = {g["repetitions"]: g["mean"] for g in exposure["by_repetitions"]}
+    assert by_reps[16] > by_reps[1]
+    # Each canary is ranked among itself and the 996 others: exposure = log2(997 / rank).
+    for c in exposure["canaries"]:
+        rank = 997 / 2 ** c["exposure"]
+        assert rank == pytest.approx(round(rank), abs=1e-6)
+

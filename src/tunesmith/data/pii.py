@@ -92,7 +92,7 @@ _PHONE = re.compile(
       | 0\d{{1,4}}{_SEP}\d{{2,4}}(?:{_SEP}?\d{{2,4}}){{1,3}}
     )
     (?![\w-]|[.,:/]\d)""",
-    re.X,
+    re.VERBOSE,
 )
 _DIGIT_GROUPS = re.compile(r"\d+")
 

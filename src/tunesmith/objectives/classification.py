@@ -18,7 +18,12 @@ from tunesmith.errors import TunesmithError
 from tunesmith.eval.metrics import label_metrics
 from tunesmith.model import load_model
 from tunesmith.objectives.base import Layout, to_device
-from tunesmith.objectives.padded import PaddedBatches, prompt_learning_is_causal_only, refuse_canaries, user_input
+from tunesmith.objectives.padded import (
+    PaddedBatches,
+    prompt_learning_is_causal_only,
+    refuse_canaries,
+    user_input,
+)
 from tunesmith.options import Section
 
 

@@ -41,7 +41,7 @@ def roc_auc(members: np.ndarray, non_members: np.ndarray) -> float:
     """The probability that a random member scores above a random non-member (ties count half):
     the Mann-Whitney U statistic over the product of the class sizes."""
     scores = np.concatenate([members, non_members])
-    values, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
     first = np.cumsum(counts) - counts  # 0-based rank of each distinct value's first occurrence
     average_rank = first + (counts + 1) / 2  # 1-based ranks, ties sharing their mean
     member_ranks = average_rank[inverse[: len(members)]].sum()
@@ -186,11 +186,11 @@ def format_audit(result: dict) -> str:
     if e is None:
         lines.append("canary exposure: the run has no canaries (data.canaries)")
         return "\n".join(lines)
-    how = (f"exact, all {e['space']:,} secrets" if e["method"] == "exact"
+    how = (f"exact: all {e['space']:,} secrets scored, less the run's other canaries" if e["method"] == "exact"
            else f"extrapolated from {e['candidates']:,} sampled secrets of {e['space']:,}")
     lines += [
-        f"canary exposure in bits ({how}; at most {e['max']:.1f}, a secret never trained on scores "
-        f"{e['random_baseline']:.2f} on average)",
+        (f"canary exposure in bits ({how}; at most {e['max']:.1f}, a secret never trained on scores "
+         f"{e['random_baseline']:.2f} on average)"),
         "",
         "| repetitions | canaries | exposure (mean) | min | max | base model (mean) |",
         "|---|---|---|---|---|---|",

@@ -1,4 +1,4 @@
-"""The ``tunesmith`` command: train, eval, generate, data inspect.
+"""The ``tunesmith`` command: train, eval, generate, compare, data inspect, privacy audit.
 
 User errors print one line per problem and exit with status 2, without a traceback.
 """
@@ -81,6 +81,16 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    from tunesmith.privacy.audit import format_audit
+    from tunesmith.recipe import audit_run
+
+    result = audit_run(Path(args.run_dir), args.candidates, args.max_examples)
+    print(format_audit(result))
+    print(f"audit: {Path(args.run_dir) / 'privacy_audit.json'}")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from tunesmith.compare import compare
 
@@ -125,7 +135,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("config")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     q.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("privacy", help="privacy tools")
+    privacy_sub = p.add_subparsers(dest="privacy_command", required=True)
+    q = privacy_sub.add_parser("audit", help="what a run memorised: canary exposure and membership inference")
+    q.add_argument("run_dir")
+    q.add_argument("--candidates", type=_at_least_two, default=1000,
+                   help="secrets scored per canary template (every one when there are no more)")
+    q.add_argument("--max-examples", type=_at_least_two, default=1000,
+                   help="training rows, and held-out rows, scored at most (a seeded sample)")
+    q.set_defaults(func=cmd_audit)
     return parser
+
+
+def _at_least_two(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 2, got {text}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

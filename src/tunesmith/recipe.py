@@ -22,12 +22,14 @@ from pathlib import Path
 import torch
 
 from tunesmith.config import RunConfig
+from tunesmith.data.canaries import canary_record
 from tunesmith.data.options import SplitConfig
 from tunesmith.data.pipeline import format_stats
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.report import plot_losses, write_report
 from tunesmith.methods import count_parameters
 from tunesmith.model import set_dropout
+from tunesmith.privacy.audit import audit
 from tunesmith.session import Session
 from tunesmith.store import Run, load_run
 from tunesmith.train.loop import TrainState, fit
@@ -77,6 +79,8 @@ def run_training(config: RunConfig, resume: bool = False, on_step=None) -> Path:
     run.save_config(config)
     run.save_json("data_stats", session.data.stats)
     run.save_json("labels", session.data.labels)
+    if config.data.canaries:
+        run.save_json("canaries", canary_record(config.data.canaries, session.data.schema.kind))
     try:
         with stop_on_sigterm() as stop:
             report = _run(session, run, resume, on_step, stop)
@@ -214,12 +218,34 @@ def evaluate_run(run_dir: Path, data_file: str | None = None) -> tuple[dict, dic
     if data_file:
         data.examples["test"], data.encoded["test"] = data.examples["train"], data.encoded["train"]
     tuned = session.score(model)
+    with base_model(session, model, data.labels) as base:
+        return session.score(base), tuned
+
+
+@contextmanager
+def base_model(session: Session, model, labels: list[str]):
+    """The base of a tuned model: the same model with its adapters disabled (PEFT methods), or a
+    fresh copy of the base (full fine-tuning, our adapters)."""
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
-            base = session.score(model)
+            yield model
     else:
-        base = session.score(session.load_model(data.labels))
-    return base, tuned
+        yield session.load_model(labels)
+
+
+def audit_run(run_dir: Path, candidates: int = 1000, max_examples: int = 1000) -> dict:
+    """Canary exposure and membership inference of a saved run; written to privacy_audit.json."""
+    run, session, model = load_run(run_dir)
+    config = session.config
+    # The same splits as in training (canaries join the training split last), without the canaries:
+    # membership is about the user's rows.
+    config.data = config.data.model_copy(update={"canaries": None})
+    session = Session(config)
+    session.prepare()
+    result = audit(session, model, lambda: base_model(session, model, run.labels()), run.load_json("canaries"),
+                   candidates, max_examples)
+    Run(run_dir).save_json("privacy_audit", result)
+    return result
 
 
 def generate(run_dir: Path, prompt: str, max_new_tokens: int) -> str:

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from tunesmith.data.canaries import CanaryConfig
 from tunesmith.options import Section
 
 
@@ -70,6 +71,14 @@ class DataConfig(Section):
     split: SplitConfig = SplitConfig()
     seed: int = 0
     near_duplicate_threshold: float = Field(0.8, gt=0, le=1)
+    pii: Literal["redact", "drop", "report"] | None = Field(
+        None, description="Personal data in the text fields (e-mail, phone, card, IBAN, IP, id numbers, URL "
+        "credentials; names with tunesmith[pii-ner]): redact it with typed placeholders, drop its rows, or only "
+        "count it."
+    )
+    canaries: CanaryConfig | None = Field(
+        None, description="Put synthetic secrets into the training split, for `tunesmith privacy audit`."
+    )
 
     @model_validator(mode="after")
     def _has_a_source(self) -> DataConfig:

@@ -1,8 +1,9 @@
 """From the data section of a config to train / validation / test examples, with statistics.
 
-Steps: read -> map columns -> relabel -> clean -> split (or read the user's splits) -> leakage
-audit. Every row dropped is counted by reason; ``tunesmith data inspect`` prints it all. Each
-objective then encodes the examples its own way (``objectives/``).
+Steps: read -> map columns -> relabel -> clean -> personal data (``data.pii``) -> split (or read
+the user's splits) -> leakage audit -> canaries into the training split (``data.canaries``). Every
+row dropped is counted by reason; ``tunesmith data inspect`` prints it all. Each objective then
+encodes the examples its own way (``objectives/``).
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tunesmith.data.canaries import format_canaries, insert_canaries
 from tunesmith.data.clean import clean_records
 from tunesmith.data.format import Schema, detect_schema, to_examples
 from tunesmith.data.io import read_records
 from tunesmith.data.leakage import audit_leakage
 from tunesmith.data.options import DataConfig
+from tunesmith.data.pii import PiiScan, format_pii
 from tunesmith.data.split import split_records
 from tunesmith.errors import TunesmithError
 from tunesmith.packages import package_dir
@@ -54,7 +57,8 @@ class PreparedData:
     stats: dict = field(default_factory=dict)
 
 
-def _load(path: str, cfg: DataConfig, schema: Schema | None, dropped: Counter) -> tuple[list[dict], Schema]:
+def _load(path: str, cfg: DataConfig, schema: Schema | None, dropped: Counter,
+          pii: PiiScan | None) -> tuple[list[dict], Schema]:
     source = resolve_data_path(path)
     records = read_records(source, header=cfg.header, tsv_quoting=cfg.tsv_quoting)
     shown = path if path.startswith("builtin:") else source
@@ -78,6 +82,10 @@ def _load(path: str, cfg: DataConfig, schema: Schema | None, dropped: Counter) -
     n = len(records)
     records, reasons = clean_records(records, schema.text_fields, cfg.min_chars, cfg.max_chars, source=shown)
     dropped.update(reasons)
+    if pii is not None:
+        records, removed = pii.scrub(records, schema.text_fields, shown)
+        if removed:
+            dropped["pii"] += removed
     if not records:
         raise TunesmithError(
             f"{shown}: no rows left after cleaning ({n} rows; dropped: "
@@ -89,8 +97,9 @@ def _load(path: str, cfg: DataConfig, schema: Schema | None, dropped: Counter) -
 def load_splits(cfg: DataConfig) -> tuple[dict[str, list[dict]], Schema, dict]:
     """Read, clean and split the data; audit leakage. No tokenizer needed."""
     dropped: Counter = Counter()
+    pii = PiiScan.start(cfg.pii) if cfg.pii else None
     if cfg.path:
-        examples, schema = _load(cfg.path, cfg, None, dropped)
+        examples, schema = _load(cfg.path, cfg, None, dropped, pii)
         read = len(examples) + sum(dropped.values())
         if cfg.max_rows and len(examples) > cfg.max_rows:
             random.Random(cfg.seed).shuffle(examples)
@@ -104,7 +113,7 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, list[dict]], Schema, dict]:
             path = getattr(cfg, name)
             if path:
                 before = sum(dropped.values())
-                splits[name], schema = _load(path, cfg, schema, dropped)
+                splits[name], schema = _load(path, cfg, schema, dropped, pii)
                 read += len(splits[name]) + sum(dropped.values()) - before
             else:
                 splits[name] = []
@@ -124,6 +133,9 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, list[dict]], Schema, dict]:
                     f"data: label {unseen[0]!r} is in the {name} split but never in train "
                     f"(train labels: {', '.join(sorted(train_labels))})"
                 )
+    canaries = None
+    if cfg.canaries:
+        splits["train"], canaries = insert_canaries(splits["train"], cfg.canaries, schema.kind)
     stats = {
         "format": schema.kind,
         "columns": schema.columns,
@@ -132,8 +144,13 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, list[dict]], Schema, dict]:
         "rows": {name: len(splits[name]) for name in SPLITS},
         "leakage": leakage,
     }
+    if pii is not None:
+        stats["pii"] = pii.stats()
+    if canaries is not None:
+        stats["canaries"] = canaries
     if schema.kind == "classification":
-        stats["labels"] = {name: dict(Counter(e["label"] for e in splits[name])) for name in SPLITS}
+        stats["labels"] = {name: dict(Counter(e["label"] for e in splits[name] if "_canary" not in e))
+                           for name in SPLITS}
     return splits, schema, stats
 
 
@@ -143,7 +160,11 @@ def format_stats(stats: dict) -> str:
     lines.append(f"rows read: {stats['rows_read']}")
     dropped = stats["rows_dropped"]
     lines.append("rows dropped: " + (", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) or "none"))
+    if "pii" in stats:
+        lines.append(format_pii(stats["pii"]))
     lines.append("rows kept: " + ", ".join(f"{k} {v}" for k, v in stats["rows"].items()))
+    if "canaries" in stats:
+        lines.append(format_canaries(stats["canaries"]))
     for split, counts in stats.get("labels", {}).items():
         total = sum(counts.values()) or 1
         lines.append(f"labels {split}: " + ", ".join(f"{k} {v} ({100 * v / total:.0f}%)" for k, v in sorted(counts.items())))

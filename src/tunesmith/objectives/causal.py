@@ -107,7 +107,8 @@ class Causal:
     def prepare(self) -> PreparedData:
         splits, schema, stats = load_splits(self.data)
         encoded, stats["tokens"] = encode_splits(splits, self.encoder)
-        labels = sorted({e["label"] for e in splits["train"]}) if schema.kind == "classification" else []
+        # Canaries (data.canaries) join label data as prompt/completion pairs, without a label.
+        labels = sorted({e["label"] for e in splits["train"] if "label" in e}) if schema.kind == "classification" else []
         return PreparedData(schema, splits, encoded, labels, stats)
 
     def load_model(self, source: str, dtype: str, labels: list[str], **kwargs):

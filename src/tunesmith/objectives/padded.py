@@ -11,6 +11,7 @@ import torch
 
 from tunesmith.data.batching import length_grouped, pad
 from tunesmith.data.format import IGNORE
+from tunesmith.errors import TunesmithError
 from tunesmith.objectives.base import Layout, to_device
 
 # (model, batch) -> (per-example summed losses [B], per-example counts [B]), losses in the graph.
@@ -87,3 +88,11 @@ def prompt_learning_is_causal_only(objective: str, method) -> list[str]:
     if not method.packs:
         return [f"method.name: {method.name} serves causal LMs only, not objective {objective}"]
     return []
+
+
+def refuse_canaries(objective: str, data) -> None:
+    """Canaries are secrets a causal LM learns to write out; ``tunesmith privacy audit`` measures them
+    on causal LMs only. ``data`` is the ``data:`` section."""
+    if data.canaries:
+        raise TunesmithError(f"data.canaries: canaries are measured on causal LMs only, not objective {objective}; "
+                             "use objective.name: causal or remove data.canaries")

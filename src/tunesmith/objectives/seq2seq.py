@@ -19,7 +19,12 @@ from tunesmith.errors import TunesmithError
 from tunesmith.eval.metrics import label_metrics, loss_metrics
 from tunesmith.model import load_model
 from tunesmith.objectives.base import Layout, to_device
-from tunesmith.objectives.padded import PaddedBatches, prompt_learning_is_causal_only, user_input
+from tunesmith.objectives.padded import (
+    PaddedBatches,
+    prompt_learning_is_causal_only,
+    refuse_canaries,
+    user_input,
+)
 from tunesmith.options import Section
 
 
@@ -48,6 +53,7 @@ class Seq2Seq:
         return prompt_learning_is_causal_only(cls.name, method)
 
     def prepare(self) -> PreparedData:
+        refuse_canaries(self.name, self.data)
         splits, schema, stats = load_splits(self.data)
         if schema.kind == "text":
             raise TunesmithError("objective seq2seq needs inputs and targets (prompt/completion, chat or label data)")

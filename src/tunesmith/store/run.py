@@ -5,7 +5,8 @@ Layout (every later feature reads runs through ``Run``, never by file name)::
     status.json       running | interrupted | failed | crashed | complete, with pid, host, times, parent
     config.yaml       the resolved configuration
     labels.json       the class labels, in the order the model's outputs use
-    data_stats.json   rows read, dropped and kept, token lengths, leakage
+    data_stats.json   rows read, dropped and kept, personal data found, token lengths, leakage
+    canaries.json     with data.canaries: the template and every secret put into the training split
     base_eval.json    the base model's metrics and samples (kept so that a resumed run skips them)
     metrics.jsonl     one line per step and per validation
     checkpoints/      last/ (resume) and best.safetensors (early stopping)
@@ -13,6 +14,7 @@ Layout (every later feature reads runs through ``Run``, never by file name)::
     merged/           the merged model, with output.merge
     metrics.json      base and tuned metrics: written last but one, so it means the run finished
     report.md         the report, with loss.png
+    privacy_audit.json  written by ``tunesmith privacy audit``: canary exposure, membership inference
 
 A run whose status says ``running`` but whose process is gone (killed, out of memory, machine
 rebooted) reads as ``crashed``. Only one process writes: a ``Run`` made with ``writer=False`` (the
@@ -135,7 +137,7 @@ class Run:
         return load_config(self.path / "config.yaml")
 
     def save_json(self, name: str, value) -> None:
-        """``labels``, ``data_stats``, ``base_eval`` or ``metrics`` (name.json)."""
+        """``labels``, ``data_stats``, ``canaries``, ``base_eval``, ``metrics`` or ``privacy_audit`` (name.json)."""
         self._write(f"{name}.json", json.dumps(value, indent=1))
 
     def load_json(self, name: str, default=None):

@@ -1,0 +1,1 @@
+"""Privacy: differentially private training, and measuring what a tuned model memorised."""

@@ -15,6 +15,7 @@ LAYERS = [
     ["tunesmith.eval"],
     ["tunesmith.objectives"],
     ["tunesmith.train"],
+    ["tunesmith.privacy"],
     ["tunesmith.config"],
     ["tunesmith.session"],
     ["tunesmith.store"],

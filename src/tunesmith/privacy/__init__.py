@@ -1,0 +1,8 @@
+"""Differentially private training (DP-SGD), plugged into the loop at its three seams: the sampler
+(``PoissonBatches`` for ``Batches.epoch``), the optimizer step (``DPStep`` for ``fit(make_step=...)``)
+and the model (per-example gradients through ``torch.func``, on the model the loop prepared).
+
+The privacy unit is one training example: each row of a batch holds one, and each one's gradient
+is clipped on its own. Epsilon comes from Opacus's accountants (``accounting``). ``training``
+puts the pieces together for the recipe; ``options`` holds the ``privacy:`` section.
+"""

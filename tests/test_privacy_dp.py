@@ -365,6 +365,41 @@ def test_a_private_run_trains_the_lora_weights_and_reports_epsilon(tmp_path, tin
     assert "## Privacy" in report.read_text() and "DP-SGD: epsilon" in report.read_text()
 
 
+def test_a_private_run_interrupted_then_resumed_equals_one_straight_through(tmp_path, tiny_model_dir, review_data):
+    # The batches are drawn from the seed and the step, and the noise and dropout from the random
+    # state the checkpoint keeps: a resumed run trains exactly as an uninterrupted one.
+    from safetensors.torch import load_file
+
+    from tunesmith.config import load_config
+    from tunesmith.recipe import run_training
+
+    def run(name: str, interrupt_at: int | None = None) -> dict:
+        path = write_config(tmp_path / f"{name}.yaml", tiny_model_dir, review_data,
+                            output={"dir": str(tmp_path / name)}, method={"dropout": 0.1},
+                            train={"max_steps": 6, "eval_every": 3, "save_every": 100, "packing": False},
+                            privacy={"noise_multiplier": 1.0, "expected_batch_size": 16})
+        config = load_config(path)
+
+        def stop(state):
+            if state.step == interrupt_at:
+                raise KeyboardInterrupt
+
+        if interrupt_at:
+            with pytest.raises(KeyboardInterrupt):
+                run_training(config, on_step=stop)
+            run_training(config, resume=True)
+        else:
+            run_training(config)
+        privacy = json.loads((tmp_path / name / "metrics.json").read_text())["privacy"]
+        return {**load_file(tmp_path / name / "adapter" / "adapter_model.safetensors"), "epsilon": privacy["epsilon"]}
+
+    straight, resumed = run("straight"), run("resumed", interrupt_at=2)
+    assert straight.keys() == resumed.keys()
+    assert resumed.pop("epsilon") == straight.pop("epsilon") > 0
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 def _fails(capsys, argv, *fragments):

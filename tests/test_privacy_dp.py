@@ -432,13 +432,17 @@ def test_privacy_settings_are_checked_with_the_rest_of_the_config(tmp_path, tiny
     assert len(err.strip().splitlines()) == 2
 
 
-def test_grad_accum_and_a_missing_batch_size_are_config_errors():
+def test_grad_accum_checkpointing_and_a_missing_batch_size_are_config_errors():
     data = {"path": "x.csv"}
     with pytest.raises(TunesmithError) as err:
-        validate_config({"data": data, "train": {"packing": False, "grad_accum": 2},
+        validate_config({"data": data, "train": {"packing": False, "grad_accum": 2, "activation_checkpointing": True},
                          "privacy": {"target_epsilon": 8, "expected_batch_size": 64}})
-    assert err.value.problems == ["config: train.grad_accum: must be 1 with privacy: privacy.expected_batch_size "
-                                  "sets the logical batch, and train.batch_tokens how it is split into micro-batches"]
+    assert err.value.problems == [
+        "config: train.grad_accum: must be 1 with privacy: privacy.expected_batch_size sets the logical batch, "
+        "and train.batch_tokens how it is split into micro-batches",
+        "config: train.activation_checkpointing: not with privacy: torch.func's per-example gradients cannot run "
+        "through checkpointed layers",
+    ]
     with pytest.raises(TunesmithError) as err:
         validate_config({"data": data, "train": {"packing": False}, "privacy": {"target_epsilon": 8}})
     assert err.value.problems == ["config: privacy.expected_batch_size: Field required"]

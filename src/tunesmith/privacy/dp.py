@@ -12,8 +12,10 @@ on prompt tuning, while ``torch.func`` matched autograd for all of them. It also
 on the parameters (Opacus #820: hook registration with PEFT silently corrupted LoRA updates), and
 handles tied weights by construction: the shared tensor is substituted at every use and its
 gradient sums them. Frozen parameters stay constants, so only trainable ones get per-example
-copies. Both compute a micro-batch in one batched forward and backward; the cost of ``torch.func``
-here is logits at every position (``row_loss``) instead of only at labelled tokens.
+copies. Both compute a micro-batch in one batched forward and backward (on the CPU, attention
+through the math kernel: see ``batched_attention``); what ``torch.func`` costs more here is logits
+at every position (``row_loss``) instead of only at labelled tokens. Speed was not measured when
+choosing: correctness decided, and ``benchmarks/dp_overhead.py`` (issue 10) is to measure it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from tunesmith.train.step import StepResult
 
 
 @runtime_checkable
-class RowLosses(Protocol):
+class RowLossBatches(Protocol):
     """Batches whose examples private training can take gradients of, one by one under ``vmap``."""
 
     def row_loss(self, model: torch.nn.Module, row: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +43,7 @@ class RowLosses(Protocol):
 
 
 @runtime_checkable
-class PrivateBatches(RowLosses, Protocol):
+class PrivateBatches(RowLossBatches, Protocol):
     """What ``DPStep`` needs of its batches, beyond ``Batches`` (``privacy.PoissonBatches``)."""
 
     def micro_batches(self, batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:

@@ -55,5 +55,5 @@ def check(privacy: PrivacyConfig, train, method) -> list[str]:
                         "cannot run through checkpointed layers")
     if not method.per_example_grads:
         problems.append(f"method.name: {method.name} has no per-example gradients for private training; "
-                        "use lora, full, ia3 or adapter")
+                        "use lora (the same adapters on a full-precision base)")
     return problems

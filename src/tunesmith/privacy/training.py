@@ -8,7 +8,7 @@ from functools import partial
 from tunesmith.errors import TunesmithError
 from tunesmith.objectives.base import Objective
 from tunesmith.privacy.accounting import Budget, plan_budget
-from tunesmith.privacy.dp import DPStep, RowLosses, refuse_processes
+from tunesmith.privacy.dp import DPStep, RowLossBatches, refuse_processes
 from tunesmith.privacy.options import PrivacyConfig
 from tunesmith.privacy.sampler import PoissonBatches
 from tunesmith.train.loop import MakeStep, planned_steps
@@ -44,7 +44,7 @@ def prepare_private(privacy: PrivacyConfig, train: TrainConfig, objective: Objec
     examples). Every problem surfaces here, before training."""
     refuse_processes(processes)
     batches = PoissonBatches(items, objective.batches, privacy.expected_batch_size, train.seed)
-    if not isinstance(batches.full, RowLosses):
+    if not isinstance(batches.full, RowLossBatches):
         # Padded batches need their attention mask, and transformers looks inside it (to skip it when
         # nothing is padded): data-dependent control flow, which vmap refuses.
         raise TunesmithError(f"objective.name: private training needs a per-example loss that torch.func can "

@@ -19,6 +19,8 @@ from tunesmith.errors import TunesmithError
 from tunesmith.methods import REGISTRY as METHODS
 from tunesmith.objectives import REGISTRY as OBJECTIVES
 from tunesmith.options import Section
+from tunesmith.privacy.options import PrivacyConfig
+from tunesmith.privacy.options import check as check_privacy
 from tunesmith.train.options import TrainConfig
 
 DEFAULT_METHOD = "lora"
@@ -61,6 +63,7 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
+    privacy: PrivacyConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -164,6 +167,10 @@ def validate_config(raw: dict, source: str = "config") -> RunConfig:
         problems += [f"{source}: {p}" for p in METHODS[method.name].check(method)]
         if objective is not None:
             problems += [f"{source}: {p}" for p in OBJECTIVES[objective.name].check_method(METHODS[method.name])]
+    privacy, train = (config.privacy, config.train) if config else (
+        _section_value(raw.get("privacy"), PrivacyConfig), _section_value(raw.get("train") or {}, TrainConfig))
+    if privacy is not None and train is not None and method is not None:
+        problems += [f"{source}: {p}" for p in check_privacy(privacy, train, METHODS[method.name])]
     if problems:
         raise TunesmithError(*problems)
     return config
@@ -175,6 +182,15 @@ def _section_alone(raw: dict, section: str, union, default: str):
         value = {"name": default, **value}
     try:
         return TypeAdapter(union).validate_python(value)
+    except ValidationError:
+        return None  # its problems are already reported
+
+
+def _section_value(value, options: type[Section]) -> Section | None:
+    if value is None:
+        return None
+    try:
+        return options.model_validate(value)
     except ValidationError:
         return None  # its problems are already reported
 

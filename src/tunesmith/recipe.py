@@ -26,10 +26,11 @@ from tunesmith.data.canaries import canary_record
 from tunesmith.data.options import SplitConfig
 from tunesmith.data.pipeline import format_stats
 from tunesmith.errors import TunesmithError
-from tunesmith.eval.report import plot_losses, write_report
+from tunesmith.eval.report import plot_losses, privacy_line, write_report
 from tunesmith.methods import count_parameters
 from tunesmith.model import set_dropout
 from tunesmith.privacy.audit import audit
+from tunesmith.privacy.training import PrivateTraining, prepare_private
 from tunesmith.session import Session
 from tunesmith.store import Run, load_run
 from tunesmith.train.loop import TrainState, fit
@@ -67,14 +68,21 @@ def run_training(config: RunConfig, resume: bool = False, on_step=None) -> Path:
     """Train and evaluate as ``config`` says; returns the path of report.md."""
     from accelerate import PartialState
 
-    main = PartialState(cpu=cpu_only()).is_main_process
+    processes = PartialState(cpu=cpu_only())
+    main = processes.is_main_process
     run = Run(config.output.dir, writer=main)
     run.check_new(resume)
     setup_threads(config.train.threads)
     session = Session(config)
     session.prepare()  # all input problems surface here, before anything is written
+    private = None
+    if config.privacy:
+        private = prepare_private(config.privacy, config.train, session.objective, session.data.encoded["train"],
+                                  processes.num_processes)
     if main:
         print(format_stats(session.data.stats))
+        if private:
+            print(private.describe())
     run.set_status("running")
     run.save_config(config)
     run.save_json("data_stats", session.data.stats)
@@ -83,7 +91,7 @@ def run_training(config: RunConfig, resume: bool = False, on_step=None) -> Path:
         run.save_json("canaries", canary_record(config.data.canaries, session.data.schema.kind))
     try:
         with stop_on_sigterm() as stop:
-            report = _run(session, run, resume, on_step, stop)
+            report = _run(session, run, resume, on_step, stop, private)
     except KeyboardInterrupt:
         run.set_status("interrupted")
         raise
@@ -94,7 +102,8 @@ def run_training(config: RunConfig, resume: bool = False, on_step=None) -> Path:
     return report
 
 
-def _run(session: Session, run: Run, resume: bool, on_step, stop: threading.Event) -> Path:
+def _run(session: Session, run: Run, resume: bool, on_step, stop: threading.Event,
+         private: PrivateTraining | None) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -118,16 +127,20 @@ def _run(session: Session, run: Run, resume: bool, on_step, stop: threading.Even
     if accelerator.is_main_process:
         print(f"method {config.method.name}: {trainable:,} trainable parameters of {total:,} "
               f"({100 * trainable / total:.2f}%)")
+    if private is None:
+        batches, private_parts = session.objective.batches(session.data.encoded["train"]), {}
+    else:
+        batches = private.batches
+        private_parts = {"make_step": private.make_step, "validation_figures": private.validation_figures}
     started = time.perf_counter()
-    state = fit(model, accelerator, session.objective.batches(session.data.encoded["train"]),
-                session.data.encoded["validation"], config.train, run.checkpoints, run.metrics_log,
-                resume=resume, on_step=on_step, stop=stop)
+    state = fit(model, accelerator, batches, session.data.encoded["validation"], config.train, run.checkpoints,
+                run.metrics_log, resume=resume, on_step=on_step, stop=stop, **private_parts)
     seconds = time.perf_counter() - started
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the trackers, and the process group: no collective after it
     if not accelerator.is_main_process:
         return run.report
-    return finish(session, run, model, base, state, seconds, trainable, total)
+    return finish(session, run, model, base, state, seconds, trainable, total, private)
 
 
 def evaluate_base(session: Session, run: Run, model, resume: bool, main: bool) -> dict:
@@ -143,7 +156,7 @@ def evaluate_base(session: Session, run: Run, model, resume: bool, main: bool) -
 
 
 def finish(session: Session, run: Run, model, base: dict, state: TrainState, seconds: float,
-           trainable: int, total: int) -> Path:
+           trainable: int, total: int, private: PrivateTraining | None = None) -> Path:
     """Evaluate the tuned model, save it, and write metrics.json and the report."""
     config, method = session.config, session.method
     print("evaluating the tuned model on held-out data ...")
@@ -178,6 +191,9 @@ def finish(session: Session, run: Run, model, base: dict, state: TrainState, sec
     }
     if torch.cuda.is_available():
         summary["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if private:
+        summary["privacy"] = private.budget.summary(state.step)
+        print(privacy_line(summary["privacy"]))
     samples = [{**b, "base": b["output"], "tuned": t["output"]} for b, t in zip(base["samples"], tuned_samples)]
     has_plot = plot_losses(run.metrics_log, run.loss_plot)
     # metrics.json and report.md last: their presence means the run finished.

@@ -62,6 +62,12 @@ def write_report(run_dir: Path, summary: dict, stats: dict, samples: list[dict],
         metrics_table(m["base"], m["tuned"]),
         "",
     ]
+    if "privacy" in m:
+        out += ["## Privacy", "", privacy_line(m["privacy"]) + ".", "",
+                "The guarantee is for one training example (one row of the data) and covers the trained "
+                "weights. It does not cover what the run computes from the data directly: the training loss "
+                "in metrics.jsonl, the data statistics, and the evaluation on the validation and test splits.",
+                ""]
     if has_plot:
         out += ["## Loss curves", "", "![loss curves](loss.png)", ""]
     out += ["## Data", "", "```", format_stats(stats), "```", ""]
@@ -73,6 +79,15 @@ def write_report(run_dir: Path, summary: dict, stats: dict, samples: list[dict],
     path = run_dir / "report.md"
     path.write_text("\n".join(out))
     return path
+
+
+def privacy_line(p: dict) -> str:
+    """One sentence from metrics.json's ``privacy`` record."""
+    spent = f"epsilon {p['epsilon']:.3g}" if p["epsilon"] is not None else "no privacy (noise multiplier 0)"
+    return (f"DP-SGD: {spent} at delta {p['delta']:g} after {p['steps']} steps ({p['accountant'].upper()} "
+            f"accountant); noise multiplier {p['noise_multiplier']:.4g}, per-example clipping norm "
+            f"{p['max_grad_norm']:g}, Poisson sample rate {p['sample_rate']:.4g} "
+            f"({p['expected_batch_size']} examples per batch on average)")
 
 
 def _short(text: str, limit: int = 300) -> str:

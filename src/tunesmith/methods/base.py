@@ -45,3 +45,6 @@ class Method:
     load_kwargs: Callable[[Section], dict] = no_load_kwargs
     # The run directory's folder for what ``save`` writes: the whole model, or the method's weights.
     saved_as: str = "adapter"
+    # Whether torch.func can take per-example gradients through the method's layers (private
+    # training, ``privacy.dp``): not through an autograd.Function written without ``setup_context``.
+    per_example_grads: bool = True

@@ -53,4 +53,7 @@ def apply(model, cfg):
     return lora.apply(model, cfg)
 
 
-METHOD = Method(name="qlora", options=Options, apply=apply, save=_peft.save, load=_peft.load, check=check, load_kwargs=load_kwargs)
+# bitsandbytes' 4-bit matmul is an autograd.Function in the old style (forward takes ctx), which
+# torch.func's transforms refuse: no per-example gradients, so no private training.
+METHOD = Method(name="qlora", options=Options, apply=apply, save=_peft.save, load=_peft.load, check=check,
+                load_kwargs=load_kwargs, per_example_grads=False)

@@ -22,7 +22,7 @@ from tunesmith.eval.choices import score_choices
 from tunesmith.eval.metrics import label_metrics, loss_metrics
 from tunesmith.model import load_model
 from tunesmith.objectives.base import Layout, to_device
-from tunesmith.objectives.lm_loss import example_losses, loss_sum
+from tunesmith.objectives.lm_loss import example_losses, loss_sum, row_loss
 from tunesmith.options import Section
 
 
@@ -59,6 +59,9 @@ class PackedBatches:
 
     def example_losses(self, model, batch):
         return example_losses(model, batch, self.layout.direct)
+
+    def row_loss(self, model, row):
+        return row_loss(model, row, self.layout.direct)
 
     @staticmethod
     def trained_tokens(batch) -> int:

@@ -101,3 +101,25 @@ def example_losses(model, batch, direct: bool = True) -> tuple[torch.Tensor, tor
     sums = losses.new_zeros(len(examples), dtype=torch.float32).index_add(0, slot, losses.float())
     counts = torch.zeros(len(examples), dtype=torch.long, device=seq.device).index_add_(0, slot, torch.ones_like(slot))
     return examples, sums, counts
+
+
+def row_loss(model, batch, direct: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed token loss and trained-token count of a batch of one row holding one example.
+
+    Written with no shape that depends on the data (no selection of labelled positions, no
+    checkpointed chunks), so that ``torch.func.vmap`` can batch it over the rows of a micro-batch:
+    private training's per-example gradients. The price is logits at every position. Right padding
+    needs no mask: a causal model's real tokens never attend to the padding after them.
+    """
+    labels = batch["labels"][:, 1:]
+    if direct:
+        inner = unwrap(model)
+        decoder = getattr(inner, inner.base_model_prefix)
+        hidden = decoder(input_ids=batch["input_ids"], use_cache=False).last_hidden_state
+        logits = inner.get_output_embeddings()(hidden[:, :-1])
+    else:
+        logits = model(input_ids=batch["input_ids"]).logits
+        # Prompt tuning and p-tuning put their virtual tokens before the row; drop the logits there.
+        logits = logits[:, logits.shape[1] - batch["input_ids"].shape[1] :][:, :-1]
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, (labels != IGNORE).sum()

@@ -102,14 +102,22 @@ def steps_per_epoch(batches: Batches, cfg: TrainConfig, processes: int) -> int:
     return max(1, math.ceil(len(batches.epoch(0)) / (cfg.grad_accum * processes)))
 
 
+def planned_steps(batches: Batches, cfg: TrainConfig, processes: int) -> int:
+    """The optimizer steps ``fit`` will take unless stopped early: ``max_steps``, or ``epochs`` of them."""
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch(batches, cfg, processes)))
+
+
 MakeStep = Callable[..., Step]
 
 
 def fit(model, accelerator, batches: Batches, validation: list[dict], cfg: TrainConfig, checkpoints: Path,
         metrics_log: Path | None = None, resume: bool = False,
         on_step: Callable[[TrainState], None] | None = None, stop: threading.Event | None = None,
-        make_step: MakeStep = DefaultStep) -> TrainState:
+        make_step: MakeStep = DefaultStep, validation_figures: Callable[[int], dict] | None = None) -> TrainState:
     """Train ``model`` in place; returns the final loop state.
+
+    ``validation_figures(step)`` adds figures to each validation record of metrics.jsonl (private
+    training: the epsilon spent so far).
 
     ``stop``, once set (by a SIGTERM handler, say), ends training at the next step boundary on every
     process: a checkpoint is saved and ``Interrupted`` raised. A KeyboardInterrupt within a step
@@ -119,8 +127,7 @@ def fit(model, accelerator, batches: Batches, validation: list[dict], cfg: Train
     apply_speed_options(model, cfg)
     optimizer = make_optimizer(model, cfg)
     micro_per_step = cfg.grad_accum * accelerator.num_processes
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch(batches, cfg,
-                                                                                 accelerator.num_processes)))
+    total_steps = planned_steps(batches, cfg, accelerator.num_processes)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     forward, optimizer, scheduler = accelerator.prepare(LossForward(model, batches), optimizer, scheduler)
     step = make_step(forward, optimizer, scheduler, accelerator, batches, cfg)
@@ -146,7 +153,8 @@ def fit(model, accelerator, batches: Batches, validation: list[dict], cfg: Train
         with autocast(cfg.mixed_precision, accelerator.device):
             total, count = batches.loss_totals(model, distributed.share(val_set, accelerator))
         val = distributed.total(total, accelerator) / max(distributed.total(count, accelerator), 1)
-        write({"step": state.step, "val_loss": val})
+        write({"step": state.step, "val_loss": val,
+               **(validation_figures(state.step) if main and validation_figures else {})})
         accelerator.log({"val/loss": val}, step=state.step)
         if val < state.best_val:
             state.best_val, state.best_step, state.bad_evals = val, state.step, 0

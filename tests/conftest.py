@@ -181,3 +181,16 @@ def review_data(tmp_path) -> dict:
             "label_map": {"fresh": "positive", "rotten": "negative"},
             "instruction": "classify sentiment: {text}", "max_length": 64,
             "split": {"validation": 0.15, "test": 0.15}}
+
+
+def cli_fails(capsys, argv, *fragments) -> str:
+    """Run the CLI; it must exit 2 with every fragment in its error output and no traceback."""
+    from tunesmith.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err

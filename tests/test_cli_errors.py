@@ -6,18 +6,9 @@ import json
 
 import pytest
 
-from conftest import review_rows, write_config, write_jsonl
-from tunesmith.cli import main
+from conftest import cli_fails, review_rows, write_config, write_jsonl
 
 
-def _fails(capsys, argv, *fragments):
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 def _config(tmp_path, model_dir, data, **sections):
@@ -26,7 +17,7 @@ def _config(tmp_path, model_dir, data, **sections):
 
 def test_missing_data_file(tmp_path, tiny_model_dir, review_data, capsys):
     review_data["path"] = str(tmp_path / "nowhere.jsonl")
-    _fails(capsys, ["train", _config(tmp_path, tiny_model_dir, review_data)], "nowhere.jsonl", "not found")
+    cli_fails(capsys, ["train", _config(tmp_path, tiny_model_dir, review_data)], "nowhere.jsonl", "not found")
     assert not (tmp_path / "run").exists()
 
 
@@ -35,17 +26,17 @@ def test_malformed_json_line_names_the_line(tmp_path, tiny_model_dir, review_dat
     lines = path.read_text().splitlines()
     lines[6] = '{"review": "broken", "sentiment": '
     path.write_text("\n".join(lines) + "\n")
-    _fails(capsys, ["train", _config(tmp_path, tiny_model_dir, review_data)], "reviews.jsonl:7")
+    cli_fails(capsys, ["train", _config(tmp_path, tiny_model_dir, review_data)], "reviews.jsonl:7")
 
 
 def test_misnamed_column_lists_the_columns_found(tmp_path, tiny_model_dir, review_data, capsys):
     review_data["columns"]["text"] = "revew"
-    _fails(capsys, ["train", _config(tmp_path, tiny_model_dir, review_data)], "'revew'", "review, sentiment")
+    cli_fails(capsys, ["train", _config(tmp_path, tiny_model_dir, review_data)], "'revew'", "review, sentiment")
 
 
 def test_no_rows_left_after_cleaning(tmp_path, tiny_model_dir, review_data, capsys):
     review_data["min_chars"] = 10_000
-    _fails(capsys, ["train", _config(tmp_path, tiny_model_dir, review_data)], "no rows left after cleaning",
+    cli_fails(capsys, ["train", _config(tmp_path, tiny_model_dir, review_data)], "no rows left after cleaning",
            "too_short")
 
 
@@ -56,17 +47,17 @@ def test_label_in_test_never_in_train(tmp_path, tiny_model_dir, review_data, cap
     test = write_jsonl(tmp_path / "test.jsonl", test_rows)
     data = {**review_data, "path": None, "train": str(train), "test": str(test),
             "label_map": {"fresh": "positive", "rotten": "negative", "mixed": "mixed"}}
-    _fails(capsys, ["train", _config(tmp_path, tiny_model_dir, data)], "label 'mixed'", "never in train")
+    cli_fails(capsys, ["train", _config(tmp_path, tiny_model_dir, data)], "label 'mixed'", "never in train")
 
 
 def test_unknown_method_and_invalid_hyperparameter_together(tmp_path, tiny_model_dir, review_data, capsys):
-    err = _fails(capsys, ["train", _config(tmp_path, tiny_model_dir, review_data), "--set", "method.name=magic",
+    err = cli_fails(capsys, ["train", _config(tmp_path, tiny_model_dir, review_data), "--set", "method.name=magic",
                           "--set", "train.lr=-3"], "unknown method 'magic'", "train.lr")
     assert len(err.strip().splitlines()) == 2
 
 
 def test_unknown_model(tmp_path, review_data, capsys):
-    _fails(capsys, ["train", _config(tmp_path, tmp_path / "no-such-model", review_data)], "unknown model")
+    cli_fails(capsys, ["train", _config(tmp_path, tmp_path / "no-such-model", review_data)], "unknown model")
 
 
 def test_existing_run_is_never_overwritten(tmp_path, tiny_model_dir, review_data, capsys):
@@ -74,13 +65,13 @@ def test_existing_run_is_never_overwritten(tmp_path, tiny_model_dir, review_data
     run.mkdir()
     (run / "status.json").write_text(json.dumps({"status": "complete"}))
     (run / "metrics.json").write_text("{}")
-    _fails(capsys, ["train", _config(tmp_path, tiny_model_dir, review_data)], "already holds a run",
+    cli_fails(capsys, ["train", _config(tmp_path, tiny_model_dir, review_data)], "already holds a run",
            "--resume")
     assert (run / "metrics.json").read_text() == "{}"
 
 
 def test_resume_without_checkpoint(tmp_path, tiny_model_dir, review_data, capsys):
-    _fails(capsys, ["train", _config(tmp_path, tiny_model_dir, review_data), "--resume"], "no checkpoint")
+    cli_fails(capsys, ["train", _config(tmp_path, tiny_model_dir, review_data), "--resume"], "no checkpoint")
 
 
 def test_example_without_trained_token(tmp_path, tiny_model_dir, capsys):
@@ -92,10 +83,10 @@ def test_example_without_trained_token(tmp_path, tiny_model_dir, capsys):
     chat[4]["messages"] = [{"role": "user", "content": "only a question"}]
     path = write_jsonl(tmp_path / "chat.jsonl", chat)
     data = {"path": str(path), "max_length": 64}
-    _fails(capsys, ["train", _config(tmp_path, tiny_model_dir, data)], "chat.jsonl:5", "no trained token")
+    cli_fails(capsys, ["train", _config(tmp_path, tiny_model_dir, data)], "chat.jsonl:5", "no trained token")
 
 
 @pytest.mark.parametrize("command", [["eval"], ["generate"]])
 def test_eval_and_generate_need_a_run_dir(tmp_path, capsys, command):
     argv = [*command, str(tmp_path)] + (["hello"] if command == ["generate"] else [])
-    _fails(capsys, argv, "not a tunesmith run directory")
+    cli_fails(capsys, argv, "not a tunesmith run directory")

@@ -14,8 +14,7 @@ import torch
 import yaml
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from conftest import random_examples, write_config
-from tunesmith.cli import main
+from conftest import cli_fails, random_examples, write_config
 from tunesmith.config import validate_config
 from tunesmith.data.format import IGNORE
 from tunesmith.errors import TunesmithError
@@ -402,32 +401,24 @@ def test_a_private_run_interrupted_then_resumed_equals_one_straight_through(tmp_
 
 # --- bad input ------------------------------------------------------------------------------------
 
-def _fails(capsys, argv, *fragments):
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in err, err
-    return err
 
 
 def test_privacy_with_packing_is_an_error(tmp_path, tiny_model_dir, review_data, capsys):
     path = _private_config(tmp_path, tiny_model_dir, review_data, noise_multiplier=1.0)
-    err = _fails(capsys, ["train", str(path), "--set", "train.packing=true"],
+    err = cli_fails(capsys, ["train", str(path), "--set", "train.packing=true"],
                  "train.packing: false is required with privacy")
     assert len(err.strip().splitlines()) == 1
 
 
 def test_privacy_with_a_method_without_per_example_gradients(tmp_path, tiny_model_dir, review_data, capsys):
     path = _private_config(tmp_path, tiny_model_dir, review_data, noise_multiplier=1.0)
-    _fails(capsys, ["train", str(path), "--set", "method.name=qlora"],
+    cli_fails(capsys, ["train", str(path), "--set", "method.name=qlora"],
            "method.name: qlora has no per-example gradients for private training")
 
 
 def test_privacy_settings_are_checked_with_the_rest_of_the_config(tmp_path, tiny_model_dir, review_data, capsys):
     path = _private_config(tmp_path, tiny_model_dir, review_data, noise_multiplier=1.0, target_epsilon=3.0)
-    err = _fails(capsys, ["train", str(path), "--set", "train.lr=-1"],
+    err = cli_fails(capsys, ["train", str(path), "--set", "train.lr=-1"],
                  "privacy: give exactly one of target_epsilon and noise_multiplier", "train.lr")
     assert len(err.strip().splitlines()) == 2
 
@@ -451,7 +442,7 @@ def test_grad_accum_checkpointing_and_a_missing_batch_size_are_config_errors():
 def test_a_budget_impossible_with_the_data_stops_before_anything_is_written(tmp_path, tiny_model_dir,
                                                                            review_data, capsys):
     path = _private_config(tmp_path, tiny_model_dir, review_data, target_epsilon=0.001)
-    err = _fails(capsys, ["train", str(path), "--set", "train.max_steps=500"], "privacy.target_epsilon: 0.001",
+    err = cli_fails(capsys, ["train", str(path), "--set", "train.max_steps=500"], "privacy.target_epsilon: 0.001",
                  "cannot be met in 500 steps with 84 training examples")
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
@@ -459,14 +450,14 @@ def test_a_budget_impossible_with_the_data_stops_before_anything_is_written(tmp_
 
 def test_privacy_with_an_objective_without_a_per_example_loss(tmp_path, tiny_model_dir, review_data, capsys):
     path = _private_config(tmp_path, tiny_model_dir, review_data, noise_multiplier=1.0)
-    _fails(capsys, ["train", str(path), "--set", "objective.name=classification"],
+    cli_fails(capsys, ["train", str(path), "--set", "objective.name=classification"],
            "objective.name: private training needs a per-example loss", "objective classification")
     assert not (tmp_path / "run").exists()
 
 
 def test_a_batch_larger_than_the_data(tmp_path, tiny_model_dir, review_data, capsys):
     path = _private_config(tmp_path, tiny_model_dir, review_data, noise_multiplier=1.0)
-    _fails(capsys, ["train", str(path), "--set", "privacy.expected_batch_size=100"],
+    cli_fails(capsys, ["train", str(path), "--set", "privacy.expected_batch_size=100"],
            "privacy.expected_batch_size: 100 is more than the 84 training examples")
 
 

@@ -45,9 +45,10 @@ def token_losses(model, batch: dict[str, torch.Tensor], direct: bool = True) -> 
     # No cache: with one, transformers would not read the packing from the position ids. Rows of
     # one example need no position ids: without them attention is plainly causal, with no mask.
     # Rows with a shared prefix bring their own 4D mask (data/batching.py).
-    extra = {"position_ids": batch["position_ids"]} if is_packed(batch) else {}
     if "attention_mask" in batch:
         extra = {"position_ids": batch["position_ids"], "attention_mask": batch["attention_mask"]}
+    else:
+        extra = {"position_ids": batch["position_ids"]} if is_packed(batch) else {}
     hidden = decoder(input_ids=batch["input_ids"], use_cache=False, **extra).last_hidden_state
     hidden = hidden[:, :-1][mask]
     losses = [

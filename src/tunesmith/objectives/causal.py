@@ -77,7 +77,8 @@ class PackedBatches:
     def loss_totals(self, model, items: list[dict]) -> tuple[float, int]:
         was_training = model.training
         model.eval()
-        view = PackedBatches(items, self.layout)
+        # The batches' own items keep their plan (and shared prefix), worked out once.
+        view = self if items is self.examples else PackedBatches(items, self.layout)
         total, count = 0.0, 0
         for rows in view.epoch(-1):
             s, n = loss_sum(model, to_device(view.tensors(rows), model), self.layout.direct)

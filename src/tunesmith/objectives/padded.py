@@ -60,7 +60,8 @@ class PaddedBatches:
 
     @torch.no_grad()
     def loss_totals(self, model, items: list[dict]) -> tuple[float, int]:
-        view = PaddedBatches(items, self.layout, self.example_loss)
+        # The batches' own items need no second view.
+        view = self if items is self.items else PaddedBatches(items, self.layout, self.example_loss)
         was_training = model.training
         model.eval()
         total, count = 0.0, 0

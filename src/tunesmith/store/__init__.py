@@ -1,4 +1,5 @@
-"""The run store: a run directory's layout and life. See ``store.run``."""
+"""The run store (a run directory's layout and life: ``store.run``) and the SQLite store of
+answers and ratings (``store.db``)."""
 
 from tunesmith.store.run import Run, load_run
 

@@ -1,0 +1,166 @@
+"""The SQLite store of answers and the ratings people give them.
+
+One file holds what the feedback loop collects (``tunesmith feedback collect``: two answers to a
+prompt and which one a person preferred) and what the server logs (every answer it served, and
+the ratings attached to them later), so that both become training and preference data the same way.
+
+The schema changes only through named, append-only migrations (as simonw/llm does): each is a
+function registered with ``@migration``, run once, in order, inside a transaction, and recorded in
+the ``_migrations`` table. Never edit or reorder a migration that has shipped; add a new one.
+
+Writes are transactions: a process killed mid-write leaves the store as it was before that write.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from tunesmith.errors import TunesmithError
+
+MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = []
+
+
+def migration(fn: Callable[[sqlite3.Connection], None]):
+    """Register ``fn`` as the next migration, under its function name."""
+    MIGRATIONS.append((fn.__name__, fn))
+    return fn
+
+
+@migration
+def m001_answers(db: sqlite3.Connection) -> None:
+    # source: 'served' (the server answered a request) or 'collected' (feedback collect made it).
+    # run: the run (adapter) that answered, or the base model's name; meta: JSON of the rest
+    # (sampling settings, the request's key id for served answers, ...).
+    db.execute("""
+        CREATE TABLE answers (
+            id TEXT PRIMARY KEY,
+            created_at REAL NOT NULL,
+            source TEXT NOT NULL,
+            run TEXT NOT NULL,
+            prompt TEXT NOT NULL,
+            answer TEXT NOT NULL,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            latency_ms REAL,
+            meta TEXT NOT NULL DEFAULT '{}'
+        )""")
+    db.execute("CREATE INDEX answers_run_time ON answers (run, created_at)")
+
+
+@migration
+def m002_ratings(db: sqlite3.Connection) -> None:
+    # A rating is one of: a choice between two answers to the same prompt (other_id set, choice
+    # 'first' | 'second' | 'tie', 'first' meaning answer_id), a score of one answer, or a label
+    # a person gave one answer (the right class, for classifiers).
+    db.execute("""
+        CREATE TABLE ratings (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            created_at REAL NOT NULL,
+            rater TEXT NOT NULL,
+            answer_id TEXT NOT NULL REFERENCES answers (id),
+            other_id TEXT REFERENCES answers (id),
+            choice TEXT CHECK (choice IN ('first', 'second', 'tie')),
+            score REAL,
+            label TEXT,
+            comment TEXT NOT NULL DEFAULT '',
+            CHECK ((other_id IS NULL) = (choice IS NULL)),
+            CHECK (choice IS NOT NULL OR score IS NOT NULL OR label IS NOT NULL)
+        )""")
+    db.execute("CREATE INDEX ratings_answer ON ratings (answer_id)")
+
+
+def connect(path: str | Path) -> sqlite3.Connection:
+    """Open (or create) the store at ``path`` and bring its schema up to date."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")  # readers do not block the one writer
+        db.execute("PRAGMA foreign_keys=ON")
+        migrate(db)
+    except sqlite3.DatabaseError as e:
+        raise TunesmithError(f"{path}: not a tunesmith store ({e})") from e
+    return db
+
+
+def migrate(db: sqlite3.Connection) -> list[str]:
+    """Run the migrations ``db`` has not had yet; returns their names."""
+    db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+    done = {row[0] for row in db.execute("SELECT name FROM _migrations")}
+    unknown = done - {name for name, _ in MIGRATIONS}
+    if unknown:
+        raise TunesmithError(f"the store was written by a newer tunesmith (migrations {sorted(unknown)})")
+    applied = []
+    for name, fn in MIGRATIONS:
+        if name in done:
+            continue
+        with transaction(db):
+            fn(db)
+            db.execute("INSERT INTO _migrations VALUES (?, ?)", (name, time.time()))
+        applied.append(name)
+    return applied
+
+
+class transaction:
+    """``with transaction(db):`` runs the block as one write; an exception rolls it back."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, kind, value, tb):
+        self.db.execute("ROLLBACK" if kind else "COMMIT")
+        return False
+
+
+def add_answer(db: sqlite3.Connection, *, source: str, run: str, prompt: str, answer: str,
+               id: str | None = None, prompt_tokens: int | None = None,
+               completion_tokens: int | None = None, latency_ms: float | None = None,
+               meta: dict | None = None) -> str:
+    """Record one answer; returns its id (a new one unless given, e.g. the completion's id)."""
+    id = id or uuid.uuid4().hex
+    with transaction(db):
+        db.execute(
+            "INSERT INTO answers (id, created_at, source, run, prompt, answer, prompt_tokens,"
+            " completion_tokens, latency_ms, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (id, time.time(), source, run, prompt, answer, prompt_tokens, completion_tokens,
+             latency_ms, json.dumps(meta or {})))
+    return id
+
+
+def add_rating(db: sqlite3.Connection, answer_id: str, *, rater: str, other_id: str | None = None,
+               choice: str | None = None, score: float | None = None, label: str | None = None,
+               comment: str = "") -> int:
+    """Record one rating of a logged answer (see ``m002_ratings``); returns its id."""
+    try:
+        with transaction(db):
+            cursor = db.execute(
+                "INSERT INTO ratings (created_at, rater, answer_id, other_id, choice, score, label,"
+                " comment) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (time.time(), rater, answer_id, other_id, choice, score, label, comment))
+    except sqlite3.IntegrityError as e:
+        raise TunesmithError(f"rating of answer {answer_id!r} refused: {e}") from e
+    return cursor.lastrowid
+
+
+def preference_pairs(db: sqlite3.Connection):
+    """Every pairwise choice that is not a tie, as {prompt, chosen, rejected, ...} rows."""
+    rows = db.execute("""
+        SELECT a.prompt, a.answer AS first, b.answer AS second, r.choice, r.rater, r.created_at,
+               a.run AS first_run, b.run AS second_run
+        FROM ratings r JOIN answers a ON a.id = r.answer_id JOIN answers b ON b.id = r.other_id
+        WHERE r.choice IN ('first', 'second') ORDER BY r.id""")
+    for row in rows:
+        chosen, rejected = ("first", "second") if row["choice"] == "first" else ("second", "first")
+        yield {"prompt": row["prompt"], "chosen": row[chosen], "rejected": row[rejected],
+               "chosen_run": row[f"{chosen}_run"], "rejected_run": row[f"{rejected}_run"],
+               "rater": row["rater"], "rated_at": row["created_at"]}

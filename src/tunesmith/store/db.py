@@ -14,6 +14,7 @@ Writes are transactions: a process killed mid-write leaves the store as it was b
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 import uuid
@@ -21,6 +22,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
+
+# Where the store lives unless a command is given --store: $TUNESMITH_STORE, else runs/store.sqlite
+# under the current directory (beside the runs that `tunesmith train` writes by default).
+STORE_ENV = "TUNESMITH_STORE"
+
+
+def default_path() -> Path:
+    return Path(os.environ.get(STORE_ENV) or Path("runs") / "store.sqlite")
+
 
 MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = []
 

@@ -231,3 +231,50 @@ def test_small_secret_spaces_are_ranked_exactly(tmp_path, tiny_model_dir, review
         rank = 997 / 2 ** c["exposure"]
         assert rank == pytest.approx(round(rank), abs=1e-6)
 
+
+
+def test_the_audit_goes_into_the_report_once_beside_other_runs(tmp_path, tiny_model_dir, review_data, capsys):
+    from tunesmith.cli import main
+
+    for name in ("a", "b"):
+        config = write_config(tmp_path / f"{name}.yaml", tiny_model_dir, review_data,
+                              train={"max_steps": 2}, output={"dir": str(tmp_path / name)})
+        assert main(["train", str(config)]) == 0
+    # An unaudited run to compare with is refused before the audit starts.
+    assert main(["privacy", "audit", str(tmp_path / "a"), "--against", str(tmp_path / "b")]) == 2
+    assert "--against" in capsys.readouterr().err and not (tmp_path / "a" / "privacy_audit.json").exists()
+    assert main(["privacy", "audit", str(tmp_path / "b")]) == 0
+    for _ in range(2):  # a second audit replaces the section
+        assert main(["privacy", "audit", str(tmp_path / "a"), "--against", str(tmp_path / "b")]) == 0
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert report.count("## Memorisation audit") == 1 and "ROC-AUC" in report
+    table = report[report.index("| run | DP-SGD |"):].splitlines()
+    assert [row.split(" | ")[0] for row in table[2:4]] == ["| a", "| b"]
+    assert "## Memorisation audit" in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_comparison_names_each_runs_budget():
+    from tunesmith.privacy.audit import format_comparison
+
+    private = {"epsilon": 7.98, "delta": 1e-5, "noise_multiplier": 0.61, "max_grad_norm": 1.0}
+    audit = {"membership": {"auc": 0.51, "tpr_at_1pct_fpr": 0.012},
+             "exposure": {"by_repetitions": [{"repetitions": 1, "mean": 1.2}, {"repetitions": 16, "mean": 2.5}]}}
+    table = format_comparison([("dp", {"privacy": private, "tuned": {"accuracy": 0.81}}, audit),
+                               ("plain", {"tuned": {"accuracy": 0.83}}, {"membership": {"auc": 0.6, "tpr_at_1pct_fpr": 0.05}})])
+    assert table.splitlines() == [
+        "| run | DP-SGD | test accuracy | MIA ROC-AUC | TPR at 1% FPR | exposure x1 | exposure x16 |",
+        "|---|---|---|---|---|---|---|",
+        "| dp | epsilon 7.98, delta 1e-05, noise 0.61, clip 1 | 0.8100 | 0.510 | 0.012 | 1.20 | 2.50 |",
+        "| plain | none | 0.8300 | 0.600 | 0.050 | - | - |",
+    ]
+
+
+def test_replace_section(tmp_path):
+    from tunesmith.eval.report import replace_section
+
+    report = tmp_path / "report.md"
+    report.write_text("# run\n\n## Test metrics\n\nx\n\n## Data\n\ny\n")
+    replace_section(report, "Test metrics", "z")
+    replace_section(report, "Audit", "a")
+    replace_section(report, "Audit", "b")
+    assert report.read_text() == "# run\n\n## Test metrics\n\nz\n\n## Data\n\ny\n\n## Audit\n\nb\n"

@@ -85,7 +85,7 @@ def cmd_audit(args) -> int:
     from tunesmith.privacy.audit import format_audit
     from tunesmith.recipe import audit_run
 
-    result = audit_run(Path(args.run_dir), args.candidates, args.max_examples)
+    result = audit_run(Path(args.run_dir), args.candidates, args.max_examples, [Path(p) for p in args.against])
     print(format_audit(result))
     print(f"audit: {Path(args.run_dir) / 'privacy_audit.json'}")
     return 0
@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="secrets scored per canary template (every one when there are no more)")
     q.add_argument("--max-examples", type=_at_least_two, default=1000,
                    help="training rows, and held-out rows, scored at most (a seeded sample)")
+    q.add_argument("--against", action="append", default=[], metavar="RUN",
+                   help="an audited run to show side by side in the report (for example the job without DP)")
     q.set_defaults(func=cmd_audit)
     return parser
 

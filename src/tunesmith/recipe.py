@@ -26,10 +26,10 @@ from tunesmith.data.canaries import canary_record
 from tunesmith.data.options import SplitConfig
 from tunesmith.data.pipeline import format_stats
 from tunesmith.errors import TunesmithError
-from tunesmith.eval.report import plot_losses, privacy_line, write_report
+from tunesmith.eval.report import plot_losses, privacy_line, replace_section, write_report
 from tunesmith.methods import count_parameters
 from tunesmith.model import set_dropout
-from tunesmith.privacy.audit import audit
+from tunesmith.privacy.audit import audit, format_audit, format_comparison
 from tunesmith.privacy.training import PrivateTraining, prepare_private
 from tunesmith.session import Session
 from tunesmith.store import Run, load_run
@@ -249,8 +249,12 @@ def base_model(session: Session, model, labels: list[str]):
         yield session.load_model(labels)
 
 
-def audit_run(run_dir: Path, candidates: int = 1000, max_examples: int = 1000) -> dict:
-    """Canary exposure and membership inference of a saved run; written to privacy_audit.json."""
+def audit_run(run_dir: Path, candidates: int = 1000, max_examples: int = 1000,
+              against: list[Path] = ()) -> dict:
+    """Canary exposure and membership inference of a saved run; written to privacy_audit.json and
+    to the run's report, beside the audits of the runs ``against`` (for example the same job without
+    DP) when given."""
+    others = [_audited(Run(path)) for path in against]  # before the long audit: a missing one fails fast
     run, session, model = load_run(run_dir)
     config = session.config
     # The same splits as in training (canaries join the training split last), without the canaries:
@@ -260,8 +264,22 @@ def audit_run(run_dir: Path, candidates: int = 1000, max_examples: int = 1000) -
     session.prepare()
     result = audit(session, model, lambda: base_model(session, model, run.labels()), run.load_json("canaries"),
                    candidates, max_examples)
-    Run(run_dir).save_json("privacy_audit", result)
+    run = Run(run_dir)
+    run.save_json("privacy_audit", result)
+    body = [format_audit(result)]
+    if others:
+        body += ["", "Side by side with other runs' audits (`tunesmith privacy audit RUN --against OTHER`):", "",
+                 format_comparison([(run.path.name, run.load_json("metrics", {}), result), *others])]
+    replace_section(run.report, "Memorisation audit", "\n".join(body))
     return result
+
+
+def _audited(run: Run) -> tuple[str, dict, dict]:
+    result = run.load_json("privacy_audit")
+    if result is None:
+        raise TunesmithError(f"--against {run.path}: no privacy audit there; run `tunesmith privacy audit "
+                             f"{run.path}` first")
+    return run.path.name, run.load_json("metrics", {}), result
 
 
 def generate(run_dir: Path, prompt: str, max_new_tokens: int) -> str:

@@ -81,6 +81,22 @@ def write_report(run_dir: Path, summary: dict, stats: dict, samples: list[dict],
     return path
 
 
+def replace_section(report: Path, title: str, body: str) -> None:
+    """Put ``## title`` with ``body`` into the report: in place of that section if it is there (up to
+    the next ``## `` heading), else at the end. Commands run after training (the privacy audit) add
+    their findings this way, and running them again replaces rather than repeats them."""
+    lines = report.read_text().splitlines()
+    heading = f"## {title}"
+    section = [heading, "", body.rstrip(), ""]
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = section
+    else:
+        lines += ([""] if lines and lines[-1] else []) + section
+    report.write_text("\n".join(lines).rstrip("\n") + "\n")
+
+
 def privacy_line(p: dict) -> str:
     """One sentence from metrics.json's ``privacy`` record."""
     spent = f"epsilon {p['epsilon']:.3g}" if p["epsilon"] is not None else "no privacy (noise multiplier 0)"

@@ -198,3 +198,23 @@ def format_audit(result: dict) -> str:
     lines += [f"| {g['repetitions']} | {g['canaries']} | {g['mean']:.2f} | {g['min']:.2f} | {g['max']:.2f} | "
               f"{g['base_mean']:.2f} |" for g in e["by_repetitions"]]
     return "\n".join(lines)
+
+
+def format_comparison(rows: list[tuple[str, dict, dict]]) -> str:
+    """Runs side by side, each a (name, metrics.json, privacy_audit.json): their privacy budget,
+    test accuracy, membership inference and canary exposure by repetition count."""
+    reps = sorted({g["repetitions"] for _, _, a in rows for g in a.get("exposure", {}).get("by_repetitions", [])})
+    head = ["run", "DP-SGD", "test accuracy", "MIA ROC-AUC", "TPR at 1% FPR"] + [f"exposure x{r}" for r in reps]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, metrics, result in rows:
+        p = metrics.get("privacy")
+        dp = ("none" if p is None else
+              f"epsilon {p['epsilon']:.3g}, delta {p['delta']:g}, noise {p['noise_multiplier']:.3g}, "
+              f"clip {p['max_grad_norm']:g}" if p["epsilon"] is not None else "noise 0 (no privacy)")
+        accuracy = metrics.get("tuned", {}).get("accuracy")
+        m = result["membership"]
+        groups = {g["repetitions"]: g["mean"] for g in result.get("exposure", {}).get("by_repetitions", [])}
+        cells = [name, dp, "-" if accuracy is None else f"{accuracy:.4f}", f"{m['auc']:.3f}",
+                 f"{m['tpr_at_1pct_fpr']:.3f}"] + [f"{groups[r]:.2f}" if r in groups else "-" for r in reps]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

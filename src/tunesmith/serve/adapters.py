@@ -62,7 +62,7 @@ def read_run(path: str | Path) -> RunAdapter:
 
 class AdapterPool:
     def __init__(self, base: str, dtype: str = "float32", max_adapters: int = 8,
-                 adapter_dirs: list[Path] = (), aliases: dict[str, str] | None = None):
+                 adapter_dirs: list[Path] = (), aliases: dict[str, str] | None = None, device: str = "cpu"):
         self.base_name = base
         self.source = resolve_model(base)
         self.dtype = dtype
@@ -70,7 +70,7 @@ class AdapterPool:
         self.adapter_dirs = [Path(d).resolve() for d in adapter_dirs]
         self.tokenizer = load_tokenizer(self.source)
         # load_model never passes trust_remote_code: a served model runs no code from its directory.
-        self.model = load_model(self.source, dtype=dtype).eval()
+        self.model = load_model(self.source, dtype=dtype).to(device).eval()
         self.adapters: dict[str, Adapter] = {}
         self.aliases: dict[str, str] = dict(aliases or {})
         self.lock = threading.Lock()

@@ -17,3 +17,9 @@ class ServeOptions(Section):
     max_adapters: int = Field(8, ge=1, description="adapters in memory at once")
     batch_window_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests")
     max_batch: int = Field(16, ge=1, description="requests decoded together at most")
+    device: str = Field("auto", description="where the model runs: cpu, cuda[:N], or auto (cuda when there is one)")
+
+    def torch_device(self) -> str:
+        import torch
+
+        return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device

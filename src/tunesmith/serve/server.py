@@ -110,7 +110,8 @@ def build_server(runs: dict[str, Path], base: str | None = None, adapter_dirs: l
     for directory in adapter_dirs:
         if not Path(directory).is_dir():
             raise TunesmithError(f"--adapter-dir {directory}: no such directory")
-    pool = AdapterPool.from_runs(runs, base=base, max_adapters=options.max_adapters, adapter_dirs=adapter_dirs)
+    pool = AdapterPool.from_runs(runs, base=base, max_adapters=options.max_adapters, adapter_dirs=adapter_dirs,
+                                 device=options.torch_device())
     for alias, name in (aliases or {}).items():
         pool.set_alias(alias, name)
     scheduler = Scheduler(pool.run, window_s=options.batch_window_ms / 1000, max_batch=options.max_batch)

@@ -236,6 +236,19 @@ def test_oversized_request_is_413_and_caps_are_400(client):
         client.completions.create(model="alpha", prompt=PROMPT, max_tokens=500)
 
 
+def test_oversized_body_without_a_length_is_413(served):
+    def chunks():
+        yield b'{"model": "alpha", "prompt": "'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"}'
+
+    response = httpx.post(served[1] + "/v1/completions", content=chunks(), timeout=30,
+                          headers={"Authorization": "Bearer sekret", "Content-Type": "application/json"})
+    assert response.status_code == 413, response.text
+    assert "over 4000 bytes" in response.json()["error"]["message"]
+
+
 def test_over_the_concurrency_limit_is_429(client, served):
     from openai import RateLimitError
 
@@ -270,6 +283,29 @@ def test_requests_are_logged_redacted_and_rated(client, served):
     assert rating["score"] == 1.0 and rating["rater"] == "team-a"
     assert post(served, "/v1/feedback", {"id": "nope", "score": 1}).status_code == 404
     assert post(served, "/v1/feedback", {"id": out.id}).status_code == 400
+
+
+def test_base_alone_then_adapters_loaded_and_unloaded(runs, tiny_model_dir):
+    """A pool started on the base alone becomes a PEFT model at its first load, and answers as the
+    base again once every adapter is gone."""
+    from tunesmith.serve.adapters import AdapterPool
+    from tunesmith.serve.engine import BASE, Job
+
+    pool = AdapterPool(str(tiny_model_dir), adapter_dirs=[runs["root"]])
+
+    def answer(adapter: str) -> str:
+        pieces = []
+        ids = pool.tokenizer(PROMPT).input_ids
+        pool.run([Job(adapter, ids, Sampling(6, temperature=0), emit=lambda e: pieces.append(e.text))])
+        return "".join(pieces)
+
+    base = answer(BASE)
+    pool.load("a", str(runs["alpha"]))
+    assert pool.resolve("a") == "a" and answer("a") != base
+    pool.unload("a")
+    assert pool.resolve("a") is None and answer(BASE) == base
+    with pytest.raises(TunesmithError, match="outside the adapter directories"):
+        pool.load("b", str(runs["root"]) + "/../x")
 
 
 def test_runs_on_another_base_or_method_are_refused(runs, tiny_model_dir, tmp_path):

@@ -136,6 +136,9 @@ class AdapterPool:
                 raise TunesmithError(f"lora_name {name!r}: no such adapter is loaded")
             self.model.delete_adapter(name)
             del self.adapters[name]
+            if not self.adapters:
+                # A PEFT model with no adapter cannot run forward; go back to the plain base model.
+                self.model = self.model.unload()
             self.aliases = {a: n for a, n in self.aliases.items() if n != name}
 
     def set_alias(self, alias: str, name: str) -> None:

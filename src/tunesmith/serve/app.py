@@ -114,36 +114,29 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._refuse(send)
-        seen, started = 0, False
+        seen, refused = 0, False
 
         async def counted():
-            nonlocal seen
+            nonlocal seen, refused
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
-
-        async def watched(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted, watched)
-        except _TooLarge:
-            if not started:
+            if seen > self.limit and not refused:
+                # Answer now, and tell the app the client has gone, so it stops reading and its reply is dropped.
+                refused = True
                 await self._refuse(send)
+            return {"type": "http.disconnect"} if refused else message
+
+        async def muted(message):
+            if not refused:
+                await send(message)
+
+        await self.app(scope, counted, muted)
 
     async def _refuse(self, send):
         body = json.dumps(error_body(413, f"request body over {self.limit} bytes")).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def build_app(pool: AdapterPool, scheduler: Scheduler, options: ServeOptions, keys: dict[str, str],

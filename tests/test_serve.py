@@ -174,7 +174,8 @@ def test_mixed_batch_matches_each_adapter_alone(client, served, tiny_model_dir):
 
 
 def test_engine_matches_transformers_generate(runs, tiny_model_dir):
-    """The decode loop's greedy answer is what peft + transformers' generate gives, padded or not."""
+    """The decode loop's greedy answers are what peft + transformers' generate gives each prompt alone,
+    for rows padded or not, and for a row that finishes early and leaves the batch."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -183,14 +184,15 @@ def test_engine_matches_transformers_generate(runs, tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
                                       runs["alpha"] / "adapter", adapter_name="alpha").eval()
-    prompts = [tokenizer(PROMPT).input_ids, tokenizer("a dull boring story").input_ids]
-    texts = ["", ""]
-    jobs = [Job("alpha", ids, Sampling(6, temperature=0), emit=lambda e, i=i: texts.__setitem__(i, texts[i] + e.text))
-            for i, ids in enumerate(prompts)]
+    prompts = [tokenizer(PROMPT).input_ids, tokenizer("a dull boring story").input_ids, tokenizer("the").input_ids]
+    lengths = [6, 2, 5]
+    texts = [""] * len(prompts)
+    jobs = [Job("alpha", ids, Sampling(n, temperature=0), emit=lambda e, i=i: texts.__setitem__(i, texts[i] + e.text))
+            for i, (ids, n) in enumerate(zip(prompts, lengths))]
     decode_batch(model, tokenizer, jobs, mixed=True)
-    for ids, text in zip(prompts, texts):
+    for ids, n, text in zip(prompts, lengths, texts):
         with torch.no_grad():
-            out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False,
+            out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
         assert text == tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
 

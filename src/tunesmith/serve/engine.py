@@ -151,23 +151,29 @@ def decode_batch(model, tokenizer, jobs: list[Job], mixed: bool) -> None:
     mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs])
     # Left padding: positions count real tokens only, so a padded row sees what it would alone.
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    extra = {"adapter_names": [job.adapter for job in jobs]} if mixed else {}
+    adapters = [job.adapter for job in jobs]
     device = next(model.parameters()).device
     cache = None
-    for _ in range(max(job.sampling.max_tokens for job in jobs)):
+    while rows:
+        extra = {"adapter_names": adapters} if mixed else {}
         out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                     position_ids=positions.to(device), past_key_values=cache, use_cache=True, **extra)
         cache = out.past_key_values
         logits = out.logits[:, -1].cpu()
         step = []
         for i, row in enumerate(rows):
-            token = pad
-            if not row.done:
-                token = next_token(logits[i], row.job.sampling, row.generator)
-                row.push(token, eos)
+            token = next_token(logits[i], row.job.sampling, row.generator)
+            row.push(token, eos)
             step.append(token)
-        if all(row.done for row in rows):
-            return
+        live = [i for i, row in enumerate(rows) if not row.done]
+        if len(live) < len(rows):
+            # Finished rows leave the batch (and the cache), so they cost nothing more.
+            if not live:
+                return
+            index = torch.tensor(live)
+            cache.batch_select_indices(index.to(device))
+            rows, adapters, step = [rows[i] for i in live], [adapters[i] for i in live], [step[i] for i in live]
+            mask, positions = mask[index], positions[index]
         input_ids = torch.tensor(step)[:, None]
         mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], dim=1)
         positions = positions[:, -1:] + 1

@@ -245,7 +245,11 @@ def build_app(pool: AdapterPool, scheduler: Scheduler, options: ServeOptions, ke
         started = time.perf_counter()
         events: asyncio.Queue[Event] = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        job = Job(adapter, ids, sampling, emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        def emit(event: Event) -> None:
+            if not loop.is_closed():  # a server shutting down has no one left to tell
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        job = Job(adapter, ids, sampling, emit=emit)
         scheduler.submit(job)
         completion_id = ("chatcmpl-" if route == "chat" else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())

@@ -326,3 +326,19 @@ def test_binding_beyond_localhost_needs_keys(runs, capsys):
 
     cli_fails(capsys, ["serve", str(runs["alpha"]), "--host", "0.0.0.0", "--store", str(runs["root"] / "s.db")],
               "binding beyond localhost needs API keys")
+
+
+def test_the_commands_in_docs_serving_parse():
+    import re
+    import shlex
+    from pathlib import Path
+
+    from tunesmith.cli import build_parser
+
+    doc = (Path(__file__).parent.parent / "docs" / "serving.md").read_text()
+    lines = [line.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", doc, re.S)
+             for line in block.splitlines()]
+    commands = [shlex.split(line)[1:] for line in lines if line.startswith("tunesmith ")]
+    assert len(commands) == 3
+    for argv in commands:
+        assert build_parser().parse_args(argv).command == "serve"

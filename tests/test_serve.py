@@ -12,8 +12,8 @@ import threading
 import httpx
 import pytest
 import torch
-
 from conftest import review_rows, write_config, write_jsonl
+
 from tunesmith.errors import TunesmithError
 from tunesmith.serve.engine import Sampling, held_back, next_token
 from tunesmith.serve.options import ServeOptions
@@ -336,7 +336,7 @@ def test_the_commands_in_docs_serving_parse():
     from tunesmith.cli import build_parser
 
     doc = (Path(__file__).parent.parent / "docs" / "serving.md").read_text()
-    lines = [line.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", doc, re.S)
+    lines = [line.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", doc, re.DOTALL)
              for line in block.splitlines()]
     commands = [shlex.split(line)[1:] for line in lines if line.startswith("tunesmith ")]
     assert len(commands) == 3

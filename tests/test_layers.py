@@ -20,6 +20,7 @@ LAYERS = [
     ["tunesmith.session"],
     ["tunesmith.store"],
     ["tunesmith.recipe", "tunesmith.compare"],
+    ["tunesmith.serve"],
     ["tunesmith.cli"],
 ]
 

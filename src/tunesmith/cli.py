@@ -101,6 +101,23 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from tunesmith.serve.keys import check_binding, load_keys
+    from tunesmith.serve.options import ServeOptions
+    from tunesmith.serve.server import build_server, parse_aliases, parse_runs
+
+    options = ServeOptions(**{name: getattr(args, name) for name in ServeOptions.model_fields})
+    keys = load_keys(args.api_key_file)
+    check_binding(args.host, keys)  # before the model loads: refusing should be quick
+    server = build_server(parse_runs(args.runs), base=args.base, adapter_dirs=[Path(d) for d in args.adapter_dir],
+                          aliases=parse_aliases(args.alias), options=options, keys=keys,
+                          store=Path(args.store) if args.store else None, redact_pii=args.redact_pii)
+    print(f"serving {', '.join(m['id'] for m in server.pool.models())} on http://{args.host}:{args.port}/v1",
+          file=sys.stderr)
+    server.run(args.host, args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +164,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--against", action="append", default=[], metavar="RUN",
                    help="an audited run to show side by side in the report (for example the job without DP)")
     q.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("serve", help="serve runs' LoRA adapters on one base model behind OpenAI routes")
+    p.add_argument("runs", nargs="*", metavar="[NAME=]RUN", help="run directories to serve, each as its name")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--base", help="the base model (default: the runs' own); needed when no run is given")
+    p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
+                   help="where /v1/load_lora_adapter may load runs from (repeatable; off without one)")
+    p.add_argument("--alias", action="append", default=[], metavar="ALIAS=NAME", help="another name for an adapter")
+    p.add_argument("--store", help="the SQLite store for the request log (default: $TUNESMITH_STORE, else runs/store.sqlite)")
+    p.add_argument("--api-key-file", help="API keys, one ID:KEY or KEY a line (also $TUNESMITH_API_KEYS)")
+    p.add_argument("--redact-pii", action="store_true", help="replace personal data in the request log")
+    from tunesmith.serve.options import ServeOptions
+
+    for name, info in ServeOptions.model_fields.items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(info.default), default=info.default,
+                       help=info.description)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

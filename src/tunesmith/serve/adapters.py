@@ -1,0 +1,186 @@
+"""One base model and the LoRA adapters of many runs, loaded as named adapters of one PEFT model.
+
+Runs are read through ``store.Run`` (their config, their saved adapter, their parent), not through
+``store.load_run``: that builds a whole model per run, and the point here is one base for all.
+Every run must have trained LoRA on a causal objective on the same base model and dtype; anything
+else is refused with the reason. Adapters loaded at run time come only from the configured
+directories, and at most ``max_adapters`` stay in memory.
+
+The pool's ``lock`` is held while a batch is decoded and while an adapter is loaded or unloaded,
+so a batch never sees the model change under it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunesmith.errors import TunesmithError
+from tunesmith.methods import get_method
+from tunesmith.model import load_model, load_tokenizer, resolve_model
+from tunesmith.serve.engine import BASE, Event, Job, decode_batch
+from tunesmith.store import Run
+
+
+@dataclass
+class Adapter:
+    name: str
+    run: Path
+    parent: Path | None
+    created: int
+
+
+@dataclass
+class RunAdapter:
+    """What serving needs from a run: its base model, dtype and saved adapter directory."""
+
+    run: Run
+    base: str  # the model name as the run's config gives it
+    source: str  # where that name resolves to
+    dtype: str
+    weights: Path
+
+
+def read_run(path: str | Path) -> RunAdapter:
+    """A run's adapter, or the reason it cannot be served as one."""
+    run = Run(path, writer=False)
+    config = run.load_config()
+    if config.method.name != "lora" or config.method.use_dora:
+        what = "DoRA" if config.method.name == "lora" else config.method.name
+        raise TunesmithError(f"{run.path}: trained with {what}; only LoRA adapters can share a "
+                             "base model in one batch (merge the run and serve it on its own)")
+    if config.objective.name != "causal":
+        raise TunesmithError(f"{run.path}: objective {config.objective.name!r} has its own head; "
+                             "only causal-LM runs can be served")
+    weights = run.saved(get_method("lora"))
+    if not (weights / "adapter_config.json").is_file():
+        raise TunesmithError(f"{run.path}: the run has no saved adapter/ (status: {run.status()})")
+    return RunAdapter(run, config.model.name, resolve_model(config.model.name), config.model.dtype, weights)
+
+
+class AdapterPool:
+    def __init__(self, base: str, dtype: str = "float32", max_adapters: int = 8,
+                 adapter_dirs: list[Path] = (), aliases: dict[str, str] | None = None, device: str = "cpu"):
+        self.base_name = base
+        self.source = resolve_model(base)
+        self.dtype = dtype
+        self.max_adapters = max_adapters
+        self.adapter_dirs = [Path(d).resolve() for d in adapter_dirs]
+        self.tokenizer = load_tokenizer(self.source)
+        # load_model never passes trust_remote_code: a served model runs no code from its directory.
+        self.model = load_model(self.source, dtype=dtype).to(device).eval()
+        self.adapters: dict[str, Adapter] = {}
+        self.aliases: dict[str, str] = dict(aliases or {})
+        self.lock = threading.Lock()
+        self.created = int(time.time())
+
+    @classmethod
+    def from_runs(cls, runs: dict[str, Path], base: str | None = None, **kwargs) -> AdapterPool:
+        """A pool on the runs' shared base model (or ``base``), with each run's adapter under its name."""
+        read = {name: read_run(path) for name, path in runs.items()}
+        if base is None and not read:
+            raise TunesmithError("serve: give at least one run, or the base model with --base")
+        first = next(iter(read.values()), None)
+        pool = cls(base or first.base, dtype=first.dtype if first else "float32", **kwargs)
+        problems = [pool._mismatch(r) for r in read.values()]
+        if any(problems):
+            raise TunesmithError(*problems)
+        for name, r in read.items():
+            pool._add(name, r)
+        return pool
+
+    # What requests name.
+    def resolve(self, model: str) -> str | None:
+        """The adapter a request's ``model`` names (BASE for the base model), or None."""
+        if model == self.base_name:
+            return BASE
+        name = self.aliases.get(model, model)
+        return name if name in self.adapters else None
+
+    def models(self) -> list[dict]:
+        """The entries of ``/v1/models``: the base, then every adapter and alias."""
+        entries = [{"id": self.base_name, "object": "model", "created": self.created,
+                    "owned_by": "tunesmith", "root": self.source, "parent": None}]
+        for adapter in self.adapters.values():
+            entries.append({"id": adapter.name, "object": "model", "created": adapter.created,
+                            "owned_by": "tunesmith", "root": str(adapter.run), "base": self.base_name,
+                            "parent": str(adapter.parent) if adapter.parent else None})
+        for alias, name in self.aliases.items():
+            entries.append({"id": alias, "object": "model", "created": self.created, "owned_by": "tunesmith",
+                            "root": name, "base": self.base_name, "alias_of": name, "parent": None})
+        return entries
+
+    # Run time changes.
+    def load(self, name: str, path: str) -> None:
+        """Load the run at ``path`` as adapter ``name`` (``/v1/load_lora_adapter``)."""
+        if not self.adapter_dirs:
+            raise TunesmithError("loading adapters at run time is off: start the server with --adapter-dir DIR")
+        resolved = Path(path).expanduser().resolve()
+        if not any(resolved.is_relative_to(d) for d in self.adapter_dirs):
+            raise TunesmithError(f"lora_path {path!r} is outside the adapter directories "
+                                 f"({', '.join(map(str, self.adapter_dirs))})")
+        if not resolved.is_dir():
+            raise TunesmithError(f"lora_path {path!r}: no such run directory")
+        run = read_run(resolved)
+        problem = self._mismatch(run)
+        if problem:
+            raise TunesmithError(problem)
+        self._add(name, run)
+
+    def unload(self, name: str) -> None:
+        """Remove adapter ``name`` from memory (``/v1/unload_lora_adapter``); aliases to it go too."""
+        with self.lock:
+            if name not in self.adapters:
+                raise TunesmithError(f"lora_name {name!r}: no such adapter is loaded")
+            self.model.delete_adapter(name)
+            del self.adapters[name]
+            if not self.adapters:
+                # A PEFT model with no adapter cannot run forward; go back to the plain base model.
+                self.model = self.model.unload()
+            self.aliases = {a: n for a, n in self.aliases.items() if n != name}
+
+    def set_alias(self, alias: str, name: str) -> None:
+        """Point ``alias`` at adapter ``name``, live: the next request for the alias uses it."""
+        if name not in self.adapters:
+            raise TunesmithError(f"model {name!r}: no such adapter is loaded")
+        if alias == self.base_name or alias in self.adapters:
+            raise TunesmithError(f"alias {alias!r} already names a model")
+        self.aliases[alias] = name
+
+    def _mismatch(self, run: RunAdapter) -> str | None:
+        if run.source != self.source or run.dtype != self.dtype:
+            return (f"{run.run.path}: trained on {run.base} ({run.dtype}); this server's base is "
+                    f"{self.base_name} ({self.dtype}); all adapters must share one base model")
+        return None
+
+    def _add(self, name: str, run: RunAdapter) -> None:
+        from peft import PeftModel
+
+        with self.lock:
+            if name in self.adapters or name in self.aliases or name == self.base_name or name == BASE:
+                raise TunesmithError(f"lora_name {name!r}: already loaded (unload it first)")
+            if len(self.adapters) >= self.max_adapters:
+                raise TunesmithError(f"at most {self.max_adapters} adapters stay in memory "
+                                     f"(--max-adapters); unload one first")
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(run.weights, adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, run.weights, adapter_name=name).eval()
+            self.adapters[name] = Adapter(name, run.run.path, run.run.parent, int(time.time()))
+
+    # Generation.
+    def run(self, jobs: list[Job]) -> None:
+        """Decode a batch (the scheduler's ``run_batch``); a job whose adapter has gone fails alone."""
+        from peft import PeftModel
+
+        with self.lock:
+            live = []
+            for job in jobs:
+                if job.adapter == BASE or job.adapter in self.adapters:
+                    live.append(job)
+                else:
+                    job.emit(Event("error", text=f"adapter {job.adapter!r} was unloaded"))
+            if live:
+                decode_batch(self.model, self.tokenizer, live, mixed=isinstance(self.model, PeftModel))

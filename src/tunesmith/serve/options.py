@@ -1,0 +1,25 @@
+"""The server's limits and batching settings (``tunesmith serve`` flags)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from tunesmith.options import Section
+
+
+class ServeOptions(Section):
+    max_body_bytes: int = Field(1_000_000, ge=1, description="larger request bodies get 413")
+    max_prompt_tokens: int = Field(2048, ge=1, description="longer prompts get 400")
+    max_tokens: int = Field(1024, ge=1, description="the most a request may ask to generate (400 beyond)")
+    default_max_tokens: int = Field(256, ge=1, description="what a request that names no max_tokens gets")
+    max_concurrent: int = Field(64, ge=1, description="requests in flight at once; more get 429")
+    retry_after_s: int = Field(1, ge=0, description="the Retry-After of a 429")
+    max_adapters: int = Field(8, ge=1, description="adapters in memory at once")
+    batch_window_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests")
+    max_batch: int = Field(16, ge=1, description="requests decoded together at most")
+    device: str = Field("auto", description="where the model runs: cpu, cuda[:N], or auto (cuda when there is one)")
+
+    def torch_device(self) -> str:
+        import torch
+
+        return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device

@@ -1,0 +1,344 @@
+"""tunesmith serve: the server on a tiny Llama with two LoRA runs, driven by the real openai client.
+
+The runs are made directly: a config written the way `tunesmith train` would, and a LoRA adapter
+with random (non-zero) weights saved by PEFT, so the two adapters and the base answer differently.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+import pytest
+import torch
+from conftest import review_rows, write_config, write_jsonl
+
+from tunesmith.errors import TunesmithError
+from tunesmith.serve.engine import Sampling, held_back, next_token
+from tunesmith.serve.options import ServeOptions
+from tunesmith.serve.server import build_server
+from tunesmith.store import Run
+
+PROMPT = "honestly the film is"
+
+
+def make_run(root, model_dir, name: str, seed: int, parent=None, **method):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    data = write_jsonl(root / f"{name}.jsonl", review_rows(20))
+    config = write_config(root / f"{name}.yaml", model_dir,
+                          {"path": str(data), "format": "classification",
+                           "columns": {"text": "review", "label": "sentiment"}},
+                          output={"dir": str(run_dir)}, **({"method": method} if method else {}))
+    (run_dir / "config.yaml").write_text(config.read_text())
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=4, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
+    model.save_pretrained(run_dir / "adapter")
+    Run(run_dir).set_status("complete", **({"parent": str(parent)} if parent else {}))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("served-runs")
+    first = make_run(root, tiny_model_dir, "alpha", seed=1)
+    second = make_run(root, tiny_model_dir, "beta", seed=2, parent=first)
+    spare = make_run(root, tiny_model_dir, "gamma", seed=3)
+    return {"root": root, "alpha": first, "beta": second, "gamma": spare}
+
+
+@pytest.fixture(scope="module")
+def served(runs, tiny_model_dir, tmp_path_factory):
+    """The server with alpha and beta, keys, small limits, and gamma loadable from the runs' directory."""
+    store = tmp_path_factory.mktemp("store") / "store.sqlite"
+    options = ServeOptions(max_body_bytes=4000, max_prompt_tokens=64, max_tokens=32, max_concurrent=4,
+                           max_adapters=3, batch_window_ms=50)
+    server = build_server({"alpha": runs["alpha"], "beta": runs["beta"]}, adapter_dirs=[runs["root"]],
+                          aliases={"prod": "alpha"}, options=options, keys={"sekret": "team-a"},
+                          store=store, redact_pii=True)
+    with server.in_thread() as url:
+        yield server, url, store
+
+
+@pytest.fixture
+def client(served):
+    from openai import OpenAI
+
+    return OpenAI(base_url=served[1] + "/v1", api_key="sekret", max_retries=0)
+
+
+def ask(client, model: str, prompt: str = PROMPT, **kwargs) -> str:
+    out = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0, **kwargs)
+    return out.choices[0].text
+
+
+def post(served, route: str, body, key: str = "sekret") -> httpx.Response:
+    return httpx.post(served[1] + route, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+def wait_for_submitted(server, n: int, threads) -> None:
+    """Start ``threads`` and wait until their ``n`` requests have reached the scheduler."""
+    before = server.scheduler.submitted
+    for t in threads:
+        t.start()
+    while server.scheduler.submitted < before + n:
+        threading.Event().wait(0.01)
+
+
+# Sampling maths.
+def test_top_p_samples_only_from_the_nucleus():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    generator = torch.Generator().manual_seed(0)
+    drawn = {next_token(logits, Sampling(1, temperature=1.0, top_p=0.7), generator) for _ in range(200)}
+    assert drawn == {0, 1}  # 0.5 < 0.7 needs the second token, and no more
+    assert next_token(logits, Sampling(1, temperature=0), None) == 0
+
+
+def test_same_seed_same_sample():
+    logits = torch.randn(50)
+    draw = [next_token(logits, Sampling(1, temperature=1.0), torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert draw[0] == draw[1]
+
+
+def test_held_back_keeps_a_possible_stop_start():
+    assert held_back("the end is ne", ["near", "x"]) == 2
+    assert held_back("the end is", ["near"]) == 0
+    assert held_back("abc", []) == 0
+
+
+# The routes.
+def test_chat_and_completion_with_usage(client, served):
+    chat = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": PROMPT}],
+                                          max_tokens=6, temperature=0)
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert chat.usage.completion_tokens <= 6 and chat.usage.prompt_tokens > 0
+    assert chat.usage.total_tokens == chat.usage.prompt_tokens + chat.usage.completion_tokens
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    done = client.completions.create(model="beta", prompt=PROMPT, max_tokens=5, temperature=0)
+    assert done.usage.completion_tokens == 5 and done.choices[0].finish_reason == "length"
+
+
+def test_streaming_equals_the_whole_answer(client):
+    whole = client.chat.completions.create(model="beta", messages=[{"role": "user", "content": PROMPT}],
+                                           max_tokens=8, temperature=0).choices[0].message.content
+    chunks = list(client.chat.completions.create(
+        model="beta", messages=[{"role": "user", "content": PROMPT}], max_tokens=8, temperature=0,
+        stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole
+    assert chunks[-1].usage.completion_tokens >= 1
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="alpha", prompt=PROMPT, max_tokens=8, temperature=0, stream=True))
+    assert streamed == ask(client, "alpha")
+
+
+def test_stop_and_seed_are_honoured(client):
+    full = ask(client, "alpha")
+    assert len(full) > 2
+    stop = full[2:4]
+    cut = ask(client, "alpha", stop=[stop])
+    assert cut == full[: full.index(stop)]
+    sampled = [client.completions.create(model="alpha", prompt=PROMPT, max_tokens=8, temperature=1.5, seed=3)
+               .choices[0].text for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_models_lists_base_adapters_aliases_and_parents(client, served, runs, tiny_model_dir):
+    models = {m.id: m for m in client.models.list().data}
+    assert {str(tiny_model_dir), "alpha", "beta", "prod"} <= set(models)
+    assert models["beta"].model_extra["parent"] == str(runs["alpha"])
+    assert models["alpha"].model_extra["parent"] is None
+
+
+def test_mixed_batch_matches_each_adapter_alone(client, served, tiny_model_dir):
+    server = served[0]
+    base = str(tiny_model_dir)
+    names = ["alpha", "beta", base, "prod"]
+    alone = {name: ask(client, name) for name in names}
+    assert len({alone["alpha"], alone["beta"], alone[base]}) == 3  # three models, three answers
+    assert alone["prod"] == alone["alpha"]
+    together: dict[str, str] = {}
+    threads = [threading.Thread(target=lambda n=n: together.__setitem__(n, ask(client, n))) for n in names]
+    with server.scheduler.paused():  # every request queues, then all go as one batch
+        wait_for_submitted(server, len(names), threads)
+    for t in threads:
+        t.join()
+    assert together == alone
+    assert sorted(server.scheduler.batches[-1]) == sorted(["alpha", "beta", "__base__", "alpha"])
+
+
+def test_engine_matches_transformers_generate(runs, tiny_model_dir):
+    """The decode loop's greedy answers are what peft + transformers' generate gives each prompt alone,
+    for rows padded or not, and for a row that finishes early and leaves the batch."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.serve.engine import Job, decode_batch
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                      runs["alpha"] / "adapter", adapter_name="alpha").eval()
+    prompts = [tokenizer(PROMPT).input_ids, tokenizer("a dull boring story").input_ids, tokenizer("the").input_ids]
+    lengths = [6, 2, 5]
+    texts = [""] * len(prompts)
+    jobs = [Job("alpha", ids, Sampling(n, temperature=0), emit=lambda e, i=i: texts.__setitem__(i, texts[i] + e.text))
+            for i, (ids, n) in enumerate(zip(prompts, lengths))]
+    decode_batch(model, tokenizer, jobs, mixed=True)
+    for ids, n, text in zip(prompts, lengths, texts):
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        assert text == tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+
+def test_load_and_unload_at_run_time(client, served, runs):
+    assert post(served, "/v1/load_lora_adapter", {"lora_name": "g", "lora_path": str(runs["gamma"])}).status_code == 200
+    assert "g" in {m.id for m in client.models.list().data}
+    answer = ask(client, "g")
+    assert answer not in (ask(client, "alpha"), ask(client, "beta"))
+    again = post(served, "/v1/load_lora_adapter", {"lora_name": "g2", "lora_path": str(runs["gamma"])})
+    assert again.status_code == 400 and "at most 3 adapters" in again.json()["error"]["message"]
+    assert post(served, "/v1/unload_lora_adapter", {"lora_name": "g"}).status_code == 200
+    from openai import NotFoundError
+
+    with pytest.raises(NotFoundError):
+        ask(client, "g")
+
+
+def test_paths_outside_the_adapter_directories_are_refused(served, runs, tiny_model_dir, tmp_path):
+    for path in (str(tiny_model_dir), str(runs["root"] / ".." / tiny_model_dir.name), "/etc"):
+        response = post(served, "/v1/load_lora_adapter", {"lora_name": "evil", "lora_path": path})
+        assert response.status_code == 400
+        assert "outside the adapter directories" in response.json()["error"]["message"]
+
+
+def test_wrong_key_is_401(served):
+    from openai import AuthenticationError, OpenAI
+
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=served[1] + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(served[1] + "/health").json()["status"] == "ok"  # health needs no key
+
+
+def test_oversized_request_is_413_and_caps_are_400(client):
+    from openai import APIStatusError, BadRequestError
+
+    with pytest.raises(APIStatusError) as err:
+        ask(client, "alpha", prompt="word " * 2000)
+    assert err.value.status_code == 413
+    with pytest.raises(BadRequestError, match="at most 64"):
+        ask(client, "alpha", prompt="the film " * 60)
+    with pytest.raises(BadRequestError, match="cap of 32"):
+        client.completions.create(model="alpha", prompt=PROMPT, max_tokens=500)
+
+
+def test_oversized_body_without_a_length_is_413(served):
+    def chunks():
+        yield b'{"model": "alpha", "prompt": "'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"}'
+
+    response = httpx.post(served[1] + "/v1/completions", content=chunks(), timeout=30,
+                          headers={"Authorization": "Bearer sekret", "Content-Type": "application/json"})
+    assert response.status_code == 413, response.text
+    assert "over 4000 bytes" in response.json()["error"]["message"]
+
+
+def test_over_the_concurrency_limit_is_429(client, served):
+    from openai import RateLimitError
+
+    server = served[0]
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(ask(client, "alpha"))) for _ in range(4)]
+    with server.scheduler.paused():  # four requests in flight (the limit), held
+        wait_for_submitted(server, 4, threads)
+        with pytest.raises(RateLimitError) as err:
+            ask(client, "beta")
+        assert err.value.response.headers["retry-after"] == "1"
+    for t in threads:
+        t.join()
+    assert len(answers) == 4
+
+
+def test_requests_are_logged_redacted_and_rated(client, served):
+    from tunesmith.store import db
+
+    out = client.chat.completions.create(
+        model="prod", messages=[{"role": "user", "content": "mail me at jane.doe@example.com"}],
+        max_tokens=4, temperature=0)
+    store = db.connect(served[2])
+    row = store.execute("SELECT * FROM answers WHERE id = ?", (out.id,)).fetchone()
+    assert row["source"] == "served" and row["run"] == "alpha"
+    assert row["prompt"] == "mail me at <EMAIL>"
+    assert row["completion_tokens"] == out.usage.completion_tokens and row["latency_ms"] > 0
+    assert json.loads(row["meta"])["key_id"] == "team-a"
+    rated = post(served, "/v1/feedback", {"id": out.id, "thumbs": "up", "comment": "good"})
+    assert rated.status_code == 200, rated.text
+    rating = store.execute("SELECT * FROM ratings WHERE answer_id = ?", (out.id,)).fetchone()
+    assert rating["score"] == 1.0 and rating["rater"] == "team-a"
+    assert post(served, "/v1/feedback", {"id": "nope", "score": 1}).status_code == 404
+    assert post(served, "/v1/feedback", {"id": out.id}).status_code == 400
+
+
+def test_base_alone_then_adapters_loaded_and_unloaded(runs, tiny_model_dir):
+    """A pool started on the base alone becomes a PEFT model at its first load, and answers as the
+    base again once every adapter is gone."""
+    from tunesmith.serve.adapters import AdapterPool
+    from tunesmith.serve.engine import BASE, Job
+
+    pool = AdapterPool(str(tiny_model_dir), adapter_dirs=[runs["root"]])
+
+    def answer(adapter: str) -> str:
+        pieces = []
+        ids = pool.tokenizer(PROMPT).input_ids
+        pool.run([Job(adapter, ids, Sampling(6, temperature=0), emit=lambda e: pieces.append(e.text))])
+        return "".join(pieces)
+
+    base = answer(BASE)
+    pool.load("a", str(runs["alpha"]))
+    assert pool.resolve("a") == "a" and answer("a") != base
+    pool.unload("a")
+    assert pool.resolve("a") is None and answer(BASE) == base
+    with pytest.raises(TunesmithError, match="outside the adapter directories"):
+        pool.load("b", str(runs["root"]) + "/../x")
+
+
+def test_runs_on_another_base_or_method_are_refused(runs, tiny_model_dir, tmp_path):
+    from conftest import make_model_dir
+
+    dora = make_run(tmp_path, tiny_model_dir, "dora", seed=1, use_dora=True)
+    with pytest.raises(TunesmithError, match="only LoRA adapters"):
+        build_server({"alpha": runs["alpha"], "dora": dora}, log_requests=False)
+    other = make_run(tmp_path, make_model_dir(tmp_path / "other-base"), "other", seed=1)
+    with pytest.raises(TunesmithError, match="all adapters must share one base model"):
+        build_server({"alpha": runs["alpha"], "other": other}, log_requests=False)
+
+
+def test_binding_beyond_localhost_needs_keys(runs, capsys):
+    from conftest import cli_fails
+
+    cli_fails(capsys, ["serve", str(runs["alpha"]), "--host", "0.0.0.0", "--store", str(runs["root"] / "s.db")],
+              "binding beyond localhost needs API keys")
+
+
+def test_the_commands_in_docs_serving_parse():
+    import re
+    import shlex
+    from pathlib import Path
+
+    from tunesmith.cli import build_parser
+
+    doc = (Path(__file__).parent.parent / "docs" / "serving.md").read_text()
+    lines = [line.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", doc, re.DOTALL)
+             for line in block.splitlines()]
+    commands = [shlex.split(line)[1:] for line in lines if line.startswith("tunesmith ")]
+    assert len(commands) == 3
+    for argv in commands:
+        assert build_parser().parse_args(argv).command == "serve"

@@ -101,6 +101,14 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from tunesmith.export import export_run
+
+    out = export_run(Path(args.run_dir), args.format, Path(args.out), args.dtype)
+    print(f"exported: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-examples", type=_at_least_two, default=1000,
                    help="training rows, and held-out rows, scored at most (a seeded sample)")
     q.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("export", help="a run's merged model as a Hugging Face directory or a GGUF file")
+    p.add_argument("run_dir")
+    p.add_argument("--format", choices=["hf", "gguf"], required=True)
+    p.add_argument("--out", required=True, help="the directory (hf) or file (gguf) to write; must not exist")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="gguf: the type of the matrices (norms stay float32)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -109,6 +109,27 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_monitor(args) -> int:
+    import traceback
+
+    from tunesmith.monitor.drift import Thresholds, monitor_run
+
+    thresholds = Thresholds(alpha=args.alpha, auc=args.auc_threshold, min_prompts=args.min_prompts,
+                            max_examples=args.max_examples, permutations=args.permutations)
+    try:
+        result = monitor_run(Path(args.run_dir), args.out, args.store, args.adapter, args.since, thresholds)
+    except TunesmithError:
+        raise
+    except Exception:
+        # Scripts read exit 1 as drift: a crash must not look like one.
+        traceback.print_exc()
+        return EXIT_USER_ERROR
+    print(f"MMD p = {result['mmd_p_value']:.4f}  domain AUC = {result['domain_auc']:.3f}  "
+          f"-> {'DRIFT' if result['drift'] else 'no drift'}")
+    print(f"report: {result['report']}")
+    return 1 if result["drift"] else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -161,6 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
                    help="gguf: the type of the matrices (norms stay float32)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("monitor", help="has the served traffic drifted from the run's training inputs? "
+                       "exit 0: no drift, 1: drift, 2: error")
+    p.add_argument("run_dir")
+    p.add_argument("--since", help="only prompts logged at or after this ISO 8601 time (UTC if no zone)")
+    p.add_argument("--store", help="the SQLite store the server logs to (default: $TUNESMITH_STORE, "
+                   "else runs/store.sqlite)")
+    p.add_argument("--adapter", help="the name the run was served under (default: the run directory's name)")
+    p.add_argument("--out", help="a new folder for the report (default: runs/monitor/ADAPTER-TIME)")
+    p.add_argument("--alpha", type=float, default=0.05, help="MMD: drift when the p-value is below this")
+    p.add_argument("--auc-threshold", type=float, default=0.55, help="domain classifier: drift above this AUC")
+    p.add_argument("--min-prompts", type=_at_least_two, default=20)
+    p.add_argument("--max-examples", type=_at_least_two, default=500,
+                   help="training inputs, and prompts, compared at most (a seeded sample)")
+    p.add_argument("--permutations", type=int, default=200, help="MMD permutations (at least 100)")
+    p.set_defaults(func=cmd_monitor)
     return parser
 
 

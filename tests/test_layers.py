@@ -21,6 +21,7 @@ LAYERS = [
     ["tunesmith.store"],
     ["tunesmith.export", "tunesmith.monitor"],
     ["tunesmith.recipe", "tunesmith.compare"],
+    ["tunesmith.retrain"],
     ["tunesmith.cli"],
 ]
 

@@ -105,3 +105,25 @@ def test_user_errors_are_one_line(run_dir, tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     cli_fails(capsys, ["monitor", str(run_dir), "--store", str(store), "--out", str(tmp_path / "taken")],
               "already exists")
+
+
+def test_the_demo_script_logs_answered_and_rated_traffic(run_dir, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "drift_demo.py"
+    spec = importlib.util.spec_from_file_location("drift_demo", path)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+
+    assert demo.log_traffic(run_dir, tmp_path / "hamlet.sqlite", "hamlet", 25, rate=False) == 25
+    assert main(["monitor", str(run_dir), "--store", str(tmp_path / "hamlet.sqlite"), "--out", str(tmp_path / "r")]) == 1
+
+    count = demo.log_traffic(run_dir, tmp_path / "reviews.sqlite", "reviews", 200, rate=True)
+    store = db.connect(tmp_path / "reviews.sqlite")
+    rated = store.execute("SELECT a.answer, r.score, r.label FROM answers a JOIN ratings r ON r.answer_id = a.id"
+                          " WHERE a.run = 'reviews-lora'").fetchall()
+    assert count == len(rated) == 12  # the run's whole test split, each answer rated once
+    # Thumbs up exactly when the answer was a right label; a correction (a label) otherwise.
+    assert all((r["score"] == 1.0) == (r["label"] is None) for r in rated)
+    assert all(r["answer"].strip() in ("positive", "negative") for r in rated if r["score"] == 1.0)

@@ -6,8 +6,8 @@
     tunesmith monitor RUN --store runs/demo-hamlet.sqlite   # exit 1 expected: drift
     tunesmith retrain RUN --store runs/demo-same.sqlite --alias reviews-live
 
-``reviews``: the run's own held-out test inputs (the training inputs' distribution, never trained
-on); ``hamlet``: lines of Hamlet (builtin:hamlet), another kind of text. Each prompt is answered by
+``reviews``: the run's own validation inputs (the training inputs' distribution, never trained on,
+and apart from the test split that ``retrain`` scores both models on); ``hamlet``: lines of Hamlet (builtin:hamlet), another kind of text. Each prompt is answered by
 the run's tuned model (``objective.answer``, as ``tunesmith generate`` does) and logged as a served
 answer under the run's name. ``--rate`` rates the answers of label data as a person would: thumbs
 up (score 1.0) when the answer is the true label, else the true label as a correction.
@@ -33,9 +33,8 @@ def hamlet_lines(n: int, seed: int) -> list[str]:
 
 
 def held_out_inputs(session: Session, n: int, seed: int) -> list[tuple[str, str | None]]:
-    data = session.prepare()
-    test = data.examples["test"] or data.examples["validation"]
-    picked = random.Random(seed).sample(test, min(n, len(test)))
+    validation = session.prepare().examples["validation"]
+    picked = random.Random(seed).sample(validation, min(n, len(validation)))
     return [(e["_input"], e.get("label")) for e in picked]
 
 

@@ -123,7 +123,7 @@ def test_the_demo_script_logs_answered_and_rated_traffic(run_dir, tmp_path, caps
     store = db.connect(tmp_path / "reviews.sqlite")
     rated = store.execute("SELECT a.answer, r.score, r.label FROM answers a JOIN ratings r ON r.answer_id = a.id"
                           " WHERE a.run = 'reviews-lora'").fetchall()
-    assert count == len(rated) == 12  # the run's whole test split, each answer rated once
+    assert count == len(rated) == 12  # the run's whole validation split, each answer rated once
     # Thumbs up exactly when the answer was a right label; a correction (a label) otherwise.
     assert all((r["score"] == 1.0) == (r["label"] is None) for r in rated)
     assert all(r["answer"].strip() in ("positive", "negative") for r in rated if r["score"] == 1.0)

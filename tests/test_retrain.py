@@ -9,7 +9,7 @@ import pytest
 
 from conftest import cli_fails, review_rows, write_config, write_jsonl
 from tunesmith.cli import main
-from tunesmith.retrain.data import hold_out, latest_ratings, rated_rows, replay
+from tunesmith.retrain.data import hold_out, latest_ratings, rated_rows, replay, unseen
 from tunesmith.retrain.gate import decide
 from tunesmith.store import db
 
@@ -47,6 +47,13 @@ def test_rated_rows_take_each_answers_latest_rating(tmp_path):
     assert [r["messages"][0]["content"] for r in rows] == ["dull film", "bad film"]
     assert rows[1]["messages"][1] == {"role": "assistant", "content": "meh"}
     assert skipped == {"score_below_min": 3}
+
+
+def test_unseen_drops_repeats_and_the_original_test_inputs():
+    rows = [{"text": "a", "label": "positive"}, {"text": "b", "label": "negative"}, {"text": "a", "label": "negative"},
+            {"messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "x"}]}]
+    kept, dropped = unseen(rows, [{"text": "b", "label": "positive"}, {"text": "c", "label": "positive"}])
+    assert kept == [rows[0]] and dropped == 3
 
 
 def test_hold_out_and_replay_are_seeded_and_sized():

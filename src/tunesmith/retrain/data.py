@@ -55,6 +55,25 @@ def rated_rows(ratings, labels: list[str], min_score: float = 1.0) -> tuple[list
     return rows, skipped
 
 
+def input_of(row: dict) -> str:
+    """What the model reads of a canonical row: its text, or its non-assistant messages."""
+    if "text" in row:
+        return row["text"]
+    return "\n".join(m["content"] for m in row["messages"] if m["role"] != "assistant")
+
+
+def unseen(rows: list[dict], known: list[dict]) -> tuple[list[dict], int]:
+    """``rows`` without repeated inputs, and without inputs of ``known`` (the original test set,
+    which the gate scores on: training on its rows would flatter the child). Returns the number dropped."""
+    seen = {input_of(r) for r in known}
+    kept = []
+    for row in rows:
+        if input_of(row) not in seen:
+            seen.add(input_of(row))
+            kept.append(row)
+    return kept, len(rows) - len(kept)
+
+
 def canonical(example: dict) -> dict:
     """A prepared example (``data.format.to_examples``) as a canonical row."""
     if "label" in example:

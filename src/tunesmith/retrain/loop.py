@@ -1,7 +1,7 @@
 """``tunesmith retrain RUN``: rated traffic plus replay -> a child run -> the gate -> promotion.
 
-1. Rated answers the run served (``data.latest_ratings``, ``data.rated_rows``); a seeded slice of
-   them is held out for the gate.
+1. Rated answers the run served (``data.latest_ratings``, ``data.rated_rows``), each input once and
+   none of the original test set's (``data.unseen``); a seeded slice of them is held out for the gate.
 2. The child's data: the rest, plus replay of the parent's training split, in canonical rows; the
    parent's test split is the child's test set, so the child's own report shows it too.
 3. The child trains with the parent's config (method, hyperparameters, ``--set`` overrides) through
@@ -24,7 +24,15 @@ from tunesmith.data.options import ColumnsConfig, SplitConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.monitor.traffic import parse_since
 from tunesmith.recipe import run_training
-from tunesmith.retrain.data import canonical, hold_out, latest_ratings, rated_rows, replay, write_rows
+from tunesmith.retrain.data import (
+    canonical,
+    hold_out,
+    latest_ratings,
+    rated_rows,
+    replay,
+    unseen,
+    write_rows,
+)
 from tunesmith.retrain.gate import decide
 from tunesmith.session import Session
 from tunesmith.store import Run, load_run
@@ -106,6 +114,10 @@ def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str
     if not store.is_file():
         raise TunesmithError(f"--store {store}: no store there (the server writes it; see --store)")
     rows, skipped = rated_rows(latest_ratings(store_db.connect(store), adapter, parse_since(since)), labels, min_score)
+    original_train, original_test = parent_rows(parent)
+    rows, repeated = unseen(rows, original_test)
+    if repeated:
+        skipped["repeated_or_in_original_test"] = repeated
     if len(rows) < min_rows:
         why = ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "none left out"
         raise TunesmithError(f"adapter {adapter!r}: {len(rows)} usable rated answers in {store} ({why}); "
@@ -114,7 +126,6 @@ def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str
         f"{run_dir.name}-retrain-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
     Run(child_dir).check_new(resume=False)
     new_train, held = hold_out(rows, holdout, seed)
-    original_train, original_test = parent_rows(parent)
     replayed = replay(original_train, len(new_train), replay_ratio, seed)
     data_dir = child_dir.with_name(f"{child_dir.name}.data")
     files = {

@@ -47,7 +47,7 @@ def tuned(lora_run):
 def test_hf_export_loads_with_transformers_alone(lora_run, tuned, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer, expected = tuned
+    expected = tuned[1]
     out = tmp_path / "hf"
     assert main(["export", str(lora_run), "--format", "hf", "--out", str(out)]) == 0
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()

@@ -120,8 +120,7 @@ def cmd_monitor(args) -> int:
         result = monitor_run(Path(args.run_dir), args.out, args.store, args.adapter, args.since, thresholds)
     except TunesmithError:
         raise
-    except Exception:
-        # Scripts read exit 1 as drift: a crash must not look like one.
+    except Exception:  # noqa: BLE001 - scripts read exit 1 as drift: a crash must not look like one
         traceback.print_exc()
         return EXIT_USER_ERROR
     print(f"MMD p = {result['mmd_p_value']:.4f}  domain AUC = {result['domain_auc']:.3f}  "
@@ -142,8 +141,8 @@ def cmd_retrain(args) -> int:
                          alias_file=args.alias_file, log=args.log)
     except TunesmithError:
         raise
-    except Exception:
-        traceback.print_exc()  # exit 1 means "refused": a crash must not look like one
+    except Exception:  # noqa: BLE001 - exit 1 means "refused": a crash must not look like one
+        traceback.print_exc()
         return EXIT_USER_ERROR
     decision = record["decision"]
     print(f"{'PROMOTED' if decision['promote'] else 'REFUSED'}: {record['child']}: {decision['reason']}")

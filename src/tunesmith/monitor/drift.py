@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def monitor_run(run_dir: str | Path, out: str | Path | None = None, store: str |
     if not store.is_file():
         raise TunesmithError(f"--store {store}: no store there (the server writes it; see --store)")
     start = parse_since(since)
-    rows = served(store_db.connect(store), adapter, start)
+    with closing(store_db.connect(store)) as connection:
+        rows = served(connection, adapter, start)
     if len(rows) < thresholds.min_prompts:
         raise TunesmithError(
             f"adapter {adapter!r}: {len(rows)} logged prompts in {store}"

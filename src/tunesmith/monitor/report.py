@@ -5,7 +5,7 @@ permutation distribution against the observed value)."""
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -64,7 +64,7 @@ def plot_null(null: list[float], observed: float, path: Path) -> None:
 
 
 def _time(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _yes(flag: bool) -> str:
@@ -86,17 +86,17 @@ def write_report(out: Path, result: dict, x: torch.Tensor, y: torch.Tensor, null
         "",
         f"**{_yes(result['drift']).upper()}** (drift is declared when both tests agree).",
         "",
-        f"Run `{result['run']}`; {traffic['count']} served prompts from `{result['store']}` "
-        f"({_time(result['first_prompt_at'])} to {_time(result['last_prompt_at'])}) against "
-        f"{train['count']} training inputs, embedded by the run's tuned model (mean of last hidden states).",
+        (f"Run `{result['run']}`; {traffic['count']} served prompts from `{result['store']}` "
+         f"({_time(result['first_prompt_at'])} to {_time(result['last_prompt_at'])}) against "
+         f"{train['count']} training inputs, embedded by the run's tuned model (mean of last hidden states)."),
         "",
         "| test | figure | threshold | verdict |",
         "|---|---|---|---|",
-        f"| MMD, RBF kernel (bandwidth {result['mmd_bandwidth']:.4g}), {result['permutations']} permutations "
-        f"| MMD² {result['mmd2']:.4g}, p = {result['mmd_p_value']:.4f} | p < {result['alpha']} "
-        f"| {_yes(result['mmd_drift'])} |",
-        f"| domain classifier (logistic regression, 5-fold) | AUC {result['domain_auc']:.3f} "
-        f"| > {result['auc_threshold']} | {_yes(result['auc_drift'])} |",
+        (f"| MMD, RBF kernel (bandwidth {result['mmd_bandwidth']:.4g}), {result['permutations']} permutations "
+         f"| MMD² {result['mmd2']:.4g}, p = {result['mmd_p_value']:.4f} | p < {result['alpha']} "
+         f"| {_yes(result['mmd_drift'])} |"),
+        (f"| domain classifier (logistic regression, 5-fold) | AUC {result['domain_auc']:.3f} "
+         f"| > {result['auc_threshold']} | {_yes(result['auc_drift'])} |"),
         "",
         "| statistic | training inputs | served prompts |",
         "|---|---|---|",

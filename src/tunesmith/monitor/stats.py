@@ -71,7 +71,7 @@ def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     ranks = torch.empty_like(scores)
     sorted_scores = scores[order]
     # Average ranks over ties, so that tied scores count half.
-    unique, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
+    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
     ends = counts.cumsum(0).double()
     average = ends - (counts.double() - 1) / 2
     ranks[order] = average[inverse]

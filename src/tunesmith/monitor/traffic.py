@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 import statistics
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from tunesmith.errors import TunesmithError
 
@@ -19,7 +19,7 @@ def parse_since(text: str | None) -> float | None:
     except ValueError:
         raise TunesmithError(f"--since {text!r}: not an ISO 8601 time (e.g. 2026-11-01 or 2026-11-01T12:00:00Z)") from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
 
 

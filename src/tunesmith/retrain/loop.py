@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import closing
 from pathlib import Path
 
 from tunesmith.config import load_config
@@ -113,7 +114,8 @@ def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str
     store = Path(store) if store else store_db.default_path()
     if not store.is_file():
         raise TunesmithError(f"--store {store}: no store there (the server writes it; see --store)")
-    rows, skipped = rated_rows(latest_ratings(store_db.connect(store), adapter, parse_since(since)), labels, min_score)
+    with closing(store_db.connect(store)) as connection:
+        rows, skipped = rated_rows(latest_ratings(connection, adapter, parse_since(since)), labels, min_score)
     original_train, original_test = parent_rows(parent)
     rows, repeated = unseen(rows, original_test)
     if repeated:
@@ -128,6 +130,8 @@ def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str
     new_train, held = hold_out(rows, holdout, seed)
     replayed = replay(original_train, len(new_train), replay_ratio, seed)
     data_dir = child_dir.with_name(f"{child_dir.name}.data")
+    if data_dir.exists():
+        raise TunesmithError(f"{data_dir}: already exists; choose another child directory (--out)")
     files = {
         "train": write_rows(data_dir / "train.jsonl", new_train + replayed),
         "test": write_rows(data_dir / "original_test.jsonl", original_test),

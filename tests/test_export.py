@@ -100,3 +100,32 @@ def test_gguf_refuses_a_classifier(tiny_bert_dir):
 def test_export_of_a_missing_run_is_one_line(tmp_path, capsys):
     cli_fails(capsys, ["export", str(tmp_path / "nope"), "--format", "hf", "--out", str(tmp_path / "o")],
               "not a tunesmith run directory")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 0.0), ("float16", 0.1)])
+def test_smollm2_gguf_round_trip(tmp_path, dtype, tolerance):
+    """The bundled SmolLM2 (no training: the GGUF writer on its real shapes, vocabulary and chat
+    template). Prints the figures docs/serving-monitor.md quotes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.export.gguf_file import write_gguf
+    from tunesmith.model import load_tokenizer, resolve_model
+
+    source = resolve_model("smollm2-135m")
+    tokenizer = load_tokenizer(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    path = write_gguf(model, tokenizer, tmp_path / "smollm2.gguf", dtype)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    read_tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    texts = ["A gripping, beautifully acted film.", "Something is rotten in the state of Denmark.",
+             tokenizer.apply_chat_template([{"role": "user", "content": "Hello 2026!"}], tokenize=False,
+                                           add_generation_prompt=True)]
+    worst = 0.0
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        assert read_tokenizer(text)["input_ids"] == ids
+        with torch.no_grad():
+            worst = max(worst, (model(torch.tensor([ids])).logits - back(torch.tensor([ids])).logits).abs().max().item())
+    print(f"{dtype}: {path.stat().st_size / 2**20:.0f} MiB, max |logit difference| {worst:.3g}")
+    assert worst <= tolerance

@@ -101,7 +101,8 @@ def test_user_errors_are_one_line(run_dir, tmp_path, capsys):
     store = _store(tmp_path / "s.sqlite", other_text(5))
     cli_fails(capsys, ["monitor", str(run_dir), "--store", str(store)], "5 logged prompts", "at least 20")
     cli_fails(capsys, ["monitor", str(run_dir), "--store", str(store), "--since", "yesterday"], "not an ISO 8601 time")
-    cli_fails(capsys, ["monitor", str(run_dir), "--store", str(store), "--permutations", "10"], "at least 100")
+    cli_fails(capsys, ["monitor", str(run_dir), "--store", str(store), "--permutations", "10", "--alpha", "5",
+                       "--auc-threshold", "0.2"], "at least 100", "--alpha 5.0", "--auc-threshold 0.2")
     (tmp_path / "taken").mkdir()
     cli_fails(capsys, ["monitor", str(run_dir), "--store", str(store), "--out", str(tmp_path / "taken")],
               "already exists")

@@ -139,3 +139,8 @@ def test_too_few_rated_answers_is_one_line(parent_run, tmp_path, capsys):
     store.close()
     cli_fails(capsys, ["retrain", str(parent_run), "--store", str(tmp_path / "s.sqlite")],
               "0 usable rated answers", "1 no_right_label", "at least 20")
+
+
+def test_bad_options_are_reported_together(parent_run, tmp_path, capsys):
+    cli_fails(capsys, ["retrain", str(parent_run), "--holdout", "1.5", "--replay", "-1", "--tolerance", "-0.1"],
+              "--holdout 1.5", "--replay -1.0", "--tolerance -0.1")

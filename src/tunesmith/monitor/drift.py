@@ -53,8 +53,12 @@ def monitor_run(run_dir: str | Path, out: str | Path | None = None, store: str |
                 thresholds: Thresholds = Thresholds(), seed: int = 0) -> dict:
     """Test the run's served prompts for drift; writes report.md, monitor.json and plots to ``out``
     (a new folder; by default runs/monitor/ADAPTER-TIME)."""
+    problems = [f"--alpha {thresholds.alpha}: expected a p-value between 0 and 1"] if not 0 < thresholds.alpha < 1 else []
+    problems += [f"--auc-threshold {thresholds.auc}: expected an AUC between 0.5 and 1"] if not 0.5 <= thresholds.auc < 1 else []
     if thresholds.permutations < 100:
-        raise TunesmithError(f"--permutations {thresholds.permutations}: at least 100, for a p-value near 0.05 to mean something")
+        problems.append(f"--permutations {thresholds.permutations}: at least 100, for a p-value near 0.05 to mean something")
+    if problems:
+        raise TunesmithError(*problems)
     adapter = adapter or Path(run_dir).resolve().name
     out = Path(out) if out else Path("runs") / "monitor" / f"{adapter}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
     if out.exists():

@@ -105,6 +105,11 @@ def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str
             tolerance: float = 0.01, alias: str | None = None, alias_file: str | Path = "runs/aliases.json",
             log: str | Path = "runs/retrain_decisions.jsonl", seed: int = 0) -> dict:
     """Re-train RUN on its rated traffic and promote the child only if the gate says so."""
+    problems = [f"--holdout {holdout}: expected a share between 0 and 1"] if not 0 < holdout < 1 else []
+    problems += [f"--replay {replay_ratio}: expected 0 or more"] if replay_ratio < 0 else []
+    problems += [f"--tolerance {tolerance}: expected 0 or more"] if tolerance < 0 else []
+    if problems:
+        raise TunesmithError(*problems)
     run_dir = Path(run_dir)
     parent = Run(run_dir, writer=False)
     if parent.status() != "complete":

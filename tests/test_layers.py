@@ -19,8 +19,10 @@ LAYERS = [
     ["tunesmith.config"],
     ["tunesmith.session"],
     ["tunesmith.store"],
+    ["tunesmith.export", "tunesmith.monitor"],
     ["tunesmith.recipe", "tunesmith.compare"],
     ["tunesmith.serve"],
+    ["tunesmith.retrain"],
     ["tunesmith.cli"],
 ]
 

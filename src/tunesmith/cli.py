@@ -118,6 +118,56 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from tunesmith.export import export_run
+
+    out = export_run(Path(args.run_dir), args.format, Path(args.out), args.dtype)
+    print(f"exported: {out}")
+    return 0
+
+
+def cmd_monitor(args) -> int:
+    import traceback
+
+    from tunesmith.monitor.drift import Thresholds, monitor_run
+
+    thresholds = Thresholds(alpha=args.alpha, auc=args.auc_threshold, min_prompts=args.min_prompts,
+                            max_examples=args.max_examples, permutations=args.permutations)
+    try:
+        result = monitor_run(Path(args.run_dir), args.out, args.store, args.adapter, args.since, thresholds)
+    except TunesmithError:
+        raise
+    except Exception:  # noqa: BLE001 - scripts read exit 1 as drift: a crash must not look like one
+        traceback.print_exc()
+        return EXIT_USER_ERROR
+    print(f"MMD p = {result['mmd_p_value']:.4f}  domain AUC = {result['domain_auc']:.3f}  "
+          f"-> {'DRIFT' if result['drift'] else 'no drift'}")
+    print(f"report: {result['report']}")
+    return 1 if result["drift"] else 0
+
+
+def cmd_retrain(args) -> int:
+    import traceback
+
+    from tunesmith.retrain.loop import retrain
+
+    try:
+        record = retrain(Path(args.run_dir), args.out, args.store, args.adapter, args.since, args.set,
+                         holdout=args.holdout, replay_ratio=args.replay, min_rows=args.min_rows,
+                         min_score=args.min_score, tolerance=args.tolerance, alias=args.alias,
+                         alias_file=args.alias_file, log=args.log)
+    except TunesmithError:
+        raise
+    except Exception:  # noqa: BLE001 - exit 1 means "refused": a crash must not look like one
+        traceback.print_exc()
+        return EXIT_USER_ERROR
+    decision = record["decision"]
+    print(f"{'PROMOTED' if decision['promote'] else 'REFUSED'}: {record['child']}: {decision['reason']}")
+    if decision["promote"] and record["alias"]:
+        print(f"alias {record['alias']} -> {record['child']} ({args.alias_file})")
+    return 0 if decision["promote"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -182,6 +232,49 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), type=type(info.default), default=info.default,
                        help=info.description)
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("export", help="a run's merged model as a Hugging Face directory or a GGUF file")
+    p.add_argument("run_dir")
+    p.add_argument("--format", choices=["hf", "gguf"], required=True)
+    p.add_argument("--out", required=True, help="the directory (hf) or file (gguf) to write; must not exist")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="gguf: the type of the matrices (norms stay float32)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("monitor", help="has the served traffic drifted from the run's training inputs? "
+                       "exit 0: no drift, 1: drift, 2: error")
+    p.add_argument("run_dir")
+    p.add_argument("--since", help="only prompts logged at or after this ISO 8601 time (UTC if no zone)")
+    p.add_argument("--store", help="the SQLite store the server logs to (default: $TUNESMITH_STORE, "
+                   "else runs/store.sqlite)")
+    p.add_argument("--adapter", help="the name the run was served under (default: the run directory's name)")
+    p.add_argument("--out", help="a new folder for the report (default: runs/monitor/ADAPTER-TIME)")
+    p.add_argument("--alpha", type=float, default=0.05, help="MMD: drift when the p-value is below this")
+    p.add_argument("--auc-threshold", type=float, default=0.55, help="domain classifier: drift above this AUC")
+    p.add_argument("--min-prompts", type=_at_least_two, default=20)
+    p.add_argument("--max-examples", type=_at_least_two, default=500,
+                   help="training inputs, and prompts, compared at most (a seeded sample)")
+    p.add_argument("--permutations", type=int, default=200, help="MMD permutations (at least 100)")
+    p.set_defaults(func=cmd_monitor)
+
+    p = sub.add_parser("retrain", help="train a child on rated traffic + replay; promote it only if the gate "
+                       "passes. exit 0: promoted, 1: refused, 2: error")
+    p.add_argument("run_dir")
+    p.add_argument("--store", help="the SQLite store (default: $TUNESMITH_STORE, else runs/store.sqlite)")
+    p.add_argument("--adapter", help="the name the run was served under (default: the run directory's name)")
+    p.add_argument("--since", help="only answers logged at or after this ISO 8601 time (UTC if no zone)")
+    p.add_argument("--out", help="the child run's directory (default: RUN-retrain-TIME beside RUN)")
+    p.add_argument("--holdout", type=float, default=0.2, help="share of the rated rows held out for the gate")
+    p.add_argument("--replay", type=float, default=1.0, help="original training rows per new row")
+    p.add_argument("--min-rows", type=_at_least_two, default=20, help="usable rated answers needed")
+    p.add_argument("--min-score", type=float, default=1.0, help="a score at least this approves an answer "
+                   "(thumbs up is 1.0)")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="how much worse on the original test set the child may be (in the metric's units)")
+    p.add_argument("--alias", help="on promotion, point this alias at the child in --alias-file")
+    p.add_argument("--alias-file", default="runs/aliases.json")
+    p.add_argument("--log", default="runs/retrain_decisions.jsonl", help="every decision is appended here")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the child's config")
+    p.set_defaults(func=cmd_retrain)
     return parser
 
 

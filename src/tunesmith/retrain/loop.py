@@ -1,0 +1,171 @@
+"""``tunesmith retrain RUN``: rated traffic plus replay -> a child run -> the gate -> promotion.
+
+1. Rated answers the run served (``data.latest_ratings``, ``data.rated_rows``), each input once and
+   none of the original test set's (``data.unseen``); a seeded slice of them is held out for the gate.
+2. The child's data: the rest, plus replay of the parent's training split, in canonical rows; the
+   parent's test split is the child's test set, so the child's own report shows it too.
+3. The child trains with the parent's config (method, hyperparameters, ``--set`` overrides) through
+   ``train_child``: from the base model, on that data. Continuing from the parent's weights
+   (``tunesmith train --from``) is not wired yet; ``train_child`` is the one place to switch.
+4. Parent and child are scored on the original test set and on the held-out new rows
+   (``score_files``); ``gate.decide`` says whether the child is promoted.
+5. The decision and its figures go to the child's ``retrain_decision.json`` and are appended to a
+   decisions log; a promotion with ``--alias`` points that alias at the child in the alias file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import closing
+from pathlib import Path
+
+from tunesmith.config import load_config
+from tunesmith.data.options import ColumnsConfig, SplitConfig
+from tunesmith.errors import TunesmithError
+from tunesmith.monitor.traffic import parse_since
+from tunesmith.recipe import run_training
+from tunesmith.retrain.data import (
+    canonical,
+    hold_out,
+    latest_ratings,
+    rated_rows,
+    replay,
+    unseen,
+    write_rows,
+)
+from tunesmith.retrain.gate import decide
+from tunesmith.session import Session
+from tunesmith.store import Run, load_run
+from tunesmith.store import db as store_db
+
+LABEL_COLUMNS = {"text": "text", "label": "label"}
+CHAT_COLUMNS = {"messages": "messages"}
+
+
+def canonical_data(data, files: dict[str, Path], labels: list[str]):
+    """The parent's ``data:`` section pointed at canonical files, with its cleaning and template kept."""
+    return data.model_copy(update={
+        "path": None, "train": str(files["train"]), "validation": None, "test": str(files.get("test")) if files.get("test") else None,
+        "format": "classification" if labels else "chat",
+        "columns": ColumnsConfig(**(LABEL_COLUMNS if labels else CHAT_COLUMNS)),
+        "label_map": None, "max_rows": None, "canaries": None,
+        "split": SplitConfig(validation=data.split.validation, test=0.0, stratify=bool(labels))})
+
+
+def parent_rows(run: Run) -> tuple[list[dict], list[dict]]:
+    """The parent's training and test examples (validation where it had no test), as canonical rows."""
+    config = run.load_config()
+    config.data = config.data.model_copy(update={"canaries": None})
+    data = Session(config).prepare()
+    test = data.examples["test"] or data.examples["validation"]
+    return [canonical(e) for e in data.examples["train"]], [canonical(e) for e in test]
+
+
+def score_files(run_dir: Path, files: dict[str, Path]) -> dict[str, dict]:
+    """The run's tuned model's metrics on every row of each canonical file."""
+    run, session, model = load_run(run_dir)
+    labels = run.labels()
+    scores = {}
+    for name, path in files.items():
+        config = session.config.model_copy(deep=True)
+        config.data = canonical_data(config.data, {"train": path}, labels).model_copy(
+            update={"split": SplitConfig(validation=0.0, test=0.0, stratify=False)})
+        scoring = Session(config)
+        data = scoring.prepare()
+        data.labels = labels  # the model's output order, whatever labels this file holds
+        if scoring.objective.name == "classification":
+            # A head's targets are label indices, numbered from the labels the file holds: number
+            # them from the run's labels instead (a held-out slice may lack a label). The other
+            # objectives score label strings, which data.labels above already fixes.
+            data.encoded["train"] = scoring.objective.encode(data.examples["train"], labels)
+        data.examples["test"], data.encoded["test"] = data.examples["train"], data.encoded["train"]
+        scores[name] = scoring.score(model)
+    return scores
+
+
+def train_child(config) -> Path:
+    """The single training entry point of a retrain: the recipe, as ``tunesmith train`` runs it."""
+    return run_training(config)
+
+
+def write_alias(path: Path, alias: str, target: Path) -> None:
+    """Point ``alias`` at ``target`` in the alias file (JSON ``{alias: run directory}``), atomically."""
+    aliases = json.loads(path.read_text()) if path.is_file() else {}
+    aliases[alias] = str(target.resolve())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(aliases, indent=1))
+    tmp.replace(path)
+
+
+def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str | Path | None = None,
+            adapter: str | None = None, since: str | None = None, sets: list[str] | None = None,
+            holdout: float = 0.2, replay_ratio: float = 1.0, min_rows: int = 20, min_score: float = 1.0,
+            tolerance: float = 0.01, alias: str | None = None, alias_file: str | Path = "runs/aliases.json",
+            log: str | Path = "runs/retrain_decisions.jsonl", seed: int = 0) -> dict:
+    """Re-train RUN on its rated traffic and promote the child only if the gate says so."""
+    problems = [f"--holdout {holdout}: expected a share between 0 and 1"] if not 0 < holdout < 1 else []
+    problems += [f"--replay {replay_ratio}: expected 0 or more"] if replay_ratio < 0 else []
+    problems += [f"--tolerance {tolerance}: expected 0 or more"] if tolerance < 0 else []
+    if problems:
+        raise TunesmithError(*problems)
+    run_dir = Path(run_dir)
+    parent = Run(run_dir, writer=False)
+    if parent.status() != "complete":
+        raise TunesmithError(f"{run_dir}: only a complete run can be re-trained (status: {parent.status()})")
+    labels = parent.labels()
+    adapter = adapter or run_dir.resolve().name
+    store = Path(store) if store else store_db.default_path()
+    if not store.is_file():
+        raise TunesmithError(f"--store {store}: no store there (the server writes it; see --store)")
+    with closing(store_db.connect(store)) as connection:
+        rows, skipped = rated_rows(latest_ratings(connection, adapter, parse_since(since)), labels, min_score)
+    original_train, original_test = parent_rows(parent)
+    rows, repeated = unseen(rows, original_test)
+    if repeated:
+        skipped["repeated_or_in_original_test"] = repeated
+    if len(rows) < min_rows:
+        why = ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "none left out"
+        raise TunesmithError(f"adapter {adapter!r}: {len(rows)} usable rated answers in {store} ({why}); "
+                             f"re-training needs at least {min_rows} (--min-rows)")
+    child_dir = Path(child_dir) if child_dir else run_dir.with_name(
+        f"{run_dir.name}-retrain-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    Run(child_dir).check_new(resume=False)
+    new_train, held = hold_out(rows, holdout, seed)
+    replayed = replay(original_train, len(new_train), replay_ratio, seed)
+    data_dir = child_dir.with_name(f"{child_dir.name}.data")
+    if data_dir.exists():
+        raise TunesmithError(f"{data_dir}: already exists; choose another child directory (--out)")
+    files = {
+        "train": write_rows(data_dir / "train.jsonl", new_train + replayed),
+        "test": write_rows(data_dir / "original_test.jsonl", original_test),
+        "new": write_rows(data_dir / "new_heldout.jsonl", held),
+    }
+    parent_config = parent.load_config()
+    raw = parent_config.model_dump(mode="json")
+    raw["data"] = canonical_data(parent_config.data, files, labels).model_dump(mode="json")
+    raw["output"]["dir"] = str(child_dir)
+    config = load_config(run_dir / "config.yaml", sets, raw=raw)
+    train_child(config)
+
+    evaluation = {"original": files["test"], "new": files["new"]}
+    parent_scores, child_scores = score_files(run_dir, evaluation), score_files(child_dir, evaluation)
+    decision = decide(parent_scores, child_scores, "accuracy" if labels else "loss", tolerance)
+    record = {
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parent": str(run_dir.resolve()),
+        "child": str(child_dir.resolve()), "adapter": adapter, "store": str(store), "since": since,
+        "rated_rows": len(rows), "left_out": dict(skipped), "new_train_rows": len(new_train),
+        "held_out_rows": len(held), "replay_rows": len(replayed),
+        "original_test_rows": len(original_test), "decision": decision.record(),
+        "parent_metrics": parent_scores, "child_metrics": child_scores,
+        "alias": alias if decision.promote else None,
+    }
+    Run(child_dir).save_json("retrain_decision", record)
+    log = Path(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    if decision.promote and alias:
+        write_alias(Path(alias_file), alias, child_dir)
+    return record

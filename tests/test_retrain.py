@@ -1,0 +1,146 @@
+"""``tunesmith retrain``: training rows from rated traffic, the promotion rule, and the whole loop
+on a tiny run (a child trained, both scored, the decision logged, the alias moved only on promotion)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import cli_fails, review_rows, write_config, write_jsonl
+from tunesmith.cli import main
+from tunesmith.retrain.data import hold_out, latest_ratings, rated_rows, replay, unseen
+from tunesmith.retrain.gate import decide
+from tunesmith.store import db
+
+LABELS = ["negative", "positive"]
+
+
+def _answer(store, prompt, answer, run="r"):
+    return db.add_answer(store, source="served", run=run, prompt=prompt, answer=answer)
+
+
+def test_rated_rows_take_each_answers_latest_rating(tmp_path):
+    store = db.connect(tmp_path / "s.sqlite")
+    a = _answer(store, "great film", "negative")
+    db.add_rating(store, a, rater="k", score=0.0)
+    db.add_rating(store, a, rater="k", label="positive")  # a person corrected it: this one counts
+    b = _answer(store, "dull film", "negative")
+    db.add_rating(store, b, rater="k", score=1.0)  # thumbs up: the model's answer was right
+    c = _answer(store, "fine film", "positive")
+    db.add_rating(store, c, rater="k", score=0.0)  # thumbs down, no right label given
+    d = _answer(store, "odd film", "positive")
+    db.add_rating(store, d, rater="k", label="neutral")  # not a label the run knows
+    e = _answer(store, "bad film", "meh")
+    db.add_rating(store, e, rater="k", score=1.0)  # approved, but not a label
+    _answer(store, "never rated", "positive")
+    f = _answer(store, "other adapter", "positive", run="other")
+    db.add_rating(store, f, rater="k", label="positive")
+    g, h = _answer(store, "pair", "positive"), _answer(store, "pair", "negative")
+    db.add_rating(store, g, rater="k", other_id=h, choice="first")  # a preference, not a rating of one answer
+
+    rows, skipped = rated_rows(latest_ratings(store, "r"), LABELS)
+    assert rows == [{"text": "great film", "label": "positive"}, {"text": "dull film", "label": "negative"}]
+    assert skipped == {"no_right_label": 2, "label_not_a_run_label": 1}
+
+    rows, skipped = rated_rows(latest_ratings(store, "r"), [])  # a generative run keeps approved answers
+    assert [r["messages"][0]["content"] for r in rows] == ["dull film", "bad film"]
+    assert rows[1]["messages"][1] == {"role": "assistant", "content": "meh"}
+    assert skipped == {"score_below_min": 3}
+
+
+def test_unseen_drops_repeats_and_the_original_test_inputs():
+    rows = [{"text": "a", "label": "positive"}, {"text": "b", "label": "negative"}, {"text": "a", "label": "negative"},
+            {"messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "x"}]}]
+    kept, dropped = unseen(rows, [{"text": "b", "label": "positive"}, {"text": "c", "label": "positive"}])
+    assert kept == [rows[0]] and dropped == 3
+
+
+def test_hold_out_and_replay_are_seeded_and_sized():
+    rows = [{"text": str(i), "label": "positive"} for i in range(50)]
+    train, held = hold_out(rows, 0.2, seed=3)
+    assert len(held) == 10 and len(train) == 40 and sorted(train + held, key=lambda r: int(r["text"])) == rows
+    assert hold_out(rows, 0.2, seed=3) == (train, held)
+    assert len(replay(rows, 20, 1.5, seed=0)) == 30 and len(replay(rows, 40, 2.0, seed=0)) == 50
+
+
+@pytest.mark.parametrize("child_original,child_new,promote,reason", [
+    (0.80, 0.70, True, "better on new data"),
+    (0.795, 0.70, True, "better on new data"),  # 0.005 worse: within the tolerance of 0.01
+    (0.78, 0.70, False, "worse on the original test set"),
+    (0.90, 0.60, False, "not better on new data"),  # equal on new data is not better
+])
+def test_the_gate(child_original, child_new, promote, reason):
+    parent = {"original": {"accuracy": 0.80}, "new": {"accuracy": 0.60}}
+    child = {"original": {"accuracy": child_original}, "new": {"accuracy": child_new}}
+    decision = decide(parent, child, "accuracy", tolerance=0.01)
+    assert decision.promote is promote and reason in decision.reason
+    assert decision.record()["child_new"] == child_new
+
+
+def test_the_gate_on_a_loss_wants_it_lower():
+    parent = {"original": {"loss": 1.0}, "new": {"loss": 2.0}}
+    assert decide(parent, {"original": {"loss": 1.005}, "new": {"loss": 1.5}}, "loss", 0.01).promote
+    assert not decide(parent, {"original": {"loss": 1.1}, "new": {"loss": 1.5}}, "loss", 0.01).promote
+    assert not decide(parent, {"original": {"loss": 0.9}, "new": {"loss": 2.5}}, "loss", 0.01).promote
+
+
+@pytest.fixture(scope="module")
+def parent_run(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("retrain")
+    data = write_jsonl(tmp / "reviews.jsonl", review_rows(80))
+    section = {"path": str(data), "format": "classification", "columns": {"text": "review", "label": "sentiment"},
+               "label_map": {"fresh": "positive", "rotten": "negative"},
+               "instruction": "classify sentiment: {text}", "max_length": 64, "split": {"validation": 0.1, "test": 0.2}}
+    config = write_config(tmp / "c.yaml", tiny_model_dir, section, train={"max_steps": 3, "eval_every": 100},
+                          output={"dir": str(tmp / "reviews")})
+    assert main(["train", str(config)]) == 0
+    return tmp / "reviews"
+
+
+def test_retrain_trains_scores_decides_and_logs(parent_run, tmp_path, capsys):
+    store = db.connect(tmp_path / "s.sqlite")
+    for i, row in enumerate(review_rows(40, seed=5)):
+        label = "positive" if row["sentiment"] == "fresh" else "negative"
+        answer = _answer(store, row["review"], "positive", run="reviews")
+        db.add_rating(store, answer, rater="k", **({"score": 1.0} if label == "positive" else {"label": label}))
+    store.close()
+    child, log, aliases = tmp_path / "child", tmp_path / "decisions.jsonl", tmp_path / "aliases.json"
+    argv = ["retrain", str(parent_run), "--store", str(tmp_path / "s.sqlite"), "--out", str(child),
+            "--alias", "reviews-live", "--alias-file", str(aliases), "--log", str(log),
+            "--set", "train.max_steps=3", "--tolerance", "0.05"]
+    code = main(argv)
+    record = json.loads((child / "retrain_decision.json").read_text())
+    assert json.loads(log.read_text().splitlines()[-1]) == record
+    assert record["rated_rows"] == 40 and record["held_out_rows"] == 8 and record["new_train_rows"] == 32
+    assert record["replay_rows"] == 32 and record["original_test_rows"] == 16
+    decision = record["decision"]
+    for who in ("parent", "child"):
+        assert set(record[f"{who}_metrics"]) == {"original", "new"}
+        assert record[f"{who}_metrics"]["original"]["accuracy"] == decision[f"{who}_original"]
+    # Scoring a canonical file of the parent's test split gives what the parent's own run measured.
+    tuned = json.loads((parent_run / "metrics.json").read_text())["tuned"]
+    assert record["parent_metrics"]["original"] == pytest.approx(tuned)
+    expected = (decision["child_new"] > decision["parent_new"]
+                and decision["child_original"] >= decision["parent_original"] - 0.05)
+    assert decision["promote"] is expected and code == (0 if expected else 1)
+    assert (json.loads(aliases.read_text()) == {"reviews-live": str(child.resolve())}) if expected else not aliases.exists()
+    assert json.loads((child / "status.json").read_text())["status"] == "complete"
+    # The child's own config names its data: replay and new rows in the canonical columns.
+    train_rows = [json.loads(line) for line in (tmp_path / "child.data" / "train.jsonl").read_text().splitlines()]
+    assert len(train_rows) == 64 and set(train_rows[0]) == {"text", "label"}
+
+    cli_fails(capsys, argv, "already holds")  # never overwrites a child
+
+
+def test_too_few_rated_answers_is_one_line(parent_run, tmp_path, capsys):
+    store = db.connect(tmp_path / "s.sqlite")
+    db.add_rating(store, _answer(store, "great", "positive", run="reviews"), rater="k", score=0.0)
+    store.close()
+    cli_fails(capsys, ["retrain", str(parent_run), "--store", str(tmp_path / "s.sqlite")],
+              "0 usable rated answers", "1 no_right_label", "at least 20")
+
+
+def test_bad_options_are_reported_together(parent_run, tmp_path, capsys):
+    cli_fails(capsys, ["retrain", str(parent_run), "--holdout", "1.5", "--replay", "-1", "--tolerance", "-0.1"],
+              "--holdout 1.5", "--replay -1.0", "--tolerance -0.1")

@@ -232,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), type=type(info.default), default=info.default,
                        help=info.description)
     p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("export", help="a run's merged model as a Hugging Face directory or a GGUF file")
     p.add_argument("run_dir")
     p.add_argument("--format", choices=["hf", "gguf"], required=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from harness import ROOT, demo_encoded, lora_model, machine, measure, serve_child
 

@@ -26,6 +26,7 @@ CASES = {
     "classification": ("tiny_bert_dir", 0.05),
     "seq2seq": ("tiny_t5_dir", 0.02),
     "dpo": ("tiny_model_dir", 0.01, "preference_data"),
+    "reward": ("tiny_model_dir", 0.05, "preference_data"),
 }
 
 

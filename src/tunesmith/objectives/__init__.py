@@ -13,6 +13,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.objectives.causal import Causal
 from tunesmith.objectives.classification import Classification
 from tunesmith.objectives.dpo import DPO
+from tunesmith.objectives.reward import Reward
 from tunesmith.objectives.seq2seq import Seq2Seq
 
 REGISTRY = {
@@ -20,6 +21,7 @@ REGISTRY = {
     "classification": Classification,
     "seq2seq": Seq2Seq,
     "dpo": DPO,
+    "reward": Reward,
 }
 
 

@@ -20,6 +20,7 @@ LAYERS = [
     ["tunesmith.session"],
     ["tunesmith.store"],
     ["tunesmith.recipe", "tunesmith.compare"],
+    ["tunesmith.score", "tunesmith.feedback"],
     ["tunesmith.cli"],
 ]
 

@@ -101,6 +101,27 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    from tunesmith.data.io import read_records
+    from tunesmith.score import load_scorer
+
+    texts = list(args.texts)
+    if args.file:
+        records = read_records(args.file)
+        if "text" not in records[0]:
+            raise TunesmithError(f"{args.file}: no column 'text'; columns found: "
+                                 + ", ".join(c for c in records[0] if not c.startswith("_")))
+        texts += [str(r["text"]) for r in records]
+    if not texts:
+        raise TunesmithError("score: give texts to score, or --file")
+    scorer = load_scorer(args.run_dir, args.label, args.batch_size)
+    framed = [scorer.frame(args.prompt, t) for t in texts] if args.prompt is not None else texts
+    print(f"# {scorer.what}", file=sys.stderr)
+    for text, score in zip(texts, scorer.score(framed)):
+        print(f"{score:.4f}\t{text}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-examples", type=_at_least_two, default=1000,
                    help="training rows, and held-out rows, scored at most (a seeded sample)")
     q.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("score", help="score texts with a reward-model run, or a classifier's probability of a label")
+    p.add_argument("run_dir")
+    p.add_argument("texts", nargs="*", metavar="TEXT")
+    p.add_argument("--file", help="score the 'text' column of this file (.txt: one text per paragraph)")
+    p.add_argument("--prompt", help="the texts are answers to this prompt: framed as in training")
+    p.add_argument("--label", help="classification runs: the label whose probability is the score "
+                   "(default: positive if the run has it, else its first label)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=cmd_score)
     return parser
 
 

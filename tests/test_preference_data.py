@@ -80,3 +80,9 @@ def test_builtin_rotten_tomatoes_pairs_are_deterministic(tmp_path, monkeypatch):
     assert len(rows) > 100 and len({r["film"] for r in rows}) == len(rows)
     assert all(r["prompt"].startswith("Write a positive review of this film: ") and r["chosen"] != r["rejected"]
                for r in rows)
+
+
+def test_causal_training_on_pairs_points_to_dpo(tmp_path, tiny_model_dir, capsys):
+    path = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    config = write_config(tmp_path / "c.yaml", tiny_model_dir, {"path": str(path)})
+    cli_fails(capsys, ["data", "inspect", str(config)], "use objective.name: dpo")

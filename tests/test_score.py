@@ -78,3 +78,18 @@ def test_score_refuses_runs_that_cannot_score_in_one_line(tmp_path, reward_run, 
     cli_fails(capsys, ["score", str(other), "x"], "a run of objective dpo cannot score texts")
     cli_fails(capsys, ["score", str(tmp_path / "none"), "x"], "not a tunesmith run directory")
     cli_fails(capsys, ["score", str(reward_run)], "give texts to score")
+
+
+def test_the_commands_in_docs_alignment_parse():
+    import re
+    import shlex
+    from pathlib import Path
+
+    from tunesmith.cli import build_parser
+
+    doc = (Path(__file__).parent.parent / "docs" / "alignment.md").read_text()
+    lines = [line.split("  #")[0].strip() for block in re.findall(r"```\n(.*?)```", doc, re.S)
+             for line in block.splitlines() if line.startswith("tunesmith ")]
+    assert len(lines) >= 8
+    for line in lines:
+        build_parser().parse_args(shlex.split(line)[1:])

@@ -43,14 +43,15 @@ def load_scorer(run_dir: str | Path, label: str | None = None, batch_size: int =
         if chosen not in labels:
             raise TunesmithError(f"--label: {run.path} has no label {chosen!r}; its labels: {', '.join(labels)}")
         index = labels.index(chosen)
+        device = next(model.parameters()).device
 
         @torch.no_grad()
         def probabilities(texts: list[str]) -> list[float]:
             out = []
             for b in range(0, len(texts), batch_size):
                 ids = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts[b : b + batch_size]]
-                input_ids = pad(ids, tokenizer.pad_token_id).to(model.device)
-                mask = pad([[1] * len(i) for i in ids], 0).to(model.device)
+                input_ids = pad(ids, tokenizer.pad_token_id).to(device)
+                mask = pad([[1] * len(i) for i in ids], 0).to(device)
                 logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
                 out += logits.softmax(-1)[:, index].tolist()
             return out

@@ -71,7 +71,7 @@ def test_a_missing_column_is_one_line_naming_file_and_column(tmp_path, tiny_mode
 
 def test_builtin_rotten_tomatoes_pairs_are_deterministic(tmp_path, monkeypatch):
     monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
-    first = (tmp_path / "cache" / "data" / "rotten_tomatoes_pairs.jsonl")
+    first = (tmp_path / "cache" / "data" / "rotten_tomatoes_pairs.v1.jsonl")
     assert resolve_data_path("builtin:rotten_tomatoes_pairs") == str(first)
     rows = [json.loads(line) for line in first.read_text().splitlines()]
     first.unlink()

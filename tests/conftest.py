@@ -194,3 +194,23 @@ def cli_fails(capsys, argv, *fragments) -> str:
     for fragment in fragments:
         assert fragment in err, err
     return err
+
+
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """Pairs of reviews that differ only in their adjective, positive in the chosen one: learnable."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        opener, noun = rng.choice(OPENERS), rng.choice(NOUNS)
+        # Prompts of words drawn at random: distinct enough for the leakage audit to keep held-out pairs.
+        rows.append({"prompt": "review " + " ".join(rng.sample(NOUNS + OPENERS, 3)),
+                     "chosen": f"{opener} {noun} is {rng.choice(POSITIVE)}",
+                     "rejected": f"{opener} {noun} is {rng.choice(NEGATIVE)}"})
+    return rows
+
+
+@pytest.fixture
+def preference_data(tmp_path) -> dict:
+    """A data section for 60 tiny preference pairs in a JSONL file."""
+    path = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(60))
+    return {"path": str(path), "max_length": 96, "split": {"validation": 0.15, "test": 0.15}}

@@ -99,8 +99,8 @@ def test_objective_section_and_the_model_task_alias():
     assert validate_config({"data": {"path": "x.csv"}, "model": {"task": "seq2seq"}}).objective.name == "seq2seq"
     with pytest.raises(TunesmithError, match="disagree"):
         validate_config({"data": {"path": "x.csv"}, "model": {"task": "seq2seq"}, "objective": {"name": "causal"}})
-    with pytest.raises(TunesmithError, match="objective.name: unknown objective 'dpo'"):
-        validate_config({"data": {"path": "x.csv"}, "objective": {"name": "dpo"}})
+    with pytest.raises(TunesmithError, match="objective.name: unknown objective 'nope'"):
+        validate_config({"data": {"path": "x.csv"}, "objective": {"name": "nope"}})
     # An objective that cannot use the method says so at load time, with the other problems.
     with pytest.raises(TunesmithError) as err:
         validate_config({"data": {"path": "x.csv"}, "objective": {"name": "classification"},

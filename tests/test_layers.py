@@ -21,6 +21,7 @@ LAYERS = [
     ["tunesmith.store"],
     ["tunesmith.export", "tunesmith.monitor"],
     ["tunesmith.recipe", "tunesmith.compare"],
+    ["tunesmith.score", "tunesmith.feedback"],
     ["tunesmith.serve"],
     ["tunesmith.retrain"],
     ["tunesmith.cli"],

@@ -20,11 +20,13 @@ from tunesmith.recipe import evaluate_run, run_training
 from tunesmith.session import Session
 from tunesmith.store import load_run
 
-# objective -> (model fixture, learning rate)
+# objective -> (model fixture, learning rate[, data fixture: review_data unless named])
 CASES = {
     "causal": ("tiny_model_dir", 0.05),
     "classification": ("tiny_bert_dir", 0.05),
     "seq2seq": ("tiny_t5_dir", 0.02),
+    "dpo": ("tiny_model_dir", 0.01, "preference_data"),
+    "reward": ("tiny_model_dir", 0.05, "preference_data"),
 }
 
 
@@ -33,10 +35,11 @@ def test_every_objective_has_a_row():
 
 
 @pytest.fixture(params=list(CASES))
-def case(request, tmp_path, review_data):
+def case(request, tmp_path):
     name = request.param
-    fixture, lr = CASES[name]
-    path = write_config(tmp_path / "c.yaml", request.getfixturevalue(fixture), review_data,
+    fixture, lr, *data = CASES[name]
+    path = write_config(tmp_path / "c.yaml", request.getfixturevalue(fixture),
+                        request.getfixturevalue(data[0] if data else "review_data"),
                         objective={"name": name}, method={"name": "lora", "r": 8, "alpha": 16},
                         train={"max_steps": 12, "lr": lr, "eval_every": 6, "mixed_precision": "no"})
     return name, path

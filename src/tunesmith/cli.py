@@ -168,6 +168,55 @@ def cmd_retrain(args) -> int:
     return 0 if decision["promote"] else 1
 
 
+def cmd_score(args) -> int:
+    from tunesmith.data.io import read_records
+    from tunesmith.score import load_scorer
+
+    texts = list(args.texts)
+    if args.file:
+        records = read_records(args.file)
+        if "text" not in records[0]:
+            raise TunesmithError(f"{args.file}: no column 'text'; columns found: "
+                                 + ", ".join(c for c in records[0] if not c.startswith("_")))
+        texts += [str(r["text"]) for r in records]
+    if not texts:
+        raise TunesmithError("score: give texts to score, or --file")
+    scorer = load_scorer(args.run_dir, args.label, args.batch_size)
+    framed = [scorer.frame(args.prompt, t) for t in texts] if args.prompt is not None else texts
+    print(f"# {scorer.what}", file=sys.stderr)
+    for text, score in zip(texts, scorer.score(framed)):
+        print(f"{score:.4f}\t{text}")
+    return 0
+
+
+def cmd_feedback_collect(args) -> int:
+    from tunesmith import feedback
+    from tunesmith.store import db as store
+
+    if args.samples and args.run2:
+        raise TunesmithError("feedback collect: --samples compares two answers of one run; give one run")
+    prompts = feedback.read_prompts(args.prompts)
+    sources = feedback.run_sources([args.run_dir, *([args.run2] if args.run2 else [])], args.samples,
+                                   args.max_new_tokens, args.seed)
+    path = Path(args.store) if args.store else store.default_path()
+    counts = feedback.collect(store.connect(path), prompts, sources, args.rater or feedback.default_rater(),
+                              scale=args.scale, seed=args.seed)
+    print(f"recorded in {path}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return 0
+
+
+def cmd_feedback_export(args) -> int:
+    from tunesmith import feedback
+    from tunesmith.store import db as store
+
+    path = Path(args.store) if args.store else store.default_path()
+    if not path.is_file():
+        raise TunesmithError(f"{path}: no feedback store here; give --store")
+    n = feedback.export(store.connect(path), Path(args.out))
+    print(f"wrote {n} preference pairs to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -276,6 +325,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log", default="runs/retrain_decisions.jsonl", help="every decision is appended here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the child's config")
     p.set_defaults(func=cmd_retrain)
+
+    p = sub.add_parser("score", help="score texts with a reward-model run, or a classifier's probability of a label")
+    p.add_argument("run_dir")
+    p.add_argument("texts", nargs="*", metavar="TEXT")
+    p.add_argument("--file", help="score the 'text' column of this file (.txt: one text per paragraph)")
+    p.add_argument("--prompt", help="the texts are answers to this prompt: framed as in training")
+    p.add_argument("--label", help="classification runs: the label whose probability is the score "
+                   "(default: positive if the run has it, else its first label)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("feedback", help="collect human preferences in the terminal; export them as pairs")
+    feedback_sub = p.add_subparsers(dest="feedback_command", required=True)
+    q = feedback_sub.add_parser("collect", help="show two answers per prompt (or one to rate) and record choices")
+    q.add_argument("run_dir")
+    q.add_argument("run2", nargs="?", help="a second run to compare with (default: the run's base model)")
+    q.add_argument("--prompts", required=True, help="a file with a 'prompt' column (.txt: one per paragraph)")
+    q.add_argument("--store", help="the SQLite store (default: $TUNESMITH_STORE, else runs/store.sqlite)")
+    q.add_argument("--rater", help="who is rating (default: the user name)")
+    q.add_argument("--scale", action="store_true", help="rate one answer 1-5 instead of choosing between two")
+    q.add_argument("--samples", action="store_true", help="compare two sampled answers of the one run")
+    q.add_argument("--max-new-tokens", type=int, default=128)
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=cmd_feedback_collect)
+    q = feedback_sub.add_parser("export", help="write the choices as prompt/chosen/rejected JSONL")
+    q.add_argument("--store", help="the SQLite store (default: $TUNESMITH_STORE, else runs/store.sqlite)")
+    q.add_argument("--out", required=True)
+    q.set_defaults(func=cmd_feedback_export)
     return parser
 
 

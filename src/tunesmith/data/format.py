@@ -1,8 +1,9 @@
 """Map the user's columns onto one example kind, and turn examples into token ids and labels.
 
 Kinds: ``prompt_completion``, ``chat`` (a list of role/content messages), ``text`` (plain text for
-continued pre-training: every token trained) and ``classification`` (text/label; on a causal model
-the label becomes the completion of an instruction prompt).
+continued pre-training: every token trained), ``classification`` (text/label; on a causal model
+the label becomes the completion of an instruction prompt) and ``preference`` (a prompt and two
+answers, the chosen one and the rejected one: ``data.preference``).
 
 Loss is only on completion / assistant tokens, and always on the end-of-turn token: a model that is
 never shown where an answer ends never learns to stop.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tunesmith.data.preference import to_pair
 from tunesmith.errors import TunesmithError
 
 IGNORE = -100
@@ -23,13 +25,20 @@ GUESSES = {
     "messages": ("messages", "conversation", "conversations", "chat"),
     "text": ("text", "content", "sentence", "review", "document"),
     "label": ("label", "labels", "category", "class", "sentiment"),
+    "chosen": ("chosen",),
+    "rejected": ("rejected",),
+    "margin": ("margin",),
 }
 NEEDS = {
     "prompt_completion": ("prompt", "completion"),
     "chat": ("messages",),
     "classification": ("text", "label"),
     "text": ("text",),
+    "preference": ("chosen", "rejected"),
 }
+# Roles a kind takes when the data has them: the prompt of chat-form preference pairs is the
+# messages their two conversations share; a margin weighs a pair in the reward model's loss.
+OPTIONAL = {"preference": ("prompt", "margin")}
 
 
 @dataclass
@@ -39,7 +48,7 @@ class Schema:
 
     @property
     def text_fields(self) -> list[str]:
-        return [c for role, c in self.columns.items() if role != "label"]
+        return [c for role, c in self.columns.items() if role not in ("label", "margin")]
 
 
 def detect_schema(records: list[dict], source: str, kind: str, named: dict[str, str | None]) -> Schema:
@@ -51,6 +60,8 @@ def detect_schema(records: list[dict], source: str, kind: str, named: dict[str, 
             return named[role]
         return next((c for c in GUESSES[role] if c in found), None)
 
+    if kind == "auto" and (column("chosen") or column("rejected")):
+        kind = "preference"  # even with one of the two missing, so that the error names it
     if kind == "auto":
         kind = next(
             (k for k in ("chat", "prompt_completion", "classification", "text")
@@ -76,6 +87,14 @@ def detect_schema(records: list[dict], source: str, kind: str, named: dict[str, 
             columns[role] = name
     if problems:
         raise TunesmithError(*problems)
+    for role in OPTIONAL.get(kind, ()):
+        name = column(role)
+        if name and name in found:
+            columns[role] = name
+        elif named.get(role):
+            problems.append(f"{source}: no column {name!r} for {role} ({kind} data); columns found: {', '.join(found)}")
+    if problems:
+        raise TunesmithError(*problems)
     return Schema(kind, columns)
 
 
@@ -95,6 +114,8 @@ def to_examples(records: list[dict], schema: Schema, instruction: str, source: s
             messages = _check_messages(r[c["messages"]], f"{source}:{line}")
             ex = {"messages": messages,
                   "_input": "\n".join(m["content"] for m in messages if m["role"] != "assistant")}
+        elif schema.kind == "preference":
+            ex = to_pair(r, c, f"{source}:{line}")
         elif schema.kind == "prompt_completion":
             ex = {"messages": [{"role": "user", "content": r[c["prompt"]]},
                                {"role": "assistant", "content": r[c["completion"]]}],

@@ -21,6 +21,9 @@ class ColumnsConfig(Section):
     messages: str | None = None
     text: str | None = None
     label: str | None = None
+    chosen: str | None = None
+    rejected: str | None = None
+    margin: str | None = None
 
     @field_validator("*", mode="before")
     @classmethod
@@ -46,7 +49,7 @@ class DataConfig(Section):
     train: str | None = None
     validation: str | None = None
     test: str | None = None
-    format: Literal["auto", "prompt_completion", "chat", "text", "classification"] = "auto"
+    format: Literal["auto", "prompt_completion", "chat", "text", "classification", "preference"] = "auto"
     header: bool = Field(
         True, description="CSV/TSV: the first row names the columns; false: every row is data, and "
         "columns are named by position (1, 2, ...)."

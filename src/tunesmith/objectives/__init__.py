@@ -12,12 +12,16 @@ from __future__ import annotations
 from tunesmith.errors import TunesmithError
 from tunesmith.objectives.causal import Causal
 from tunesmith.objectives.classification import Classification
+from tunesmith.objectives.dpo import DPO
+from tunesmith.objectives.reward import Reward
 from tunesmith.objectives.seq2seq import Seq2Seq
 
 REGISTRY = {
     "causal": Causal,
     "classification": Classification,
     "seq2seq": Seq2Seq,
+    "dpo": DPO,
+    "reward": Reward,
 }
 
 

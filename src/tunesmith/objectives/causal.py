@@ -18,6 +18,7 @@ from tunesmith.data.batching import collate, collate_shared, plan_batches, share
 from tunesmith.data.format import IGNORE, Encoder, EncodeStats
 from tunesmith.data.options import DataConfig
 from tunesmith.data.pipeline import SPLITS, PreparedData, load_splits
+from tunesmith.errors import TunesmithError
 from tunesmith.eval.choices import score_choices
 from tunesmith.eval.metrics import label_metrics, loss_metrics
 from tunesmith.model import load_model
@@ -110,6 +111,9 @@ class Causal:
 
     def prepare(self) -> PreparedData:
         splits, schema, stats = load_splits(self.data)
+        if schema.kind == "preference":
+            raise TunesmithError("objective causal trains on one answer per prompt, but the data is preference "
+                                 "pairs: use objective.name: dpo (or reward)")
         encoded, stats["tokens"] = encode_splits(splits, self.encoder)
         # Canaries (data.canaries) join label data as prompt/completion pairs, without a label.
         labels = sorted({e["label"] for e in splits["train"] if "label" in e}) if schema.kind == "classification" else []

@@ -55,7 +55,7 @@ class Seq2Seq:
     def prepare(self) -> PreparedData:
         refuse_canaries(self.name, self.data)
         splits, schema, stats = load_splits(self.data)
-        if schema.kind == "text":
+        if schema.kind in ("text", "preference"):
             raise TunesmithError("objective seq2seq needs inputs and targets (prompt/completion, chat or label data)")
         labels = sorted({e["label"] for e in splits["train"]}) if schema.kind == "classification" else []
         encoded = {n: self.encode(splits[n]) for n in SPLITS}

@@ -1,0 +1,312 @@
+"""Direct Preference Optimisation: teach a causal LM to prefer the chosen answer of each pair over
+the rejected one, more than a fixed reference model does, with no reward model and no sampling.
+
+Layout: one row per pair, ``[prompt][chosen][rejected]``, the prompt run once (``collate_shared``'s
+4D mask: each answer sees the prompt and itself, with position ids continuing from the prompt), so
+each answer's log-probability is exactly what ``prompt + answer`` alone would give.
+
+Reference: with a PEFT method (LoRA, QLoRA, IA3) the policy with its adapter disabled, under
+``no_grad``: no second copy of the model. Otherwise (full fine-tuning, our own adapters) reference
+log-probabilities taken once, before the first optimizer step, for every pair the run prepared,
+and kept by the pairs' token ids (``PrecomputedReference``). They can never go stale: a pair not yet
+scored is scored by the model as loaded only if no parameter of it changed since, and otherwise by
+a fresh copy of the base.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from tunesmith.data.batching import collate_shared, length_grouped, shared_prefix
+from tunesmith.data.format import IGNORE, Encoder, EncodeStats
+from tunesmith.data.options import DataConfig
+from tunesmith.data.pipeline import SPLITS, PreparedData, load_splits
+from tunesmith.errors import TunesmithError
+from tunesmith.model import load_model
+from tunesmith.objectives.base import Layout, to_device
+from tunesmith.objectives.causal import Causal, _token_summary
+from tunesmith.objectives.causal import Options as CausalOptions
+from tunesmith.objectives.lm_loss import example_losses
+from tunesmith.objectives.preference_losses import LOSSES
+from tunesmith.options import Section
+
+
+class Options(Section):
+    name: Literal["dpo"] = "dpo"
+    beta: float = Field(0.1, gt=0, description="How far the policy may move from the reference: the "
+                        "inverse temperature of the implicit reward beta * log(policy / reference).")
+    loss: Literal["sigmoid", "ipo", "hinge", "conservative"] = Field(
+        "sigmoid", description="sigmoid (DPO), ipo, hinge (SLiC) or conservative (cDPO, label smoothing).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative: the share of pairs "
+                                   "thought to be labelled the wrong way round.")
+
+
+def encode_pairs(pairs: list[dict], encoder: Encoder, stats: EncodeStats) -> tuple[list[dict], list[dict]]:
+    """``{chosen, rejected}`` token ids and labels per pair, and the pairs kept: a pair is dropped
+    when truncation leaves either answer without a trained token."""
+    items, kept = [], []
+    for pair in pairs:
+        answers = [encoder.encode({"messages": [*pair["messages"], {"role": "assistant", "content": pair[k]}],
+                                   "_where": pair.get("_where")}, stats) for k in ("chosen", "rejected")]
+        if None not in answers:
+            items.append({"chosen": answers[0], "rejected": answers[1], **({"margin": pair["margin"]} if "margin" in pair else {})})
+            kept.append(pair)
+    return items, kept
+
+
+def pair_row(item: dict, pad_id: int) -> dict[str, torch.Tensor]:
+    """One row ``[prompt][chosen][rejected]`` (``collate_shared`` with the pair's own prefix); seq ids
+    0 (chosen) and 1 (rejected), -2 on the prompt."""
+    answers = [item["chosen"], item["rejected"]]
+    prefix = shared_prefix(answers)
+    row_len = max(len(a["input_ids"]) for a in answers)
+    return {k: v[0] for k, v in collate_shared(answers, [[0, 1]], row_len, pad_id, prefix).items()}
+
+
+def stack_rows(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of different widths as one right-padded batch; the pair of row r gets seq ids 2r, 2r + 1.
+
+    Padding is a sequence of its own (positions from 0, seeing only itself), and carries no label.
+    """
+    width = max(len(r["input_ids"]) for r in rows)
+    n = len(rows)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    pos = torch.arange(width).repeat(n, 1)
+    seq = torch.full((n, width), -1, dtype=torch.long)
+    mask = torch.eye(width, dtype=torch.bool).repeat(n, 1, 1, 1)
+    for r, row in enumerate(rows):
+        t = len(row["input_ids"])
+        ids[r, :t], labels[r, :t] = row["input_ids"], row["labels"]
+        pos[r, :t] = row["position_ids"]
+        seq[r, :t] = torch.where(row["seq_ids"] >= 0, row["seq_ids"] + 2 * r, row["seq_ids"])
+        pos[r, t:] = torch.arange(width - t)
+        mask[r, 0, :t, :t] = row["attention_mask"][0]
+    return {"input_ids": ids, "position_ids": pos, "labels": labels, "seq_ids": seq, "attention_mask": mask}
+
+
+def pair_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed log-probability of each answer, [pairs, 2] (chosen, rejected), in the autograd graph."""
+    index, sums, _ = example_losses(model, batch, direct=True)
+    pairs = len(batch["pairs"])
+    if len(index) != 2 * pairs:
+        raise ValueError("every answer of a pair needs a trained token")
+    return -sums.view(pairs, 2)
+
+
+def _key(item: dict) -> tuple:
+    return tuple(item["chosen"]["input_ids"]), tuple(item["rejected"]["input_ids"])
+
+
+def _snapshot(model) -> tuple:
+    # Every in-place change of a parameter (an optimizer step, a loaded checkpoint) bumps its
+    # version counter; a parameter added or replaced changes the ids.
+    return tuple((id(p), p._version) for p in model.parameters())
+
+
+class PrecomputedReference:
+    """Reference log-probabilities of pairs, by their token ids, for methods with no adapter to disable.
+
+    ``base`` is the model as ``load_model`` returned it. While it is unchanged it scores every pair
+    the run knows of, at once (before full fine-tuning's first step changes it); afterwards a pair
+    not yet scored is scored by a fresh copy of the base, loaded by ``reload``.
+    """
+
+    def __init__(self, base, reload, known):
+        self.base = weakref.ref(base)
+        self.snapshot = _snapshot(base)
+        self.reload = reload
+        self.known = known  # () -> every pair item the run prepared
+        self.logps: dict[tuple, torch.Tensor] = {}
+
+    def base_unchanged(self, model) -> bool:
+        return self.base() is model and _snapshot(model) == self.snapshot
+
+    def __call__(self, model, items: list[dict], pad_id: int, batch_tokens: int) -> torch.Tensor:
+        missing = [item for item in items if _key(item) not in self.logps]
+        if missing:
+            if self.base_unchanged(model):
+                self._score(model, [*missing, *self.known()], pad_id, batch_tokens)
+            else:
+                fresh = self.reload()
+                self._score(fresh.to(next(model.parameters()).device), missing, pad_id, batch_tokens)
+                del fresh
+        return torch.stack([self.logps[_key(item)] for item in items])
+
+    @torch.no_grad()
+    def _score(self, model, items: list[dict], pad_id: int, batch_tokens: int) -> None:
+        was_training = model.training
+        model.eval()
+        todo = list({_key(i): i for i in items if _key(i) not in self.logps}.values())
+        view = PairBatches(todo, Layout(batch_tokens, 0, pad_id, 0), reference=None)
+        for rows in view.epoch(-1):
+            logps = pair_logps(model, to_device(view.tensors(rows), model)).cpu()
+            for i, lp in zip(rows, logps):
+                self.logps[_key(todo[i])] = lp
+        model.train(was_training)
+
+
+def reference_logps(model, batch: dict[str, torch.Tensor], items: list[dict], policy: torch.Tensor,
+                    precomputed: PrecomputedReference | None, layout: Layout) -> torch.Tensor:
+    """The reference's [pairs, 2] log-probabilities, without gradients."""
+    if hasattr(model, "disable_adapter"):
+        was_training = model.training
+        model.eval()  # the reference is deterministic: no dropout
+        with torch.no_grad(), model.disable_adapter():
+            reference = pair_logps(model, batch)
+        model.train(was_training)
+        return reference
+    if precomputed is None:
+        raise TunesmithError("objective dpo: no reference model (load the model through the objective)")
+    if not torch.is_grad_enabled() and precomputed.base_unchanged(model):
+        return policy.detach()  # the base model scored as it is: it is its own reference
+    return precomputed(model, items, layout.pad_id, layout.batch_tokens).to(policy.device)
+
+
+class PairBatches:
+    """Preference pairs as the loop sees them: one pair per row, rows grouped by length; the loss
+    and ``trained_tokens`` count pairs."""
+
+    def __init__(self, items: list[dict], layout: Layout, reference: PrecomputedReference | None,
+                 options: Options | None = None):
+        self.items = items
+        self.layout = layout
+        self.reference = reference
+        self.options = options or Options()
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        lengths = [len(i["chosen"]["input_ids"]) + len(i["rejected"]["input_ids"]) for i in self.items]
+        return length_grouped(lengths, self.layout.batch_tokens, None if epoch < 0 else self.layout.seed + epoch)
+
+    def tensors(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        batch = stack_rows([pair_row(self.items[i], self.layout.pad_id) for i in rows], self.layout.pad_id)
+        batch["pairs"] = torch.tensor(rows)
+        return batch
+
+    def logps(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Policy (with gradients) and reference log-probabilities, [pairs, 2] each."""
+        policy = pair_logps(model, batch)
+        items = [self.items[i] for i in batch["pairs"].tolist()]
+        return policy, reference_logps(model, batch, items, policy, self.reference, self.layout)
+
+    def pair_losses(self, model, batch) -> torch.Tensor:
+        policy, reference = self.logps(model, batch)
+        o = self.options
+        return LOSSES[o.loss](policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], o.beta,
+                              o.label_smoothing)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        return self.pair_losses(model, batch).sum()
+
+    def example_losses(self, model, batch):
+        losses = self.pair_losses(model, batch)
+        return batch["pairs"], losses, torch.ones_like(batch["pairs"])
+
+    @staticmethod
+    def trained_tokens(batch) -> int:
+        return len(batch["pairs"])
+
+    @staticmethod
+    def input_tokens(batch) -> int:
+        return int((batch["seq_ids"] != -1).sum())
+
+    @torch.no_grad()
+    def loss_totals(self, model, items: list[dict]) -> tuple[float, int]:
+        figures = self.figures(model, items)
+        return figures["loss"] * len(items), len(items)
+
+    @torch.no_grad()
+    def figures(self, model, items: list[dict]) -> dict[str, float]:
+        """Mean loss, reward accuracy and margin, and the mean log-ratios of chosen and rejected."""
+        view = self if items is self.items else PairBatches(items, self.layout, self.reference, self.options)
+        was_training = model.training
+        model.eval()
+        losses, ratios = [], []
+        o = self.options
+        for rows in view.epoch(-1):
+            policy, reference = view.logps(model, to_device(view.tensors(rows), model))
+            losses.append(LOSSES[o.loss](policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], o.beta,
+                                         o.label_smoothing).cpu())
+            ratios.append((policy - reference).cpu())
+        model.train(was_training)
+        ratio = torch.cat(ratios)
+        rewards = o.beta * ratio
+        return {"loss": float(torch.cat(losses).mean()),
+                "accuracy": float((rewards[:, 0] > rewards[:, 1]).float().mean()),
+                "reward_margin": float((rewards[:, 0] - rewards[:, 1]).mean()),
+                "chosen_logratio": float(ratio[:, 0].mean()),
+                "rejected_logratio": float(ratio[:, 1].mean())}
+
+
+@dataclass
+class DPO:
+    name: ClassVar[str] = "dpo"
+    Options: ClassVar[type[Section]] = Options
+    options: Options
+    data: DataConfig
+    tokenizer: Any
+    layout: Layout
+
+    def __post_init__(self):
+        self.encoder = Encoder(self.tokenizer, self.data.template, self.data.system_prompt, self.data.max_length)
+        # Generation (samples, `tunesmith generate`) is the causal LM's.
+        self.causal = Causal(CausalOptions(), self.data, self.tokenizer, self.layout)
+        self.prepared: PreparedData | None = None
+        self.reference: PrecomputedReference | None = None
+
+    @classmethod
+    def check_method(cls, method) -> list[str]:
+        if not (method.packs and method.direct_decoder):
+            return [f"method.name: {method.name} cannot train objective dpo: a pair's two answers share one row "
+                    "after its prompt (use lora, qlora, ia3, adapter or full)"]
+        return []
+
+    def prepare(self) -> PreparedData:
+        splits, schema, stats = load_splits(self.data)
+        if schema.kind != "preference":
+            raise TunesmithError(f"objective {self.name} needs preference data (prompt, chosen, rejected), but the "
+                                 f"data is {schema.kind}: name the columns under data.columns.chosen / .rejected")
+        encoded, stats["tokens"] = {}, {}
+        for name in SPLITS:
+            es = EncodeStats()
+            encoded[name], splits[name] = encode_pairs(splits[name], self.encoder, es)
+            stats["tokens"][name] = _token_summary(es)
+        self.prepared = PreparedData(schema, splits, encoded, [], stats)
+        return self.prepared
+
+    def load_model(self, source: str, dtype: str, labels: list[str], **kwargs):
+        model = load_model(source, "AutoModelForCausalLM", dtype, **kwargs)
+
+        def known() -> list[dict]:
+            return [i for name in SPLITS for i in self.prepared.encoded[name]] if self.prepared else []
+
+        self.reference = PrecomputedReference(model, lambda: load_model(source, "AutoModelForCausalLM", dtype, **kwargs),
+                                              known)
+        return model
+
+    def batches(self, items: list[dict]) -> PairBatches:
+        return PairBatches(items, self.layout, self.reference, self.options)
+
+    def evaluate(self, model, examples: list[dict], encoded: list[dict], labels: list[str]) -> dict:
+        """``loss``; ``accuracy``: the pairs whose implicit reward ranks the chosen answer first;
+        ``reward_margin``; the mean log-ratios of policy to reference, chosen and rejected."""
+        return self.batches(encoded).figures(model, encoded)
+
+    @torch.no_grad()
+    def samples(self, model, examples: list[dict], labels: list[str], max_new_tokens: int) -> list[dict]:
+        was_training = model.training
+        model.eval()
+        out = [{"prompt": ex["messages"][-1]["content"], "expected": ex["chosen"],
+                "output": self.causal._generate(model, self.encoder.prompt_text(ex), max_new_tokens).strip()}
+               for ex in examples]
+        model.train(was_training)
+        return out
+
+    def answer(self, model, prompt: str, labels: list[str], max_new_tokens: int, stream: bool = False) -> str:
+        return self.causal.answer(model, prompt, [], max_new_tokens, stream)
+

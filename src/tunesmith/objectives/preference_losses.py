@@ -1,0 +1,58 @@
+"""Preference losses, one small function each (as torchtune's ``rlhf/loss/dpo.py`` writes them).
+
+Each takes the summed log-probabilities of the chosen and rejected answers under the policy and
+under the reference, every tensor [pairs], and returns the loss of every pair, [pairs]. With
+``h = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)``, the log-ratio
+by which the policy prefers the chosen answer more than the reference did:
+
+- ``sigmoid`` (DPO, Rafailov et al. 2023): ``-log sigmoid(beta h)``;
+- ``conservative`` (cDPO): DPO with the labels smoothed by ``label_smoothing``, for pairs that are
+  wrong that often: ``-(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)``;
+- ``ipo`` (Azar et al. 2023): ``(h - 1 / (2 beta))^2``, which stops pushing once ``h`` reaches its
+  target instead of driving it to infinity;
+- ``hinge`` (SLiC, Zhao et al. 2023): ``max(0, 1 - beta h)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+Loss = Callable[..., torch.Tensor]
+
+
+def log_ratio(policy_chosen, policy_rejected, reference_chosen, reference_rejected) -> torch.Tensor:
+    """``h``: how much more than the reference the policy prefers the chosen answer."""
+    return (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
+
+
+def sigmoid_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float,
+                 label_smoothing: float = 0.0) -> torch.Tensor:
+    return -F.logsigmoid(beta * log_ratio(policy_chosen, policy_rejected, reference_chosen, reference_rejected))
+
+
+def conservative_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float,
+                      label_smoothing: float = 0.0) -> torch.Tensor:
+    h = beta * log_ratio(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    return -(1 - label_smoothing) * F.logsigmoid(h) - label_smoothing * F.logsigmoid(-h)
+
+
+def ipo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float,
+             label_smoothing: float = 0.0) -> torch.Tensor:
+    h = log_ratio(policy_chosen, policy_rejected, reference_chosen, reference_rejected)
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def hinge_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta: float,
+               label_smoothing: float = 0.0) -> torch.Tensor:
+    return torch.relu(1 - beta * log_ratio(policy_chosen, policy_rejected, reference_chosen, reference_rejected))
+
+
+LOSSES: dict[str, Loss] = {
+    "sigmoid": sigmoid_loss,
+    "conservative": conservative_loss,
+    "ipo": ipo_loss,
+    "hinge": hinge_loss,
+}

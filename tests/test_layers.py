@@ -19,6 +19,7 @@ LAYERS = [
     ["tunesmith.config"],
     ["tunesmith.session"],
     ["tunesmith.store"],
+    ["tunesmith.lifecycle"],
     ["tunesmith.recipe", "tunesmith.compare"],
     ["tunesmith.cli"],
 ]

@@ -39,7 +39,7 @@ def cmd_train(args) -> int:
 
     config = load_config(args.config, args.set)
     try:
-        report = run_training(config, resume=args.resume)
+        report = run_training(config, resume=args.resume, parent=args.parent)
     except KeyboardInterrupt as interrupt:
         print(f"\ninterrupted: checkpoint saved in {config.output.dir}/checkpoints/last; "
               f"continue with: tunesmith train {args.config} --resume"
@@ -101,6 +101,20 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_runs_show(args) -> int:
+    from tunesmith.store.lineage import format_chain
+
+    print(format_chain(args.run_dir))
+    return 0
+
+
+def cmd_runs_list(args) -> int:
+    from tunesmith.store.lineage import runs_table
+
+    print(runs_table(args.dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--from", dest="parent", metavar="RUN",
+                   help="start from a finished run's weights (same model, method and objective), on new data")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="test metrics of a run's base and tuned model, side by side")
@@ -145,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-examples", type=_at_least_two, default=1000,
                    help="training rows, and held-out rows, scored at most (a seeded sample)")
     q.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("runs", help="runs and their lineage")
+    runs_sub = p.add_subparsers(dest="runs_command", required=True)
+    q = runs_sub.add_parser("show", help="a run and the chain of runs it continued (tunesmith train --from)")
+    q.add_argument("run_dir")
+    q.set_defaults(func=cmd_runs_show)
+    q = runs_sub.add_parser("list", help="a table of the runs in a directory: status, method, metrics, parent")
+    q.add_argument("dir", nargs="?", default="runs")
+    q.set_defaults(func=cmd_runs_list)
     return parser
 
 

@@ -117,3 +117,34 @@ def test_continuing_what_cannot_be_continued_is_one_clear_line(tmp_path, tiny_mo
     cli_fails(capsys, ["train", str(config), "--from", str(parent_run)], "keeps its parent's base model")
     config = _config(tmp_path, tiny_model_dir, "g", seed=1, train={**TRAIN, "replay": 0.2})
     cli_fails(capsys, ["train", str(config)], "train.replay", "--from RUN")
+
+
+def test_replay_draws_the_asked_share_from_the_parents_training_data(tmp_path, tiny_model_dir, parent_run):
+    from tunesmith.lifecycle.continual import Continual, draw, replay_count
+
+    assert replay_count(80, 0.2) == 20 and replay_count(80, 0.0) == 0 and replay_count(10, 0.5) == 10
+    pool = [{"i": i} for i in range(5)]
+    drawn = draw(pool, 12, seed=0)
+    assert len(drawn) == 12 and {d["i"] for d in drawn[:5]} == set(range(5))  # each once before any twice
+
+    config = load_config(_config(tmp_path, tiny_model_dir, "replay", seed=1, train={**TRAIN, "replay": 0.2}))
+    session = Session(config)
+    session.prepare()
+    new = list(session.data.encoded["train"])
+    continual = Continual.open(config, parent_run)
+    k = continual.add_replay(session)
+    items = session.data.encoded["train"]
+    assert items[: len(new)] == new and len(items) == len(new) + k
+    assert k / len(items) == pytest.approx(0.2, abs=0.5 / len(items))
+    parent = Session(load_config(parent_run / "config.yaml"))
+    parent_items = [json.dumps(e, sort_keys=True) for e in parent.prepare().encoded["train"]]
+    replayed = [json.dumps(e, sort_keys=True) for e in items[len(new):]]
+    assert all(r in parent_items for r in replayed) and len(set(replayed)) == k
+    assert session.data.stats["replay"]["examples"] == k
+    # The batches of an epoch draw on both: every example once, the replayed ones spread over the batches.
+    batches = session.objective.batches(items)
+    plan = batches.epoch(0)
+    seen = [i for batch in plan for row in batch for i in row]
+    assert sorted(seen) == list(range(len(items)))
+    with_replay = [any(i >= len(new) for row in batch for i in row) for batch in plan]
+    assert sum(with_replay) >= len(plan) // 2

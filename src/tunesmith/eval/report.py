@@ -37,8 +37,8 @@ def plot_losses(metrics_log: Path, out: Path) -> bool:
     return True
 
 
-def metrics_table(base: dict, tuned: dict) -> str:
-    lines = ["| metric | base | tuned | change |", "|---|---:|---:|---:|"]
+def metrics_table(base: dict, tuned: dict, names: tuple[str, str] = ("base", "tuned")) -> str:
+    lines = [f"| metric | {names[0]} | {names[1]} | change |", "|---|---:|---:|---:|"]
     for key, name in METRIC_NAMES.items():
         if key in base and key in tuned:
             delta = tuned[key] - base[key]

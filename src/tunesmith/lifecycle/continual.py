@@ -126,10 +126,10 @@ class Continual:
                 f"Continued from `{self.parent.path}`"
                 + (f", replaying {self.replayed} of its training examples (train.replay "
                    f"{self.config.train.replay:g})." if self.replayed else ", without replay."), "",
-                "On this run's test set (parent, then this run):", "",
-                metrics_table(scores["new"], tuned_new), "",
+                "On this run's test set:", "",
+                metrics_table(scores["new"], tuned_new, ("parent", "tuned")), "",
                 "On the parent's test set (what the update may have made it forget):", "",
-                metrics_table(scores["parent_test"], on_parent_test), "",
+                metrics_table(scores["parent_test"], on_parent_test, ("parent", "tuned")), "",
             ]
         general = self.config.eval.general
         if general:

@@ -115,6 +115,16 @@ def cmd_runs_list(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    from tunesmith.lifecycle.merge import merge_runs
+
+    weights = args.weights or [1 / len(args.runs)] * len(args.runs)
+    report = merge_runs(args.runs, args.how, weights, args.out, args.into_base, args.density)
+    print(report.read_text())
+    print(f"report: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     q = runs_sub.add_parser("list", help="a table of the runs in a directory: status, method, metrics, parent")
     q.add_argument("dir", nargs="?", default="runs")
     q.set_defaults(func=cmd_runs_list)
+
+    p = sub.add_parser("merge", help="merge runs' LoRA adapters into a new run (PEFT add_weighted_adapter)")
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--how", default="linear", choices=["linear", "ties", "dare_ties", "svd"])
+    p.add_argument("--weights", type=float, nargs="+", help="one per run (default: equal, summing to 1)")
+    p.add_argument("--density", type=float, default=0.5, help="ties, dare_ties: the share of each update kept")
+    p.add_argument("--out", required=True, help="the new run's directory")
+    p.add_argument("--into-base", action="store_true",
+                   help="also write the merged full model (safetensors) to OUT/merged")
+    p.set_defaults(func=cmd_merge)
     return parser
 
 

@@ -78,6 +78,7 @@ def describe(run: Run) -> dict:
         "method": config.method.name if config else "?",
         "objective": config.objective.name if config else "?",
         "parent": record.get("parent"),
+        "merged_from": record.get("merged_from", []),
         "tuned": metrics.get("tuned", {}),
     }
 
@@ -94,6 +95,8 @@ def format_chain(path: str | Path) -> str:
             continue
         indent = "  " * depth + ("   " if depth else "")
         lines.append(f"{indent}model {d['model']}, method {d['method']}, objective {d['objective']}")
+        if d["merged_from"]:
+            lines.append(f"{indent}merged from: " + ", ".join(d["merged_from"]))
         if d["tuned"]:
             lines.append(f"{indent}tuned: " + "  ".join(f"{k} {v:.4f}" for k, v in d["tuned"].items()))
     return "\n".join(lines)

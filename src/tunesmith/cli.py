@@ -52,11 +52,23 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from tunesmith.recipe import evaluate_run
 
+    if args.bias:
+        return cmd_bias(args)
+
     base, tuned = evaluate_run(Path(args.run_dir), args.data)
     from tunesmith.eval.report import metrics_table
 
     print(metrics_table(base, tuned))
     print(json.dumps({"base": base, "tuned": tuned}))
+    return 0
+
+
+def cmd_bias(args) -> int:
+    from tunesmith.lifecycle.bias import format_bias
+    from tunesmith.recipe import bias_run
+
+    print(format_bias(bias_run(Path(args.run_dir), args.bias), args.bias))
+    print(f"bias: {Path(args.run_dir) / 'bias.md'}")
     return 0
 
 
@@ -140,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="test metrics of a run's base and tuned model, side by side")
     p.add_argument("run_dir")
     p.add_argument("--data", help="evaluate on this file (all rows) instead of the run's test split")
+    p.add_argument("--bias", metavar="PROBE",
+                   help="counterfactual pairs (builtin, or a CSV/JSONL of pair, attribute, group, text): "
+                        "base vs tuned gaps")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="stream a tuned model's answer to a prompt")

@@ -279,3 +279,19 @@ def generate(run_dir: Path, prompt: str, max_new_tokens: int) -> str:
     """Stream the tuned model's answer to ``prompt``, framed as the run's training framed prompts."""
     run, session, model = load_run(run_dir)
     return session.objective.answer(model, prompt, run.labels(), max_new_tokens, stream=True)
+
+
+def bias_run(run_dir: Path, probe: str) -> dict:
+    """The bias probe (``lifecycle.bias``) on a run's base and tuned model; written to bias.json and bias.md."""
+    from tunesmith.lifecycle import bias
+
+    pairs = bias.read_probe(probe)
+    run, session, model = load_run(run_dir)
+    labels, new_tokens = run.labels(), session.config.eval.max_new_tokens
+    tuned = bias.score_pairs(session, model, labels, pairs, new_tokens)
+    with base_model(session, model, labels) as base:
+        result = bias.compare(bias.score_pairs(session, base, labels, pairs, new_tokens), tuned)
+    written = Run(run_dir)
+    written.save_json("bias", {"probe": probe, "attributes": result})
+    (written.path / "bias.md").write_text(bias.format_bias(result, probe) + "\n")
+    return result

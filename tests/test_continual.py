@@ -148,3 +148,18 @@ def test_replay_draws_the_asked_share_from_the_parents_training_data(tmp_path, t
     assert sorted(seen) == list(range(len(items)))
     with_replay = [any(i >= len(new) for row in batch for i in row) for batch in plan]
     assert sum(with_replay) >= len(plan) // 2
+
+
+def test_the_lifecycle_docs_commands_parse():
+    import re
+    import shlex
+    from pathlib import Path
+
+    from tunesmith.cli import build_parser
+
+    text = (Path(__file__).parent.parent / "docs" / "lifecycle.md").read_text()
+    lines = [line.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.splitlines()]
+    commands = [shlex.split(line)[1:] for line in lines if line.startswith("tunesmith ")]
+    assert len(commands) >= 8
+    for argv in commands:
+        build_parser().parse_args(argv)

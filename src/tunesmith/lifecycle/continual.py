@@ -137,7 +137,7 @@ class Continual:
             summary["general"] = points
             plot_forgetting(points, run.path / "forgetting.png")
             sections += ["## Forgetting: general ability", "",
-                         "Perplexity on the last characters of " f"`{general.text}` and zero-shot accuracy on "
+                         f"Perplexity on the last characters of `{general.text}` and zero-shot accuracy on "
                          "the word_topics task (docs/lifecycle.md), which no run trains on.", "",
                          forgetting_table(points), "", "![forgetting](forgetting.png)", ""]
         return summary, sections
@@ -172,7 +172,7 @@ def load_parent_weights(model, session: Session, parent: Run) -> None:
     theirs = dict(session.method.load(session.load_model(parent.labels()), saved).named_parameters())
     mine = dict(model.named_parameters())
     if set(theirs) != set(mine):
-        name = sorted(set(theirs) ^ set(mine))[0]
+        name = min(set(theirs) ^ set(mine))
         raise TunesmithError(f"--from {parent.path}: the parent's {session.method.name} weights do not fit this "
                              f"config's method options (parameter {name} is in one only); keep the parent's "
                              "method options")

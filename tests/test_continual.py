@@ -163,3 +163,12 @@ def test_the_lifecycle_docs_commands_parse():
     assert len(commands) >= 8
     for argv in commands:
         build_parser().parse_args(argv)
+
+
+def test_runs_list_shows_a_run_whose_config_it_cannot_read(tmp_path, capsys):
+    broken = Run(tmp_path / "broken")
+    broken.set_status("failed", error="boom")
+    (broken.path / "config.yaml").write_text("method: {name: nope}\n")
+    assert main(["runs", "list", str(tmp_path)]) == 0
+    assert "| broken | failed | ? | ? |" in capsys.readouterr().out
+    cli_fails(capsys, ["runs", "list", str(tmp_path / "nowhere")], "no such directory")

@@ -70,7 +70,10 @@ def describe(run: Run) -> dict:
     if not record and not (run.path / "config.yaml").is_file():
         return {"run": str(run.path), "status": "missing"}
     metrics = run.load_json("metrics", {})
-    config = run.load_config() if (run.path / "config.yaml").is_file() else None
+    try:
+        config = run.load_config()
+    except TunesmithError:  # no config.yaml, or one this version cannot read: the table still lists the run
+        config = None
     return {
         "run": str(run.path),
         "status": record.get("status", "?"),

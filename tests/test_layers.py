@@ -19,7 +19,7 @@ LAYERS = [
     ["tunesmith.config"],
     ["tunesmith.session"],
     ["tunesmith.store"],
-    ["tunesmith.export", "tunesmith.monitor"],
+    ["tunesmith.export", "tunesmith.monitor", "tunesmith.lifecycle"],
     ["tunesmith.recipe", "tunesmith.compare"],
     ["tunesmith.score", "tunesmith.feedback"],
     ["tunesmith.serve"],

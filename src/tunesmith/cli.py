@@ -39,7 +39,7 @@ def cmd_train(args) -> int:
 
     config = load_config(args.config, args.set)
     try:
-        report = run_training(config, resume=args.resume)
+        report = run_training(config, resume=args.resume, parent=args.parent)
     except KeyboardInterrupt as interrupt:
         print(f"\ninterrupted: checkpoint saved in {config.output.dir}/checkpoints/last; "
               f"continue with: tunesmith train {args.config} --resume"
@@ -52,11 +52,23 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from tunesmith.recipe import evaluate_run
 
+    if args.bias:
+        return cmd_bias(args)
+
     base, tuned = evaluate_run(Path(args.run_dir), args.data)
     from tunesmith.eval.report import metrics_table
 
     print(metrics_table(base, tuned))
     print(json.dumps({"base": base, "tuned": tuned}))
+    return 0
+
+
+def cmd_bias(args) -> int:
+    from tunesmith.lifecycle.bias import format_bias
+    from tunesmith.recipe import bias_run
+
+    print(format_bias(bias_run(Path(args.run_dir), args.bias), args.bias))
+    print(f"bias: {Path(args.run_dir) / 'bias.md'}")
     return 0
 
 
@@ -217,6 +229,30 @@ def cmd_feedback_export(args) -> int:
     return 0
 
 
+def cmd_runs_show(args) -> int:
+    from tunesmith.store.lineage import format_chain
+
+    print(format_chain(args.run_dir))
+    return 0
+
+
+def cmd_runs_list(args) -> int:
+    from tunesmith.store.lineage import runs_table
+
+    print(runs_table(args.dir))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from tunesmith.lifecycle.merge import merge_runs
+
+    weights = args.weights or [1 / len(args.runs)] * len(args.runs)
+    report = merge_runs(args.runs, args.how, weights, args.out, args.into_base, args.density)
+    print(report.read_text())
+    print(f"report: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -225,11 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--from", dest="parent", metavar="RUN",
+                   help="start from a finished run's weights (same model, method and objective), on new data")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="test metrics of a run's base and tuned model, side by side")
     p.add_argument("run_dir")
     p.add_argument("--data", help="evaluate on this file (all rows) instead of the run's test split")
+    p.add_argument("--bias", metavar="PROBE",
+                   help="counterfactual pairs (builtin, or a CSV/JSONL of pair, attribute, group, text): "
+                        "base vs tuned gaps")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="stream a tuned model's answer to a prompt")
@@ -353,6 +394,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--store", help="the SQLite store (default: $TUNESMITH_STORE, else runs/store.sqlite)")
     q.add_argument("--out", required=True)
     q.set_defaults(func=cmd_feedback_export)
+
+    p = sub.add_parser("runs", help="runs and their lineage")
+    runs_sub = p.add_subparsers(dest="runs_command", required=True)
+    q = runs_sub.add_parser("show", help="a run and the chain of runs it continued (tunesmith train --from)")
+    q.add_argument("run_dir")
+    q.set_defaults(func=cmd_runs_show)
+    q = runs_sub.add_parser("list", help="a table of the runs in a directory: status, method, metrics, parent")
+    q.add_argument("dir", nargs="?", default="runs")
+    q.set_defaults(func=cmd_runs_list)
+
+    p = sub.add_parser("merge", help="merge runs' LoRA adapters into a new run (PEFT add_weighted_adapter)")
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--how", default="linear", choices=["linear", "ties", "dare_ties", "svd"])
+    p.add_argument("--weights", type=float, nargs="+", help="one per run (default: equal, summing to 1)")
+    p.add_argument("--density", type=float, default=0.5, help="ties, dare_ties: the share of each update kept")
+    p.add_argument("--out", required=True, help="the new run's directory")
+    p.add_argument("--into-base", action="store_true",
+                   help="also write the merged full model (safetensors) to OUT/merged")
+    p.set_defaults(func=cmd_merge)
     return parser
 
 

@@ -16,6 +16,7 @@ from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
 from tunesmith.data.options import DataConfig
 from tunesmith.errors import TunesmithError
+from tunesmith.eval.general import GeneralConfig
 from tunesmith.methods import REGISTRY as METHODS
 from tunesmith.objectives import REGISTRY as OBJECTIVES
 from tunesmith.options import Section
@@ -48,6 +49,7 @@ class EvalConfig(Section):
     samples: int = Field(3, ge=0, description="Generated samples shown in the report.")
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(16, ge=1)
+    general: GeneralConfig | None = Field(None, description="Probes of general ability (forgetting); causal LMs.")
 
 
 class OutputConfig(Section):

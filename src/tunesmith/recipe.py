@@ -27,6 +27,7 @@ from tunesmith.data.options import SplitConfig
 from tunesmith.data.pipeline import format_stats
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.report import plot_losses, privacy_line, replace_section, write_report
+from tunesmith.lifecycle.continual import Continual
 from tunesmith.methods import count_parameters
 from tunesmith.model import set_dropout
 from tunesmith.privacy.audit import audit, format_audit, format_comparison
@@ -64,17 +65,22 @@ def cpu_only() -> bool:
                 or (xpu is not None and xpu.is_available()))
 
 
-def run_training(config: RunConfig, resume: bool = False, on_step=None) -> Path:
-    """Train and evaluate as ``config`` says; returns the path of report.md."""
+def run_training(config: RunConfig, resume: bool = False, on_step=None, parent: str | Path | None = None) -> Path:
+    """Train and evaluate as ``config`` says; returns the path of report.md.
+
+    ``parent``: a finished run to continue (``tunesmith train --from``); a resumed run keeps the
+    parent its status records."""
     from accelerate import PartialState
 
     processes = PartialState(cpu=cpu_only())
     main = processes.is_main_process
     run = Run(config.output.dir, writer=main)
     run.check_new(resume)
+    continual = Continual.open(config, parent or (run.parent if resume else None))
     setup_threads(config.train.threads)
     session = Session(config)
     session.prepare()  # all input problems surface here, before anything is written
+    continual.add_replay(session)
     private = None
     if config.privacy:
         private = prepare_private(config.privacy, config.train, session.objective, session.data.encoded["train"],
@@ -83,7 +89,7 @@ def run_training(config: RunConfig, resume: bool = False, on_step=None) -> Path:
         print(format_stats(session.data.stats))
         if private:
             print(private.describe())
-    run.set_status("running")
+    run.set_status("running", **continual.status())
     run.save_config(config)
     run.save_json("data_stats", session.data.stats)
     run.save_json("labels", session.data.labels)
@@ -91,7 +97,7 @@ def run_training(config: RunConfig, resume: bool = False, on_step=None) -> Path:
         run.save_json("canaries", canary_record(config.data.canaries, session.data.schema.kind))
     try:
         with stop_on_sigterm() as stop:
-            report = _run(session, run, resume, on_step, stop, private)
+            report = _run(session, run, resume, on_step, stop, private, continual)
     except KeyboardInterrupt:
         run.set_status("interrupted")
         raise
@@ -103,7 +109,7 @@ def run_training(config: RunConfig, resume: bool = False, on_step=None) -> Path:
 
 
 def _run(session: Session, run: Run, resume: bool, on_step, stop: threading.Event,
-         private: PrivateTraining | None) -> Path:
+         private: PrivateTraining | None, continual: Continual) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -122,7 +128,7 @@ def _run(session: Session, run: Run, resume: bool, on_step, stop: threading.Even
         set_dropout(model, config.train.dropout)
 
     base = evaluate_base(session, run, model, resume, accelerator.is_main_process)
-    model = session.method.apply(model, config.method)
+    model = continual.start(session, run, model, resume, accelerator.is_main_process)
     trainable, total = count_parameters(model)
     if accelerator.is_main_process:
         print(f"method {config.method.name}: {trainable:,} trainable parameters of {total:,} "
@@ -140,7 +146,7 @@ def _run(session: Session, run: Run, resume: bool, on_step, stop: threading.Even
     accelerator.end_training()  # closes the trackers, and the process group: no collective after it
     if not accelerator.is_main_process:
         return run.report
-    return finish(session, run, model, base, state, seconds, trainable, total, private)
+    return finish(session, run, model, base, state, seconds, trainable, total, private, continual)
 
 
 def evaluate_base(session: Session, run: Run, model, resume: bool, main: bool) -> dict:
@@ -156,7 +162,8 @@ def evaluate_base(session: Session, run: Run, model, resume: bool, main: bool) -
 
 
 def finish(session: Session, run: Run, model, base: dict, state: TrainState, seconds: float,
-           trainable: int, total: int, private: PrivateTraining | None = None) -> Path:
+           trainable: int, total: int, private: PrivateTraining | None = None,
+           continual: Continual | None = None) -> Path:
     """Evaluate the tuned model, save it, and write metrics.json and the report."""
     config, method = session.config, session.method
     print("evaluating the tuned model on held-out data ...")
@@ -194,11 +201,15 @@ def finish(session: Session, run: Run, model, base: dict, state: TrainState, sec
     if private:
         summary["privacy"] = private.budget.summary(state.step)
         print(privacy_line(summary["privacy"]))
+    sections = []
+    if continual:
+        extra, sections = continual.finish(session, run, model)
+        summary |= extra
     samples = [{**b, "base": b["output"], "tuned": t["output"]} for b, t in zip(base["samples"], tuned_samples)]
     has_plot = plot_losses(run.metrics_log, run.loss_plot)
     # metrics.json and report.md last: their presence means the run finished.
     run.save_json("metrics", summary)
-    return write_report(run.path, summary, session.data.stats, samples, has_plot)
+    return write_report(run.path, summary, session.data.stats, samples, has_plot, sections)
 
 
 def peak_memory_mb() -> float:
@@ -286,3 +297,19 @@ def generate(run_dir: Path, prompt: str, max_new_tokens: int) -> str:
     """Stream the tuned model's answer to ``prompt``, framed as the run's training framed prompts."""
     run, session, model = load_run(run_dir)
     return session.objective.answer(model, prompt, run.labels(), max_new_tokens, stream=True)
+
+
+def bias_run(run_dir: Path, probe: str) -> dict:
+    """The bias probe (``lifecycle.bias``) on a run's base and tuned model; written to bias.json and bias.md."""
+    from tunesmith.lifecycle import bias
+
+    pairs = bias.read_probe(probe)
+    run, session, model = load_run(run_dir)
+    labels, new_tokens = run.labels(), session.config.eval.max_new_tokens
+    tuned = bias.score_pairs(session, model, labels, pairs, new_tokens)
+    with base_model(session, model, labels) as base:
+        result = bias.compare(bias.score_pairs(session, base, labels, pairs, new_tokens), tuned)
+    written = Run(run_dir)
+    written.save_json("bias", {"probe": probe, "attributes": result})
+    (written.path / "bias.md").write_text(bias.format_bias(result, probe) + "\n")
+    return result

@@ -40,8 +40,8 @@ def plot_losses(metrics_log: Path, out: Path) -> bool:
     return True
 
 
-def metrics_table(base: dict, tuned: dict) -> str:
-    lines = ["| metric | base | tuned | change |", "|---|---:|---:|---:|"]
+def metrics_table(base: dict, tuned: dict, names: tuple[str, str] = ("base", "tuned")) -> str:
+    lines = [f"| metric | {names[0]} | {names[1]} | change |", "|---|---:|---:|---:|"]
     for key, name in METRIC_NAMES.items():
         if key in base and key in tuned:
             delta = tuned[key] - base[key]
@@ -49,8 +49,10 @@ def metrics_table(base: dict, tuned: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: Path, summary: dict, stats: dict, samples: list[dict], has_plot: bool) -> Path:
-    """``summary`` holds model, method, parameters, training figures and the base/tuned metrics."""
+def write_report(run_dir: Path, summary: dict, stats: dict, samples: list[dict], has_plot: bool,
+                 sections: list[str] = ()) -> Path:
+    """``summary`` holds model, method, parameters, training figures and the base/tuned metrics;
+    ``sections`` are markdown lines that follow the metrics (a parent run, forgetting)."""
     m = summary
     out = [
         f"# tunesmith run: {run_dir.name}",
@@ -71,6 +73,7 @@ def write_report(run_dir: Path, summary: dict, stats: dict, samples: list[dict],
                 "weights. It does not cover what the run computes from the data directly: the training loss "
                 "in metrics.jsonl, the data statistics, and the evaluation on the validation and test splits.",
                 ""]
+    out += list(sections)
     if has_plot:
         out += ["## Loss curves", "", "![loss curves](loss.png)", ""]
     out += ["## Data", "", "```", format_stats(stats), "```", ""]

@@ -96,6 +96,17 @@ class Classification:
         pred = [labels[predictions[i]] for i in range(len(examples))]
         return label_metrics(loss, [e["label"] for e in examples], pred, labels)
 
+    @torch.no_grad()
+    def label_probabilities(self, model, texts: list[str], labels: list[str]) -> torch.Tensor:
+        """[texts, labels]: the head's softmax for each raw text (the bias probe compares these across a pair)."""
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        probs = torch.cat([torch.softmax(model(input_ids=torch.tensor([self._ids(t)], device=device)).logits.float(),
+                                         dim=-1).cpu() for t in texts])
+        model.train(was_training)
+        return probs
+
     def samples(self, model, examples: list[dict], labels: list[str], max_new_tokens: int) -> list[dict]:
         return [{"prompt": user_input(e), "expected": e["label"], "output": self._predict(model, e["_input"], labels)}
                 for e in examples]

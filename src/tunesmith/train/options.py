@@ -46,6 +46,11 @@ class TrainConfig(Section):
         "matmuls are native (CPUs with AVX512-BF16 or AMX, GPUs with bf16), 'no': float32 throughout."
     )
 
+    replay: float = Field(
+        0.0, ge=0, lt=1, description="With --from: this share of the training examples is drawn from the parent "
+        "run's training data, so that an update does not erase what came before."
+    )
+
     @field_validator("mixed_precision", mode="before")
     @classmethod
     def _yaml_booleans(cls, value):

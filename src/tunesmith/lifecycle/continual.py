@@ -1,0 +1,184 @@
+"""Continual re-training: a run that starts from a finished run's weights (``tunesmith train --from``),
+replays part of that run's training data, and measures what the update made the model forget.
+
+The recipe calls ``Continual`` at four points: ``open`` (before anything is written: the parent's
+checks), ``add_replay`` (after the data is prepared), ``start`` (in place of ``method.apply``: the
+method's trainable parameters, set to the parent's values) and ``finish`` (the tuned model's
+figures and the report's sections). A run without a parent and without ``eval.general`` goes
+through the same calls, which then only apply the method.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from tunesmith.config import RunConfig
+from tunesmith.errors import TunesmithError
+from tunesmith.eval.general import forgetting_table, plot_forgetting, score_general
+from tunesmith.eval.report import metrics_table
+from tunesmith.session import Session
+from tunesmith.store import Run
+from tunesmith.store.lineage import check_parent
+
+
+class Continual:
+    def __init__(self, config: RunConfig, parent: Run | None):
+        self.config = config
+        self.parent = parent
+        self.parent_session: Session | None = None
+        self.replayed = 0
+        if config.train.replay and parent is None:
+            raise TunesmithError("train.replay: replay draws from a parent run's data; give the parent with --from RUN")
+        if config.eval.general and config.objective.name != "causal":
+            raise TunesmithError(f"eval.general: the general probes score a causal LM's text; objective "
+                                 f"{config.objective.name} has no language-model head")
+
+    @classmethod
+    def open(cls, config: RunConfig, parent: str | Path | None) -> Continual:
+        """Check the parent (complete, same base model, method and objective) before anything is written."""
+        return cls(config, check_parent(parent, config) if parent else None)
+
+    def status(self) -> dict:
+        """What the run's status records: its parent, so the lineage survives a crash of this run."""
+        return {"parent": str(self.parent.path.resolve())} if self.parent else {}
+
+    def parent_data(self):
+        """The parent's splits, read and encoded through its own config and data pipeline (once)."""
+        if self.parent_session is None:
+            self.parent_session = Session(self.parent.load_config())
+            self.parent_session.prepare()
+            # The labels in the order the parent's model outputs them.
+            self.parent_session.data.labels = self.parent.labels()
+        return self.parent_session.data
+
+    def add_replay(self, session: Session) -> int:
+        """Add ``train.replay`` of the training examples from the parent's training split; returns how many."""
+        if self.parent is None:
+            return 0
+        labels = self.parent.labels()
+        if self.config.objective.name == "classification" and session.data.labels != labels:
+            raise TunesmithError(f"--from {self.parent.path}: the parent's classifier has labels "
+                                 f"{', '.join(labels)}; this data has {', '.join(session.data.labels)}")
+        fraction = self.config.train.replay
+        if not fraction:
+            return 0
+        theirs = self.parent_session.config if self.parent_session else self.parent.load_config()
+        if theirs.data.max_length > self.config.data.max_length:
+            raise TunesmithError(f"train.replay: the parent's examples are up to {theirs.data.max_length} tokens "
+                                 f"long; set data.max_length to at least that (now {self.config.data.max_length})")
+        pool = self.parent_data().encoded["train"]
+        new = session.data.encoded["train"]
+        self.replayed = replay_count(len(new), fraction)
+        session.data.encoded["train"] = new + draw(pool, self.replayed, self.config.train.seed)
+        session.data.stats["replay"] = {"fraction": fraction, "examples": self.replayed, "parent": str(self.parent.path)}
+        return self.replayed
+
+    def start(self, session: Session, run: Run, model, resume: bool, main: bool):
+        """The model training starts from: the method applied to the base, its trainable parameters
+        set to the parent's. The base and the starting model are scored first (main process; kept
+        in ``start_eval.json`` for a resumed run)."""
+        scores = run.load_json("start_eval") if resume else None
+        general = self.config.eval.general
+        if scores is None and main:
+            scores = {"general": {}}
+            if general:
+                print("scoring the base model on the general probes ...")
+                scores["general"]["base"] = score_general(model, session.tokenizer, general)
+        model = session.method.apply(model, self.config.method)
+        if self.parent is not None:
+            load_parent_weights(model, session, self.parent)
+        if main and scores is not None and "new" not in scores:
+            if self.parent is not None:
+                print("scoring the parent on the new and the parent's test sets ...")
+                scores["new"] = session.score(model)
+                scores["parent_test"] = self.parent_session_scores(model)
+                if general:
+                    scores["general"]["parent"] = score_general(model, session.tokenizer, general)
+            else:
+                scores["new"] = None
+            run.save_json("start_eval", scores)
+        self.start_scores = scores
+        return model
+
+    def parent_session_scores(self, model) -> dict:
+        data = self.parent_data()
+        session = self.parent_session
+        if not (data.examples["test"] or data.examples["validation"]):
+            return {}
+        return session.score(model)
+
+    def finish(self, session: Session, run: Run, model) -> tuple[dict, list[str]]:
+        """The tuned model's figures for metrics.json, and the report's sections."""
+        summary, sections = {}, []
+        scores = self.start_scores
+        if self.parent is not None:
+            on_parent_test = self.parent_session_scores(model)
+            tuned_new = session.score(model)
+            summary["parent"] = {"run": str(self.parent.path.resolve()), "replay": self.config.train.replay,
+                                 "replayed_examples": self.replayed,
+                                 "new_test": {"parent": scores["new"], "tuned": tuned_new},
+                                 "parent_test": {"parent": scores["parent_test"], "tuned": on_parent_test}}
+            sections += [
+                "## Against the parent run", "",
+                f"Continued from `{self.parent.path}`"
+                + (f", replaying {self.replayed} of its training examples (train.replay "
+                   f"{self.config.train.replay:g})." if self.replayed else ", without replay."), "",
+                "On this run's test set:", "",
+                metrics_table(scores["new"], tuned_new, ("parent", "tuned")), "",
+                "On the parent's test set (what the update may have made it forget):", "",
+                metrics_table(scores["parent_test"], on_parent_test, ("parent", "tuned")), "",
+            ]
+        general = self.config.eval.general
+        if general:
+            points = {**scores["general"], "tuned": score_general(model, session.tokenizer, general)}
+            summary["general"] = points
+            plot_forgetting(points, run.path / "forgetting.png")
+            sections += ["## Forgetting: general ability", "",
+                         f"Perplexity on the last characters of `{general.text}` and zero-shot accuracy on "
+                         "the word_topics task (docs/lifecycle.md), which no run trains on.", "",
+                         forgetting_table(points), "", "![forgetting](forgetting.png)", ""]
+        return summary, sections
+
+
+def replay_count(new: int, fraction: float) -> int:
+    """Replayed examples so that they are ``fraction`` of all: r / (new + r) = fraction."""
+    return round(new * fraction / (1 - fraction))
+
+
+def draw(pool: list[dict], n: int, seed: int) -> list[dict]:
+    """``n`` items of ``pool``, without replacement until the pool is used up, then again."""
+    if not pool:
+        return []
+    rng = random.Random(seed)
+    out: list[dict] = []
+    while len(out) < n:
+        out += rng.sample(pool, min(len(pool), n - len(out)))
+    return out
+
+
+@torch.no_grad()
+def load_parent_weights(model, session: Session, parent: Run) -> None:
+    """Set ``model``'s trainable parameters (the method just applied) to the parent's saved ones.
+
+    The parent is loaded the way ``tunesmith eval`` loads it, then copied parameter by parameter:
+    a method whose options change the parameters' names or shapes (another rank, other target
+    modules) is refused."""
+    saved = parent.saved(session.method)
+    if not saved.is_dir():
+        raise TunesmithError(f"--from {parent.path}: the run has no saved {saved.name}/")
+    theirs = dict(session.method.load(session.load_model(parent.labels()), saved).named_parameters())
+    mine = dict(model.named_parameters())
+    if set(theirs) != set(mine):
+        name = min(set(theirs) ^ set(mine))
+        raise TunesmithError(f"--from {parent.path}: the parent's {session.method.name} weights do not fit this "
+                             f"config's method options (parameter {name} is in one only); keep the parent's "
+                             "method options")
+    for name, p in mine.items():
+        if p.requires_grad:
+            if theirs[name].shape != p.shape:
+                raise TunesmithError(f"--from {parent.path}: parameter {name} has shape {tuple(theirs[name].shape)} "
+                                     f"in the parent, {tuple(p.shape)} here; keep the parent's method options")
+            p.copy_(theirs[name].to(p.device, p.dtype))

@@ -5,8 +5,7 @@
 2. The child's data: the rest, plus replay of the parent's training split, in canonical rows; the
    parent's test split is the child's test set, so the child's own report shows it too.
 3. The child trains with the parent's config (method, hyperparameters, ``--set`` overrides) through
-   ``train_child``: from the base model, on that data. Continuing from the parent's weights
-   (``tunesmith train --from``) is not wired yet; ``train_child`` is the one place to switch.
+   ``train_child``: from the parent's weights (``tunesmith train --from``), on that data.
 4. Parent and child are scored on the original test set and on the held-out new rows
    (``score_files``); ``gate.decide`` says whether the child is promoted.
 5. The decision and its figures go to the child's ``retrain_decision.json`` and are appended to a
@@ -84,9 +83,10 @@ def score_files(run_dir: Path, files: dict[str, Path]) -> dict[str, dict]:
     return scores
 
 
-def train_child(config) -> Path:
-    """The single training entry point of a retrain: the recipe, as ``tunesmith train`` runs it."""
-    return run_training(config)
+def train_child(config, parent: Path) -> Path:
+    """The single training entry point of a retrain: the recipe, as ``tunesmith train --from PARENT``
+    runs it (the child starts from the parent's weights and records it in its lineage)."""
+    return run_training(config, parent=parent)
 
 
 def write_alias(path: Path, alias: str, target: Path) -> None:
@@ -147,7 +147,7 @@ def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str
     raw["data"] = canonical_data(parent_config.data, files, labels).model_dump(mode="json")
     raw["output"]["dir"] = str(child_dir)
     config = load_config(run_dir / "config.yaml", sets, raw=raw)
-    train_child(config)
+    train_child(config, run_dir)
 
     evaluation = {"original": files["test"], "new": files["new"]}
     parent_scores, child_scores = score_files(run_dir, evaluation), score_files(child_dir, evaluation)

@@ -101,6 +101,23 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_ppo(args) -> int:
+    from tunesmith.align.options import load_ppo_config
+    from tunesmith.align.recipe import run_ppo
+    from tunesmith.train.loop import Interrupted
+
+    config = load_ppo_config(args.config, args.set)
+    try:
+        report = run_ppo(config, resume=args.resume)
+    except KeyboardInterrupt as interrupt:
+        print(f"\ninterrupted: checkpoint in {config.output.dir}/checkpoints/last; "
+              f"continue with: tunesmith ppo {args.config} --resume" + "".join(f" --set {s}" for s in args.set),
+              file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(interrupt, Interrupted) else EXIT_INTERRUPTED
+    print(f"report: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-examples", type=_at_least_two, default=1000,
                    help="training rows, and held-out rows, scored at most (a seeded sample)")
     q.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("ppo", help="align a model with PPO against a reward run (a classifier or reward model)")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted PPO run from its checkpoint")
+    p.set_defaults(func=cmd_ppo)
     return parser
 
 

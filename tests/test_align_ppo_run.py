@@ -1,0 +1,187 @@
+"""PPO end to end on tiny models: a toy reward rises, the adapter trains, resume continues the same
+steps, rewards come from tunesmith runs, and bad reward runs fail with one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import cli_fails, review_rows, write_config, write_jsonl
+
+from tunesmith.align.options import load_ppo_config
+from tunesmith.align.recipe import run_ppo
+from tunesmith.store import Run
+
+
+def _prompts(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "prompts.jsonl", [{"text": r["review"]} for r in review_rows(40)])
+
+
+def ppo_config(tmp_path: Path, model_dir: Path, name: str = "run", **ppo) -> dict:
+    return {
+        "model": {"name": str(model_dir)},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"max_steps": 8, "lr": 0.03, "warmup_ratio": 0.0, "scheduler": "constant", "save_every": 2},
+        "output": {"dir": str(tmp_path / name)},
+        "ppo": {"prompts": str(_prompts(tmp_path)), "eval_prompts": 8, "prompts_per_step": 4,
+                "samples_per_prompt": 4, "max_new_tokens": 8, "minibatch_size": 8, "kl_coef": 0.01, **ppo},
+    }
+
+
+def letter_e(prompts: list[str], answers: list[str]) -> list[float]:
+    """A toy reward that a tiny random model can learn within a few steps: how often 'e' appears."""
+    return [float(a.count("e")) for a in answers]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ppo_raises_a_toy_reward_and_trains_the_adapter_and_value_head(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    config = load_ppo_config(tmp_path / "ppo.yaml", raw=ppo_config(tmp_path, tiny_model_dir))
+    report = run_ppo(config, reward=letter_e)
+    run_dir = tmp_path / "run"
+    rows = _metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # the first rollout's policy is the reference
+    first, last = sum(r["reward"] for r in rows[:2]) / 2, sum(r["reward"] for r in rows[-2:]) / 2
+    assert last > first + 1.0, (first, last)
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["tuned"]["mean_reward"] > summary["base"]["mean_reward"]
+    assert summary["tuned"]["kl"] > 0
+    # LoRA's B matrices start at zero, as does the value head: all must have moved.
+    adapter = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)
+    assert all(v.abs().sum() > 0 for v in load_file(run_dir / "value_head.safetensors").values())
+    assert Run(run_dir).status() == "complete"
+    text = report.read_text()
+    assert "mean reward" in text and "Win-rate" in text and (run_dir / "curves.png").is_file()
+
+
+def test_resume_continues_the_same_steps_as_a_run_never_stopped(tmp_path, tiny_model_dir):
+    straight = load_ppo_config(tmp_path / "a.yaml", raw=ppo_config(tmp_path, tiny_model_dir, "a", max_new_tokens=6)
+                               | {"train": {"max_steps": 4, "lr": 0.03, "warmup_ratio": 0.0, "save_every": 2}})
+    run_ppo(straight, reward=letter_e)
+    stopped = straight.model_copy(update={"output": straight.output.model_copy(update={"dir": str(tmp_path / "b")})})
+
+    def interrupt(step: int) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_ppo(stopped, reward=letter_e, on_step=interrupt)
+    assert Run(tmp_path / "b").status() == "interrupted"
+    run_ppo(stopped, resume=True, reward=letter_e)
+    a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        for key in ("reward", "kl", "policy_loss", "value_loss", "kl_coef", "lr"):
+            assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-5), (x["step"], key)
+
+
+def test_adaptive_kl_coefficient_is_logged_and_moves(tmp_path, tiny_model_dir):
+    raw = ppo_config(tmp_path, tiny_model_dir, kl_target=0.5, kl_horizon=100)
+    raw["train"]["max_steps"] = 3
+    run_ppo(load_ppo_config(tmp_path / "ppo.yaml", raw=raw), reward=letter_e)
+    coefs = [r["kl_coef"] for r in _metrics(tmp_path / "run")]
+    assert coefs[0] == 0.01 and coefs[1] < coefs[0]  # step 1 has KL 0 < target: the coefficient falls
+
+
+def _train(tmp_path: Path, model_dir: Path, data: dict, name: str, **sections) -> Path:
+    from tunesmith.config import load_config
+    from tunesmith.recipe import run_training
+
+    config = write_config(tmp_path / f"{name}.yaml", model_dir, data, train={"max_steps": 2, "eval_every": 2},
+                          output={"dir": str(tmp_path / name)}, **sections)
+    run_training(load_config(config))
+    return tmp_path / name
+
+
+def test_a_classification_run_is_a_reward_through_the_cli(tmp_path, tiny_model_dir, review_data, capsys):
+    from tunesmith.cli import main
+
+    classifier = _train(tmp_path, tiny_model_dir, review_data, "classifier", objective={"name": "classification"})
+    raw = ppo_config(tmp_path, tiny_model_dir, reward=str(classifier), reward_label="positive")
+    raw["train"]["max_steps"] = 1
+    path = tmp_path / "ppo.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["ppo", str(path)]) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["steps"] == 1 and summary["reward_run"] == str(classifier)
+
+
+def test_a_causal_run_on_label_data_scores_answers_by_label_log_odds(tmp_path, tiny_model_dir, review_data):
+    import torch
+
+    from tunesmith.align.rewards import load_reward
+    from tunesmith.objectives.causal import score_labels
+    from tunesmith.store import load_run
+
+    run_dir = _train(tmp_path, tiny_model_dir, review_data, "labeller")
+    answers = ["the film is great", "the plot is dull and boring"]
+    scores = load_reward(run_dir, "positive")(["p", "p"], answers)
+    # The slow way: the label strings' summed losses after the run's instruction, one example at a time.
+    _, session, model = load_run(run_dir)
+    labels = Run(run_dir).labels()
+    for answer, score in zip(answers, scores):
+        example = {"messages": [{"role": "user", "content": f"classify sentiment: {answer}"},
+                                {"role": "assistant", "content": ""}]}
+        sums, _ = score_labels(model, session.objective.encoder, [example], labels, session.layout)
+        logp = -sums[0]
+        pos = labels.index("positive")
+        want = logp[pos] - torch.logsumexp(torch.cat([logp[:pos], logp[pos + 1:]]), 0)
+        assert score == pytest.approx(float(want), abs=1e-4)
+
+
+def _fake_run(path: Path, model_dir: Path, data: dict, labels: list[str], **sections) -> Path:
+    from tunesmith.config import load_config, save_config
+
+    path.mkdir()
+    config = load_config(write_config(path.parent / f"{path.name}.yaml", model_dir, data, **sections))
+    save_config(config, path / "config.yaml")
+    (path / "labels.json").write_text(json.dumps(labels))
+    return path
+
+
+@pytest.mark.parametrize("case", ["missing", "not_a_run", "seq2seq", "causal_no_labels", "unknown_label", "ppo_run"])
+def test_a_bad_reward_run_fails_with_one_line(tmp_path, tiny_model_dir, review_data, capsys, case):
+    reward = tmp_path / "reward"
+    if case == "not_a_run":
+        reward.mkdir()
+    elif case == "seq2seq":
+        _fake_run(reward, tiny_model_dir, review_data, [], objective={"name": "seq2seq"})
+    elif case == "causal_no_labels":
+        _fake_run(reward, tiny_model_dir, {"path": review_data["path"], "format": "text"}, [])
+    elif case == "unknown_label":
+        _fake_run(reward, tiny_model_dir, review_data, ["negative", "positive"], objective={"name": "classification"})
+    elif case == "ppo_run":
+        reward.mkdir()
+        (reward / "config.yaml").write_text(yaml.safe_dump(ppo_config(tmp_path, tiny_model_dir)))
+    raw = ppo_config(tmp_path, tiny_model_dir, reward=str(reward), reward_label="glowing")
+    path = tmp_path / "ppo.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    expected = {"missing": "no such run directory", "not_a_run": "not a tunesmith run directory",
+                "seq2seq": "is a seq2seq run, not a classifier or reward model",
+                "causal_no_labels": "is a causal run without labels", "unknown_label": "'glowing' is not a label",
+                "ppo_run": "is a PPO run"}[case]
+    err = cli_fails(capsys, ["ppo", str(path)], "ppo.reward", expected)
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_config_problems_are_reported_at_once(tmp_path, tiny_model_dir, capsys):
+    raw = ppo_config(tmp_path, tiny_model_dir, clip=-1, instruction="no placeholder")
+    raw["train"].pop("max_steps")
+    raw["ppo"]["minibatch_size"] = 99
+    path = tmp_path / "ppo.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cli_fails(capsys, ["ppo", str(path)], "ppo.clip", "ppo.instruction")
+    raw = ppo_config(tmp_path, tiny_model_dir, minibatch_size=99)
+    raw["train"].pop("max_steps")
+    path.write_text(yaml.safe_dump(raw))
+    cli_fails(capsys, ["ppo", str(path)], "train.max_steps", "ppo.minibatch_size")

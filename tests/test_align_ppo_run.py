@@ -185,3 +185,31 @@ def test_config_problems_are_reported_at_once(tmp_path, tiny_model_dir, capsys):
     raw["train"].pop("max_steps")
     path.write_text(yaml.safe_dump(raw))
     cli_fails(capsys, ["ppo", str(path)], "train.max_steps", "ppo.minibatch_size")
+
+
+ALL_EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
+PPO_EXAMPLES = [p for p in ALL_EXAMPLES if p.read_text().startswith("# tunesmith ppo ")]
+
+
+def test_every_example_opens_with_its_command():
+    # test_config.py checks the `tunesmith train` examples; PPO examples are checked here.
+    assert PPO_EXAMPLES
+    for example in ALL_EXAMPLES:
+        first = example.read_text().splitlines()[0]
+        assert first in (f"# tunesmith train examples/{example.name}", f"# tunesmith ppo examples/{example.name}")
+
+
+@pytest.mark.parametrize("example", PPO_EXAMPLES, ids=[e.name for e in PPO_EXAMPLES])
+def test_shipped_ppo_examples_load(example):
+    config = load_ppo_config(example)
+    assert config.ppo.reward and config.train.max_steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example", PPO_EXAMPLES, ids=[e.name for e in PPO_EXAMPLES])
+def test_shipped_ppo_examples_read_their_prompts(example):
+    from tunesmith.align.prompts import load_prompts
+
+    config = load_ppo_config(example)
+    train, held_out = load_prompts(config.ppo, config.train.seed)
+    assert len(held_out) == config.ppo.eval_prompts and len(train) > 100

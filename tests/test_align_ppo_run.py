@@ -213,3 +213,22 @@ def test_shipped_ppo_examples_read_their_prompts(example):
     config = load_ppo_config(example)
     train, held_out = load_prompts(config.ppo, config.train.seed)
     assert len(held_out) == config.ppo.eval_prompts and len(train) > 100
+
+
+def test_answers_that_share_their_prompt_cache_are_the_answers_without_it(tiny_model_dir, tiny_tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.align.rollout import shared_prompt_cache
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    prompts = [tiny_tokenizer("a great film with many parts").input_ids, tiny_tokenizer("the plot").input_ids]
+    width, pad = max(map(len, prompts)), tiny_tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    greedy = {"do_sample": False, "max_new_tokens": 6, "pad_token_id": pad}
+    repeated = {"input_ids": ids.repeat_interleave(3, 0), "attention_mask": attention.repeat_interleave(3, 0)}
+    alone = model.generate(**repeated, **greedy)
+    shared = model.generate(**repeated, past_key_values=shared_prompt_cache(model, ids, attention, 3), **greedy)
+    assert torch.equal(alone, shared)
+    assert shared_prompt_cache(model, ids, attention, 1) is None

@@ -64,20 +64,38 @@ def answer_mask(answers: torch.Tensor, eos: set[int]) -> tuple[torch.Tensor, tor
 @torch.no_grad()
 def sample(policy: PolicyWithValue, tokenizer, prompts: list[list[int]], samples_per_prompt: int,
            max_new_tokens: int, temperature: float, top_k: int, device) -> Rollout:
-    """``samples_per_prompt`` sampled answers per prompt (grouped by prompt), with the KV cache."""
+    """``samples_per_prompt`` sampled answers per prompt (grouped by prompt), with the KV cache; the
+    answers to one prompt share its cache."""
     model = policy.model
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     eos = end_ids(model, tokenizer)
-    out = model.generate(input_ids=ids, attention_mask=attention, do_sample=True, temperature=temperature,
-                         top_k=top_k, top_p=1.0, max_new_tokens=max_new_tokens,
-                         num_return_sequences=samples_per_prompt, pad_token_id=pad, eos_token_id=sorted(eos))
+    cache = shared_prompt_cache(model, ids, attention, samples_per_prompt)
+    ids, attention = ids.repeat_interleave(samples_per_prompt, 0), attention.repeat_interleave(samples_per_prompt, 0)
+    out = model.generate(input_ids=ids, attention_mask=attention, past_key_values=cache, do_sample=True,
+                         temperature=temperature, top_k=top_k, top_p=1.0, max_new_tokens=max_new_tokens,
+                         pad_token_id=pad, eos_token_id=sorted(eos))
     answers = out[:, width:]
     mask, ended = answer_mask(answers, eos)
-    attention = torch.cat([attention.repeat_interleave(samples_per_prompt, 0), mask.long()], 1)
-    return Rollout(out, attention, width, mask, ended)
+    return Rollout(out, torch.cat([attention, mask.long()], 1), width, mask, ended)
+
+
+@torch.no_grad()
+def shared_prompt_cache(model, ids: torch.Tensor, attention: torch.Tensor, samples: int):
+    """The KV cache of the prompts (all but their last token, which generate runs itself), computed
+    once per prompt and repeated for each of its ``samples`` answers; None when there is nothing to share."""
+    from transformers import DynamicCache
+
+    if samples == 1 or ids.shape[1] < 2:
+        return None
+    cache = DynamicCache(config=model.config)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    model(input_ids=ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions[:, :-1],
+          past_key_values=cache, use_cache=True)
+    cache.batch_repeat_interleave(samples)
+    return cache
 
 
 def answer_logprobs(policy: PolicyWithValue, rollout: Rollout, temperature: float,

@@ -232,3 +232,10 @@ def test_answers_that_share_their_prompt_cache_are_the_answers_without_it(tiny_m
     shared = model.generate(**repeated, past_key_values=shared_prompt_cache(model, ids, attention, 3), **greedy)
     assert torch.equal(alone, shared)
     assert shared_prompt_cache(model, ids, attention, 1) is None
+
+
+def test_the_ppo_doc_names_every_option():
+    from tunesmith.align.options import PPOOptions
+
+    doc = (Path(__file__).parent.parent / "docs" / "alignment-ppo.md").read_text()
+    assert [f for f in PPOOptions.model_fields if f"`{f}`" not in doc] == []

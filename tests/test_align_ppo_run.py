@@ -70,7 +70,7 @@ def test_resume_continues_the_same_steps_as_a_run_never_stopped(tmp_path, tiny_m
     stopped = straight.model_copy(update={"output": straight.output.model_copy(update={"dir": str(tmp_path / "b")})})
 
     def interrupt(step: int) -> None:
-        if step == 2:
+        if step == 3:  # the checkpoint is step 2's (save_every 2): step 3 is taken again
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):

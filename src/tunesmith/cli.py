@@ -1,4 +1,4 @@
-"""The ``tunesmith`` command: train, eval, generate, compare, data inspect, privacy audit.
+"""The ``tunesmith`` command: train, eval, generate, compare, data inspect, privacy audit, ppo.
 
 User errors print one line per problem and exit with status 2, without a traceback.
 """

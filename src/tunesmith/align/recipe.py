@@ -125,6 +125,7 @@ def _run(parts: Parts, run: Run, resume: bool, on_step, stop: threading.Event) -
         state, rng = load_checkpoint(run.checkpoints / "last", parts.policy, optimizer, scheduler)
         step, kl.value = state["step"], state["kl_coef"]
         distributed.set_random_state(rng)
+        keep_metrics_until(run.metrics_log, step)
     trainable, total = count_parameters(parts.policy)
     print(f"method {config.method.name} + value head: {trainable:,} trainable parameters of {total:,}")
 
@@ -152,6 +153,13 @@ def _run(parts: Parts, run: Run, resume: bool, on_step, stop: threading.Event) -
                 on_step(step)
     seconds = time.perf_counter() - started
     return finish(parts, run, base, step, seconds, trainable, total)
+
+
+def keep_metrics_until(metrics_log: Path, step: int) -> None:
+    """Drop the lines of steps after the checkpoint: the resumed run takes those steps again."""
+    if metrics_log.is_file():
+        lines = metrics_log.read_text().splitlines(keepends=True)
+        metrics_log.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
 
 
 def ppo_step(parts: Parts, optimizer, scheduler, kl, prompts: list[str]) -> dict:

@@ -239,3 +239,53 @@ def test_the_ppo_doc_names_every_option():
 
     doc = (Path(__file__).parent.parent / "docs" / "alignment-ppo.md").read_text()
     assert [f for f in PPOOptions.model_fields if f"`{f}`" not in doc] == []
+
+
+def test_answer_mask_keeps_the_first_end_token_when_pad_is_the_end_token():
+    import torch
+
+    from tunesmith.align.rollout import answer_mask
+
+    end = 2  # generate pads finished answers with the pad id, here the end-of-turn id too
+    answers = torch.tensor([[5, 6, 2, 2, 2], [5, 2, 7, 2, 2], [5, 6, 7, 8, 9]])
+    mask, ended = answer_mask(answers, {end})
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert ended.tolist() == [True, True, False]
+
+
+def test_answer_logprobs_match_each_answer_run_alone_and_the_reference_is_the_base(tiny_model_dir, tiny_tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.align.rollout import PolicyWithValue, answer_logprobs, reference_logprobs, sample
+    from tunesmith.methods import get_method
+
+    lora = get_method("lora")
+    model = lora.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora.options(r=4, alpha=8, dropout=0.0))
+    policy = PolicyWithValue(model).eval()
+    with torch.no_grad():  # an adapter that has trained: the policy is no longer the base
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    prompts = [tiny_tokenizer("a great film with many parts").input_ids, tiny_tokenizer("the plot").input_ids]
+    torch.manual_seed(0)
+    rollout = sample(policy, tiny_tokenizer, prompts, 2, 6, temperature=0.7, top_k=0, device="cpu")
+    with torch.no_grad():
+        logp, _ = answer_logprobs(policy, rollout, 0.7)
+    ref = reference_logprobs(policy, rollout, 0.7)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+
+    def alone(m, i: int) -> torch.Tensor:
+        # The slow way: the unpadded prompt and answer, one row, log-softmax at every answer token.
+        prompt = prompts[i // 2]
+        answer = rollout.answers[i][rollout.mask[i].bool()]
+        ids = torch.cat([torch.tensor(prompt), answer]).unsqueeze(0)
+        with torch.no_grad():
+            logits = m(input_ids=ids).logits[0, len(prompt) - 1:-1] / 0.7
+        return torch.log_softmax(logits, -1).gather(-1, answer.unsqueeze(-1)).squeeze(-1)
+
+    for i in range(4):
+        n = int(rollout.mask[i].sum())
+        assert torch.allclose(logp[i, :n], alone(model, i), atol=1e-4)
+        assert torch.allclose(ref[i, :n], alone(base, i), atol=1e-4)
+    assert not torch.allclose(logp * rollout.mask, ref * rollout.mask, atol=1e-3)

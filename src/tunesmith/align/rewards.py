@@ -110,7 +110,10 @@ def load_reward(path: str | Path, label: str, device: torch.device | str = "cpu"
         raise TunesmithError(f"ppo.reward: {run.path}: not a tunesmith run directory (no config.yaml)")
     if "ppo" in (yaml.safe_load(config_file.read_text()) or {}):
         raise TunesmithError(f"ppo.reward: {run.path} is a PPO run, not a classifier or reward model")
-    name = run.load_config().objective.name
+    try:
+        name = run.load_config().objective.name
+    except TunesmithError as err:  # a run of an objective this tunesmith does not know, say
+        raise TunesmithError(*(f"ppo.reward: {p}" for p in err.problems)) from None
     if name not in READERS:
         raise TunesmithError(f"ppo.reward: {run.path} is a {name} run, not a classifier or reward model "
                              f"(objective one of: {', '.join(READERS)})")

@@ -257,7 +257,12 @@ def test_answer_logprobs_match_each_answer_run_alone_and_the_reference_is_the_ba
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.align.rollout import PolicyWithValue, answer_logprobs, reference_logprobs, sample
+    from tunesmith.align.rollout import (
+        PolicyWithValue,
+        answer_logprobs,
+        reference_logprobs,
+        sample,
+    )
     from tunesmith.methods import get_method
 
     lora = get_method("lora")

@@ -25,7 +25,13 @@ from tunesmith.align.options import PPOConfig
 from tunesmith.align.prompts import load_prompts, prompts_of_step
 from tunesmith.align.report import plot_curves, write_report
 from tunesmith.align.rewards import RewardFn, load_reward
-from tunesmith.align.rollout import PolicyWithValue, Rollout, answer_logprobs, reference_logprobs, sample
+from tunesmith.align.rollout import (
+    PolicyWithValue,
+    Rollout,
+    answer_logprobs,
+    reference_logprobs,
+    sample,
+)
 from tunesmith.data.format import Encoder
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import count_parameters, get_method

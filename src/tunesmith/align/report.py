@@ -39,8 +39,8 @@ def write_report(run_dir: Path, summary: dict, base: dict, tuned: dict, has_plot
     out = [
         f"# tunesmith PPO run: {run_dir.name}",
         "",
-        f"Model `{m['model']}`, method `{m['method']}` with a value head: {m['trainable_params']:,} trainable "
-        f"parameters of {m['total_params']:,}. Reward: `{m['reward_run']}`.",
+        (f"Model `{m['model']}`, method `{m['method']}` with a value head: {m['trainable_params']:,} trainable "
+         f"parameters of {m['total_params']:,}. Reward: `{m['reward_run']}`."),
         f"PPO steps: {m['steps']}, in {m['train_seconds']:.0f} s.",
         "",
         f"## Held-out prompts ({m['eval_prompts']}), one sampled answer each",

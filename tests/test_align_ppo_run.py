@@ -294,3 +294,24 @@ def test_answer_logprobs_match_each_answer_run_alone_and_the_reference_is_the_ba
         assert torch.allclose(logp[i, :n], alone(model, i), atol=1e-4)
         assert torch.allclose(ref[i, :n], alone(base, i), atol=1e-4)
     assert not torch.allclose(logp * rollout.mask, ref * rollout.mask, atol=1e-3)
+
+
+def test_sigterm_stops_at_the_next_step_boundary_with_a_checkpoint(tmp_path, tiny_model_dir):
+    import os
+    import signal
+
+    from tunesmith.train.loop import Interrupted
+
+    raw = ppo_config(tmp_path, tiny_model_dir, max_new_tokens=4)
+    raw["train"].update(max_steps=3, save_every=100)
+
+    def terminate(step: int) -> None:
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(Interrupted):
+        run_ppo(load_ppo_config(tmp_path / "ppo.yaml", raw=raw), reward=letter_e, on_step=terminate)
+    run = Run(tmp_path / "run")
+    assert run.status() == "interrupted" and run.has_checkpoint()
+    assert json.loads((run.checkpoints / "last" / "state.json").read_text())["step"] == 1
+    assert [r["step"] for r in _metrics(run.path)] == [1]

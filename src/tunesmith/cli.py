@@ -1,4 +1,4 @@
-"""The ``tunesmith`` command: train, eval, generate, compare, data inspect, privacy audit.
+"""The ``tunesmith`` command: train, eval, generate, compare, data inspect, privacy audit, ppo.
 
 User errors print one line per problem and exit with status 2, without a traceback.
 """
@@ -253,6 +253,23 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_ppo(args) -> int:
+    from tunesmith.align.options import load_ppo_config
+    from tunesmith.align.recipe import run_ppo
+    from tunesmith.train.loop import Interrupted
+
+    config = load_ppo_config(args.config, args.set)
+    try:
+        report = run_ppo(config, resume=args.resume)
+    except KeyboardInterrupt as interrupt:
+        print(f"\ninterrupted: checkpoint in {config.output.dir}/checkpoints/last; "
+              f"continue with: tunesmith ppo {args.config} --resume" + "".join(f" --set {s}" for s in args.set),
+              file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(interrupt, Interrupted) else EXIT_INTERRUPTED
+    print(f"report: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -413,6 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--into-base", action="store_true",
                    help="also write the merged full model (safetensors) to OUT/merged")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("ppo", help="align a model with PPO against a reward run (a classifier or reward model)")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted PPO run from its checkpoint")
+    p.set_defaults(func=cmd_ppo)
     return parser
 
 

@@ -1,0 +1,270 @@
+"""The PPO recipe: set up, score the base model's answers, train, score the tuned model's, save, report.
+
+Each PPO step samples answers to a few prompts from the policy (base + adapter), scores them with
+the reward, takes their log-probabilities under the policy and under the reference (the adapter
+disabled), turns score and KL into per-token rewards and GAE advantages, and runs a few epochs of
+clipped PPO updates over minibatches of the answers. The run directory lives like a training run's
+(``store.Run``): status, config, metrics.jsonl, checkpoints/last for ``--resume``, adapter/, report.md.
+
+One process: PPO does not split its steps over several processes yet.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from tunesmith.align import ppo
+from tunesmith.align.options import PPOConfig
+from tunesmith.align.prompts import load_prompts, prompts_of_step
+from tunesmith.align.report import plot_curves, write_report
+from tunesmith.align.rewards import RewardFn, load_reward
+from tunesmith.align.rollout import (
+    PolicyWithValue,
+    Rollout,
+    answer_logprobs,
+    reference_logprobs,
+    sample,
+)
+from tunesmith.data.format import Encoder
+from tunesmith.errors import TunesmithError
+from tunesmith.methods import count_parameters, get_method
+from tunesmith.model import load_model, load_tokenizer, resolve_model
+from tunesmith.recipe import setup_threads, stop_on_sigterm
+from tunesmith.store import Run
+from tunesmith.train import distributed
+from tunesmith.train.checkpoint import load_checkpoint, save_checkpoint
+from tunesmith.train.loop import Interrupted, make_optimizer, make_scheduler
+
+VALUE_HEAD = "value_head.safetensors"
+
+
+class Parts:
+    """What a PPO run works with, built from its config: tokenizer, policy with value head, reward."""
+
+    def __init__(self, config: PPOConfig, reward: RewardFn | None):
+        self.config = config
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if reward is None:
+            if not config.ppo.reward:
+                raise TunesmithError("ppo.reward: give the run directory of a classifier or reward model")
+            reward = load_reward(config.ppo.reward, config.ppo.reward_label, self.device)
+        self.reward = reward
+        self.train_prompts, self.eval_prompts = load_prompts(config.ppo, config.train.seed)
+        self.method = get_method(config.method.name)
+        source = resolve_model(config.model.name)
+        self.tokenizer = load_tokenizer(source)
+        self.encoder = Encoder(self.tokenizer, "chat" if self.tokenizer.chat_template else "plain",
+                               config.ppo.system_prompt)
+        model = load_model(source, "AutoModelForCausalLM", config.model.dtype,
+                           **self.method.load_kwargs(config.method))
+        model = self.method.apply(model, config.method)
+        if not hasattr(model, "disable_adapter"):
+            raise TunesmithError(f"method.name: PPO needs a method whose adapter can be disabled (the reference "
+                                 f"model), such as lora; {config.method.name} has none")
+        self.policy = PolicyWithValue(model).to(self.device)
+        self.policy.eval()  # no dropout: the log-probs of the rollout and of the update must agree
+
+    def encode(self, prompts: list[str]) -> list[list[int]]:
+        return [self.tokenizer(self.encoder.prompt_text({"messages": [{"role": "user", "content": p}]}),
+                               add_special_tokens=False).input_ids for p in prompts]
+
+    def rollout(self, prompts: list[str], samples: int) -> tuple[Rollout, list[str], list[str], torch.Tensor]:
+        """Sampled answers to ``prompts`` and their scores: (rollout, prompt per answer, answers, scores)."""
+        cfg = self.config.ppo
+        rollout = sample(self.policy, self.tokenizer, self.encode(prompts), samples, cfg.max_new_tokens,
+                         cfg.temperature, cfg.top_k, self.device)
+        texts = [self.tokenizer.decode(a[m.bool()], skip_special_tokens=True).strip()
+                 for a, m in zip(rollout.answers.cpu(), rollout.mask.cpu())]
+        asked = [p for p in prompts for _ in range(samples)]
+        scores = torch.tensor([float(s) for s in self.reward(asked, texts)], device=self.device)
+        return rollout, asked, texts, scores
+
+
+def run_ppo(config: PPOConfig, resume: bool = False, reward: RewardFn | None = None,
+            on_step: Callable[[int], None] | None = None) -> Path:
+    """Train with PPO as ``config`` says; returns the path of report.md. ``reward`` replaces the
+    reward run (tests give a Python function)."""
+    run = Run(config.output.dir)
+    run.check_new(resume)
+    setup_threads(config.train.threads)
+    torch.manual_seed(config.train.seed)  # the adapter's and value head's initial weights
+    parts = Parts(config, reward)  # every input problem surfaces here, before anything is written
+    run.set_status("running")
+    run.save_config(config)
+    try:
+        with stop_on_sigterm() as stop:
+            report = _run(parts, run, resume, on_step, stop)
+    except KeyboardInterrupt:
+        run.set_status("interrupted")
+        raise
+    except BaseException as err:
+        run.set_status("failed", error=str(err))
+        raise
+    run.set_status("complete")
+    return report
+
+
+def _run(parts: Parts, run: Run, resume: bool, on_step, stop: threading.Event) -> Path:
+    config = parts.config
+    cfg, train = config.ppo, config.train
+    base = run.load_json("base_eval") if resume else None
+    if base is None:
+        print("scoring the base model's answers to held-out prompts ...")
+        base = evaluate(parts, adapter=False)
+        run.save_json("base_eval", base)
+    print(f"base: mean reward {base['mean_reward']:.4f}")
+
+    answers = cfg.prompts_per_step * cfg.samples_per_prompt
+    updates = cfg.ppo_epochs * math.ceil(answers / cfg.minibatch_size)
+    optimizer = make_optimizer(parts.policy, train)
+    scheduler = make_scheduler(optimizer, train, train.max_steps * updates)
+    kl = ppo.AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else ppo.FixedKL(cfg.kl_coef)
+    step = 0
+    if resume:
+        state, rng = load_checkpoint(run.checkpoints / "last", parts.policy, optimizer, scheduler)
+        step, kl.value = state["step"], state["kl_coef"]
+        distributed.set_random_state(rng)
+        keep_metrics_until(run.metrics_log, step)
+    trainable, total = count_parameters(parts.policy)
+    print(f"method {config.method.name} + value head: {trainable:,} trainable parameters of {total:,}")
+
+    def save() -> None:
+        save_checkpoint(run.checkpoints / "last", parts.policy, optimizer, scheduler,
+                        {"step": step, "kl_coef": kl.value}, [distributed.random_state()])
+
+    started = time.perf_counter()
+    with run.metrics_log.open("a") as log:
+        while step < train.max_steps:
+            if stop.is_set():
+                save()
+                raise Interrupted()
+            record = ppo_step(parts, optimizer, scheduler, kl, prompts_of_step(
+                parts.train_prompts, step, cfg.prompts_per_step, train.seed))
+            step += 1
+            record = {"step": step, **record}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            print(f"step {step}: reward {record['reward']:.4f}  kl {record['kl']:.4f}  "
+                  f"policy_loss {record['policy_loss']:.4f}  value_loss {record['value_loss']:.4f}")
+            if step % train.save_every == 0 or step == train.max_steps:
+                save()
+            if on_step:
+                on_step(step)
+    seconds = time.perf_counter() - started
+    return finish(parts, run, base, step, seconds, trainable, total)
+
+
+def keep_metrics_until(metrics_log: Path, step: int) -> None:
+    """Drop the lines of steps after the checkpoint: the resumed run takes those steps again."""
+    if metrics_log.is_file():
+        lines = metrics_log.read_text().splitlines(keepends=True)
+        metrics_log.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
+
+
+def ppo_step(parts: Parts, optimizer, scheduler, kl, prompts: list[str]) -> dict:
+    """One PPO step on ``prompts``: roll out, score, advantages, then ``ppo_epochs`` of minibatch
+    updates. Returns the step's metrics."""
+    cfg, policy = parts.config.ppo, parts.policy
+    started = time.perf_counter()
+    rollout, _, _, scores = parts.rollout(prompts, cfg.samples_per_prompt)
+    mask = rollout.mask
+    penalised = scores if cfg.missing_eos_penalty is None else ppo.missing_eos_penalty(
+        scores, rollout.ended, cfg.missing_eos_penalty)
+    with torch.no_grad():
+        old_logp, old_values = answer_logprobs(policy, rollout, cfg.temperature)
+        ref_logp = reference_logprobs(policy, rollout, cfg.temperature)
+    rewards, token_kl = ppo.token_rewards(penalised, old_logp, ref_logp, mask, kl.value)
+    advantages, returns = ppo.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+    advantages = ppo.whiten(advantages, mask)
+
+    n = len(scores)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    figures = {"policy_loss": [], "value_loss": [], "clip_frac": [], "value_clip_frac": [], "approx_kl": []}
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(n, device=mask.device)
+        for i in range(0, n, cfg.minibatch_size):
+            rows = order[i:i + cfg.minibatch_size]
+            logp, values = answer_logprobs(policy, rollout, cfg.temperature, rows)
+            m = mask[rows]
+            pl, clip_frac = ppo.policy_loss(logp, old_logp[rows], advantages[rows], m, cfg.clip)
+            vl, value_clip_frac = ppo.value_loss(values, old_values[rows], returns[rows], m, cfg.value_clip)
+            (pl + cfg.value_coef * vl).backward()
+            if parts.config.train.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, parts.config.train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            approx = ppo.masked_mean(0.5 * (logp - old_logp[rows]) ** 2, m).detach()
+            for key, value in (("policy_loss", pl), ("value_loss", vl), ("clip_frac", clip_frac),
+                               ("value_clip_frac", value_clip_frac), ("approx_kl", approx)):
+                figures[key].append(value.item())
+    mean_kl = float(token_kl.sum(1).mean())
+    record = {
+        "reward": float(scores.mean()),
+        "reward_std": float(scores.std()) if n > 1 else 0.0,
+        "kl": mean_kl,
+        "kl_coef": kl.value,
+        **{k: sum(v) / len(v) for k, v in figures.items()},
+        "answer_len": float(mask.sum(1).mean()),
+        "ended": float(rollout.ended.float().mean()),
+        "lr": scheduler.get_last_lr()[0],
+        "seconds": time.perf_counter() - started,
+    }
+    kl.update(mean_kl, n)
+    return record
+
+
+@torch.no_grad()
+def evaluate(parts: Parts, adapter: bool = True) -> dict:
+    """One sampled answer per held-out prompt (a fixed seed, apart from training's random stream):
+    their scores, their KL to the reference, and the answers."""
+    policy, cfg = parts.policy, parts.config.ppo
+    with torch.random.fork_rng(devices=[parts.device] if parts.device.type == "cuda" else []):
+        torch.manual_seed(parts.config.train.seed + 1)
+        if adapter:
+            rollout, prompts, texts, scores = parts.rollout(parts.eval_prompts, 1)
+        else:
+            with policy.model.disable_adapter():
+                rollout, prompts, texts, scores = parts.rollout(parts.eval_prompts, 1)
+    logp = answer_logprobs(policy, rollout, cfg.temperature)[0]
+    ref = reference_logprobs(policy, rollout, cfg.temperature)
+    kl = ((logp - ref) * rollout.mask).sum(1)
+    return {"mean_reward": float(scores.mean()), "rewards": scores.tolist(), "kl": float(kl.mean()),
+            "ended": float(rollout.ended.float().mean()), "prompts": prompts, "answers": texts}
+
+
+def finish(parts: Parts, run: Run, base: dict, steps: int, seconds: float, trainable: int, total: int) -> Path:
+    """Score the tuned model's answers, save adapter and value head, write metrics.json and the report."""
+    from safetensors.torch import save_file
+
+    print("scoring the tuned model's answers to held-out prompts ...")
+    tuned = evaluate(parts)
+    print(f"tuned: mean reward {tuned['mean_reward']:.4f} (base {base['mean_reward']:.4f}), KL {tuned['kl']:.4f}")
+    saved = run.saved(parts.method)
+    parts.method.save(parts.policy.model, saved)
+    parts.tokenizer.save_pretrained(saved)
+    save_file({k: v.contiguous() for k, v in parts.policy.value_head.state_dict().items()}, run.path / VALUE_HEAD)
+    wins = [1.0 if t > b else 0.5 if t == b else 0.0 for t, b in zip(tuned["rewards"], base["rewards"])]
+    summary = {
+        "model": parts.config.model.name,
+        "method": parts.method.name,
+        "reward_run": parts.config.ppo.reward,
+        "trainable_params": trainable,
+        "total_params": total,
+        "steps": steps,
+        "train_seconds": seconds,
+        "eval_prompts": len(parts.eval_prompts),
+        "base": {k: base[k] for k in ("mean_reward", "kl", "ended")},
+        "tuned": {k: tuned[k] for k in ("mean_reward", "kl", "ended")},
+        "win_rate": sum(wins) / len(wins),
+    }
+    has_plot = plot_curves(run.metrics_log, run.path / "curves.png")
+    run.save_json("metrics", summary)  # metrics.json and report.md last: their presence means the run finished
+    return write_report(run.path, summary, base, tuned, has_plot)

@@ -1,0 +1,79 @@
+"""The PPO run's report: reward of base and tuned answers on held-out prompts, win-rate, KL to the
+reference, the curves (reward, KL, losses) and a few answers side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CURVES = (("reward", "mean reward"), ("kl", "KL to the reference (per answer)"),
+          ("policy_loss", "policy loss"), ("value_loss", "value loss"))
+
+
+def plot_curves(metrics_log: Path, out: Path) -> bool:
+    """Reward, KL and the two losses against the PPO step, as one PNG. False when there is nothing."""
+    rows = [json.loads(line) for line in metrics_log.read_text().splitlines() if line.strip()] \
+        if metrics_log.is_file() else []
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.5))
+    steps = [r["step"] for r in rows]
+    for ax, (key, label) in zip(axes, CURVES):
+        ax.plot(steps, [r[key] for r in rows], "o-" if len(rows) < 30 else "-")
+        ax.set_xlabel("PPO step")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_report(run_dir: Path, summary: dict, base: dict, tuned: dict, has_plot: bool, samples: int = 3) -> Path:
+    m = summary
+    out = [
+        f"# tunesmith PPO run: {run_dir.name}",
+        "",
+        (f"Model `{m['model']}`, method `{m['method']}` with a value head: {m['trainable_params']:,} trainable "
+         f"parameters of {m['total_params']:,}. Reward: `{m['reward_run']}`."),
+        f"PPO steps: {m['steps']}, in {m['train_seconds']:.0f} s.",
+        "",
+        f"## Held-out prompts ({m['eval_prompts']}), one sampled answer each",
+        "",
+        "| | base | tuned |",
+        "|---|---:|---:|",
+        f"| mean reward | {m['base']['mean_reward']:.4f} | {m['tuned']['mean_reward']:.4f} |",
+        f"| KL to the reference (per answer) | {m['base']['kl']:.4f} | {m['tuned']['kl']:.4f} |",
+        f"| answers that ended | {m['base']['ended']:.2f} | {m['tuned']['ended']:.2f} |",
+        "",
+        f"Win-rate of tuned over base, judged by the reward: {100 * m['win_rate']:.1f}% (ties count half).",
+        "",
+        "Reward distribution: " + _spread("base", base["rewards"]) + "; " + _spread("tuned", tuned["rewards"]) + ".",
+        "",
+    ]
+    if has_plot:
+        out += ["## Curves", "", "![reward, KL and losses](curves.png)", ""]
+    out += ["## Samples", ""]
+    for prompt, b, t, rb, rt in list(zip(base["prompts"], base["answers"], tuned["answers"], base["rewards"],
+                                         tuned["rewards"]))[:samples]:
+        out += [f"**Prompt:** `{_short(prompt)}`", "", f"- base ({rb:+.3f}): {_short(b)}",
+                f"- tuned ({rt:+.3f}): {_short(t)}", ""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(out))
+    return path
+
+
+def _spread(name: str, values: list[float]) -> str:
+    ordered = sorted(values)
+    q = [ordered[min(len(ordered) - 1, int(f * len(ordered)))] for f in (0.0, 0.25, 0.5, 0.75)] + [ordered[-1]]
+    return f"{name} min {q[0]:.3f} / q1 {q[1]:.3f} / median {q[2]:.3f} / q3 {q[3]:.3f} / max {q[4]:.3f}"
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = text.replace("\n", " ⏎ ").replace("`", "'")
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,115 @@
+"""PPO's model side: the policy with its value head, sampling answers with the KV cache, and the
+per-token log-probabilities and values of those answers under the policy and the reference.
+
+The reference is the policy with its adapter disabled (one copy of the weights). Answers are the
+tokens after a left-padded prompt, up to and including the first end-of-turn token; everything
+after it is padding, which matters when the pad token is the end-of-turn token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+class PolicyWithValue(torch.nn.Module):
+    """A causal LM (with its adapter) and a linear value head on its last hidden states, trained together."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.value_head = torch.nn.Linear(model.config.get_text_config().hidden_size, 1)
+        # Values start at 0: a random head would add noise to the first steps' advantages.
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and values of the last ``keep`` positions."""
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded rows
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                         output_hidden_states=True, logits_to_keep=keep)
+        hidden = out.hidden_states[-1][:, -keep:].float()
+        return out.logits, self.value_head(hidden).squeeze(-1)
+
+
+@dataclass
+class Rollout:
+    sequences: torch.Tensor  # [B, P + T] left-padded prompt, then the answer
+    attention_mask: torch.Tensor  # [B, P + T]
+    prompt_len: int  # P
+    mask: torch.Tensor  # [B, T] 1 for answer tokens (end-of-turn token included)
+    ended: torch.Tensor  # [B] the answer has its end-of-turn token
+
+    @property
+    def answers(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_len:]
+
+
+def end_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    return ids | {tokenizer.eos_token_id}
+
+
+def answer_mask(answers: torch.Tensor, eos: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask, ended)``: tokens up to and including the first end-of-turn token, and whether there is one."""
+    is_end = torch.zeros_like(answers, dtype=torch.bool)
+    for token in eos:
+        is_end |= answers == token
+    ends_before = is_end.long().cumsum(1) - is_end.long()  # end tokens strictly before each position
+    return (ends_before == 0).float(), is_end.any(1)
+
+
+@torch.no_grad()
+def sample(policy: PolicyWithValue, tokenizer, prompts: list[list[int]], samples_per_prompt: int,
+           max_new_tokens: int, temperature: float, top_k: int, device) -> Rollout:
+    """``samples_per_prompt`` sampled answers per prompt (grouped by prompt), with the KV cache; the
+    answers to one prompt share its cache."""
+    model = policy.model
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    eos = end_ids(model, tokenizer)
+    cache = shared_prompt_cache(model, ids, attention, samples_per_prompt)
+    ids, attention = ids.repeat_interleave(samples_per_prompt, 0), attention.repeat_interleave(samples_per_prompt, 0)
+    out = model.generate(input_ids=ids, attention_mask=attention, past_key_values=cache, do_sample=True,
+                         temperature=temperature, top_k=top_k, top_p=1.0, max_new_tokens=max_new_tokens,
+                         pad_token_id=pad, eos_token_id=sorted(eos))
+    answers = out[:, width:]
+    mask, ended = answer_mask(answers, eos)
+    return Rollout(out, torch.cat([attention, mask.long()], 1), width, mask, ended)
+
+
+@torch.no_grad()
+def shared_prompt_cache(model, ids: torch.Tensor, attention: torch.Tensor, samples: int):
+    """The KV cache of the prompts (all but their last token, which generate runs itself), computed
+    once per prompt and repeated for each of its ``samples`` answers; None when there is nothing to share."""
+    from transformers import DynamicCache
+
+    if samples == 1 or ids.shape[1] < 2:
+        return None
+    cache = DynamicCache(config=model.config)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    model(input_ids=ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions[:, :-1],
+          past_key_values=cache, use_cache=True)
+    cache.batch_repeat_interleave(samples)
+    return cache
+
+
+def answer_logprobs(policy: PolicyWithValue, rollout: Rollout, temperature: float,
+                    rows: torch.Tensor | slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per answer token of ``rows``: the log-probability of the sampled token under the sampling
+    distribution (logits / temperature), and the value of the state before it."""
+    seqs, attention = rollout.sequences[rows], rollout.attention_mask[rows]
+    answers = seqs[:, rollout.prompt_len:]
+    logits, values = policy(seqs, attention, keep=answers.shape[1] + 1)
+    logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    return logp.gather(-1, answers.unsqueeze(-1)).squeeze(-1), values[:, :-1]
+
+
+@torch.no_grad()
+def reference_logprobs(policy: PolicyWithValue, rollout: Rollout, temperature: float) -> torch.Tensor:
+    with policy.model.disable_adapter():
+        return answer_logprobs(policy, rollout, temperature)[0]

@@ -19,7 +19,7 @@ LAYERS = [
     ["tunesmith.config"],
     ["tunesmith.session"],
     ["tunesmith.store"],
-    ["tunesmith.recipe", "tunesmith.compare"],
+    ["tunesmith.recipe", "tunesmith.compare", "tunesmith.search"],
     ["tunesmith.cli"],
 ]
 

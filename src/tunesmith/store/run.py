@@ -2,7 +2,8 @@
 
 Layout (every later feature reads runs through ``Run``, never by file name)::
 
-    status.json       running | interrupted | failed | crashed | complete, with pid, host, times, parent
+    status.json       running | interrupted | failed | crashed | pruned | complete, with pid, host, times,
+                      parent (pruned: a search trial stopped early for its poor validation loss)
     config.yaml       the resolved configuration
     labels.json       the class labels, in the order the model's outputs use
     data_stats.json   rows read, dropped and kept, personal data found, token lengths, leakage
@@ -35,7 +36,7 @@ from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.session import Session
 
-UNFINISHED = ("running", "interrupted", "failed", "crashed")
+UNFINISHED = ("running", "interrupted", "failed", "crashed", "pruned")
 
 
 def _alive(pid: int) -> bool:

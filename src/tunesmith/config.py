@@ -237,6 +237,11 @@ def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
             candidate = base / value
             if candidate.exists() or not Path(value).exists():
                 setattr(data, field, str(candidate))
+    for source in data.sources or []:
+        if not source.path.startswith("builtin:") and not Path(source.path).is_absolute():
+            candidate = base / source.path
+            if candidate.exists() or not Path(source.path).exists():
+                source.path = str(candidate)
     return config
 
 

@@ -9,6 +9,7 @@ Layout (every later feature reads runs through ``Run``, never by file name)::
     data_stats.json   rows read, dropped and kept, personal data found, token lengths, leakage
     canaries.json     with data.canaries: the template and every secret put into the training split
     base_eval.json    the base model's metrics and samples (kept so that a resumed run skips them)
+    curriculum_scores.json  with train.curriculum by base_loss: each training item's base-model loss
     metrics.jsonl     one line per step and per validation
     checkpoints/      last/ (resume) and best.safetensors (early stopping)
     adapter/ | model/ the saved method weights, or the whole model (``Method.saved_as``)
@@ -70,6 +71,10 @@ class Run:
     @property
     def loss_plot(self) -> Path:
         return self.path / "loss.png"
+
+    @property
+    def curriculum_scores(self) -> Path:
+        return self.path / "curriculum_scores.json"
 
     @property
     def merged(self) -> Path:

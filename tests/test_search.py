@@ -177,3 +177,14 @@ def test_no_search_section_and_every_problem_at_once(tmp_path, tiny_model_dir, r
                            space={"train.lr": {"log_uniform": [1e-5, 2.0]}, "method.r": {"choice": []}})
     err = cli_fails(capsys, ["search", str(config), "--trials", "2"], "search.space.train.lr", "search.space.method.r")
     assert len(err.strip().splitlines()) == 2
+
+
+SEARCH_EXAMPLES = [e for e in sorted((ROOT / "examples").glob("*.yaml")) if "\nsearch:" in e.read_text()]
+
+
+@pytest.mark.parametrize("example", SEARCH_EXAMPLES, ids=[e.name for e in SEARCH_EXAMPLES])
+def test_shipped_search_examples_pass_every_check_of_their_space(example):
+    from tunesmith.search.study import load_plan
+
+    plan = load_plan(str(example), [])
+    assert plan.search.space and example.read_text().startswith(f"# tunesmith search examples/{example.name}")

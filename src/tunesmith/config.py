@@ -64,6 +64,9 @@ class RunConfig(Section):
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
     privacy: PrivacyConfig | None = None
+    # `tunesmith search` reads and checks this section (search/space.py); every other command trains or
+    # reads the config around it, so that a search config is also the config of its base run.
+    search: dict | None = None
 
     @model_validator(mode="before")
     @classmethod

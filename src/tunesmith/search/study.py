@@ -72,7 +72,8 @@ def open_study(plan: Plan, worker: int = 0):
     seed, parallel workers would sample the same values."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Our own lines say what became of a trial; optuna would add a traceback for each stopped one.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats, retries
         return _open_study(plan, worker)

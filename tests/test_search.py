@@ -162,9 +162,12 @@ def test_pruning_ends_a_bad_trial_early_as_pruned(tmp_path, tiny_model_dir, revi
     ({"train.lr": {"log_uniform": [0, 1e-2]}}, "search.space.train.lr: log_uniform: a log scale needs a lower bound above 0"),
     ({"train.lr": {"uniform": [1e-2, 1e-5]}}, "search.space.train.lr: uniform: the lower bound 0.01 is above"),
     ({"output.dir": {"choice": ["a", "b"]}}, "search.space.output.dir: the search sets output itself"),
+    ({"train.lr": {"log_uniform": [1e-5, 1e-2]}, "objective": "bleu"}, "search.objective: unknown objective 'bleu'"),
 ])
 def test_a_bad_search_space_is_one_clear_line(tmp_path, tiny_model_dir, review_data, capsys, space, fragment):
-    config = search_config(tmp_path, tiny_model_dir, review_data, space=space)
+    space = dict(space)
+    extra = {"objective": space.pop("objective")} if "objective" in space else {}
+    config = search_config(tmp_path, tiny_model_dir, review_data, space=space, **extra)
     err = cli_fails(capsys, ["search", str(config), "--trials", "2"], fragment)
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "search").exists()
@@ -177,6 +180,24 @@ def test_no_search_section_and_every_problem_at_once(tmp_path, tiny_model_dir, r
                            space={"train.lr": {"log_uniform": [1e-5, 2.0]}, "method.r": {"choice": []}})
     err = cli_fails(capsys, ["search", str(config), "--trials", "2"], "search.space.train.lr", "search.space.method.r")
     assert len(err.strip().splitlines()) == 2
+
+
+def test_a_validation_metric_objective_is_maximised_on_the_validation_split(tmp_path, tiny_model_dir, review_data):
+    import optuna
+
+    from tunesmith.search import search
+    from tunesmith.store import load_run
+
+    config = search_config(tmp_path, tiny_model_dir, review_data, space={"train.lr": {"choice": [0.05]}},
+                           objective="accuracy")
+    search(str(config), 1)
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'search' / 'study.sqlite'}")
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    run, session, model = load_run(study.trials[0].user_attrs["run_dir"])
+    data = session.prepare()
+    expected = session.objective.evaluate(model, data.examples["validation"][:8], data.encoded["validation"][:8],
+                                          run.labels())["accuracy"]
+    assert study.trials[0].value == expected
 
 
 SEARCH_EXAMPLES = [e for e in sorted((ROOT / "examples").glob("*.yaml")) if "\nsearch:" in e.read_text()]

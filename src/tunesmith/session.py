@@ -71,10 +71,10 @@ class Session:
         examples = examples[: self.config.eval.samples]
         return self.objective.samples(model, examples, self.data.labels, self.config.eval.max_new_tokens)
 
-    def score_sources(self, model) -> dict:
-        """Mixed data: each source scored on its own held-out rows, as ``SOURCE/metric``; label
-        sources are scored against their own labels."""
-        split = "test" if self.data.examples["test"] else "validation"
+    def score_sources(self, model, split: str | None = None) -> dict:
+        """Mixed data: each source scored on its own held-out rows (``split``; default test, else
+        validation), as ``SOURCE/metric``; label sources are scored against their own labels."""
+        split = split or ("test" if self.data.examples["test"] else "validation")
         n = self.config.eval.max_examples
         metrics = {}
         for name, source in self.data.stats["sources"].items():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tunesmith.config import apply_overrides, read_config_file, validate_config
 from tunesmith.errors import TunesmithError
@@ -19,8 +19,10 @@ from tunesmith.options import Section
 
 Scalar = bool | int | float | str
 Integer = int  # inside Param, `int` names the field
-# The metrics each objective's ``evaluate`` returns that are better when lower; any other is maximised.
+# The objectives a search can optimise: the loop's best validation loss, or a metric that the
+# objectives' ``evaluate`` returns, scored on the validation split.
 LOWER_IS_BETTER = ("val_loss", "loss", "perplexity")
+HIGHER_IS_BETTER = ("accuracy", "macro_f1")
 
 
 class Param(Section):
@@ -86,9 +88,19 @@ class SearchConfig(Section):
         "(its worker killed) is failed and retried."
     )
 
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, objective: str) -> str:
+        metric = objective.rsplit("/", 1)[-1]  # SOURCE/metric with data.sources
+        if metric not in (*LOWER_IS_BETTER, *HIGHER_IS_BETTER) or (objective == "val_loss") != (metric == "val_loss"):
+            raise ValueError(f"unknown objective {objective!r}; give val_loss, or a validation metric: "
+                             f"{', '.join(m for m in (*LOWER_IS_BETTER, *HIGHER_IS_BETTER) if m != 'val_loss')} "
+                             "(SOURCE/metric with data.sources)")
+        return objective
+
     @property
     def direction(self) -> str:
-        return "minimize" if self.objective in LOWER_IS_BETTER else "maximize"
+        return "minimize" if self.objective.rsplit("/", 1)[-1] in LOWER_IS_BETTER else "maximize"
 
 
 def set_path(raw: dict, path: str, value) -> bool:

@@ -219,9 +219,12 @@ def objective_value(run_dir: Path, objective: str) -> float:
         return value
     run, session, model = load_run(run_dir)
     data = session.prepare()
-    cap = session.config.eval.max_examples
-    metrics = session.objective.evaluate(model, data.examples["validation"][:cap], data.encoded["validation"][:cap],
-                                         run.labels())
+    if session.config.data.sources:
+        metrics = session.score_sources(model, "validation")
+    else:
+        cap = session.config.eval.max_examples
+        metrics = session.objective.evaluate(model, data.examples["validation"][:cap],
+                                             data.encoded["validation"][:cap], run.labels())
     if objective not in metrics:
         raise TunesmithError(f"search.objective: {objective!r} is not a metric of this run; "
                              f"its metrics: val_loss, {', '.join(metrics)}")

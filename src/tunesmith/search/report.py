@@ -80,7 +80,10 @@ def write_plots(study, search_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     from optuna.importance import PedAnovaImportanceEvaluator
     from optuna.trial import TrialState
-    from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
+    from optuna.visualization.matplotlib import (
+        plot_optimization_history,
+        plot_param_importances,
+    )
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     written = []

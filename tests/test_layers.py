@@ -20,7 +20,7 @@ LAYERS = [
     ["tunesmith.session"],
     ["tunesmith.store"],
     ["tunesmith.export", "tunesmith.monitor", "tunesmith.lifecycle"],
-    ["tunesmith.recipe", "tunesmith.compare", "tunesmith.align"],
+    ["tunesmith.recipe", "tunesmith.compare", "tunesmith.align", "tunesmith.search"],
     ["tunesmith.score", "tunesmith.feedback"],
     ["tunesmith.serve"],
     ["tunesmith.retrain"],

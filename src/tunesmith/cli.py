@@ -270,6 +270,14 @@ def cmd_ppo(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    from tunesmith.search import search
+
+    report = search(args.config, args.trials, args.workers, args.storage, args.set)
+    print(f"report: {report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune pretrained language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -436,6 +444,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--resume", action="store_true", help="continue an interrupted PPO run from its checkpoint")
     p.set_defaults(func=cmd_ppo)
+
+    p = sub.add_parser("search", help="hyperparameter search (Optuna): the config's search section names the space")
+    p.add_argument("config")
+    p.add_argument("--trials", type=_at_least_one, required=True,
+                   help="trials the study ends with (run again, the command continues the study)")
+    p.add_argument("--workers", type=_at_least_one, default=1, help="worker processes on this machine")
+    p.add_argument("--storage", help="an Optuna RDB URL (postgresql://...), for workers on several machines; "
+                   "default: OUTPUT_DIR/study.sqlite")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_search)
     return parser
 
 
@@ -443,6 +461,13 @@ def _at_least_two(text: str) -> int:
     value = int(text)
     if value < 2:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 2, got {text}")
+    return value
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text}")
     return value
 
 

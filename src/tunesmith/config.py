@@ -66,6 +66,9 @@ class RunConfig(Section):
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
     privacy: PrivacyConfig | None = None
+    # `tunesmith search` reads and checks this section (search/space.py); every other command trains or
+    # reads the config around it, so that a search config is also the config of its base run.
+    search: dict | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -239,6 +242,11 @@ def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
             candidate = base / value
             if candidate.exists() or not Path(value).exists():
                 setattr(data, field, str(candidate))
+    for source in data.sources or []:
+        if not source.path.startswith("builtin:") and not Path(source.path).is_absolute():
+            candidate = base / source.path
+            if candidate.exists() or not Path(source.path).exists():
+                source.path = str(candidate)
     return config
 
 

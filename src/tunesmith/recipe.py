@@ -34,6 +34,7 @@ from tunesmith.privacy.audit import audit, format_audit, format_comparison
 from tunesmith.privacy.training import PrivateTraining, prepare_private
 from tunesmith.session import Session
 from tunesmith.store import Run, load_run
+from tunesmith.train.curriculum import curriculum_batches, difficulty
 from tunesmith.train.loop import TrainState, fit
 
 
@@ -128,6 +129,10 @@ def _run(session: Session, run: Run, resume: bool, on_step, stop: threading.Even
         set_dropout(model, config.train.dropout)
 
     base = evaluate_base(session, run, model, resume, accelerator.is_main_process)
+    curriculum = config.train.curriculum
+    if curriculum:  # scored by the base model, before the method changes it
+        scores = difficulty(curriculum, session.data.encoded["train"], session.objective.batches, model,
+                            run.curriculum_scores, write=accelerator.is_main_process)
     model = continual.start(session, run, model, resume, accelerator.is_main_process)
     trainable, total = count_parameters(model)
     if accelerator.is_main_process:
@@ -135,6 +140,9 @@ def _run(session: Session, run: Run, resume: bool, on_step, stop: threading.Even
               f"({100 * trainable / total:.2f}%)")
     if private is None:
         batches, private_parts = session.objective.batches(session.data.encoded["train"]), {}
+        if curriculum:
+            batches = curriculum_batches(session.data.encoded["train"], session.objective.batches, scores,
+                                         config.train, accelerator.num_processes)
     else:
         batches = private.batches
         private_parts = {"make_step": private.make_step, "validation_figures": private.validation_figures}

@@ -3,6 +3,8 @@ the objective with its batch layout, and (after ``prepare``) the data."""
 
 from __future__ import annotations
 
+from itertools import zip_longest
+
 from tunesmith.config import RunConfig
 from tunesmith.data.pipeline import PreparedData
 from tunesmith.errors import TunesmithError
@@ -18,6 +20,8 @@ class Session:
         self.method = get_method(config.method.name)
         objective = get_objective(config.objective.name)
         problems = objective.check_method(self.method)
+        if config.data.sources and config.objective.name != "causal":
+            problems.append(f"data.sources: mixing sources needs objective causal, not {config.objective.name}")
         if problems:
             raise TunesmithError(*problems)
         self.model_source = resolve_model(config.model.name)
@@ -52,11 +56,35 @@ class Session:
         return self.data.examples[split][:n], self.data.encoded[split][:n]
 
     def score(self, model) -> dict:
+        if self.config.data.sources:
+            return self.score_sources(model)
         examples, encoded = self.test_set()
         if not examples:
             raise TunesmithError("data: no test or validation rows to evaluate on")
         return self.objective.evaluate(model, examples, encoded, self.data.labels)
 
     def samples(self, model) -> list[dict]:
-        examples = self.test_set()[0][: self.config.eval.samples]
+        examples = self.test_set()[0]
+        if self.config.data.sources:  # taken in turn from each source
+            by_source = [[e for e in examples if e["_source"] == name] for name in self.data.stats["sources"]]
+            examples = [e for group in zip_longest(*by_source) for e in group if e is not None]
+        examples = examples[: self.config.eval.samples]
         return self.objective.samples(model, examples, self.data.labels, self.config.eval.max_new_tokens)
+
+    def score_sources(self, model, split: str | None = None) -> dict:
+        """Mixed data: each source scored on its own held-out rows (``split``; default test, else
+        validation), as ``SOURCE/metric``; label sources are scored against their own labels."""
+        split = split or ("test" if self.data.examples["test"] else "validation")
+        n = self.config.eval.max_examples
+        metrics = {}
+        for name, source in self.data.stats["sources"].items():
+            examples = [e for e in self.data.examples[split] if e["_source"] == name][:n]
+            encoded = [e for e in self.data.encoded[split] if e["_source"] == name][:n]
+            if not encoded:
+                continue
+            labels = source["labels"] if source["format"] == "classification" else []
+            for metric, value in self.objective.evaluate(model, examples, encoded, labels).items():
+                metrics[f"{name}/{metric}"] = value
+        if not metrics:
+            raise TunesmithError("data: no test or validation rows to evaluate on")
+        return metrics

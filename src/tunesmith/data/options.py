@@ -44,6 +44,27 @@ class SplitConfig(Section):
         return self
 
 
+class SourceConfig(Section):
+    """One source of a multi-task mix (``data.sources``): its own file, format, columns, instruction and
+    weight. Everything else (template, max_length, split fractions, cleaning) is the data section's."""
+
+    path: str
+    name: str | None = Field(None, description="Shown in the report; default: the file's name without suffix.")
+    format: Literal["auto", "prompt_completion", "chat", "text", "classification"] = "auto"
+    header: bool = True
+    columns: ColumnsConfig = ColumnsConfig()
+    label_map: dict[str, str] | None = None
+    instruction: str = "{text}"
+    max_rows: int | None = Field(None, ge=1)
+    weight: float = Field(1.0, ge=0, description="Its share of the training mix, relative to the others' weights.")
+
+    @property
+    def label(self) -> str:
+        from pathlib import PurePath
+
+        return self.name or PurePath(self.path.removeprefix("builtin:")).name.split(".")[0]
+
+
 class DataConfig(Section):
     path: str | None = Field(None, description="One file to split; or give train (+ validation/test).")
     train: str | None = None
@@ -82,13 +103,42 @@ class DataConfig(Section):
     canaries: CanaryConfig | None = Field(
         None, description="Put synthetic secrets into the training split, for `tunesmith privacy audit`."
     )
+    sources: list[SourceConfig] | None = Field(
+        None, min_length=1, description="Several files mixed into one training set by weight, each split, "
+        "validated and tested on its own (instead of data.path)."
+    )
+    temperature: float | None = Field(
+        None, gt=0, description="With sources: mix by size**(1/temperature) instead of by weight (1: by "
+        "size; larger: closer to uniform)."
+    )
 
     @model_validator(mode="after")
     def _has_a_source(self) -> DataConfig:
+        if self.sources is not None:
+            return self._check_sources()
         if not self.path and not self.train:
             raise ValueError("give data.path (one file to split) or data.train")
         if self.path and self.train:
             raise ValueError("give either data.path or data.train, not both")
         if "{text}" not in self.instruction:
             raise ValueError("data.instruction must contain {text}")
+        return self
+
+    def _check_sources(self) -> DataConfig:
+        if self.path or self.train:
+            raise ValueError("give either data.sources or data.path / data.train, not both")
+        names = [s.label for s in self.sources]
+        if len(set(names)) < len(names):
+            raise ValueError(f"data.sources: two sources are named {max(names, key=names.count)!r}; give each a name")
+        if self.temperature is not None:
+            weighted = [s.label for s in self.sources if "weight" in s.model_fields_set]
+            if weighted:
+                raise ValueError(f"data.sources: give weights or data.temperature, not both (weight on {weighted[0]})")
+        elif sum(s.weight for s in self.sources) <= 0:
+            raise ValueError("data.sources: the weights sum to 0; give at least one source a positive weight")
+        for s in self.sources:
+            if "{text}" not in s.instruction:
+                raise ValueError(f"data.sources: the instruction of {s.label} must contain {{text}}")
+        if self.canaries:
+            raise ValueError("data.canaries: not available with data.sources")
         return self

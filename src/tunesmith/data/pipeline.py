@@ -23,6 +23,7 @@ from tunesmith.data.leakage import audit_leakage
 from tunesmith.data.options import DataConfig
 from tunesmith.data.pii import PiiScan, format_pii
 from tunesmith.data.preference import drop_identical, rotten_tomatoes_pairs
+from tunesmith.data.sources import format_sources, load_sources
 from tunesmith.data.split import split_records
 from tunesmith.errors import TunesmithError
 from tunesmith.packages import package_dir
@@ -128,6 +129,8 @@ def _load(path: str, cfg: DataConfig, schema: Schema | None, dropped: Counter,
 
 def load_splits(cfg: DataConfig) -> tuple[dict[str, list[dict]], Schema, dict]:
     """Read, clean and split the data; audit leakage. No tokenizer needed."""
+    if cfg.sources:
+        return load_sources(cfg, load_splits)
     dropped: Counter = Counter()
     pii = PiiScan.start(cfg.pii) if cfg.pii else None
     if cfg.path:
@@ -195,6 +198,7 @@ def format_stats(stats: dict) -> str:
     if "pii" in stats:
         lines.append(format_pii(stats["pii"]))
     lines.append("rows kept: " + ", ".join(f"{k} {v}" for k, v in stats["rows"].items()))
+    lines += format_sources(stats)
     if "canaries" in stats:
         lines.append(format_canaries(stats["canaries"]))
     for split, counts in stats.get("labels", {}).items():

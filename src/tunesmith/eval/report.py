@@ -46,6 +46,11 @@ def metrics_table(base: dict, tuned: dict, names: tuple[str, str] = ("base", "tu
         if key in base and key in tuned:
             delta = tuned[key] - base[key]
             lines.append(f"| {name} | {base[key]:.4f} | {tuned[key]:.4f} | {delta:+.4f} |")
+    # Mixed data (data.sources): SOURCE/metric, one row each.
+    for key in (k for k in tuned if "/" in k and k in base):
+        source, metric = key.rsplit("/", 1)
+        name = f"{source}: {METRIC_NAMES.get(metric, metric)}"
+        lines.append(f"| {name} | {base[key]:.4f} | {tuned[key]:.4f} | {tuned[key] - base[key]:+.4f} |")
     return "\n".join(lines)
 
 

@@ -194,13 +194,16 @@ def encode_splits(splits: dict[str, list[dict]], encoder: Encoder) -> tuple[dict
         encoded[name], kept = [], []
         for ex in splits[name]:
             if "text" in ex:
-                encoded[name] += encoder.encode_text(ex, es)
+                items, keep = encoder.encode_text(ex, es), True
+            else:
+                items = [item] if (item := encoder.encode(ex, es)) is not None else []
+                keep = bool(items)
+            if keep:
                 kept.append(ex)
-                continue
-            item = encoder.encode(ex, es)
-            if item is not None:
-                encoded[name].append(item)
-                kept.append(ex)
+            if "_source" in ex:  # mixed data (data.sources): each source is scored on its own
+                for item in items:
+                    item["_source"] = ex["_source"]
+            encoded[name] += items
         splits[name] = kept
         token_stats[name] = _token_summary(es)
     return encoded, token_stats

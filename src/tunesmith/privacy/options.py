@@ -53,6 +53,9 @@ def check(privacy: PrivacyConfig, train, method) -> list[str]:
     if train.activation_checkpointing:
         problems.append("train.activation_checkpointing: not with privacy: torch.func's per-example gradients "
                         "cannot run through checkpointed layers")
+    if train.curriculum is not None:
+        problems.append("train.curriculum: not with privacy: Poisson sampling, which the accounting assumes, "
+                        "decides each batch")
     if not method.per_example_grads:
         problems.append(f"method.name: {method.name} has no per-example gradients for private training; "
                         "use lora (the same adapters on a full-precision base)")

@@ -2,12 +2,14 @@
 
 Layout (every later feature reads runs through ``Run``, never by file name)::
 
-    status.json       running | interrupted | failed | crashed | complete, with pid, host, times, parent
+    status.json       running | interrupted | failed | crashed | pruned | complete, with pid, host, times,
+                      parent (pruned: a search trial stopped early for its poor validation loss)
     config.yaml       the resolved configuration
     labels.json       the class labels, in the order the model's outputs use
     data_stats.json   rows read, dropped and kept, personal data found, token lengths, leakage
     canaries.json     with data.canaries: the template and every secret put into the training split
     base_eval.json    the base model's metrics and samples (kept so that a resumed run skips them)
+    curriculum_scores.json  with train.curriculum by base_loss: each training item's base-model loss
     metrics.jsonl     one line per step and per validation
     checkpoints/      last/ (resume) and best.safetensors (early stopping)
     adapter/ | model/ the saved method weights, or the whole model (``Method.saved_as``)
@@ -35,7 +37,7 @@ from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.session import Session
 
-UNFINISHED = ("running", "interrupted", "failed", "crashed")
+UNFINISHED = ("running", "interrupted", "failed", "crashed", "pruned")
 
 
 def _alive(pid: int) -> bool:
@@ -69,6 +71,10 @@ class Run:
     @property
     def loss_plot(self) -> Path:
         return self.path / "loss.png"
+
+    @property
+    def curriculum_scores(self) -> Path:
+        return self.path / "curriculum_scores.json"
 
     @property
     def merged(self) -> Path:

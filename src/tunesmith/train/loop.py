@@ -44,6 +44,8 @@ class TrainState:
     best_step: int = -1
     bad_evals: int = 0
     stopped_early: bool = False
+    val_loss: float | None = None  # the latest validation's, for callers that act on it (search pruning)
+    val_step: int = -1  # the step of that validation
 
 
 def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -156,6 +158,7 @@ def fit(model, accelerator, batches: Batches, validation: list[dict], cfg: Train
         write({"step": state.step, "val_loss": val,
                **(validation_figures(state.step) if main and validation_figures else {})})
         accelerator.log({"val/loss": val}, step=state.step)
+        state.val_loss, state.val_step = val, state.step
         if val < state.best_val:
             state.best_val, state.best_step, state.bad_evals = val, state.step, 0
             if main:

@@ -9,6 +9,24 @@ from pydantic import Field, field_validator
 from tunesmith.options import Section
 
 
+class CurriculumConfig(Section):
+    """Easy examples first (``train.curriculum``): the training data ordered by a difficulty score,
+    and a pacing schedule that widens the pool drawn from, from the easiest ``start`` fraction to all
+    of it once ``until`` of the planned training is done."""
+
+    by: Literal["length", "base_loss"] = Field(
+        description="length: tokens per example; base_loss: the base model's loss per trained token on the "
+        "example (computed once, before training, and cached in the run directory)."
+    )
+    pacing: Literal["linear", "root"] = Field(
+        "linear", description="How the pool grows: linearly, or as the square root (fast at first)."
+    )
+    start: float = Field(0.2, gt=0, le=1, description="The easiest fraction of the data drawn from at first.")
+    until: float = Field(0.5, gt=0, le=1, description="The fraction of the planned training after which "
+                         "every example is drawn from.")
+    stages: int = Field(10, ge=1, description="Pool sizes per epoch: each stage draws from a wider pool.")
+
+
 class TrainConfig(Section):
     epochs: float = Field(1, gt=0)
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
@@ -45,6 +63,7 @@ class TrainConfig(Section):
         "auto", description="bf16 autocast of the training forward and validation; 'auto': where bf16 "
         "matmuls are native (CPUs with AVX512-BF16 or AMX, GPUs with bf16), 'no': float32 throughout."
     )
+    curriculum: CurriculumConfig | None = Field(None, description="Order the training data easy first; off by default.")
 
     replay: float = Field(
         0.0, ge=0, lt=1, description="With --from: this share of the training examples is drawn from the parent "

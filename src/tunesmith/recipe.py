@@ -96,16 +96,8 @@ def run_training(config: RunConfig, resume: bool = False, on_step=None, parent: 
     run.save_json("labels", session.data.labels)
     if config.data.canaries:
         run.save_json("canaries", canary_record(config.data.canaries, session.data.schema.kind))
-    try:
-        with stop_on_sigterm() as stop:
-            report = _run(session, run, resume, on_step, stop, private, continual)
-    except KeyboardInterrupt:
-        run.set_status("interrupted")
-        raise
-    except BaseException as err:
-        run.set_status("failed", error=str(err))
-        raise
-    run.set_status("complete")
+    with run.ending(), stop_on_sigterm() as stop:
+        report = _run(session, run, resume, on_step, stop, private, continual)
     return report
 
 

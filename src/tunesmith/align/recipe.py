@@ -98,16 +98,8 @@ def run_ppo(config: PPOConfig, resume: bool = False, reward: RewardFn | None = N
     parts = Parts(config, reward)  # every input problem surfaces here, before anything is written
     run.set_status("running")
     run.save_config(config)
-    try:
-        with stop_on_sigterm() as stop:
-            report = _run(parts, run, resume, on_step, stop)
-    except KeyboardInterrupt:
-        run.set_status("interrupted")
-        raise
-    except BaseException as err:
-        run.set_status("failed", error=str(err))
-        raise
-    run.set_status("complete")
+    with run.ending(), stop_on_sigterm() as stop:
+        report = _run(parts, run, resume, on_step, stop)
     return report
 
 

@@ -29,6 +29,7 @@ import json
 import os
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -113,6 +114,20 @@ class Run:
             record.setdefault("started_at", now)
         record |= {"status": status, "updated_at": now, **extra}
         self._write("status.json", json.dumps(record, indent=1))
+
+    @contextmanager
+    def ending(self):
+        """``with run.ending():`` around a run's work sets the status it ends with: ``interrupted`` on
+        Ctrl-C or SIGTERM, ``failed`` (with the error) on any other exception, ``complete`` otherwise."""
+        try:
+            yield self
+        except KeyboardInterrupt:
+            self.set_status("interrupted")
+            raise
+        except BaseException as err:
+            self.set_status("failed", error=str(err))
+            raise
+        self.set_status("complete")
 
     def check_new(self, resume: bool) -> None:
         """Never overwrite a run; resume only one that has a checkpoint and has not finished."""

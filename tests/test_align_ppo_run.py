@@ -236,7 +236,7 @@ def test_answers_that_share_their_prompt_cache_are_the_answers_without_it(tiny_m
 def test_the_ppo_doc_names_every_option():
     from tunesmith.align.options import PPOOptions
 
-    doc = (Path(__file__).parent.parent / "docs" / "alignment-ppo.md").read_text()
+    doc = (Path(__file__).parent.parent / "docs" / "alignment.md").read_text()
     assert [f for f in PPOOptions.model_fields if f"`{f}`" not in doc] == []
 
 

@@ -106,7 +106,7 @@ def test_export_of_a_missing_run_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("dtype,tolerance", [("float32", 0.0), ("float16", 0.1)])
 def test_smollm2_gguf_round_trip(tmp_path, dtype, tolerance):
     """The bundled SmolLM2 (no training: the GGUF writer on its real shapes, vocabulary and chat
-    template). Prints the figures docs/serving-monitor.md quotes."""
+    template). Prints the figures docs/serving.md quotes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunesmith.export.gguf_file import write_gguf

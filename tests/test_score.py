@@ -87,7 +87,8 @@ def test_the_commands_in_docs_alignment_parse():
     from tunesmith.cli import build_parser
 
     lines, fence = [], None  # fence: the open block's tag ("" for an untagged block), None outside
-    for line in (Path(__file__).parent.parent / "docs" / "alignment.md").read_text().splitlines():
+    text = (Path(__file__).parent.parent / "docs" / "alignment.md").read_text().replace("\\\n", " ")
+    for line in text.splitlines():
         if line.startswith("```"):
             fence = line[3:] if fence is None else None
         elif fence == "" and line.startswith("tunesmith "):

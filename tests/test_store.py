@@ -77,10 +77,13 @@ def test_sigterm_checkpoints_and_resumes_to_the_weights_of_an_uninterrupted_run(
     log = tmp_path / "stopped" / "metrics.jsonl"
     child = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "train", str(stopped)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (log.is_file() and log.read_text().count('"loss"') >= 3):
-        assert child.poll() is None and time.monotonic() < deadline, "training never got going"
+    def going() -> bool:
+        return log.is_file() and log.read_text().count('"loss"') >= 3
+
+    deadline = time.monotonic() + 120  # a bound on waiting for a hung child, not a figure under test
+    while not going() and child.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert going(), "training never got going"
     child.send_signal(signal.SIGTERM)
     out, err = child.communicate(timeout=120)
     assert child.returncode == EXIT_TERMINATED, err[-2000:]

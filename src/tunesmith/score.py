@@ -9,9 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from tunesmith.data.batching import pad
 from tunesmith.errors import TunesmithError
 from tunesmith.objectives.reward import score_texts
 from tunesmith.store import load_run
@@ -43,18 +40,9 @@ def load_scorer(run_dir: str | Path, label: str | None = None, batch_size: int =
         if chosen not in labels:
             raise TunesmithError(f"--label: {run.path} has no label {chosen!r}; its labels: {', '.join(labels)}")
         index = labels.index(chosen)
-        device = next(model.parameters()).device
 
-        @torch.no_grad()
         def probabilities(texts: list[str]) -> list[float]:
-            out = []
-            for b in range(0, len(texts), batch_size):
-                ids = [tokenizer(t, truncation=True, max_length=max_length)["input_ids"] for t in texts[b : b + batch_size]]
-                input_ids = pad(ids, tokenizer.pad_token_id).to(device)
-                mask = pad([[1] * len(i) for i in ids], 0).to(device)
-                logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
-                out += logits.softmax(-1)[:, index].tolist()
-            return out
+            return objective.label_probabilities(model, texts, labels)[:, index].tolist()
 
         # A classifier reads the answer alone: it was trained on texts, not on prompts.
         return Scorer(f"P({chosen})", probabilities, lambda prompt, answer: answer)

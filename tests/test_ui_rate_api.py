@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import cli_fails
 from pydantic import ValidationError
 
 from tunesmith import feedback
@@ -150,3 +151,11 @@ def test_a_mode_takes_its_number_of_models():
     rate.check_models("score", ["a"])
     with pytest.raises(rate.TunesmithError, match="mode pair takes 2"):
         rate.check_models("pair", ["a"])
+
+
+def test_ui_prompts_file_errors_name_the_file_before_any_model_loads(tmp_path, capsys):
+    (tmp_path / "prompts.jsonl").write_text('{"question": "q"}\n')
+    cli_fails(capsys, ["ui", "--dir", str(tmp_path), "--prompts", str(tmp_path / "none.jsonl")],
+              "none.jsonl", "not found")
+    cli_fails(capsys, ["ui", "--dir", str(tmp_path), "--prompts", str(tmp_path / "prompts.jsonl")],
+              "prompts.jsonl: no column 'prompt'", "question")

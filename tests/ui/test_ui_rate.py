@@ -118,9 +118,11 @@ def test_a_rater_key_rates_under_its_key_id(rating, page, phone_page, shot):
         page.keyboard.press("1")
         expect(page.locator("#status")).to_contain_text("recorded: A better")
         winner = revealed(page, "a")
+        shot(page, "rate")
         if item["prompt"] == PROMPTS[0]:  # ann rated it too (when the test above ran): agreement shows
             expect(page.locator("#agreement")).to_contain_text("ann & rater-1")
-        shot(page, "rate")
+            page.locator("#export").scroll_into_view_if_needed()
+            shot(page, "rate-agreement")
     row = query(rating.store_path, "SELECT r.rater, a.run, a.prompt FROM ratings r JOIN answers a "
                 "ON a.id = r.answer_id WHERE r.rater = 'rater-1'")
     assert row == [{"rater": "rater-1", "run": winner, "prompt": item["prompt"]}]

@@ -161,7 +161,7 @@ function showAgreement(a) {
     body.append(tr);
   };
   a.pairs.forEach((p) => row([p.raters.join(" & "), p.items, percent(p.agreement), fixed(p.kappa)]));
-  row(["all pairs", a.items, percent(a.agreement), fixed(a.kappa)]);
+  row(["all pairs (pooled; mean kappa)", a.items, percent(a.agreement), fixed(a.kappa)]);
   table.append(body);
   box.replaceChildren(table);
 }

@@ -109,11 +109,11 @@ async function answer(pane) {
 async function send(event) {
   event.preventDefault();
   const box = document.getElementById("message");
+  const button = document.getElementById("send");
   const message = box.value.trim();
-  if (!message) return;
+  if (!message || button.disabled) return;  // one message at a time: the answers come in order
   box.value = "";
   showError(null, "chat-error");
-  const button = document.getElementById("send");
   button.disabled = true;
   try {
     await Promise.all(panes.map((pane) => {

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
-from conftest import make_model_dir, review_rows, write_config, write_jsonl
+from conftest import review_rows, write_config, write_jsonl
 
 SKIP_REASON = "chromium not installed (apt-get install chromium): browser tests skipped"
 LAPTOP = {"width": 1280, "height": 800}
@@ -32,26 +31,26 @@ class UiEnv:
     runs: dict[str, Path]  # the finished runs, by name
 
 
-def tiny_config(path: Path, model_dir: Path, data: Path, out: Path, steps: int = 6, lr: float = 0.05) -> Path:
+def tiny_config(path: Path, model_dir: Path, data: Path, out: Path, steps: int = 4, lr: float = 0.05) -> Path:
     """A LoRA config that trains the tiny model for ``steps`` steps on tiny reviews, in seconds."""
     return write_config(path, model_dir,
                         {"path": str(data), "format": "classification",
                          "columns": {"text": "review", "label": "sentiment"}, "max_length": 48,
                          "split": {"validation": 0.2, "test": 0.2}},
-                        train={"max_steps": steps, "eval_every": 3, "save_every": 3, "lr": lr, "eval_max_examples": 8},
+                        train={"max_steps": steps, "eval_every": 2, "save_every": 2, "lr": lr, "eval_max_examples": 8},
                         eval={"samples": 1, "max_new_tokens": 4, "max_examples": 8},
                         output={"dir": str(out)})
 
 
 @pytest.fixture(scope="session")
-def ui_env(tmp_path_factory) -> UiEnv:
+def ui_env(tmp_path_factory, tiny_model_dir) -> UiEnv:
     """A runs directory with a tiny base model and two finished tiny LoRA runs (the second continues the
     first), and an examples directory holding a tiny config to launch."""
     from tunesmith.config import load_config
     from tunesmith.recipe import run_training
 
     root = tmp_path_factory.mktemp("ui")
-    model_dir = make_model_dir(root / "tiny-llama")
+    model_dir = tiny_model_dir
     data = write_jsonl(root / "reviews.jsonl", review_rows(60))
     runs_dir, examples = root / "runs", root / "examples"
     runs_dir.mkdir()
@@ -61,7 +60,7 @@ def ui_env(tmp_path_factory) -> UiEnv:
         config = tiny_config(root / f"{name}.yaml", model_dir, data, runs_dir / name, lr=lr)
         run_training(load_config(config), parent=runs.get(parent))
         runs[name] = runs_dir / name
-    tiny_config(examples / "tiny_lora.yaml", model_dir, data, runs_dir / "tiny", steps=4)
+    tiny_config(examples / "tiny_lora.yaml", model_dir, data, runs_dir / "tiny")
     return UiEnv(runs_dir, model_dir, examples, runs_dir / "store.sqlite", runs)
 
 
@@ -179,6 +178,3 @@ def pytest_terminal_summary(terminalreporter):
     elif "skipped" in _browser_state:
         terminalreporter.write_line(f"browser tests (tests/ui): SKIPPED: {_browser_state['skipped']}", yellow=True)
 
-
-def config_text(path: Path) -> dict:
-    return yaml.safe_load(path.read_text())

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse
 
+from tunesmith.compare import COLUMNS, fmt_cell, run_row
 from tunesmith.serve.app import ApiError
 from tunesmith.store import Run
 from tunesmith.store.lineage import KEY_METRICS, describe
@@ -19,8 +19,6 @@ from tunesmith.store.run import UNFINISHED
 from tunesmith.ui.access import caller, require_rater
 
 router = APIRouter(prefix="/ui/api")
-# Files of a run the pages may show as they are (the report's plot).
-SHOWN_FILES = {"loss.png": "image/png", "search.md": "text/markdown", "report.md": "text/markdown"}
 LOG_TAIL_BYTES = 8000
 
 
@@ -58,8 +56,8 @@ def summary(ctx, path: Path) -> dict:
     if process is not None:
         code = process.poll()  # also reaps it: a reaped child no longer reads as alive
         row["process"] = {"pid": process.pid, "exit_code": code}
-        if row["status"] == "missing":  # launched, not yet far enough to write its status
-            row["status"] = "starting" if code is None else "failed"
+        if row["status"] == "missing":  # launched, and not (yet) a run: starting, or a search's folder
+            row["status"] = "starting" if code is None else "complete" if code == 0 else "failed"
     return row
 
 
@@ -113,18 +111,9 @@ def run_metrics(request: Request, name: str, after: int = 0, key_id: str = Depen
     return {"records": records, "next": upto, "status": summary(ctx, run.path)["status"]}
 
 
-@router.get("/run/file")
-def run_file(request: Request, name: str, file: str, key_id: str = Depends(require_rater)):
-    ctx = request.app.state.ui
-    path = run_path(ctx, name) / file
-    if file not in SHOWN_FILES or not path.is_file():
-        raise ApiError(404, f"run {name!r} has no file {file!r} to show", "file")
-    return FileResponse(path, media_type=SHOWN_FILES[file])
-
-
 @router.get("/compare")
 def compare_runs(request: Request, names: str, key_id: str = Depends(require_rater)):
-    """Several runs' summaries (metrics.json and describe) and their loss curves."""
+    """Several runs side by side: ``tunesmith compare``'s table, their metrics.json and loss curves."""
     ctx = request.app.state.ui
     chosen = [n for n in names.split(",") if n]
     if not chosen:
@@ -132,9 +121,21 @@ def compare_runs(request: Request, names: str, key_id: str = Depends(require_rat
     rows = []
     for name in chosen:
         run = Run(run_path(ctx, name), writer=False)
-        rows.append(summary(ctx, run.path) | {"metrics": run.load_json("metrics", {}),
+        rows.append(summary(ctx, run.path) | {"metrics": run.load_json("metrics", {}), "table": compare_row(run),
                                                "curve": read_records(run.metrics_log, 0)[0]})
-    return {"runs": rows}
+    return {"columns": [title for _, title, _ in COLUMNS], "runs": rows}
+
+
+def compare_row(run: Run) -> dict | None:
+    """A finished run's cells of ``tunesmith compare``'s table (title -> text), or None."""
+    if run.load_json("metrics") is None:
+        return None
+    config = run.load_config()
+    try:
+        row = run_row(config.method.name, run.path, config.train.lr)
+    except KeyError:  # a summary without the fields compare reads (an objective with other metrics)
+        return None
+    return {title: fmt_cell(row[key], spec) for key, title, spec in COLUMNS}
 
 
 def read_records(path: Path, after: int) -> tuple[list[dict], int]:

@@ -175,7 +175,8 @@ function runLink(name) {
   return el("a", { href: "/ui/run?name=" + encodeURIComponent(name) }, name);
 }
 
-// A small, safe Markdown subset for reports: headings, paragraphs, lists, tables, code, emphasis, images.
+// A small, safe Markdown subset for reports (text goes in as text nodes, never as HTML): headings,
+// paragraphs, lists, tables, code, bold, images (``image(src)`` gives the URL, or null to leave one out).
 function renderMarkdown(text, { image = (src) => src } = {}) {
   const root = el("div", { class: "markdown" });
   const inline = (line) => {
@@ -189,7 +190,8 @@ function renderMarkdown(text, { image = (src) => src } = {}) {
       else if (token.startsWith("**")) span.append(el("strong", {}, token.slice(2, -2)));
       else {
         const [, alt, src] = token.match(/!\[([^\]]*)\]\(([^)]+)\)/);
-        span.append(el("img", { src: image(src), alt }));
+        const shown = image(src);  // null: leave the image out
+        if (shown) span.append(el("img", { src: shown, alt }));
       }
       last = m.index + token.length;
     }

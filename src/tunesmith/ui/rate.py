@@ -123,7 +123,7 @@ def _pair_verdicts(db: sqlite3.Connection) -> Iterator[tuple[Item, str, object]]
         FROM ratings r JOIN answers a ON a.id = r.answer_id JOIN answers b ON b.id = r.other_id
         WHERE r.choice IS NOT NULL AND a.source IN ({_SOURCES}) ORDER BY r.id""", SESSION_SOURCES)
     for row in rows:
-        winner = "tie" if row["choice"] == "tie" else row[row["choice"]]
+        winner = "tie" if row["choice"] == "tie" else row[row["choice"]]  # the column named by the choice
         yield item_key(row["prompt"], (row["first"], row["second"])), row["rater"], winner
 
 

@@ -9,6 +9,8 @@ def test_runs_table_lists_and_filters_the_runs(ui_server, page, shot):
     page.goto(ui_server.url + "/ui/")
     page.wait_for_selector("tr[data-run='beta']")
     assert page.locator("#runs-body tr").count() >= 2
+    assert page.locator("#runs-head th").all_inner_texts() == [
+        "", "run", "status", "method", "objective", "loss", "accuracy", "macro_f1", "parent", "updated"]
     beta = page.locator("tr[data-run='beta']")
     assert "complete" in beta.inner_text()
     assert "alpha" in beta.locator("td").nth(-2).inner_text()  # its parent

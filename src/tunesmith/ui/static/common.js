@@ -34,7 +34,7 @@ function el(tag, attrs = {}, ...children) {
     if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
     else node.setAttribute(name, value === true ? "" : value);
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === undefined || child === null) continue;
     node.append(child instanceof Node ? child : document.createTextNode(String(child)));
   }
@@ -154,8 +154,8 @@ function lineChart(svg, series, { xLabel = "step", yLabel = "" } = {}) {
     if (points.length === 1) {
       svg.append(svgEl("circle", { cx: sx(points[0][0]), cy: sy(points[0][1]), r: 3, fill: color }));
     }
-    svg.append(svgEl("text", { x: width - right - 4, y: top + 14 + 16 * i, "text-anchor": "end", fill: color,
-                               class: "legend" }, s.name));
+    svg.append(svgEl("text", { x: width - right - 4, y: top + 14 + 16 * i, "text-anchor": "end",
+                               style: `fill: ${color}`, class: "legend" }, s.name));
   });
 }
 

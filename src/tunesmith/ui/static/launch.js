@@ -7,12 +7,11 @@ let sourceFields = {};
 function editRow(text = "") {
   const [path, ...rest] = text.split("=");
   const row = el("div", { class: "edit" },
-    el("div", { class: "row" },
-      el("input", { class: "edit-path", list: "field-paths", placeholder: "train.lr", value: path.trim(),
-                    "aria-label": "field path", autocomplete: "off" }),
-      el("span", {}, "="),
-      el("input", { class: "edit-value", placeholder: "value", value: rest.join("=").trim(),
-                    "aria-label": "value", autocomplete: "off" })),
+    el("input", { class: "edit-path", list: "field-paths", placeholder: "train.lr", value: path.trim(),
+                  "aria-label": "field path", autocomplete: "off" }),
+    el("span", {}, "="),
+    el("input", { class: "edit-value", placeholder: "value", value: rest.join("=").trim(),
+                  "aria-label": "value", autocomplete: "off" }),
     el("button", { type: "button", title: "remove this edit", onclick: () => row.remove() }, "✕"),
     el("span", { class: "field-error", hidden: true }));
   // The field's value in the config, as the value box's placeholder.

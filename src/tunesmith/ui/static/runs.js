@@ -17,7 +17,7 @@ function renderRuns() {
   document.getElementById("runs-head").replaceChildren(
     el("th", {}, ""), el("th", {}, "run"), el("th", {}, "status"), el("th", {}, "method"),
     el("th", { class: "wide" }, "objective"),
-    keyMetrics.map((m) => el("th", { class: "num" }, m)),
+    ...keyMetrics.map((m) => el("th", { class: "num" }, m)),
     el("th", { class: "wide" }, "parent"), el("th", { class: "wide" }, "updated"));
   document.getElementById("runs-body").replaceChildren(...shown.map((run) => el("tr", { "data-run": run.name },
     el("td", {}, el("input", { type: "checkbox", class: "pick", value: run.name, "aria-label": "pick " + run.name,

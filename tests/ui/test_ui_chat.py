@@ -56,4 +56,5 @@ def test_two_models_side_by_side(ui_server, page, phone_page, shot):
     assert page.locator("[data-testid=log-1] .text").last.text_content() == logged[base]
     send(phone_page, "and the plot")
     expect(phone_page.locator("[data-testid=log-1] .msg.assistant .usage")).to_have_count(1)
+    assert phone_page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
     shot(phone_page, "chat")

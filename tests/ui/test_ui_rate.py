@@ -129,6 +129,7 @@ def test_a_rater_key_rates_under_its_key_id(rating, page, phone_page, shot):
 
     start(phone_page, rating.url, "alpha", base, name="ann")
     shown(phone_page)
+    assert phone_page.evaluate("document.documentElement.scrollWidth") <= 390  # no sideways scrolling
     shot(phone_page, "rate")
 
 

@@ -20,6 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/tunesmith train examples/rotten_tomatoes_lora.yaml --set output.dir=$(DEMO_DIR)
 
 test: $(STAMP)
+	@command -v chromium >/dev/null || echo "chromium not installed: the browser tests of tests/ui will be skipped (apt-get install chromium)"
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)

@@ -24,6 +24,7 @@ LAYERS = [
     ["tunesmith.score", "tunesmith.feedback"],
     ["tunesmith.serve"],
     ["tunesmith.retrain"],
+    ["tunesmith.ui"],
     ["tunesmith.cli"],
 ]
 

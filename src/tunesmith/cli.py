@@ -1,4 +1,4 @@
-"""The ``tunesmith`` command: train, eval, generate, compare, data inspect, privacy audit, ppo.
+"""The ``tunesmith`` command: train, eval, generate, compare, data inspect, privacy audit, ppo, serve, ui.
 
 User errors print one line per problem and exit with status 2, without a traceback.
 """
@@ -126,6 +126,33 @@ def cmd_serve(args) -> int:
                           store=Path(args.store) if args.store else None, redact_pii=args.redact_pii)
     print(f"serving {', '.join(m['id'] for m in server.pool.models())} on http://{args.host}:{args.port}/v1",
           file=sys.stderr)
+    server.run(args.host, args.port)
+    return 0
+
+
+def cmd_ui(args) -> int:
+    from tunesmith import feedback
+    from tunesmith.serve.keys import check_binding
+    from tunesmith.serve.options import ServeOptions
+    from tunesmith.serve.server import parse_aliases, parse_runs
+    from tunesmith.store.db import STORE_ENV
+    from tunesmith.ui.access import load_access
+    from tunesmith.ui.app import UiContext, build_ui_server
+
+    options = ServeOptions(**{name: getattr(args, name) for name in ServeOptions.model_fields})
+    access = load_access(args.api_key_file, args.rater_key_file)
+    check_binding(args.host, access.server_keys())  # before the model loads: refusing should be quick
+    runs_dir = Path(args.dir)
+    if not runs_dir.is_dir():
+        raise TunesmithError(f"--dir {runs_dir}: no such directory")
+    store = Path(args.store or os.environ.get(STORE_ENV) or runs_dir / "store.sqlite")
+    prompts = feedback.read_prompts(args.prompts) if args.prompts else []
+    ctx = UiContext(runs_dir=runs_dir, store_path=store,
+                    access=access, examples_dir=Path(args.examples), prompts=prompts)
+    server = build_ui_server(ctx, parse_runs(args.runs), base=args.base, options=options,
+                             aliases=parse_aliases(args.alias), redact_pii=args.redact_pii)
+    print(f"tunesmith ui on http://{args.host}:{args.port}/ui/ (runs in {runs_dir}; serving "
+          f"{', '.join(m['id'] for m in server.pool.models())})", file=sys.stderr)
     server.run(args.host, args.port)
     return 0
 
@@ -332,21 +359,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve runs' LoRA adapters on one base model behind OpenAI routes")
     p.add_argument("runs", nargs="*", metavar="[NAME=]RUN", help="run directories to serve, each as its name")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--base", help="the base model (default: the runs' own); needed when no run is given")
-    p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
-                   help="where /v1/load_lora_adapter may load runs from (repeatable; off without one)")
-    p.add_argument("--alias", action="append", default=[], metavar="ALIAS=NAME", help="another name for an adapter")
-    p.add_argument("--store", help="the SQLite store for the request log (default: $TUNESMITH_STORE, else runs/store.sqlite)")
-    p.add_argument("--api-key-file", help="API keys, one ID:KEY or KEY a line (also $TUNESMITH_API_KEYS)")
-    p.add_argument("--redact-pii", action="store_true", help="replace personal data in the request log")
-    from tunesmith.serve.options import ServeOptions
-
-    for name, info in ServeOptions.model_fields.items():
-        p.add_argument("--" + name.replace("_", "-"), type=type(info.default), default=info.default,
-                       help=info.description)
+    _serve_arguments(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ui", help="the web UI: runs, launch, compare, chat and rate, on the serve command's server")
+    p.add_argument("runs", nargs="*", metavar="[NAME=]RUN",
+                   help="runs to serve for chat and rating (default: the finished LoRA runs under --dir)")
+    p.add_argument("--dir", default="runs", help="the runs the UI lists, and where it launches new ones")
+    p.add_argument("--examples", default="examples", help="the example configs the launch page offers")
+    p.add_argument("--rater-key-file", help="rater keys, one ID:KEY or KEY a line (also $TUNESMITH_RATER_KEYS): "
+                   "they may chat and rate, not launch or stop runs")
+    p.add_argument("--prompts", help="the rate page's prompts: a file with a 'prompt' column (.txt: one per "
+                   "paragraph), as feedback collect reads (default: the prompts already in the store)")
+    _serve_arguments(p, adapter_dir=False)
+    p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("export", help="a run's merged model as a Hugging Face directory or a GGUF file")
     p.add_argument("run_dir")
@@ -455,6 +481,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_search)
     return parser
+
+
+def _serve_arguments(p: argparse.ArgumentParser, adapter_dir: bool = True) -> None:
+    """The server's options, shared by ``serve`` and ``ui``."""
+    from tunesmith.serve.options import ServeOptions
+
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--base", help="the base model (default: the runs' own); needed when no run is given")
+    if adapter_dir:
+        p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
+                       help="where /v1/load_lora_adapter may load runs from (repeatable; off without one)")
+    p.add_argument("--alias", action="append", default=[], metavar="ALIAS=NAME", help="another name for an adapter")
+    p.add_argument("--store", help="the SQLite store for the request log (default: $TUNESMITH_STORE, else runs/store.sqlite)")
+    p.add_argument("--api-key-file", help="API keys, one ID:KEY or KEY a line (also $TUNESMITH_API_KEYS)")
+    p.add_argument("--redact-pii", action="store_true", help="replace personal data in the request log")
+    for name, info in ServeOptions.model_fields.items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(info.default), default=info.default,
+                       help=info.description)
 
 
 def _at_least_two(text: str) -> int:

@@ -34,7 +34,8 @@ COLUMNS = [  # (key, title, markdown format)
 ]
 
 
-def _row(method: str, run: Path, lr: float) -> dict:
+def run_row(method: str, run: Path, lr: float) -> dict:
+    """A finished run's row of the table (``COLUMNS``): cost and quality, from its metrics.json."""
     summary = Run(run).load_json("metrics")
     stored = Run(run).saved(REGISTRY[method])
     # The tokenizer is saved beside the weights for convenience; it is not what a task must store.
@@ -56,7 +57,7 @@ def _row(method: str, run: Path, lr: float) -> dict:
     }
 
 
-def _fmt(value, spec: str) -> str:
+def fmt_cell(value, spec: str) -> str:
     return "-" if value is None else spec.format(value)
 
 
@@ -64,7 +65,7 @@ def write_tables(rows: list[dict], out: Path) -> tuple[Path, Path]:
     md = out / "compare.md"
     lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
              "|" + "---|" + "---:|" * (len(COLUMNS) - 2) + "---|"]
-    lines += ["| " + " | ".join(_fmt(r[key], spec) for key, _, spec in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt_cell(r[key], spec) for key, _, spec in COLUMNS) + " |" for r in rows]
     md.write_text("\n".join(lines) + "\n")
     path = out / "compare.csv"
     with path.open("w", newline="") as f:
@@ -112,7 +113,7 @@ def compare(config_path: str, methods: list[str], overrides: list[str], out: Pat
         argv = [sys.executable, "-m", "tunesmith.cli", "train", str(resolved)]
         if subprocess.run(argv).returncode != 0:
             raise TunesmithError(f"compare: training with method {method} failed; see the output above")
-        rows.append(_row(method, out / method, configs[method].train.lr))
+        rows.append(run_row(method, out / method, configs[method].train.lr))
         write_tables(rows, out)  # after every method, so an interrupted comparison keeps what it has
     md, _ = write_tables(rows, out)
     return md

@@ -59,7 +59,7 @@ def load_plan(path: str, overrides: list[str], storage: str | None = None) -> Pl
                              "compare trials on (never the test split)")
     out = Path(base.output.dir)
     if storage is None:
-        if out.is_dir() and any(out.iterdir()) and not (out / STUDY_FILE).is_file():
+        if not Run(out, writer=False).is_new() and not (out / STUDY_FILE).is_file():
             raise TunesmithError(f"output.dir {out} already holds files that are not a search; choose "
                                  "another output.dir (--set output.dir=...)")
         storage = f"sqlite:///{(out / STUDY_FILE).resolve()}"

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,11 +29,15 @@ class Server:
     request_log: RequestLog | None
     options: ServeOptions
     keys: dict[str, str] = field(default_factory=dict)
+    # Called with the app before it serves: how ``tunesmith ui`` adds its pages to the same app.
+    extensions: list[Callable] = field(default_factory=list)
 
     def asgi(self):
-        """The ASGI application: the routes behind the body size cap."""
-        return BodyLimit(build_app(self.pool, self.scheduler, self.options, self.keys, self.request_log),
-                         self.options.max_body_bytes)
+        """The ASGI application: the routes (and any extensions') behind the body size cap."""
+        app = build_app(self.pool, self.scheduler, self.options, self.keys, self.request_log)
+        for extend in self.extensions:
+            extend(app)
+        return BodyLimit(app, self.options.max_body_bytes)
 
     def run(self, host: str, port: int) -> None:
         """Serve in the foreground until interrupted."""

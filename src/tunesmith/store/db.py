@@ -3,6 +3,8 @@
 One file holds what the feedback loop collects (``tunesmith feedback collect``: two answers to a
 prompt and which one a person preferred) and what the server logs (every answer it served, and
 the ratings attached to them later), so that both become training and preference data the same way.
+An answer's ``source`` says who made it: ``served`` (the server), ``collected`` (``feedback
+collect``) or ``rated`` (the web UI's rate page, ``ui/rate.py``).
 
 The schema changes only through named, append-only migrations (as simonw/llm does): each is a
 function registered with ``@migration``, run once, in order, inside a transaction, and recorded in

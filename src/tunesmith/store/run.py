@@ -17,6 +17,7 @@ Layout (every later feature reads runs through ``Run``, never by file name)::
     metrics.json      base and tuned metrics: written last but one, so it means the run finished
     report.md         the report, with loss.png
     privacy_audit.json  written by ``tunesmith privacy audit``: canary exposure, membership inference
+    launch.log        the output of a run started from ``tunesmith ui`` (written before the run starts)
 
 A run whose status says ``running`` but whose process is gone (killed, out of memory, machine
 rebooted) reads as ``crashed``. Only one process writes: a ``Run`` made with ``writer=False`` (the
@@ -76,6 +77,14 @@ class Run:
     @property
     def curriculum_scores(self) -> Path:
         return self.path / "curriculum_scores.json"
+
+    @property
+    def launch_log(self) -> Path:
+        return self.path / "launch.log"
+
+    def is_new(self) -> bool:
+        """Nothing here yet but, for a run started from the UI, the log it writes to."""
+        return not self.path.exists() or all(p == self.launch_log for p in self.path.iterdir())
 
     @property
     def merged(self) -> Path:
@@ -141,7 +150,7 @@ class Run:
                                      f"(pid {record.get('pid')} on {record.get('host')})")
             if not self.has_checkpoint():
                 raise TunesmithError(f"output.dir {self.path}: no checkpoint to resume from")
-        elif self.path.exists() and any(self.path.iterdir()):
+        elif not self.is_new():
             what = f"a run (status: {status})" if status else "files"
             raise TunesmithError(
                 f"output.dir {self.path} already holds {what}; choose another output.dir "

@@ -46,15 +46,16 @@ def summary(ctx, path: Path) -> dict:
     """One row of the runs table: ``describe`` plus the run's name, times and its launch process."""
     root = ctx.runs_dir.resolve()
     name = str(path.resolve().relative_to(root))
+    process = ctx.processes.get(name)
+    # Polled first: that reaps a child that has ended, which would otherwise still read as alive.
+    code = process.poll() if process is not None else None
     row = describe(Run(path, writer=False)) | {"name": name}
     record = Run(path, writer=False).record()
     row |= {key: record.get(key) for key in ("started_at", "updated_at", "error")}
     if row.get("parent"):
         parent = Path(row["parent"]).resolve()
         row["parent_name"] = str(parent.relative_to(root)) if parent.is_relative_to(root) else str(parent)
-    process = ctx.processes.get(name)
     if process is not None:
-        code = process.poll()  # also reaps it: a reaped child no longer reads as alive
         row["process"] = {"pid": process.pid, "exit_code": code}
         if row["status"] == "missing":  # launched, and not (yet) a run: starting, or a search's folder
             row["status"] = "starting" if code is None else "complete" if code == 0 else "failed"
@@ -70,7 +71,7 @@ def whoami(request: Request):
 @router.get("/runs")
 def list_runs(request: Request, key_id: str = Depends(require_rater)):
     ctx = request.app.state.ui
-    paths = find_runs(ctx.runs_dir)
+    paths = [p.resolve() for p in find_runs(ctx.runs_dir)]
     for name in ctx.processes:  # launched runs that have not written anything yet
         path = run_path(ctx, name)
         if path not in paths:

@@ -139,13 +139,18 @@ class Causal:
         pred = [labels[i] for i in sums.argmin(dim=1).tolist()]
         return label_metrics(loss, [e["label"] for e in examples], pred, labels)
 
-    def label_probabilities(self, model, texts: list[str], labels: list[str]) -> torch.Tensor:
-        """[texts, labels]: each label's share of the labels' total likelihood as the answer to the
-        instruction the run trained with (the bias probe compares these across a pair)."""
+    def label_logits(self, model, texts: list[str], labels: list[str]) -> torch.Tensor:
+        """[texts, labels]: each label's log-likelihood as the answer to the instruction the run
+        trained with, around each text."""
         examples = [{"messages": [{"role": "user", "content": self.data.instruction.format(text=t)},
                                   {"role": "assistant", "content": ""}]} for t in texts]
         sums, _ = score_labels(model, self.encoder, examples, labels, self.layout)
-        return torch.softmax(-sums, dim=1)
+        return -sums.float()
+
+    def label_probabilities(self, model, texts: list[str], labels: list[str]) -> torch.Tensor:
+        """[texts, labels]: each label's share of the labels' total likelihood (``label_logits``; the
+        bias probe compares these across a pair)."""
+        return torch.softmax(self.label_logits(model, texts, labels), dim=1)
 
     @torch.no_grad()
     def samples(self, model, examples: list[dict], labels: list[str], max_new_tokens: int) -> list[dict]:

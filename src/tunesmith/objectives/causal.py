@@ -17,7 +17,7 @@ import torch
 from tunesmith.data.batching import collate, collate_shared, plan_batches, shared_prefix
 from tunesmith.data.format import IGNORE, Encoder, EncodeStats
 from tunesmith.data.options import DataConfig
-from tunesmith.data.pipeline import SPLITS, PreparedData, load_splits
+from tunesmith.data.pipeline import SPLITS, PreparedData, label_order, load_splits
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.choices import score_choices
 from tunesmith.eval.metrics import label_metrics, loss_metrics
@@ -109,14 +109,14 @@ class Causal:
     def check_method(cls, method) -> list[str]:
         return []
 
-    def prepare(self) -> PreparedData:
+    def prepare(self, labels: list[str] | None = None) -> PreparedData:
         splits, schema, stats = load_splits(self.data)
         if schema.kind == "preference":
             raise TunesmithError("objective causal trains on one answer per prompt, but the data is preference "
                                  "pairs: use objective.name: dpo (or reward)")
         encoded, stats["tokens"] = encode_splits(splits, self.encoder)
         # Canaries (data.canaries) join label data as prompt/completion pairs, without a label.
-        labels = sorted({e["label"] for e in splits["train"] if "label" in e}) if schema.kind == "classification" else []
+        labels = label_order(splits, labels) if schema.kind == "classification" else []
         return PreparedData(schema, splits, encoded, labels, stats)
 
     def load_model(self, source: str, dtype: str, labels: list[str], **kwargs):

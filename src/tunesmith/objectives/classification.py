@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.data.options import DataConfig
-from tunesmith.data.pipeline import SPLITS, PreparedData, load_splits
+from tunesmith.data.pipeline import SPLITS, PreparedData, label_order, load_splits
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.metrics import label_metrics
 from tunesmith.model import load_model
@@ -50,7 +50,7 @@ class Classification:
     def check_method(cls, method) -> list[str]:
         return prompt_learning_is_causal_only(cls.name, method)
 
-    def prepare(self) -> PreparedData:
+    def prepare(self, labels: list[str] | None = None) -> PreparedData:
         refuse_canaries(self.name, self.data)
         splits, schema, stats = load_splits(self.data)
         if schema.kind != "classification":
@@ -58,7 +58,7 @@ class Classification:
                 f"objective classification needs text/label data, but the data is {schema.kind}: "
                 "name the label column under data.columns.label"
             )
-        labels = sorted({e["label"] for e in splits["train"]})
+        labels = label_order(splits, labels)  # the head's targets are indices into these
         encoded = {n: self.encode(splits[n], labels) for n in SPLITS}
         return PreparedData(schema, splits, encoded, labels, stats)
 

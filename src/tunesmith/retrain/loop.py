@@ -73,13 +73,7 @@ def score_files(run_dir: Path, files: dict[str, Path]) -> dict[str, dict]:
         config.data = canonical_data(config.data, {"train": path}, labels).model_copy(
             update={"split": SplitConfig(validation=0.0, test=0.0, stratify=False)})
         scoring = Session(config)
-        data = scoring.prepare()
-        data.labels = labels  # the model's output order, whatever labels this file holds
-        if scoring.objective.name == "classification":
-            # A head's targets are label indices, numbered from the labels the file holds: number
-            # them from the run's labels instead (a held-out slice may lack a label). The other
-            # objectives score label strings, which data.labels above already fixes.
-            data.encoded["train"] = scoring.objective.encode(data.examples["train"], labels)
+        data = scoring.prepare(labels or None)  # the model's label order (a held-out slice may lack a label)
         data.examples["test"], data.encoded["test"] = data.examples["train"], data.encoded["train"]
         scores[name] = scoring.score(model)
     return scores

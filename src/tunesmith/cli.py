@@ -73,8 +73,12 @@ def cmd_bias(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from tunesmith.recipe import generate
+    from tunesmith.store import Run
 
+    if Run(args.run_dir, writer=False).is_ppo():
+        from tunesmith.align.recipe import generate
+    else:
+        from tunesmith.recipe import generate
     generate(Path(args.run_dir), args.prompt, args.max_new_tokens)
     return 0
 

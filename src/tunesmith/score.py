@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from tunesmith.errors import TunesmithError, prefixed
 from tunesmith.objectives.reward import score_texts
@@ -83,12 +82,11 @@ def scoring_run(path: str | Path) -> tuple[Run, Reader]:
     """The run at ``path`` and its reader; one line saying why when it cannot score, found before
     any model is loaded."""
     run = Run(path, writer=False)
-    config_file = run.path / "config.yaml"
     if not run.path.is_dir():
         raise TunesmithError(f"{run.path}: no such run directory")
-    if not config_file.is_file():
+    if not (run.path / "config.yaml").is_file():
         raise TunesmithError(f"{run.path}: not a tunesmith run directory (no config.yaml)")
-    if "ppo" in (yaml.safe_load(config_file.read_text()) or {}):
+    if run.is_ppo():
         raise TunesmithError(f"{run.path} is a PPO run, not a classifier or reward model")
     name = run.load_config().objective.name
     if name not in READERS:

@@ -178,16 +178,20 @@ class Causal:
         framed = self.encoder.prompt_text({"messages": [{"role": "user", "content": text}]})
         return self._generate(model, framed, max_new_tokens, stream)
 
-    @torch.no_grad()
     def _generate(self, model, text: str, max_new_tokens: int, stream: bool = False) -> str:
-        from transformers import TextStreamer
+        return greedy_answer(model, self.tokenizer, text, max_new_tokens, stream)
 
-        tokenizer = self.tokenizer
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id, streamer=streamer)
-        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+@torch.no_grad()
+def greedy_answer(model, tokenizer, text: str, max_new_tokens: int, stream: bool = False) -> str:
+    """The greedy continuation of ``text`` (a prompt already framed), printed as it grows with ``stream``."""
+    from transformers import TextStreamer
+
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id, streamer=streamer)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def encode_splits(splits: dict[str, list[dict]], encoder: Encoder) -> tuple[dict[str, list[dict]], dict]:

@@ -29,7 +29,7 @@ class AliasFile:
         self._identity: tuple | None = None  # the file's identity when last read
         self._checked = float("-inf")
         self._lock = threading.Lock()
-        self._set: set[str] = set()  # the aliases the file has set
+        self._set: dict[str, str] = {}  # alias -> adapter, as the file set them
 
     def due(self) -> bool:
         """Whether ``refresh`` would look at the file now (cheap: no system call)."""
@@ -53,17 +53,17 @@ class AliasFile:
             self._apply(targets)
 
     def _apply(self, targets: dict[str, Path]) -> None:
-        for alias in self._set - targets.keys():
+        for alias in self._set.keys() - targets.keys():
             # An alias taken out of the file goes, unless it has been pointed elsewhere by hand since.
-            self.pool.aliases.pop(alias, None)
-        self._set &= targets.keys()
+            if self.pool.aliases.get(alias) == self._set.pop(alias):
+                self.pool.aliases.pop(alias, None)
         for alias, target in targets.items():
             try:
                 name = self._adapter(target)
                 if self.pool.aliases.get(alias) != name:
                     self.pool.set_alias(alias, name)
                     log.info("alias %s -> %s (%s, from %s)", alias, name, target, self.path)
-                self._set.add(alias)
+                self._set[alias] = name
             except TunesmithError as err:
                 log.warning("alias file %s: alias %r not moved: %s", self.path, alias, "; ".join(err.problems))
             except Exception:  # a broken adapter must not take the server down with it

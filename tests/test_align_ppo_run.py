@@ -92,6 +92,35 @@ def test_adaptive_kl_coefficient_is_logged_and_moves(tmp_path, tiny_model_dir):
     assert coefs[0] == 0.01 and coefs[1] < coefs[0]  # step 1 has KL 0 < target: the coefficient falls
 
 
+def test_generate_answers_with_a_ppo_runs_policy_and_eval_says_what_to_do(tmp_path, tiny_model_dir, capsys):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.cli import main
+
+    raw = ppo_config(tmp_path, tiny_model_dir, instruction="Review: {text}")
+    raw["train"]["max_steps"] = 2
+    run_ppo(load_ppo_config(tmp_path / "ppo.yaml", raw=raw), reward=letter_e)
+    run_dir = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["generate", str(run_dir), "the film is", "--max-new-tokens", "8"]) == 0
+    # The slow way: PEFT's adapter on the base, the instruction in the chat template, greedy.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run_dir / "adapter").eval()
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Review: the film is"}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        with model.disable_adapter():
+            base = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert not torch.equal(out, base)  # so the answer below shows the policy's adapter was loaded
+    assert capsys.readouterr().out.strip() == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    err = cli_fails(capsys, ["eval", str(run_dir)], "is a PPO run (tunesmith ppo)", "tunesmith generate")
+    assert len(err.strip().splitlines()) == 1
+
+
 def _train(tmp_path: Path, model_dir: Path, data: dict, name: str, **sections) -> Path:
     from tunesmith.config import load_config
     from tunesmith.recipe import run_training

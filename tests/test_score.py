@@ -3,6 +3,8 @@ clear line for runs that cannot score."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from conftest import cli_fails, preference_rows, review_rows, write_config, write_jsonl
@@ -63,7 +65,28 @@ def test_score_prints_a_classifiers_probability_of_positive(classifier_run, caps
     assert len(scores) == 2 and all(0 <= s <= 1 for s in scores)
     assert main(["score", str(classifier_run), "a great film", "--label", "negative"]) == 0
     assert _scores(capsys.readouterr().out)[0] == pytest.approx(1 - scores[0], abs=1e-4)
-    cli_fails(capsys, ["score", str(classifier_run), "x", "--label", "nope"], "has no label 'nope'")
+    cli_fails(capsys, ["score", str(classifier_run), "x", "--label", "nope"], "--label: 'nope' is not a label")
+
+
+def test_score_and_the_ppo_reward_of_a_classifier_are_one_scorer(classifier_run):
+    from tunesmith.align.rewards import load_reward
+
+    texts = ["a great film", "a dull film", "the plot is fun"]
+    probabilities = load_scorer(classifier_run).score(texts)
+    rewards = load_reward(classifier_run, "positive")(["ignored"] * 3, texts)  # a classifier reads answers alone
+    assert rewards == pytest.approx([math.log(p / (1 - p)) for p in probabilities], abs=1e-4)
+
+
+def test_score_reads_a_causal_run_on_label_data_as_ppo_does(tmp_path, tiny_model_dir, review_data, capsys):
+    from tunesmith.align.rewards import load_reward
+
+    run_training(load_config(write_config(tmp_path / "c.yaml", tiny_model_dir, review_data, train=TRAIN)))
+    capsys.readouterr()
+    assert main(["score", str(tmp_path / "run"), "a great film", "a dull film"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "# P(positive)"
+    rewards = load_reward(tmp_path / "run", "positive")(["p", "p"], ["a great film", "a dull film"])
+    assert _scores(captured.out) == pytest.approx([1 / (1 + math.exp(-r)) for r in rewards], abs=1e-4)
 
 
 def test_score_refuses_runs_that_cannot_score_in_one_line(tmp_path, reward_run, capsys):
@@ -75,8 +98,10 @@ def test_score_refuses_runs_that_cannot_score_in_one_line(tmp_path, reward_run, 
     other.mkdir()
     (other / "config.yaml").write_text(yaml.safe_dump(config))
     (other / "adapter").symlink_to(reward_run / "adapter")
-    cli_fails(capsys, ["score", str(other), "x"], "a run of objective dpo cannot score texts")
-    cli_fails(capsys, ["score", str(tmp_path / "none"), "x"], "not a tunesmith run directory")
+    cli_fails(capsys, ["score", str(other), "x"], "is a dpo run, not a classifier or reward model")
+    cli_fails(capsys, ["score", str(tmp_path / "none"), "x"], "no such run directory")
+    (tmp_path / "empty").mkdir()
+    cli_fails(capsys, ["score", str(tmp_path / "empty"), "x"], "not a tunesmith run directory")
     cli_fails(capsys, ["score", str(reward_run)], "give texts to score")
 
 

@@ -310,6 +310,64 @@ def test_base_alone_then_adapters_loaded_and_unloaded(runs, tiny_model_dir):
         pool.load("b", str(runs["root"]) + "/../x")
 
 
+def _alias_of(url: str, alias: str) -> str | None:
+    models = httpx.get(url + "/v1/models", timeout=30).json()["data"]
+    return next((m["alias_of"] for m in models if m["id"] == alias), None)
+
+
+def test_a_promotion_in_the_alias_file_moves_live_traffic(runs, tmp_path):
+    """retrain's write_alias moves ``prod`` from alpha to gamma (not loaded yet) while the server runs."""
+    from openai import OpenAI
+
+    from tunesmith.retrain.loop import write_alias
+
+    aliases = tmp_path / "aliases.json"
+    write_alias(aliases, "prod", runs["alpha"])
+    server = build_server({"alpha": runs["alpha"]}, adapter_dirs=[runs["root"]], alias_file=aliases,
+                          options=ServeOptions(batch_window_ms=0), log_requests=False)
+    with server.in_thread() as url:
+        client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        assert _alias_of(url, "prod") == "alpha"
+        before = ask(client, "prod")
+        assert before == ask(client, "alpha")
+        write_alias(aliases, "prod", runs["gamma"])
+        for _ in range(200):  # the server looks at the file at most once a second
+            if _alias_of(url, "prod") == "gamma":
+                break
+            threading.Event().wait(0.05)
+        assert _alias_of(url, "prod") == "gamma"
+        after = client.completions.create(model="prod", prompt=PROMPT, max_tokens=8, temperature=0)
+        assert after.choices[0].text == ask(client, "gamma") != before
+        assert server.pool.adapters["gamma"].run == runs["gamma"].resolve()
+
+
+def test_a_bad_alias_file_is_logged_and_the_aliases_stay(runs, tiny_model_dir, tmp_path, caplog):
+    from tunesmith.serve.adapters import AdapterPool
+    from tunesmith.serve.aliases import AliasFile
+
+    pool = AdapterPool(str(tiny_model_dir), adapter_dirs=[runs["root"]], max_adapters=1)
+    path = tmp_path / "aliases.json"
+    watch = AliasFile(pool, path, every_s=0)
+    watch.refresh()  # no file yet: nothing to do
+    assert pool.aliases == {}
+    path.write_text(json.dumps({"prod": str(runs["alpha"])}))
+    watch.refresh()
+    assert pool.aliases == {"prod": "alpha"} and list(pool.adapters) == ["alpha"]
+    cases = {"{not json": "line 1: not JSON", "[1, 2]": "expected a JSON object",
+             json.dumps({"prod": 3}): "alias 'prod': expected a non-empty run directory",
+             json.dumps({"prod": "/etc"}): "outside the adapter directories",
+             json.dumps({"prod": str(runs["beta"])}): "at most 1 adapters"}
+    for text, message in cases.items():
+        caplog.clear()
+        path.write_text(text)
+        watch.refresh()  # logs, and neither raises nor moves the alias
+        assert message in caplog.text
+        assert pool.aliases == {"prod": "alpha"} and list(pool.adapters) == ["alpha"]
+    path.write_text("{}")
+    watch.refresh()
+    assert pool.aliases == {}  # an alias taken out of the file goes
+
+
 def test_runs_on_another_base_or_method_are_refused(runs, tiny_model_dir, tmp_path):
     from conftest import make_model_dir
 

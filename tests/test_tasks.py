@@ -66,3 +66,38 @@ def test_length_grouped_batches_cover_everything_within_budget():
     batches = length_grouped(lengths, 100, seed=0)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert all(max(lengths[i] for i in b) * len(b) <= 100 or len(b) == 1 for b in batches)
+
+
+def test_eval_on_a_file_with_some_of_the_labels_scores_them_by_the_runs_labels(tmp_path, tiny_bert_dir, review_data):
+    """A file holding only the run's second label is encoded by the run's label order, not its own."""
+    import torch
+    import torch.nn.functional as F
+
+    from tunesmith.store import load_run
+
+    config = load_config(write_config(tmp_path / "c.yaml", tiny_bert_dir, review_data,
+                                      model={"task": "classification"}, train={"max_steps": 2}))
+    run_training(config)
+    run_dir = tmp_path / "run"
+    rows = [r for r in review_rows(40, seed=7) if r["sentiment"] == "fresh"]
+    only_positive = write_jsonl(tmp_path / "positive.jsonl", rows)
+    _, tuned = evaluate_run(run_dir, str(only_positive))
+    # The slow way: each row through the tuned head, against "positive"'s place among the run's labels.
+    run, session, model = load_run(run_dir)
+    labels = run.labels()
+    assert labels == ["negative", "positive"]
+    logits = session.objective.label_logits(model, [r["review"] for r in rows], labels)
+    target = torch.full((len(rows),), labels.index("positive"))
+    assert tuned["loss"] == pytest.approx(float(F.cross_entropy(logits, target)), abs=1e-4)
+    assert tuned["accuracy"] == pytest.approx(float((logits.argmax(1) == target).float().mean()))
+
+
+def test_label_order_is_the_runs_and_refuses_labels_it_lacks():
+    from tunesmith.data.pipeline import label_order
+
+    splits = {"train": [{"label": "positive"}, {"text": "a canary"}], "validation": [], "test": [{"label": "positive"}]}
+    assert label_order(splits) == ["positive"]  # a new run: the training split's labels
+    assert label_order(splits, ["negative", "positive"]) == ["negative", "positive"]
+    splits["test"].append({"label": "meh"})
+    with pytest.raises(TunesmithError, match="label 'meh' is not a label of the run"):
+        label_order(splits, ["negative", "positive"])

@@ -73,8 +73,12 @@ def cmd_bias(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from tunesmith.recipe import generate
+    from tunesmith.store import Run
 
+    if Run(args.run_dir, writer=False).is_ppo():
+        from tunesmith.align.recipe import generate
+    else:
+        from tunesmith.recipe import generate
     generate(Path(args.run_dir), args.prompt, args.max_new_tokens)
     return 0
 
@@ -117,13 +121,15 @@ def cmd_serve(args) -> int:
     from tunesmith.serve.keys import check_binding, load_keys
     from tunesmith.serve.options import ServeOptions
     from tunesmith.serve.server import build_server, parse_aliases, parse_runs
+    from tunesmith.store.aliases import DEFAULT_PATH as DEFAULT_ALIAS_FILE
 
     options = ServeOptions(**{name: getattr(args, name) for name in ServeOptions.model_fields})
     keys = load_keys(args.api_key_file)
     check_binding(args.host, keys)  # before the model loads: refusing should be quick
     server = build_server(parse_runs(args.runs), base=args.base, adapter_dirs=[Path(d) for d in args.adapter_dir],
                           aliases=parse_aliases(args.alias), options=options, keys=keys,
-                          store=Path(args.store) if args.store else None, redact_pii=args.redact_pii)
+                          store=Path(args.store) if args.store else None, redact_pii=args.redact_pii,
+                          alias_file=Path(args.alias_file) if args.alias_file else DEFAULT_ALIAS_FILE)
     print(f"serving {', '.join(m['id'] for m in server.pool.models())} on http://{args.host}:{args.port}/v1",
           file=sys.stderr)
     server.run(args.host, args.port)
@@ -150,7 +156,8 @@ def cmd_ui(args) -> int:
     ctx = UiContext(runs_dir=runs_dir, store_path=store,
                     access=access, examples_dir=Path(args.examples), prompts=prompts)
     server = build_ui_server(ctx, parse_runs(args.runs), base=args.base, options=options,
-                             aliases=parse_aliases(args.alias), redact_pii=args.redact_pii)
+                             aliases=parse_aliases(args.alias), redact_pii=args.redact_pii,
+                             alias_file=Path(args.alias_file) if args.alias_file else runs_dir / "aliases.json")
     print(f"tunesmith ui on http://{args.host}:{args.port}/ui/ (runs in {runs_dir}; serving "
           f"{', '.join(m['id'] for m in server.pool.models())})", file=sys.stderr)
     server.run(args.host, args.port)
@@ -189,12 +196,14 @@ def cmd_retrain(args) -> int:
     import traceback
 
     from tunesmith.retrain.loop import retrain
+    from tunesmith.store.aliases import DEFAULT_PATH as DEFAULT_ALIAS_FILE
 
+    alias_file = Path(args.alias_file) if args.alias_file else DEFAULT_ALIAS_FILE
     try:
         record = retrain(Path(args.run_dir), args.out, args.store, args.adapter, args.since, args.set,
                          holdout=args.holdout, replay_ratio=args.replay, min_rows=args.min_rows,
                          min_score=args.min_score, tolerance=args.tolerance, alias=args.alias,
-                         alias_file=args.alias_file, log=args.log)
+                         alias_file=alias_file, log=args.log)
     except TunesmithError:
         raise
     except Exception:  # noqa: BLE001 - exit 1 means "refused": a crash must not look like one
@@ -203,7 +212,7 @@ def cmd_retrain(args) -> int:
     decision = record["decision"]
     print(f"{'PROMOTED' if decision['promote'] else 'REFUSED'}: {record['child']}: {decision['reason']}")
     if decision["promote"] and record["alias"]:
-        print(f"alias {record['alias']} -> {record['child']} ({args.alias_file})")
+        print(f"alias {record['alias']} -> {record['child']} ({alias_file})")
     return 0 if decision["promote"] else 1
 
 
@@ -413,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=0.01,
                    help="how much worse on the original test set the child may be (in the metric's units)")
     p.add_argument("--alias", help="on promotion, point this alias at the child in --alias-file")
-    p.add_argument("--alias-file", default="runs/aliases.json")
+    p.add_argument("--alias-file", help="{alias: run directory}, which tunesmith serve follows "
+                   "(default: runs/aliases.json)")
     p.add_argument("--log", default="runs/retrain_decisions.jsonl", help="every decision is appended here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the child's config")
     p.set_defaults(func=cmd_retrain)
@@ -494,6 +504,8 @@ def _serve_arguments(p: argparse.ArgumentParser, adapter_dir: bool = True) -> No
         p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
                        help="where /v1/load_lora_adapter may load runs from (repeatable; off without one)")
     p.add_argument("--alias", action="append", default=[], metavar="ALIAS=NAME", help="another name for an adapter")
+    p.add_argument("--alias-file", help="{alias: run directory} as JSON, which retrain writes: applied at "
+                   "start and followed while serving (default: runs/aliases.json; for ui, DIR/aliases.json)")
     p.add_argument("--store", help="the SQLite store for the request log (default: $TUNESMITH_STORE, else runs/store.sqlite)")
     p.add_argument("--api-key-file", help="API keys, one ID:KEY or KEY a line (also $TUNESMITH_API_KEYS)")
     p.add_argument("--redact-pii", action="store_true", help="replace personal data in the request log")

@@ -1,5 +1,7 @@
 """User-facing errors: what the CLI prints as one line per problem, without a traceback."""
 
+from contextlib import contextmanager
+
 
 class TunesmithError(Exception):
     """A problem with the user's input or environment that the user can fix.
@@ -11,3 +13,13 @@ class TunesmithError(Exception):
     def __init__(self, *problems: str):
         self.problems = [p for p in problems if p]
         super().__init__("\n".join(self.problems))
+
+
+@contextmanager
+def prefixed(where: str):
+    """Problems raised inside the block get ``where`` in front: the option or field they concern
+    (``ppo.reward: ``), which the code that finds them does not know."""
+    try:
+        yield
+    except TunesmithError as err:
+        raise TunesmithError(*(where + p for p in err.problems)) from None

@@ -239,9 +239,8 @@ def evaluate_run(run_dir: Path, data_file: str | None = None) -> tuple[dict, dic
             "path": str(Path(data_file).resolve()), "train": None, "validation": None, "test": None,
             "max_rows": None, "split": SplitConfig(validation=0.0, test=0.0, stratify=False)})
         session = Session(config)
-    data = session.prepare()
-    # The labels the model was trained on, in its output order, whatever the new data holds.
-    data.labels = run.labels()
+    # Encoded by the labels the model was trained on, in its output order, whatever the data holds.
+    data = session.prepare(run.labels() or None)
     if data_file:
         data.examples["test"], data.encoded["test"] = data.examples["train"], data.encoded["train"]
     tuned = session.score(model)

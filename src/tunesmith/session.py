@@ -39,9 +39,13 @@ class Session:
         self.objective = objective(config.objective, config.data, self.tokenizer, self.layout)
         self.data: PreparedData | None = None
 
-    def prepare(self) -> PreparedData:
-        """Read, split and encode the data (all input problems surface here)."""
-        self.data = self.objective.prepare()
+    def prepare(self, labels: list[str] | None = None) -> PreparedData:
+        """Read, split and encode the data (all input problems surface here).
+
+        ``labels``: a trained run's labels (``Run.labels()``), when its model scores this data: the
+        data is encoded and scored by the model's label order, whichever of the labels it holds.
+        """
+        self.data = self.objective.prepare(labels)
         return self.data
 
     def load_model(self, labels: list[str]):

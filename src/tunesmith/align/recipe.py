@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from tunesmith.align import ppo
-from tunesmith.align.options import PPOConfig
+from tunesmith.align.options import PPOConfig, load_ppo_config
 from tunesmith.align.prompts import load_prompts, prompts_of_step
 from tunesmith.align.report import plot_curves, write_report
 from tunesmith.align.rewards import RewardFn, load_reward
@@ -36,6 +36,7 @@ from tunesmith.data.format import Encoder
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import count_parameters, get_method
 from tunesmith.model import load_model, load_tokenizer, resolve_model
+from tunesmith.objectives.causal import greedy_answer
 from tunesmith.recipe import setup_threads, stop_on_sigterm
 from tunesmith.store import Run
 from tunesmith.train import distributed
@@ -58,12 +59,7 @@ class Parts:
         self.reward = reward
         self.train_prompts, self.eval_prompts = load_prompts(config.ppo, config.train.seed)
         self.method = get_method(config.method.name)
-        source = resolve_model(config.model.name)
-        self.tokenizer = load_tokenizer(source)
-        self.encoder = Encoder(self.tokenizer, "chat" if self.tokenizer.chat_template else "plain",
-                               config.ppo.system_prompt)
-        model = load_model(source, "AutoModelForCausalLM", config.model.dtype,
-                           **self.method.load_kwargs(config.method))
+        self.tokenizer, self.encoder, model = base_parts(config)
         model = self.method.apply(model, config.method)
         if not hasattr(model, "disable_adapter"):
             raise TunesmithError(f"method.name: PPO needs a method whose adapter can be disabled (the reference "
@@ -72,8 +68,7 @@ class Parts:
         self.policy.eval()  # no dropout: the log-probs of the rollout and of the update must agree
 
     def encode(self, prompts: list[str]) -> list[list[int]]:
-        return [self.tokenizer(self.encoder.prompt_text({"messages": [{"role": "user", "content": p}]}),
-                               add_special_tokens=False).input_ids for p in prompts]
+        return [self.tokenizer(framed(self.encoder, p), add_special_tokens=False).input_ids for p in prompts]
 
     def rollout(self, prompts: list[str], samples: int) -> tuple[Rollout, list[str], list[str], torch.Tensor]:
         """Sampled answers to ``prompts`` and their scores: (rollout, prompt per answer, answers, scores)."""
@@ -85,6 +80,37 @@ class Parts:
         asked = [p for p in prompts for _ in range(samples)]
         scores = torch.tensor([float(s) for s in self.reward(asked, texts)], device=self.device)
         return rollout, asked, texts, scores
+
+
+def base_parts(config: PPOConfig):
+    """``(tokenizer, encoder, base model)``: the policy's base, and the framing of its prompts (the
+    chat template, or plain text without one, and ``ppo.system_prompt``)."""
+    source = resolve_model(config.model.name)
+    tokenizer = load_tokenizer(source)
+    encoder = Encoder(tokenizer, "chat" if tokenizer.chat_template else "plain", config.ppo.system_prompt)
+    model = load_model(source, "AutoModelForCausalLM", config.model.dtype,
+                       **get_method(config.method.name).load_kwargs(config.method))
+    return tokenizer, encoder, model
+
+
+def framed(encoder: Encoder, prompt: str) -> str:
+    """A prompt (the user turn, ``ppo.instruction`` already filled in) as the policy reads it."""
+    return encoder.prompt_text({"messages": [{"role": "user", "content": prompt}]})
+
+
+def generate(run_dir: Path, prompt: str, max_new_tokens: int) -> str:
+    """``tunesmith generate`` on a PPO run: stream its policy's greedy answer to ``prompt``, framed as
+    the run framed its prompts (``ppo.instruction``, the system prompt, the chat template)."""
+    run = Run(run_dir, writer=False)
+    config = load_ppo_config(run.path / "config.yaml")
+    method = get_method(config.method.name)
+    weights = run.saved(method)
+    if not weights.is_dir():
+        raise TunesmithError(f"{run.path}: the run has no saved {weights.name}/ (status: {run.status()})")
+    tokenizer, encoder, model = base_parts(config)
+    model = method.load(model, weights).eval()
+    text = framed(encoder, config.ppo.instruction.format(text=prompt))
+    return greedy_answer(model, tokenizer, text, max_new_tokens, stream=True)
 
 
 def run_ppo(config: PPOConfig, resume: bool = False, reward: RewardFn | None = None,

@@ -189,6 +189,18 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, list[dict]], Schema, dict]:
     return splits, schema, stats
 
 
+def label_order(splits: dict[str, list[dict]], labels: list[str] | None = None) -> list[str]:
+    """The labels in the order a model's outputs take: a trained run's ``labels``, which every label
+    of the data must be one of (data scored by the run may hold only some of them), or else the
+    training split's labels, sorted (a new run)."""
+    if labels is None:
+        return sorted({e["label"] for e in splits["train"] if "label" in e})
+    unknown = sorted({e["label"] for name in SPLITS for e in splits[name] if "label" in e} - set(labels))
+    if unknown:
+        raise TunesmithError(f"data: label {unknown[0]!r} is not a label of the run (its labels: {', '.join(labels)})")
+    return list(labels)
+
+
 def format_stats(stats: dict) -> str:
     """Human-readable data statistics, for the terminal and the report."""
     lines = [f"format: {stats['format']}  columns: " + ", ".join(f"{k}={v}" for k, v in stats["columns"].items())]

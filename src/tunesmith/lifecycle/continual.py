@@ -49,9 +49,8 @@ class Continual:
         """The parent's splits, read and encoded through its own config and data pipeline (once)."""
         if self.parent_session is None:
             self.parent_session = Session(self.parent.load_config())
-            self.parent_session.prepare()
-            # The labels in the order the parent's model outputs them.
-            self.parent_session.data.labels = self.parent.labels()
+            # Encoded by the labels in the order the parent's model outputs them.
+            self.parent_session.prepare(self.parent.labels() or None)
         return self.parent_session.data
 
     def add_replay(self, session: Session) -> int:

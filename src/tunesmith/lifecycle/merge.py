@@ -129,8 +129,7 @@ def score_on_parents(runs: list[Run], merged) -> dict:
     tests = {}
     for run in runs:
         _, session, alone = load_run(run.path)
-        data = session.prepare()
-        data.labels = run.labels()
+        session.prepare(run.labels() or None)
         tests[str(run.path.resolve())] = {"alone": session.score(alone), "merged": session.score(merged)}
         del alone
     return tests

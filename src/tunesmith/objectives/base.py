@@ -75,8 +75,10 @@ class Objective(Protocol):
     def check_method(cls, method) -> list[str]:
         """Problems with training this objective with ``method`` (a ``methods.base.Method``)."""
 
-    def prepare(self) -> PreparedData:
-        """Read, check, split and encode the data of the config's ``data:`` section."""
+    def prepare(self, labels: list[str] | None = None) -> PreparedData:
+        """Read, check, split and encode the data of the config's ``data:`` section; with label data,
+        by ``labels`` (a trained run's, in its model's output order) where given
+        (``data.pipeline.label_order``)."""
 
     def load_model(self, source: str, dtype: str, labels: list[str], **kwargs) -> torch.nn.Module:
         """The pretrained model with the head this objective trains."""

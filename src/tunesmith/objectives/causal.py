@@ -17,7 +17,7 @@ import torch
 from tunesmith.data.batching import collate, collate_shared, plan_batches, shared_prefix
 from tunesmith.data.format import IGNORE, Encoder, EncodeStats
 from tunesmith.data.options import DataConfig
-from tunesmith.data.pipeline import SPLITS, PreparedData, load_splits
+from tunesmith.data.pipeline import SPLITS, PreparedData, label_order, load_splits
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.choices import score_choices
 from tunesmith.eval.metrics import label_metrics, loss_metrics
@@ -109,14 +109,14 @@ class Causal:
     def check_method(cls, method) -> list[str]:
         return []
 
-    def prepare(self) -> PreparedData:
+    def prepare(self, labels: list[str] | None = None) -> PreparedData:
         splits, schema, stats = load_splits(self.data)
         if schema.kind == "preference":
             raise TunesmithError("objective causal trains on one answer per prompt, but the data is preference "
                                  "pairs: use objective.name: dpo (or reward)")
         encoded, stats["tokens"] = encode_splits(splits, self.encoder)
         # Canaries (data.canaries) join label data as prompt/completion pairs, without a label.
-        labels = sorted({e["label"] for e in splits["train"] if "label" in e}) if schema.kind == "classification" else []
+        labels = label_order(splits, labels) if schema.kind == "classification" else []
         return PreparedData(schema, splits, encoded, labels, stats)
 
     def load_model(self, source: str, dtype: str, labels: list[str], **kwargs):
@@ -139,13 +139,18 @@ class Causal:
         pred = [labels[i] for i in sums.argmin(dim=1).tolist()]
         return label_metrics(loss, [e["label"] for e in examples], pred, labels)
 
-    def label_probabilities(self, model, texts: list[str], labels: list[str]) -> torch.Tensor:
-        """[texts, labels]: each label's share of the labels' total likelihood as the answer to the
-        instruction the run trained with (the bias probe compares these across a pair)."""
+    def label_logits(self, model, texts: list[str], labels: list[str]) -> torch.Tensor:
+        """[texts, labels]: each label's log-likelihood as the answer to the instruction the run
+        trained with, around each text."""
         examples = [{"messages": [{"role": "user", "content": self.data.instruction.format(text=t)},
                                   {"role": "assistant", "content": ""}]} for t in texts]
         sums, _ = score_labels(model, self.encoder, examples, labels, self.layout)
-        return torch.softmax(-sums, dim=1)
+        return -sums.float()
+
+    def label_probabilities(self, model, texts: list[str], labels: list[str]) -> torch.Tensor:
+        """[texts, labels]: each label's share of the labels' total likelihood (``label_logits``; the
+        bias probe compares these across a pair)."""
+        return torch.softmax(self.label_logits(model, texts, labels), dim=1)
 
     @torch.no_grad()
     def samples(self, model, examples: list[dict], labels: list[str], max_new_tokens: int) -> list[dict]:
@@ -173,16 +178,20 @@ class Causal:
         framed = self.encoder.prompt_text({"messages": [{"role": "user", "content": text}]})
         return self._generate(model, framed, max_new_tokens, stream)
 
-    @torch.no_grad()
     def _generate(self, model, text: str, max_new_tokens: int, stream: bool = False) -> str:
-        from transformers import TextStreamer
+        return greedy_answer(model, self.tokenizer, text, max_new_tokens, stream)
 
-        tokenizer = self.tokenizer
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id, streamer=streamer)
-        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+@torch.no_grad()
+def greedy_answer(model, tokenizer, text: str, max_new_tokens: int, stream: bool = False) -> str:
+    """The greedy continuation of ``text`` (a prompt already framed), printed as it grows with ``stream``."""
+    from transformers import TextStreamer
+
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=tokenizer.pad_token_id, streamer=streamer)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def encode_splits(splits: dict[str, list[dict]], encoder: Encoder) -> tuple[dict[str, list[dict]], dict]:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.data.options import DataConfig
-from tunesmith.data.pipeline import SPLITS, PreparedData, load_splits
+from tunesmith.data.pipeline import SPLITS, PreparedData, label_order, load_splits
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.metrics import label_metrics
 from tunesmith.model import load_model
@@ -50,7 +50,7 @@ class Classification:
     def check_method(cls, method) -> list[str]:
         return prompt_learning_is_causal_only(cls.name, method)
 
-    def prepare(self) -> PreparedData:
+    def prepare(self, labels: list[str] | None = None) -> PreparedData:
         refuse_canaries(self.name, self.data)
         splits, schema, stats = load_splits(self.data)
         if schema.kind != "classification":
@@ -58,7 +58,7 @@ class Classification:
                 f"objective classification needs text/label data, but the data is {schema.kind}: "
                 "name the label column under data.columns.label"
             )
-        labels = sorted({e["label"] for e in splits["train"]})
+        labels = label_order(splits, labels)  # the head's targets are indices into these
         encoded = {n: self.encode(splits[n], labels) for n in SPLITS}
         return PreparedData(schema, splits, encoded, labels, stats)
 
@@ -97,15 +97,20 @@ class Classification:
         return label_metrics(loss, [e["label"] for e in examples], pred, labels)
 
     @torch.no_grad()
-    def label_probabilities(self, model, texts: list[str], labels: list[str]) -> torch.Tensor:
-        """[texts, labels]: the head's softmax for each raw text (the bias probe compares these across a pair)."""
+    def label_logits(self, model, texts: list[str], labels: list[str]) -> torch.Tensor:
+        """[texts, labels]: the head's logits for each raw text, read one text at a time (no padding
+        for a decoder's head to find its way past)."""
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
-        probs = torch.cat([torch.softmax(model(input_ids=torch.tensor([self._ids(t)], device=device)).logits.float(),
-                                         dim=-1).cpu() for t in texts])
+        logits = torch.cat([model(input_ids=torch.tensor([self._ids(t)], device=device)).logits.float().cpu()
+                            for t in texts])
         model.train(was_training)
-        return probs
+        return logits
+
+    def label_probabilities(self, model, texts: list[str], labels: list[str]) -> torch.Tensor:
+        """[texts, labels]: the head's softmax for each raw text (the bias probe compares these across a pair)."""
+        return torch.softmax(self.label_logits(model, texts, labels), dim=-1)
 
     def samples(self, model, examples: list[dict], labels: list[str], max_new_tokens: int) -> list[dict]:
         return [{"prompt": user_input(e), "expected": e["label"], "output": self._predict(model, e["_input"], labels)}

@@ -266,7 +266,7 @@ class DPO:
                     "after its prompt (use lora, qlora, ia3, adapter or full)"]
         return []
 
-    def prepare(self) -> PreparedData:
+    def prepare(self, labels: list[str] | None = None) -> PreparedData:  # preference data has no labels
         splits, schema, stats = load_splits(self.data)
         if schema.kind != "preference":
             raise TunesmithError(f"objective {self.name} needs preference data (prompt, chosen, rejected), but the "

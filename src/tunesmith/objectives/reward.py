@@ -166,7 +166,7 @@ class Reward:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, truncation=True, max_length=self.data.max_length)["input_ids"]
 
-    def prepare(self) -> PreparedData:
+    def prepare(self, labels: list[str] | None = None) -> PreparedData:  # preference data has no labels
         refuse_canaries(self.name, self.data)
         splits, schema, stats = load_splits(self.data)
         if schema.kind != "preference":

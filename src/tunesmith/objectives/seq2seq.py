@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from tunesmith.data.format import IGNORE
 from tunesmith.data.options import DataConfig
-from tunesmith.data.pipeline import SPLITS, PreparedData, load_splits
+from tunesmith.data.pipeline import SPLITS, PreparedData, label_order, load_splits
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.metrics import label_metrics, loss_metrics
 from tunesmith.model import load_model
@@ -52,12 +52,12 @@ class Seq2Seq:
     def check_method(cls, method) -> list[str]:
         return prompt_learning_is_causal_only(cls.name, method)
 
-    def prepare(self) -> PreparedData:
+    def prepare(self, labels: list[str] | None = None) -> PreparedData:
         refuse_canaries(self.name, self.data)
         splits, schema, stats = load_splits(self.data)
         if schema.kind in ("text", "preference"):
             raise TunesmithError("objective seq2seq needs inputs and targets (prompt/completion, chat or label data)")
-        labels = sorted({e["label"] for e in splits["train"]}) if schema.kind == "classification" else []
+        labels = label_order(splits, labels) if schema.kind == "classification" else []
         encoded = {n: self.encode(splits[n]) for n in SPLITS}
         return PreparedData(schema, splits, encoded, labels, stats)
 

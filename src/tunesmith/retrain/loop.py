@@ -37,6 +37,8 @@ from tunesmith.retrain.gate import decide
 from tunesmith.session import Session
 from tunesmith.store import Run, load_run
 from tunesmith.store import db as store_db
+from tunesmith.store.aliases import DEFAULT_PATH as DEFAULT_ALIAS_FILE
+from tunesmith.store.aliases import write_alias
 
 LABEL_COLUMNS = {"text": "text", "label": "label"}
 CHAT_COLUMNS = {"messages": "messages"}
@@ -71,13 +73,7 @@ def score_files(run_dir: Path, files: dict[str, Path]) -> dict[str, dict]:
         config.data = canonical_data(config.data, {"train": path}, labels).model_copy(
             update={"split": SplitConfig(validation=0.0, test=0.0, stratify=False)})
         scoring = Session(config)
-        data = scoring.prepare()
-        data.labels = labels  # the model's output order, whatever labels this file holds
-        if scoring.objective.name == "classification":
-            # A head's targets are label indices, numbered from the labels the file holds: number
-            # them from the run's labels instead (a held-out slice may lack a label). The other
-            # objectives score label strings, which data.labels above already fixes.
-            data.encoded["train"] = scoring.objective.encode(data.examples["train"], labels)
+        data = scoring.prepare(labels or None)  # the model's label order (a held-out slice may lack a label)
         data.examples["test"], data.encoded["test"] = data.examples["train"], data.encoded["train"]
         scores[name] = scoring.score(model)
     return scores
@@ -89,20 +85,10 @@ def train_child(config, parent: Path) -> Path:
     return run_training(config, parent=parent)
 
 
-def write_alias(path: Path, alias: str, target: Path) -> None:
-    """Point ``alias`` at ``target`` in the alias file (JSON ``{alias: run directory}``), atomically."""
-    aliases = json.loads(path.read_text()) if path.is_file() else {}
-    aliases[alias] = str(target.resolve())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(aliases, indent=1))
-    tmp.replace(path)
-
-
 def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str | Path | None = None,
             adapter: str | None = None, since: str | None = None, sets: list[str] | None = None,
             holdout: float = 0.2, replay_ratio: float = 1.0, min_rows: int = 20, min_score: float = 1.0,
-            tolerance: float = 0.01, alias: str | None = None, alias_file: str | Path = "runs/aliases.json",
+            tolerance: float = 0.01, alias: str | None = None, alias_file: str | Path = DEFAULT_ALIAS_FILE,
             log: str | Path = "runs/retrain_decisions.jsonl", seed: int = 0) -> dict:
     """Re-train RUN on its rated traffic and promote the child only if the gate says so."""
     problems = [f"--holdout {holdout}: expected a share between 0 and 1"] if not 0 < holdout < 1 else []

@@ -3,7 +3,7 @@
 ``/v1/chat/completions`` and ``/v1/completions`` (streamed as server-sent events in the chunk format
 of the OpenAI API, or whole), ``/v1/models``, ``/health``; vLLM's ``/v1/load_lora_adapter`` and
 ``/v1/unload_lora_adapter``; ``/v1/aliases`` to point a name at an adapter live; ``/v1/feedback`` to
-rate a logged answer. Errors have the OpenAI shape, ``{"error": {"message", "type", "param",
+rate a logged answer. With an alias file, requests and ``/v1/models`` first pick up its changes. Errors have the OpenAI shape, ``{"error": {"message", "type", "param",
 "code"}}``, so the ``openai`` client raises its own exception for each status.
 """
 
@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunesmith.errors import TunesmithError
 from tunesmith.serve.adapters import AdapterPool
+from tunesmith.serve.aliases import AliasFile
 from tunesmith.serve.engine import BASE, Event, Job, Sampling, Scheduler
 from tunesmith.serve.keys import check_key
 from tunesmith.serve.options import ServeOptions
@@ -140,7 +141,7 @@ class BodyLimit:
 
 
 def build_app(pool: AdapterPool, scheduler: Scheduler, options: ServeOptions, keys: dict[str, str],
-              request_log: RequestLog | None) -> FastAPI:
+              request_log: RequestLog | None, alias_file: AliasFile | None = None) -> FastAPI:
     """The server's routes on ``pool``; the caller starts and stops ``scheduler``."""
     app = FastAPI(title="tunesmith", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.inflight = 0
@@ -170,12 +171,19 @@ def build_app(pool: AdapterPool, scheduler: Scheduler, options: ServeOptions, ke
                            headers={"WWW-Authenticate": "Bearer"})
         return key_id
 
+    async def follow_alias_file() -> None:
+        # Checked before a model name is read, so the request after a promotion sees it (within
+        # alias_file.every_s); a changed file may load an adapter, which is no work for the event loop.
+        if alias_file is not None and alias_file.due():
+            await run_in_threadpool(alias_file.refresh)
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": pool.base_name, "adapters": len(pool.adapters)}
 
     @app.get("/v1/models")
     async def models(key_id: str = Depends(caller)):
+        await follow_alias_file()
         return {"object": "list", "data": pool.models()}
 
     @app.post("/v1/load_lora_adapter")
@@ -234,6 +242,7 @@ def build_app(pool: AdapterPool, scheduler: Scheduler, options: ServeOptions, ke
 
     async def complete(body: _Request, route: str, ids: list[int], prompt: str, meta: dict,
                        max_tokens: int | None, key_id: str):
+        await follow_alias_file()
         adapter = pool.resolve(body.model)
         if adapter is None:
             raise ApiError(404, f"the model {body.model!r} does not exist (see /v1/models)", "model")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tunesmith.errors import TunesmithError
 from tunesmith.serve.adapters import AdapterPool
+from tunesmith.serve.aliases import AliasFile
 from tunesmith.serve.app import BodyLimit, build_app
 from tunesmith.serve.engine import Scheduler
 from tunesmith.serve.keys import check_binding
@@ -29,12 +30,13 @@ class Server:
     request_log: RequestLog | None
     options: ServeOptions
     keys: dict[str, str] = field(default_factory=dict)
+    alias_file: AliasFile | None = None
     # Called with the app before it serves: how ``tunesmith ui`` adds its pages to the same app.
     extensions: list[Callable] = field(default_factory=list)
 
     def asgi(self):
         """The ASGI application: the routes (and any extensions') behind the body size cap."""
-        app = build_app(self.pool, self.scheduler, self.options, self.keys, self.request_log)
+        app = build_app(self.pool, self.scheduler, self.options, self.keys, self.request_log, self.alias_file)
         for extend in self.extensions:
             extend(app)
         return BodyLimit(app, self.options.max_body_bytes)
@@ -107,8 +109,12 @@ def parse_aliases(items: list[str]) -> dict[str, str]:
 def build_server(runs: dict[str, Path], base: str | None = None, adapter_dirs: list[Path] = (),
                  aliases: dict[str, str] | None = None, options: ServeOptions | None = None,
                  keys: dict[str, str] | None = None, store: Path | None = None,
-                 redact_pii: bool = False, log_requests: bool = True) -> Server:
-    """A server on the runs' shared base model; nothing listens until ``run`` or ``in_thread``."""
+                 redact_pii: bool = False, log_requests: bool = True, alias_file: Path | None = None) -> Server:
+    """A server on the runs' shared base model; nothing listens until ``run`` or ``in_thread``.
+
+    ``alias_file`` (``store.aliases``: ``{alias: run directory}``) is applied now, after ``aliases``,
+    and followed while the server runs.
+    """
     from tunesmith.store.db import default_path
 
     options = options or ServeOptions()
@@ -119,6 +125,9 @@ def build_server(runs: dict[str, Path], base: str | None = None, adapter_dirs: l
                                  device=options.torch_device())
     for alias, name in (aliases or {}).items():
         pool.set_alias(alias, name)
+    watch = AliasFile(pool, alias_file) if alias_file is not None else None
+    if watch is not None:
+        watch.refresh()
     scheduler = Scheduler(pool.run, window_s=options.batch_window_ms / 1000, max_batch=options.max_batch)
     request_log = RequestLog(store or default_path(), redact_pii) if log_requests else None
-    return Server(pool, scheduler, request_log, options, dict(keys or {}))
+    return Server(pool, scheduler, request_log, options, dict(keys or {}), watch)

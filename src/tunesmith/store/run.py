@@ -161,9 +161,20 @@ class Run:
     def save_config(self, config) -> None:
         self._write("config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
+    def is_ppo(self) -> bool:
+        """Whether ``tunesmith ppo`` wrote the run: its config has a ``ppo:`` section (and no ``data:``)."""
+        path = self.path / "config.yaml"
+        return path.is_file() and "ppo" in (yaml.safe_load(path.read_text()) or {})
+
     def load_config(self):
+        """The training run's ``RunConfig``; one line for a directory that holds none (a PPO run's
+        config is ``align.options.PPOConfig``, which only the PPO commands read)."""
         if not (self.path / "config.yaml").is_file():
             raise TunesmithError(f"{self.path}: not a tunesmith run directory (no config.yaml)")
+        if self.is_ppo():
+            raise TunesmithError(f"{self.path} is a PPO run (tunesmith ppo), which this command does not read: "
+                                 "its evaluation is in its report.md and metrics.json, and `tunesmith generate "
+                                 f"{self.path} PROMPT` answers with its policy")
         return load_config(self.path / "config.yaml")
 
     def save_json(self, name: str, value) -> None:

@@ -462,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", required=True, metavar="JUDGE_RUN",
                    help="the judge: a reward-model run, a classification run, or a causal run on label data")
     p.add_argument("--label", default="positive", help="with a classifier judge: the label whose log-odds is the score")
-    p.add_argument("--prompts", type=_at_least_one, default=40, help="held-out prompts answered (the test split's first)")
+    p.add_argument("--prompts", type=_at_least_one, default=40,
+                   help="held-out prompts answered (the test split's first)")
     p.add_argument("--samples", type=_at_least_one, default=2, help="answers sampled per prompt, by each model")
     p.add_argument("--max-new-tokens", type=_at_least_one, default=48)
     p.add_argument("--temperature", type=_positive, default=1.0, help="sampling temperature (no top-k, no top-p)")

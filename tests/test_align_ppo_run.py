@@ -288,6 +288,7 @@ def test_answer_logprobs_match_each_answer_run_alone_and_the_reference_is_the_ba
     from tunesmith.align.rollout import (
         PolicyWithValue,
         answer_logprobs,
+        model_logprobs,
         reference_logprobs,
         sample,
     )
@@ -302,7 +303,7 @@ def test_answer_logprobs_match_each_answer_run_alone_and_the_reference_is_the_ba
                 p.normal_(0, 0.5)
     prompts = [tiny_tokenizer("a great film with many parts").input_ids, tiny_tokenizer("the plot").input_ids]
     torch.manual_seed(0)
-    rollout = sample(policy, tiny_tokenizer, prompts, 2, 6, temperature=0.7, top_k=0, device="cpu")
+    rollout = sample(model, tiny_tokenizer, prompts, 2, 6, temperature=0.7, top_k=0, device="cpu")
     with torch.no_grad():
         logp, _ = answer_logprobs(policy, rollout, 0.7)
     ref = reference_logprobs(policy, rollout, 0.7)
@@ -322,6 +323,8 @@ def test_answer_logprobs_match_each_answer_run_alone_and_the_reference_is_the_ba
         assert torch.allclose(logp[i, :n], alone(model, i), atol=1e-4)
         assert torch.allclose(ref[i, :n], alone(base, i), atol=1e-4)
     assert not torch.allclose(logp * rollout.mask, ref * rollout.mask, atol=1e-3)
+    # The same log-probabilities from the model alone, without the value head (judged evaluation's).
+    torch.testing.assert_close(model_logprobs(model, rollout, 0.7), logp)
 
 
 def test_sigterm_stops_at_the_next_step_boundary_with_a_checkpoint(tmp_path, tiny_model_dir):

@@ -1,4 +1,4 @@
-"""The ``tunesmith`` command: train, eval, generate, compare, data inspect, privacy audit, ppo, serve, ui.
+"""The ``tunesmith`` command: train, eval, generate, compare, data inspect, privacy audit, ppo, serve, ui, judge.
 
 User errors print one line per problem and exit with status 2, without a traceback.
 """
@@ -306,6 +306,17 @@ def cmd_ppo(args) -> int:
     return 0
 
 
+def cmd_judge(args) -> int:
+    from tunesmith.align.judge import headline, judge_run
+
+    result = judge_run(Path(args.run_dir), Path(args.by), label=args.label, prompts=args.prompts,
+                       samples_per_prompt=args.samples, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, seed=args.seed)
+    print(headline(result))
+    print(f"report: {Path(args.run_dir) / 'report.md'}")
+    return 0
+
+
 def cmd_search(args) -> int:
     from tunesmith.search import search
 
@@ -481,6 +492,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted PPO run from its checkpoint")
     p.set_defaults(func=cmd_ppo)
 
+    p = sub.add_parser("judge", help="win-rate of a run's tuned model over its base, judged by a reward model "
+                       "or classifier run, and its KL to the reference")
+    p.add_argument("run_dir", metavar="RUN", help="a finished causal or DPO run")
+    p.add_argument("--by", required=True, metavar="JUDGE_RUN",
+                   help="the judge: a reward-model run, a classification run, or a causal run on label data")
+    p.add_argument("--label", default="positive", help="with a classifier judge: the label whose log-odds is the score")
+    p.add_argument("--prompts", type=_at_least_one, default=40,
+                   help="held-out prompts answered (the test split's first)")
+    p.add_argument("--samples", type=_at_least_one, default=2, help="answers sampled per prompt, by each model")
+    p.add_argument("--max-new-tokens", type=_at_least_one, default=48)
+    p.add_argument("--temperature", type=_positive, default=1.0, help="sampling temperature (no top-k, no top-p)")
+    p.add_argument("--seed", type=int, default=0, help="the sampling seed, the same for both models")
+    p.set_defaults(func=cmd_judge)
+
     p = sub.add_parser("search", help="hyperparameter search (Optuna): the config's search section names the space")
     p.add_argument("config")
     p.add_argument("--trials", type=_at_least_one, required=True,
@@ -525,6 +550,13 @@ def _at_least_one(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
     return value
 
 

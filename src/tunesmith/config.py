@@ -18,6 +18,7 @@ from tunesmith.data.options import DataConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.general import GeneralConfig
 from tunesmith.methods import REGISTRY as METHODS
+from tunesmith.objectives import GENERATIVE
 from tunesmith.objectives import REGISTRY as OBJECTIVES
 from tunesmith.options import Section
 from tunesmith.privacy.options import PrivacyConfig
@@ -50,6 +51,11 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(16, ge=1)
     general: GeneralConfig | None = Field(None, description="Probes of general ability (forgetting); causal LMs.")
+    judge: str | None = Field(
+        None, description="Judged evaluation at the end of training: the run directory of a reward model or "
+        "classifier that scores answers of the tuned and the base model. Relative to the config file."
+    )
+    judge_label: str = Field("positive", description="With a classifier judge: the label whose log-odds is the score.")
 
 
 class OutputConfig(Section):
@@ -176,6 +182,9 @@ def validate_config(raw: dict, source: str = "config") -> RunConfig:
         _section_value(raw.get("privacy"), PrivacyConfig), _section_value(raw.get("train") or {}, TrainConfig))
     if privacy is not None and train is not None and method is not None:
         problems += [f"{source}: {p}" for p in check_privacy(privacy, train, METHODS[method.name])]
+    if config and config.eval.judge and config.objective.name not in GENERATIVE:
+        problems.append(f"{source}: eval.judge: judged evaluation needs a run that writes answers (objective "
+                        f"{' or '.join(GENERATIVE)}), not {config.objective.name}")
     if problems:
         raise TunesmithError(*problems)
     return config
@@ -237,17 +246,19 @@ def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
     # "builtin:" names bundled data sets and is resolved by the data layer.
     data = config.data
     for field in ("path", "train", "validation", "test"):
-        value = getattr(data, field)
-        if value and not value.startswith("builtin:") and not Path(value).is_absolute():
-            candidate = base / value
-            if candidate.exists() or not Path(value).exists():
-                setattr(data, field, str(candidate))
+        setattr(data, field, _relative_to(base, getattr(data, field)))
     for source in data.sources or []:
-        if not source.path.startswith("builtin:") and not Path(source.path).is_absolute():
-            candidate = base / source.path
-            if candidate.exists() or not Path(source.path).exists():
-                source.path = str(candidate)
+        source.path = _relative_to(base, source.path)
+    config.eval.judge = _relative_to(base, config.eval.judge)
     return config
+
+
+def _relative_to(base: Path, value: str | None) -> str | None:
+    """``value`` read from the config file's folder ``base``, unless it only exists from the working directory."""
+    if not value or value.startswith("builtin:") or Path(value).is_absolute():
+        return value
+    candidate = base / value
+    return str(candidate) if candidate.exists() or not Path(value).exists() else value
 
 
 def save_config(config: RunConfig, path: Path) -> None:

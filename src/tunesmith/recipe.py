@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from tunesmith.align.judge import Judge, judge_trained, open_judge
 from tunesmith.config import RunConfig
 from tunesmith.data.canaries import canary_record
 from tunesmith.data.options import SplitConfig
@@ -32,7 +33,7 @@ from tunesmith.methods import count_parameters
 from tunesmith.model import set_dropout
 from tunesmith.privacy.audit import audit, format_audit, format_comparison
 from tunesmith.privacy.training import PrivateTraining, prepare_private
-from tunesmith.session import Session
+from tunesmith.session import Session, base_model
 from tunesmith.store import Run, load_run
 from tunesmith.train.curriculum import curriculum_batches, difficulty
 from tunesmith.train.loop import TrainState, fit
@@ -81,6 +82,7 @@ def run_training(config: RunConfig, resume: bool = False, on_step=None, parent: 
     setup_threads(config.train.threads)
     session = Session(config)
     session.prepare()  # all input problems surface here, before anything is written
+    judge = open_judge(session) if main else None  # the judge's too
     continual.add_replay(session)
     private = None
     if config.privacy:
@@ -97,12 +99,12 @@ def run_training(config: RunConfig, resume: bool = False, on_step=None, parent: 
     if config.data.canaries:
         run.save_json("canaries", canary_record(config.data.canaries, session.data.schema.kind))
     with run.ending(), stop_on_sigterm() as stop:
-        report = _run(session, run, resume, on_step, stop, private, continual)
+        report = _run(session, run, resume, on_step, stop, private, continual, judge)
     return report
 
 
 def _run(session: Session, run: Run, resume: bool, on_step, stop: threading.Event,
-         private: PrivateTraining | None, continual: Continual) -> Path:
+         private: PrivateTraining | None, continual: Continual, judge: Judge | None) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -146,7 +148,7 @@ def _run(session: Session, run: Run, resume: bool, on_step, stop: threading.Even
     accelerator.end_training()  # closes the trackers, and the process group: no collective after it
     if not accelerator.is_main_process:
         return run.report
-    return finish(session, run, model, base, state, seconds, trainable, total, private, continual)
+    return finish(session, run, model, base, state, seconds, trainable, total, private, continual, judge)
 
 
 def evaluate_base(session: Session, run: Run, model, resume: bool, main: bool) -> dict:
@@ -163,8 +165,9 @@ def evaluate_base(session: Session, run: Run, model, resume: bool, main: bool) -
 
 def finish(session: Session, run: Run, model, base: dict, state: TrainState, seconds: float,
            trainable: int, total: int, private: PrivateTraining | None = None,
-           continual: Continual | None = None) -> Path:
-    """Evaluate the tuned model, save it, and write metrics.json and the report."""
+           continual: Continual | None = None, judge: Judge | None = None) -> Path:
+    """Evaluate the tuned model, save it, judge its answers (``eval.judge``), and write metrics.json
+    and the report."""
     config, method = session.config, session.method
     print("evaluating the tuned model on held-out data ...")
     tuned = session.score(model)
@@ -205,6 +208,9 @@ def finish(session: Session, run: Run, model, base: dict, state: TrainState, sec
     if continual:
         extra, sections = continual.finish(session, run, model)
         summary |= extra
+    if judge:
+        summary["judged"], judged = judge_trained(session, run, model, judge)
+        sections = [*sections, *judged]
     samples = [{**b, "base": b["output"], "tuned": t["output"]} for b, t in zip(base["samples"], tuned_samples)]
     has_plot = plot_losses(run.metrics_log, run.loss_plot)
     # metrics.json and report.md last: their presence means the run finished.
@@ -246,17 +252,6 @@ def evaluate_run(run_dir: Path, data_file: str | None = None) -> tuple[dict, dic
     tuned = session.score(model)
     with base_model(session, model, data.labels) as base:
         return session.score(base), tuned
-
-
-@contextmanager
-def base_model(session: Session, model, labels: list[str]):
-    """The base of a tuned model: the same model with its adapters disabled (PEFT methods), or a
-    fresh copy of the base (full fine-tuning, our adapters)."""
-    if hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            yield model
-    else:
-        yield session.load_model(labels)
 
 
 def audit_run(run_dir: Path, candidates: int = 1000, max_examples: int = 1000,

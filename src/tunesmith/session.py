@@ -3,6 +3,7 @@ the objective with its batch layout, and (after ``prepare``) the data."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from itertools import zip_longest
 
 from tunesmith.config import RunConfig
@@ -92,3 +93,14 @@ class Session:
         if not metrics:
             raise TunesmithError("data: no test or validation rows to evaluate on")
         return metrics
+
+
+@contextmanager
+def base_model(session: Session, model, labels: list[str]):
+    """The base of a tuned model: the same model with its adapters disabled (PEFT methods), or a
+    fresh copy of the base (full fine-tuning, our adapters)."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield session.load_model(labels)

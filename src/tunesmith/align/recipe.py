@@ -29,6 +29,7 @@ from tunesmith.align.rollout import (
     PolicyWithValue,
     Rollout,
     answer_logprobs,
+    answer_texts,
     reference_logprobs,
     sample,
 )
@@ -73,10 +74,9 @@ class Parts:
     def rollout(self, prompts: list[str], samples: int) -> tuple[Rollout, list[str], list[str], torch.Tensor]:
         """Sampled answers to ``prompts`` and their scores: (rollout, prompt per answer, answers, scores)."""
         cfg = self.config.ppo
-        rollout = sample(self.policy, self.tokenizer, self.encode(prompts), samples, cfg.max_new_tokens,
+        rollout = sample(self.policy.model, self.tokenizer, self.encode(prompts), samples, cfg.max_new_tokens,
                          cfg.temperature, cfg.top_k, self.device)
-        texts = [self.tokenizer.decode(a[m.bool()], skip_special_tokens=True).strip()
-                 for a, m in zip(rollout.answers.cpu(), rollout.mask.cpu())]
+        texts = answer_texts(self.tokenizer, rollout)
         asked = [p for p in prompts for _ in range(samples)]
         scores = torch.tensor([float(s) for s in self.reward(asked, texts)], device=self.device)
         return rollout, asked, texts, scores

@@ -1,5 +1,6 @@
 """The PPO run's report: reward of base and tuned answers on held-out prompts, win-rate, KL to the
-reference, the curves (reward, KL, losses) and a few answers side by side."""
+reference, the curves (reward, KL, losses) and a few answers side by side. Judged evaluation
+(``align/judge.py``) reports with the same pieces."""
 
 from __future__ import annotations
 
@@ -53,27 +54,36 @@ def write_report(run_dir: Path, summary: dict, base: dict, tuned: dict, has_plot
         "",
         f"Win-rate of tuned over base, judged by the reward: {100 * m['win_rate']:.1f}% (ties count half).",
         "",
-        "Reward distribution: " + _spread("base", base["rewards"]) + "; " + _spread("tuned", tuned["rewards"]) + ".",
+        "Reward distribution: " + spread("base", base["rewards"]) + "; " + spread("tuned", tuned["rewards"]) + ".",
         "",
     ]
     if has_plot:
         out += ["## Curves", "", "![reward, KL and losses](curves.png)", ""]
-    out += ["## Samples", ""]
-    for prompt, b, t, rb, rt in list(zip(base["prompts"], base["answers"], tuned["answers"], base["rewards"],
-                                         tuned["rewards"]))[:samples]:
-        out += [f"**Prompt:** `{_short(prompt)}`", "", f"- base ({rb:+.3f}): {_short(b)}",
-                f"- tuned ({rt:+.3f}): {_short(t)}", ""]
+    out += ["## Samples", "", *side_by_side(base, tuned, samples)]
     path = run_dir / "report.md"
     path.write_text("\n".join(out))
     return path
 
 
-def _spread(name: str, values: list[float]) -> str:
+def side_by_side(base: dict, tuned: dict, n: int) -> list[str]:
+    """Markdown lines: the first ``n`` prompts, each with the base and the tuned answer and their
+    rewards; ``base`` and ``tuned`` hold ``prompts``, ``answers`` and ``rewards`` in the same order."""
+    out = []
+    for prompt, b, t, rb, rt in list(zip(base["prompts"], base["answers"], tuned["answers"], base["rewards"],
+                                         tuned["rewards"]))[:n]:
+        out += [f"**Prompt:** `{short(prompt)}`", "", f"- base ({rb:+.3f}): {short(b)}",
+                f"- tuned ({rt:+.3f}): {short(t)}", ""]
+    return out
+
+
+def spread(name: str, values: list[float]) -> str:
+    """``name`` and the minimum, quartiles and maximum of ``values``, on one line."""
     ordered = sorted(values)
     q = [ordered[min(len(ordered) - 1, int(f * len(ordered)))] for f in (0.0, 0.25, 0.5, 0.75)] + [ordered[-1]]
     return f"{name} min {q[0]:.3f} / q1 {q[1]:.3f} / median {q[2]:.3f} / q3 {q[3]:.3f} / max {q[4]:.3f}"
 
 
-def _short(text: str, limit: int = 300) -> str:
+def short(text: str, limit: int = 300) -> str:
+    """``text`` on one line, safe inside backticks, cut to ``limit`` characters."""
     text = text.replace("\n", " ⏎ ").replace("`", "'")
     return text if len(text) <= limit else text[: limit - 1] + "…"

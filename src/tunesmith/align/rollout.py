@@ -26,11 +26,15 @@ class PolicyWithValue(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and values of the last ``keep`` positions."""
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded rows
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions(attention_mask),
                          output_hidden_states=True, logits_to_keep=keep)
         hidden = out.hidden_states[-1][:, -keep:].float()
         return out.logits, self.value_head(hidden).squeeze(-1)
+
+
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows, numbered as ``generate`` numbers them."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 @dataclass
@@ -62,11 +66,10 @@ def answer_mask(answers: torch.Tensor, eos: set[int]) -> tuple[torch.Tensor, tor
 
 
 @torch.no_grad()
-def sample(policy: PolicyWithValue, tokenizer, prompts: list[list[int]], samples_per_prompt: int,
+def sample(model, tokenizer, prompts: list[list[int]], samples_per_prompt: int,
            max_new_tokens: int, temperature: float, top_k: int, device) -> Rollout:
-    """``samples_per_prompt`` sampled answers per prompt (grouped by prompt), with the KV cache; the
-    answers to one prompt share its cache."""
-    model = policy.model
+    """``samples_per_prompt`` answers per prompt (grouped by prompt) sampled from the causal LM
+    ``model`` (the policy's, or any), with the KV cache; the answers to one prompt share its cache."""
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
@@ -82,6 +85,12 @@ def sample(policy: PolicyWithValue, tokenizer, prompts: list[list[int]], samples
     return Rollout(out, torch.cat([attention, mask.long()], 1), width, mask, ended)
 
 
+def answer_texts(tokenizer, rollout: Rollout) -> list[str]:
+    """Each answer as text: its tokens up to its end, special tokens left out."""
+    return [tokenizer.decode(a[m.bool()], skip_special_tokens=True).strip()
+            for a, m in zip(rollout.answers.cpu(), rollout.mask.cpu())]
+
+
 @torch.no_grad()
 def shared_prompt_cache(model, ids: torch.Tensor, attention: torch.Tensor, samples: int):
     """The KV cache of the prompts (all but their last token, which generate runs itself), computed
@@ -91,8 +100,7 @@ def shared_prompt_cache(model, ids: torch.Tensor, attention: torch.Tensor, sampl
     if samples == 1 or ids.shape[1] < 2:
         return None
     cache = DynamicCache(config=model.config)
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    model(input_ids=ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions[:, :-1],
+    model(input_ids=ids[:, :-1], attention_mask=attention[:, :-1], position_ids=positions(attention)[:, :-1],
           past_key_values=cache, use_cache=True)
     cache.batch_repeat_interleave(samples)
     return cache
@@ -105,8 +113,22 @@ def answer_logprobs(policy: PolicyWithValue, rollout: Rollout, temperature: floa
     seqs, attention = rollout.sequences[rows], rollout.attention_mask[rows]
     answers = seqs[:, rollout.prompt_len:]
     logits, values = policy(seqs, attention, keep=answers.shape[1] + 1)
+    return _sampled_logprobs(logits, answers, temperature), values[:, :-1]
+
+
+@torch.no_grad()
+def model_logprobs(model, rollout: Rollout, temperature: float) -> torch.Tensor:
+    """``answer_logprobs`` under a causal LM with no value head (a tuned model and its base, say)."""
+    answers = rollout.answers
+    logits = model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
+                   position_ids=positions(rollout.attention_mask), logits_to_keep=answers.shape[1] + 1).logits
+    return _sampled_logprobs(logits, answers, temperature)
+
+
+def _sampled_logprobs(logits: torch.Tensor, answers: torch.Tensor, temperature: float) -> torch.Tensor:
+    # The logits before each answer token: the last one (after the final token) predicts nothing.
     logp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    return logp.gather(-1, answers.unsqueeze(-1)).squeeze(-1), values[:, :-1]
+    return logp.gather(-1, answers.unsqueeze(-1)).squeeze(-1)
 
 
 @torch.no_grad()

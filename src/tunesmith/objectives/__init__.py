@@ -24,6 +24,11 @@ REGISTRY = {
     "reward": Reward,
 }
 
+# The objectives that train a decoder-only LM, whose answers can be sampled and judged (judged
+# evaluation: ``eval.judge``, ``tunesmith judge``). seq2seq writes answers too, through an encoder
+# and a decoder, which the sampler does not drive.
+GENERATIVE = ("causal", "dpo")
+
 
 def get_objective(name: str):
     if name not in REGISTRY:

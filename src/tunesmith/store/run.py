@@ -18,6 +18,8 @@ Layout (every later feature reads runs through ``Run``, never by file name)::
     report.md         the report, with loss.png
     privacy_audit.json  written by ``tunesmith privacy audit``: canary exposure, membership inference
     launch.log        the output of a run started from ``tunesmith ui`` (written before the run starts)
+    judged.json, judged.png  a judged evaluation (``eval.judge``, ``tunesmith judge``): answers of tuned
+                      and base model, their scores by a judge run, the win-rate and the KL
 
 A run whose status says ``running`` but whose process is gone (killed, out of memory, machine
 rebooted) reads as ``crashed``. Only one process writes: a ``Run`` made with ``writer=False`` (the
@@ -178,7 +180,8 @@ class Run:
         return load_config(self.path / "config.yaml")
 
     def save_json(self, name: str, value) -> None:
-        """``labels``, ``data_stats``, ``canaries``, ``base_eval``, ``metrics`` or ``privacy_audit`` (name.json)."""
+        """``labels``, ``data_stats``, ``canaries``, ``base_eval``, ``metrics``, ``privacy_audit`` or
+        ``judged`` (name.json)."""
         self._write(f"{name}.json", json.dumps(value, indent=1))
 
     def load_json(self, name: str, default=None):

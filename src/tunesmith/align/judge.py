@@ -1,0 +1,305 @@
+"""Judged evaluation of a generative run: the tuned model and its base answer the same held-out
+prompts, a judge run (a reward model or a classifier) scores every answer, and the report gives the
+win-rate of tuned over base and the KL of the tuned model to the reference.
+
+- Prompts: the run's held-out split (test, else validation), each framed as the run framed its
+  prompts in training (chat template, system prompt). A DPO run's prompts are those of its
+  preference pairs; a causal run's are its examples' inputs.
+- Answers: ``samples_per_prompt`` sampled answers per prompt from each model, with the same seed
+  (so a model identical to its base gives identical answers), plain sampling at ``temperature``.
+- Base and reference: the tuned model with its adapter disabled (no second copy), or for methods
+  without one (full fine-tuning) the base model loaded again from the run's model name.
+- Win-rate: the tuned answer against the base answer of the same prompt and sample number, by the
+  judge's scores; a tie counts half.
+- KL: for each answer, the sum over its tokens of ``log pi(token) - log pi_ref(token)`` under the
+  sampling distribution, averaged over answers. For the tuned answers it is the usual sampled
+  estimate of KL(tuned || reference); for the base answers it is the base against itself, 0 up to
+  rounding: a check that the reference is the base.
+
+The judge is read in one place, ``load_judge``, through ``align.rewards.load_reward``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from tunesmith.align.report import side_by_side, spread
+from tunesmith.align.rewards import RewardFn, load_reward
+from tunesmith.align.rollout import Rollout, answer_texts, model_logprobs, sample
+from tunesmith.errors import TunesmithError
+from tunesmith.eval.report import replace_section
+from tunesmith.objectives import GENERATIVE
+from tunesmith.session import Session, base_model
+from tunesmith.store import Run, load_run
+
+# Prompts sampled together: bounds the KV cache and the logits held at once.
+CHUNK = 8
+SECTION = "Judged by "
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the answers are drawn: the same for the tuned model and the base."""
+
+    prompts: int = 40
+    samples_per_prompt: int = 2
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Judge:
+    """A judge run, ready to score ``(prompts, answers)``."""
+
+    path: Path
+    label: str | None  # the label whose log-odds is the score; None for a reward model
+    score: RewardFn
+
+
+def load_judge(path: str | Path, label: str, device, field: str = "--by", label_field: str = "--label") -> Judge:
+    """The judge run at ``path`` (a reward model, a classifier, or a causal run on label data),
+    loaded on ``device``. Its problems are one line each, naming ``field`` or ``label_field``."""
+    try:
+        score = load_reward(path, label, device)
+    except TunesmithError as err:
+        raise TunesmithError(*(_renamed(p, field, label_field) for p in err.problems)) from None
+    return Judge(Path(path), label if Run(path, writer=False).labels() else None, score)
+
+
+def _renamed(problem: str, field: str, label_field: str) -> str:
+    # load_reward names PPO's fields; here the judge is given by another.
+    for theirs, ours in (("ppo.reward_label:", label_field), ("ppo.reward:", field)):
+        if problem.startswith(theirs):
+            return f"{ours}:{problem[len(theirs):]}"
+    return problem
+
+
+def open_judge(session: Session) -> Judge | None:
+    """The judge of a config's ``eval.judge`` (None without one), checked and loaded before training
+    starts, so that a bad judge stops the run before anything is trained."""
+    config = session.config
+    if not config.eval.judge:
+        return None
+    held_out_prompts(session, 1)
+    return load_judge(config.eval.judge, config.eval.judge_label, _device(), "eval.judge", "eval.judge_label")
+
+
+def held_out_prompts(session: Session, n: int) -> tuple[str, list[dict]]:
+    """``(split, prompts)``: up to ``n`` distinct prompts of the held-out split, each ``{shown, framed}``:
+    the user's turn, and the text the model reads before its answer."""
+    data = session.data
+    split = "test" if data.examples["test"] else "validation"
+    encoder = session.objective.encoder
+    prompts = {}
+    for example in data.examples[split]:
+        if "messages" in example and len(prompts) < n:
+            shown = next(m["content"] for m in reversed(example["messages"]) if m["role"] != "assistant")
+            prompts.setdefault(encoder.prompt_text(example), shown)
+    if not prompts:
+        raise TunesmithError(f"judged evaluation: the run's held-out ({split}) split has no chat or "
+                             "prompt/completion examples: no prompts to answer")
+    return split, [{"shown": shown, "framed": framed} for framed, shown in prompts.items()]
+
+
+def judge_run(run_dir: str | Path, judge_dir: str | Path, label: str = "positive", prompts: int = 40,
+              samples_per_prompt: int = 2, max_new_tokens: int = 48, temperature: float = 1.0,
+              seed: int = 0) -> dict:
+    """Judge a finished run (``tunesmith judge``): writes judged.json, judged.png, the report's
+    "Judged by JUDGE" section and metrics.json's ``judged`` entry; returns what judged.json holds."""
+    run = _finished_generative_run(Path(run_dir))
+    judge = load_judge(judge_dir, label, _device())
+    _, session, model = load_run(run.path)
+    session.prepare()
+    sampling = Sampling(prompts, samples_per_prompt, max_new_tokens, temperature, seed)
+    result = judge_model(session, model.to(_device()), run.labels(), judge, sampling)
+    save_judged(run, result)
+    run.save_json("metrics", {**run.load_json("metrics", {}), "judged": summary(result)})
+    title, body = section(result)
+    _rename_judged_section(run.report, title)
+    replace_section(run.report, title, body)
+    return result
+
+
+def judge_trained(session: Session, run: Run, model, judge: Judge) -> tuple[dict, list[str]]:
+    """Judge a model at the end of its training (``eval.judge``), as ``tunesmith judge`` would with
+    its defaults: writes judged.json and judged.png; returns metrics.json's ``judged`` entry and the
+    report's section, which the recipe writes with the rest."""
+    print(f"judged evaluation: answers of the tuned and the base model, scored by {judge.path} ...")
+    result = judge_model(session, model, session.data.labels, judge, Sampling())
+    save_judged(run, result)
+    print(headline(result))
+    title, body = section(result)
+    return summary(result), [f"## {title}", "", body, ""]
+
+
+def headline(result: dict) -> str:
+    """One line: the win-rate, the mean rewards and the KL."""
+    return (f"win-rate {100 * result['win_rate']:.1f}% over {result['answers']} answers; mean reward base "
+            f"{result['base']['mean_reward']:.4f}, tuned {result['tuned']['mean_reward']:.4f}; KL to the reference "
+            f"{result['tuned']['kl']:.4f} (base {result['base']['kl']:.4f})")
+
+
+def _finished_generative_run(path: Path) -> Run:
+    run = Run(path)
+    if not path.is_dir():
+        raise TunesmithError(f"{path}: no such run directory")
+    config_file = path / "config.yaml"
+    if not config_file.is_file():
+        raise TunesmithError(f"{path}: not a tunesmith run directory (no config.yaml)")
+    if "ppo" in (yaml.safe_load(config_file.read_text()) or {}):
+        raise TunesmithError(f"{path} is a PPO run: its own report judges it by its reward")
+    status = run.status()
+    if status != "complete":
+        raise TunesmithError(f"{path}: the run is not complete (status: {status}); judge a finished run")
+    objective = run.load_config().objective.name
+    if objective not in GENERATIVE:
+        raise TunesmithError(f"{path} is a {objective} run: judged evaluation needs a run that writes answers "
+                             f"(objective {' or '.join(GENERATIVE)})")
+    return run
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.no_grad()
+def judge_model(session: Session, model, labels: list[str], judge: Judge, sampling: Sampling) -> dict:
+    """Answers of ``model`` (tuned) and of its base to the held-out prompts of ``session`` (prepared),
+    scored by ``judge``: the win-rate, and per side the mean reward, KL and every answer."""
+    split, prompts = held_out_prompts(session, sampling.prompts)
+    tokenizer = session.tokenizer
+    ids = [tokenizer(p["framed"], add_special_tokens=False).input_ids for p in prompts]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    tuned = _sample(model, tokenizer, ids, sampling, device)
+    tuned_logp = _logp_sums(model, tuned, sampling.temperature)
+    with base_model(session, model, labels) as base:
+        base = base.to(device).eval()
+        reference = "the adapter disabled" if base is model else "the base model loaded again"
+        tuned_ref = _logp_sums(base, tuned, sampling.temperature)
+        untuned = _sample(base, tokenizer, ids, sampling, device)
+        base_logp = _logp_sums(base, untuned, sampling.temperature)
+        base_ref = _logp_sums(base, untuned, sampling.temperature)  # the reference is the base: a check
+    model.train(was_training)
+    asked = [p["shown"] for p in prompts for _ in range(sampling.samples_per_prompt)]
+    sides = {name: _side(judge, tokenizer, asked, rollouts, logp - ref)
+             for name, rollouts, logp, ref in (("base", untuned, base_logp, base_ref),
+                                               ("tuned", tuned, tuned_logp, tuned_ref))}
+    outcomes = [1.0 if t > b else 0.5 if t == b else 0.0
+                for t, b in zip(sides["tuned"]["rewards"], sides["base"]["rewards"])]
+    return {
+        "judge": str(judge.path), "label": judge.label, "split": split, "reference": reference,
+        "prompts": len(prompts), "samples_per_prompt": sampling.samples_per_prompt, "answers": len(outcomes),
+        "max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature, "seed": sampling.seed,
+        "win_rate": sum(outcomes) / len(outcomes), "wins": outcomes.count(1.0), "ties": outcomes.count(0.5),
+        "losses": outcomes.count(0.0), **sides,
+    }
+
+
+def _sample(model, tokenizer, ids: list[list[int]], sampling: Sampling, device) -> list[Rollout]:
+    """Sampled answers to every prompt, in chunks, from the same seed whichever the model; the
+    caller's random stream is left as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(sampling.seed)
+        return [sample(model, tokenizer, ids[i:i + CHUNK], sampling.samples_per_prompt, sampling.max_new_tokens,
+                       sampling.temperature, 0, device) for i in range(0, len(ids), CHUNK)]
+
+
+def _logp_sums(model, rollouts: list[Rollout], temperature: float) -> torch.Tensor:
+    """Each answer's summed log-probability under ``model`` (the sampling distribution)."""
+    return torch.cat([(model_logprobs(model, r, temperature) * r.mask).sum(1).cpu() for r in rollouts])
+
+
+def _side(judge: Judge, tokenizer, asked: list[str], rollouts: list[Rollout], kl: torch.Tensor) -> dict:
+    answers = [text for r in rollouts for text in answer_texts(tokenizer, r)]
+    rewards = [float(s) for s in judge.score(asked, answers)]
+    ended = torch.cat([r.ended.cpu() for r in rollouts]).float()
+    return {"mean_reward": sum(rewards) / len(rewards), "kl": float(kl.mean()), "ended": float(ended.mean()),
+            "prompts": asked, "answers": answers, "rewards": rewards, "kls": kl.tolist()}
+
+
+SUMMARY = ("judge", "label", "split", "reference", "prompts", "samples_per_prompt", "answers", "max_new_tokens",
+           "temperature", "seed", "win_rate", "wins", "ties", "losses")
+
+
+def summary(result: dict) -> dict:
+    """What metrics.json keeps of a judged evaluation: the figures, not the answers."""
+    return {**{k: result[k] for k in SUMMARY},
+            **{side: {k: result[side][k] for k in ("mean_reward", "kl", "ended")} for side in ("base", "tuned")}}
+
+
+def save_judged(run: Run, result: dict) -> None:
+    """judged.json (every answer and score) and judged.png (the two reward distributions)."""
+    run.save_json("judged", result)
+    plot_rewards(result, run.path / "judged.png")
+
+
+def plot_rewards(result: dict, out: Path) -> None:
+    """Histograms of the judge's scores of base and tuned answers, on shared bins, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    base, tuned = result["base"]["rewards"], result["tuned"]["rewards"]
+    bins = np.histogram_bin_edges(base + tuned, bins=min(20, max(5, len(base) // 2)))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values, colour in (("base", base, "tab:gray"), ("tuned", tuned, "tab:blue")):
+        ax.hist(values, bins=bins, alpha=0.55, color=colour, label=f"{name} (mean {np.mean(values):.3f})")
+        ax.axvline(float(np.mean(values)), color=colour, linestyle="--")
+    ax.set_xlabel(f"score by {Path(result['judge']).name}")
+    ax.set_ylabel("answers")
+    ax.set_title(f"win-rate of tuned over base {100 * result['win_rate']:.1f}%")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def section(result: dict, samples: int = 3) -> tuple[str, str]:
+    """The report's section: ``(title, markdown body)``."""
+    r, name = result, Path(result["judge"]).resolve().name
+    scored = f"the log-odds of `{r['label']}`" if r["label"] else "its reward"
+    every = {side: {k: r[side][k][::r["samples_per_prompt"]] for k in ("prompts", "answers", "rewards")}
+             for side in ("base", "tuned")}  # one answer per prompt, so that the samples show different prompts
+    lines = [
+        (f"The tuned model and its base ({r['reference']}) answered {r['prompts']} held-out prompts of the "
+         f"{r['split']} split, {r['samples_per_prompt']} sampled answers each (temperature {r['temperature']:g}, "
+         f"up to {r['max_new_tokens']} new tokens, seed {r['seed']}). `{r['judge']}` scored every answer "
+         f"({scored})."),
+        "",
+        "| | base | tuned |",
+        "|---|---:|---:|",
+        f"| mean reward | {r['base']['mean_reward']:.4f} | {r['tuned']['mean_reward']:.4f} |",
+        f"| KL to the reference (per answer) | {r['base']['kl']:.4f} | {r['tuned']['kl']:.4f} |",
+        f"| answers that ended | {r['base']['ended']:.2f} | {r['tuned']['ended']:.2f} |",
+        "",
+        (f"Win-rate of tuned over base: {100 * r['win_rate']:.1f}% ({r['wins']} wins, {r['ties']} ties, "
+         f"{r['losses']} losses over {r['answers']} pairs of answers; a tie counts half)."),
+        "",
+        "Reward distribution: " + spread("base", r["base"]["rewards"]) + "; "
+        + spread("tuned", r["tuned"]["rewards"]) + ".",
+        "",
+        "![rewards of base and tuned answers](judged.png)",
+        "",
+        *side_by_side(every["base"], every["tuned"], samples),
+    ]
+    return SECTION + name, "\n".join(lines)
+
+
+def _rename_judged_section(report: Path, title: str) -> None:
+    """The report keeps one judged section, like judged.json: a section by another judge is renamed
+    to ``title``, to be replaced in place."""
+    lines = report.read_text().splitlines()
+    heading = next((i for i, line in enumerate(lines) if line.startswith(f"## {SECTION}")), None)
+    if heading is not None:
+        lines[heading] = f"## {title}"
+        report.write_text("\n".join(lines) + "\n")

@@ -89,8 +89,8 @@ def test_a_killed_search_continues_without_repeating_finished_trials(tmp_path, t
     proc = subprocess.Popen(_cli(str(config), "--trials", "2"), env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     second = out / "trial_0001" / "checkpoints" / "last" / "state.json"
-    deadline = time.time() + 300
-    while not second.is_file() and proc.poll() is None and time.time() < deadline:
+    deadline = time.monotonic() + 300  # a bound on waiting for a hung child, not a figure under test
+    while not second.is_file() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert second.is_file(), "the second trial never saved a checkpoint"
     proc.send_signal(sig)

@@ -77,3 +77,17 @@ def test_a_write_killed_midway_leaves_nothing(tmp_path):
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     store_db.add_answer(db, source="served", run="base", prompt="after", answer="c")
     assert sqlite3.connect(path).execute("SELECT count(*) FROM answers").fetchone()[0] == 2
+
+
+def test_writes_inside_one_transaction_land_together_or_not_at_all(tmp_path):
+    db = store_db.connect(tmp_path / "store.sqlite")
+    with pytest.raises(TunesmithError):
+        with store_db.transaction(db):
+            store_db.add_answer(db, source="rated", run="a", prompt="p", answer="x")
+            store_db.add_rating(db, "no-such-answer", rater="ann", score=1.0)  # refused: rolls back the answer too
+    assert db.execute("SELECT COUNT(*) FROM answers").fetchone()[0] == 0
+    with store_db.transaction(db):
+        first = store_db.add_answer(db, source="rated", run="a", prompt="p", answer="x")
+        store_db.add_rating(db, first, rater="ann", score=1.0)
+    assert db.execute("SELECT COUNT(*) FROM answers").fetchone()[0] == 1
+    assert db.execute("SELECT COUNT(*) FROM ratings").fetchone()[0] == 1

@@ -120,17 +120,24 @@ def migrate(db: sqlite3.Connection) -> list[str]:
 
 
 class transaction:
-    """``with transaction(db):`` runs the block as one write; an exception rolls it back."""
+    """``with transaction(db):`` runs the block as one write; an exception rolls it back.
+
+    Nested blocks join the outer one, so several ``add_answer``/``add_rating`` calls wrapped in one
+    block (a choice: two answers and the rating between them) land together or not at all."""
 
     def __init__(self, db: sqlite3.Connection):
         self.db = db
+        self.outer = False
 
     def __enter__(self):
-        self.db.execute("BEGIN IMMEDIATE")
+        self.outer = not self.db.in_transaction
+        if self.outer:
+            self.db.execute("BEGIN IMMEDIATE")
         return self.db
 
     def __exit__(self, kind, value, tb):
-        self.db.execute("ROLLBACK" if kind else "COMMIT")
+        if self.outer:
+            self.db.execute("ROLLBACK" if kind else "COMMIT")
         return False
 
 

@@ -101,15 +101,17 @@ def _add_shown(db: sqlite3.Connection, prompt: str, shown: Shown) -> str:
 
 def record_choice(db: sqlite3.Connection, body: ChoiceBody, rater: str) -> int:
     """Store both answers and the choice between them (``first`` is ``body.first``); returns the rating id."""
-    first = _add_shown(db, body.prompt, body.first)
-    second = _add_shown(db, body.prompt, body.second)
-    return store.add_rating(db, first, rater=rater, other_id=second, choice=body.choice, comment=body.comment)
+    with store.transaction(db):  # both answers and the choice, or nothing
+        first = _add_shown(db, body.prompt, body.first)
+        second = _add_shown(db, body.prompt, body.second)
+        return store.add_rating(db, first, rater=rater, other_id=second, choice=body.choice, comment=body.comment)
 
 
 def record_score(db: sqlite3.Connection, body: ScoreBody, rater: str) -> int:
     """Store the answer and its score (1-5); returns the rating id."""
-    answer = _add_shown(db, body.prompt, body.answer)
-    return store.add_rating(db, answer, rater=rater, score=float(body.score), comment=body.comment)
+    with store.transaction(db):  # the answer and its score, or nothing
+        answer = _add_shown(db, body.prompt, body.answer)
+        return store.add_rating(db, answer, rater=rater, score=float(body.score), comment=body.comment)
 
 
 def item_key(prompt: str, models: list[str] | tuple[str, ...]) -> Item:

@@ -51,6 +51,9 @@ def test_search_runs_its_trials_and_writes_best_yaml_and_the_report(tmp_path, ti
     assert main(["search", str(config), "--trials", "3"]) == 0
     out = tmp_path / "search"
     trials = finished(out)
+    # The base model is evaluated by the first trial only; the others read its evaluation.
+    printed = capsys.readouterr().out
+    assert printed.count("evaluating the base model") == 1 and printed.count("base model's evaluation read") == 2
     assert [t["state"] for t in trials.values()] == ["COMPLETE"] * 3
     runs = [Run(t["run_dir"]) for t in trials.values()]
     assert {r.path.parent for r in runs} == {out} and all(r.status() == "complete" for r in runs)
@@ -58,6 +61,7 @@ def test_search_runs_its_trials_and_writes_best_yaml_and_the_report(tmp_path, ti
     for t, run in zip(trials.values(), runs):
         saved = run.load_config()
         assert saved.train.lr == t["params"]["train.lr"] and saved.method.r == t["params"]["method.r"]
+    assert len({json.dumps(r.load_json("base_eval"), sort_keys=True) for r in runs}) == 1
     best = load_config(out / "best.yaml")
     values = {t.number: t.value for t in optuna.load_study(study_name="search",
                                                           storage=f"sqlite:///{out / 'study.sqlite'}").trials}

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import review_rows, write_config, write_jsonl
 from tunesmith.config import load_config
-from tunesmith.recipe import run_training
+from tunesmith.recipe import base_eval_key, run_training
 
 
 def _weights(model_dir):
@@ -114,3 +114,11 @@ def test_early_stopping_restores_the_best_checkpoint(tmp_path, tiny_model_dir, r
     with autocast(config.train.mixed_precision, torch.device("cpu")):  # as validation ran in training
         restored = session.objective.batches(validation).mean_loss(model, validation)
     assert restored == pytest.approx(best["val_loss"], rel=1e-4)
+
+
+def test_the_base_evaluation_key_ignores_what_a_search_varies_and_not_the_data(tmp_path, tiny_model_dir, review_data):
+    path = write_config(tmp_path / "c.yaml", tiny_model_dir, review_data, train={"max_steps": 2})
+    key = base_eval_key(load_config(path))
+    assert base_eval_key(load_config(path, ["train.lr=0.05", "method.r=2", "output.dir=elsewhere"])) == key
+    for other in ("data.max_length=40", "eval.max_examples=3", "train.batch_tokens=512"):
+        assert base_eval_key(load_config(path, [other])) != key, other

@@ -10,7 +10,10 @@ share of every step, and only the main process evaluates and writes.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import resource
 import signal
 import sys
@@ -67,11 +70,13 @@ def cpu_only() -> bool:
                 or (xpu is not None and xpu.is_available()))
 
 
-def run_training(config: RunConfig, resume: bool = False, on_step=None, parent: str | Path | None = None) -> Path:
+def run_training(config: RunConfig, resume: bool = False, on_step=None, parent: str | Path | None = None,
+                 base_cache: Path | None = None) -> Path:
     """Train and evaluate as ``config`` says; returns the path of report.md.
 
     ``parent``: a finished run to continue (``tunesmith train --from``); a resumed run keeps the
-    parent its status records."""
+    parent its status records. ``base_cache``: a directory where runs of the same base model on the
+    same data share the base model's evaluation (a search's trials), keyed by ``base_eval_key``."""
     from accelerate import PartialState
 
     processes = PartialState(cpu=cpu_only())
@@ -99,12 +104,13 @@ def run_training(config: RunConfig, resume: bool = False, on_step=None, parent: 
     if config.data.canaries:
         run.save_json("canaries", canary_record(config.data.canaries, session.data.schema.kind))
     with run.ending(), stop_on_sigterm() as stop:
-        report = _run(session, run, resume, on_step, stop, private, continual, judge)
+        report = _run(session, run, resume, on_step, stop, private, continual, judge, base_cache)
     return report
 
 
 def _run(session: Session, run: Run, resume: bool, on_step, stop: threading.Event,
-         private: PrivateTraining | None, continual: Continual, judge: Judge | None) -> Path:
+         private: PrivateTraining | None, continual: Continual, judge: Judge | None,
+         base_cache: Path | None = None) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -122,7 +128,7 @@ def _run(session: Session, run: Run, resume: bool, on_step, stop: threading.Even
     if config.train.dropout is not None:
         set_dropout(model, config.train.dropout)
 
-    base = evaluate_base(session, run, model, resume, accelerator.is_main_process)
+    base = evaluate_base(session, run, model, resume, accelerator.is_main_process, base_cache)
     curriculum = config.train.curriculum
     if curriculum:  # scored by the base model, before the method changes it
         scores = difficulty(curriculum, session.data.encoded["train"], session.objective.batches, model,
@@ -151,16 +157,41 @@ def _run(session: Session, run: Run, resume: bool, on_step, stop: threading.Even
     return finish(session, run, model, base, state, seconds, trainable, total, private, continual, judge)
 
 
-def evaluate_base(session: Session, run: Run, model, resume: bool, main: bool) -> dict:
-    """The base model's metrics and samples (main process only; kept for a resumed run)."""
+def evaluate_base(session: Session, run: Run, model, resume: bool, main: bool, cache: Path | None = None) -> dict:
+    """The base model's metrics and samples (main process only; kept for a resumed run, and read
+    from ``cache`` when a run before this one evaluated the same base on the same held-out data)."""
+    if not main:
+        return None
     base = run.load_json("base_eval") if resume else None
-    if base is None and main:
+    shared = cache / f"{base_eval_key(session.config)}.json" if cache is not None else None
+    if base is None and shared is not None and shared.is_file():
+        base = json.loads(shared.read_text())
+        print(f"base model's evaluation read from {shared}")
+    if base is None:
         print("evaluating the base model on held-out data ...")
         base = {"metrics": session.score(model), "samples": session.samples(model)}
-        run.save_json("base_eval", base)
-    if main:
-        print("base: " + _fmt(base["metrics"]))
+    run.save_json("base_eval", base)
+    if shared is not None and not shared.is_file():
+        shared.parent.mkdir(parents=True, exist_ok=True)
+        temporary = shared.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(base))
+        temporary.replace(shared)  # atomic: a worker beside this one reads it whole or not at all
+    print("base: " + _fmt(base["metrics"]))
     return base
+
+
+def base_eval_key(config: RunConfig) -> str:
+    """What the base model's evaluation depends on, hashed: the model, the objective, the data and
+    how it is laid out and scored, and the method's name (a method may load the base differently,
+    QLoRA quantised). Not the method's options, the learning rate or the steps, which a search varies."""
+    dumped = config.model_dump(mode="json")
+    train = dumped["train"]
+    key = {
+        "model": dumped["model"], "objective": dumped["objective"], "data": dumped["data"], "eval": dumped["eval"],
+        "method": dumped["method"]["name"],
+        "layout": {k: train[k] for k in ("batch_tokens", "seed", "packing", "shared_prefix")},
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def finish(session: Session, run: Run, model, base: dict, state: TrainState, seconds: float,

@@ -28,6 +28,7 @@ from tunesmith.store import Run, load_run
 
 STUDY_FILE = "study.sqlite"
 TRIAL_DIR = "trial_{:04d}"
+BASE_EVAL_DIR = "base_eval"  # the base model's evaluation, shared by the trials (recipe.base_eval_key)
 POLL_SECONDS = 5  # how often an idle worker looks whether the others' trials have ended
 
 
@@ -176,7 +177,8 @@ def run_trial(trial, plan: Plan) -> float:
 
     try:
         if Run(run_dir).status() != "complete":  # a retried trial whose run had finished is only scored
-            run_training(config, resume=resume, on_step=on_step)
+            # The base model is the same in every trial: it is evaluated once, by the first trial.
+            run_training(config, resume=resume, on_step=on_step, base_cache=plan.dir / BASE_EVAL_DIR)
         value = objective_value(run_dir, plan.search.objective)
     except optuna.TrialPruned:
         Run(run_dir).set_status("pruned")

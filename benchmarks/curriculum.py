@@ -8,6 +8,10 @@ own process.
 
 Reported per order: the validation loss at each validation, the best one, and the test metrics of
 the tuned model. The table is printed and written to OUT/curriculum.md.
+
+A complete run already at OUT/random or OUT/curriculum with the config this benchmark would train
+is read back, not trained again: put a finished ``make demo`` run at OUT/random to save its training
+(its ``train s`` is then the demo's, marked "read back", and not a figure of this run).
 """
 
 from __future__ import annotations
@@ -34,6 +38,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def reusable(run: Path, config: str, overrides: list[str]) -> bool:
+    """Whether ``run`` already holds this arm, complete and trained with the config it asks for."""
+    from tunesmith.config import load_config
+    from tunesmith.store import Run
+
+    if not run.exists():
+        return False
+    def settings(c) -> dict:  # where a run was written is not how it was trained
+        return c.model_dump(mode="json", exclude={"output"})
+
+    found = Run(run)
+    if found.status() != "complete" or settings(found.load_config()) != settings(load_config(config, overrides)):
+        raise SystemExit(f"{run} holds another run, or an unfinished one; choose another --out")
+    return True
+
+
 def train(config: str, overrides: list[str]) -> None:
     argv = [sys.executable, "-m", "tunesmith.cli", "train", config, *(a for o in overrides for a in ("--set", o))]
     if subprocess.run(argv, check=False).returncode != 0:
@@ -55,15 +75,14 @@ def table(results: dict[str, dict]) -> str:
     for name, r in results.items():
         curve = ", ".join(f"{s}: {v:.4f}" for s, v in r["val_losses"])
         lines.append(f"| {name} | {r['steps']} | {curve} | {r['best_val_loss']:.4f} | "
-                     + " | ".join(f"{r['tuned'][m]:.4f}" for m in metrics) + f" | {r['train_seconds']:.0f} |")
+                     + " | ".join(f"{r['tuned'][m]:.4f}" for m in metrics)
+                     + f" | {r['train_seconds']:.0f}{' (read back)' if r['read_back'] else ''} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"{out} already holds files; choose another --out")
     print(f"machine: {machine()}")
     shared = [*args.set, *([f"train.max_steps={args.steps}"] if args.steps else [])]
     curriculum = [f"train.curriculum.by={args.by}", f"train.curriculum.pacing={args.pacing}",
@@ -72,8 +91,13 @@ def main(argv=None) -> None:
     for name, extra in (("random", []), (f"curriculum ({args.by}, {args.pacing} from {args.start})", curriculum)):
         run = out / ("random" if not extra else "curriculum")
         print(f"== {name} ==", flush=True)
-        train(args.config, [*shared, f"output.dir={run}", *extra])
-        results[name] = summary(run)
+        overrides = [*shared, f"output.dir={run.resolve()}", *extra]
+        read_back = reusable(run, args.config, overrides)
+        if read_back:
+            print(f"{run}: complete, read back")
+        else:
+            train(args.config, overrides)
+        results[name] = {**summary(run), "read_back": read_back}
     text = (f"python benchmarks/curriculum.py {' '.join(argv if argv is not None else sys.argv[1:])}\n\n"
             f"machine: {machine()}\n\n{table(results)}\n")
     (out / "curriculum.md").write_text(text)

@@ -153,7 +153,9 @@ def test_rate_api_access_and_errors(rating):
         as_rater = {"Authorization": "Bearer rater-secret"}
         answer = httpx.post(api + "/choice", json=choice, headers=as_rater)
         assert answer.status_code == 200 and answer.json()["rater"] == "rater-2"  # not the typed name
-        assert httpx.get(api + "/export", headers=as_rater).status_code == 200
+        refused = httpx.get(api + "/export", headers=as_rater)  # every rater's choices: admins only
+        assert refused.status_code == 403 and "exporting" in refused.json()["error"]["message"]
+        assert httpx.get(api + "/export", headers={"Authorization": "Bearer admin-secret"}).status_code == 200
         bad = httpx.post(api + "/score", headers=as_rater,
                          json={"prompt": "p", "answer": {"model": "alpha", "answer": "x"}, "score": 7})
         assert bad.status_code == 400 and "score" in bad.json()["error"]["message"]

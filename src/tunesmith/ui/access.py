@@ -76,6 +76,6 @@ def require_admin(request: Request) -> str:
     """A FastAPI dependency: an admin key; 403 for a rater key."""
     role, key_id = caller(request)
     if role != ADMIN:
-        raise ApiError(403, f"key {key_id!r} is a rater key; launching, stopping and resuming runs need an "
-                       "admin key")
+        raise ApiError(403, f"key {key_id!r} is a rater key; launching, stopping and resuming runs, and "
+                       "exporting everyone's ratings, need an admin key")
     return key_id

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tunesmith import feedback
 from tunesmith.errors import TunesmithError
 from tunesmith.store import db as store
-from tunesmith.ui.access import require_rater
+from tunesmith.ui.access import require_admin, require_rater
 
 router = APIRouter(prefix="/ui/api/rate")
 
@@ -224,6 +224,7 @@ def _db(request: Request) -> Iterator[sqlite3.Connection]:
 
 
 Rater = Annotated[str, Depends(require_rater)]
+Admin = Annotated[str, Depends(require_admin)]
 Db = Annotated[sqlite3.Connection, Depends(_db)]
 Models = Annotated[list[str], Query(min_length=1, max_length=2)]
 
@@ -277,8 +278,9 @@ def get_progress(request: Request, key_id: Rater, db: Db, models: Models, mode: 
 
 
 @router.get("/export")
-def get_export(key_id: Rater, db: Db):
-    """Every non-tie choice as preference pairs (JSONL), as ``tunesmith feedback export`` writes them."""
+def get_export(key_id: Admin, db: Db):
+    """Every non-tie choice as preference pairs (JSONL), as ``tunesmith feedback export`` writes them.
+    Admin keys only: the file holds every rater's choices, and raters see only their own progress."""
     text, n = export_jsonl(db)
     return Response(text, media_type="application/x-ndjson",
                     headers={"Content-Disposition": 'attachment; filename="preference_pairs.jsonl"',

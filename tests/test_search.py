@@ -214,3 +214,17 @@ def test_shipped_search_examples_pass_every_check_of_their_space(example):
 
     plan = load_plan(str(example), [])
     assert plan.search.space and example.read_text().startswith(f"# tunesmith search examples/{example.name}")
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_a_continued_study_does_not_propose_the_values_it_ran_before(tmp_path, tiny_model_dir, review_data, sampler):
+    from tunesmith.search.study import load_plan, open_study
+
+    plan = load_plan(str(search_config(tmp_path, tiny_model_dir, review_data, sampler=sampler)), [])
+    first = open_study(plan)
+    asked = first.ask()
+    values = {path: param.suggest(asked, path) for path, param in plan.search.space.items()}
+    first.tell(asked, 1.0)
+    # The command run again opens the study anew, with the same search.seed.
+    again = open_study(plan).ask()
+    assert {path: param.suggest(again, path) for path, param in plan.search.space.items()} != values

@@ -78,6 +78,10 @@ class SearchConfig(Section):
         "tuned model on the validation split: loss, perplexity, accuracy, macro_f1. Never the test split."
     )
     sampler: Literal["tpe", "random"] = "tpe"
+    random_trials: int = Field(
+        4, ge=1, description="tpe: trials sampled at random before TPE models the results (Optuna's default, "
+        "10, would leave a 12-trial search almost all random)."
+    )
     seed: int = 0
     pruner: Literal["median", "hyperband", "none"] = "median"
     startup_trials: int = Field(2, ge=0, description="Trials run to the end before the median pruner prunes.")

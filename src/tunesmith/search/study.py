@@ -29,6 +29,7 @@ from tunesmith.store import Run, load_run
 STUDY_FILE = "study.sqlite"
 TRIAL_DIR = "trial_{:04d}"
 BASE_EVAL_DIR = "base_eval"  # the base model's evaluation, shared by the trials (recipe.base_eval_key)
+SEED_STRIDE = 10_000  # keeps the seeds of up to that many workers apart
 POLL_SECONDS = 5  # how often an idle worker looks whether the others' trials have ended
 
 
@@ -69,8 +70,9 @@ def load_plan(path: str, overrides: list[str], storage: str | None = None) -> Pl
 
 def open_study(plan: Plan, worker: int = 0):
     """Create the study, or load it to continue; a stored study must have been started with the same
-    space and objective. Each worker's sampler has its own seed (``search.seed + worker``): with one
-    seed, parallel workers would sample the same values."""
+    space and objective. Each worker's sampler has its own seed (``search.seed + worker``, plus the
+    trials already stored): with one seed, parallel workers, or a continued study, would sample the
+    same values."""
     import optuna
 
     # Our own lines say what became of a trial; optuna would add a traceback for each stopped one.
@@ -90,11 +92,13 @@ def _open_study(plan: Plan, worker: int):
         engine_kwargs={"connect_args": {"timeout": 60}} if plan.storage_url.startswith("sqlite") else None,
         heartbeat_interval=plan.search.heartbeat, grace_period=2 * plan.search.heartbeat,
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
-    seed = plan.search.seed + worker
-    sampler = (optuna.samplers.TPESampler(seed=seed) if plan.search.sampler == "tpe"
-               else optuna.samplers.RandomSampler(seed=seed))
-    study = optuna.create_study(storage=storage, study_name=plan.study_name, sampler=sampler,
-                                pruner=_pruner(plan.search), direction=plan.search.direction, load_if_exists=True)
+    study = optuna.create_study(storage=storage, study_name=plan.study_name, pruner=_pruner(plan.search),
+                                direction=plan.search.direction, load_if_exists=True)
+    # A sampler seeded as before would propose again, value for value, the trials a continued study
+    # has already run: its seed also counts the trials stored when this worker opens the study.
+    seed = plan.search.seed + worker + SEED_STRIDE * len(study.get_trials(deepcopy=False))
+    study.sampler = (optuna.samplers.TPESampler(seed=seed, n_startup_trials=plan.search.random_trials)
+                     if plan.search.sampler == "tpe" else optuna.samplers.RandomSampler(seed=seed))
     signature = plan.search.model_dump(mode="json", include={"space", "objective"})
     stored = study.user_attrs.get("search")
     if stored is None:

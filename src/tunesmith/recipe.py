@@ -157,7 +157,8 @@ def _run(session: Session, run: Run, resume: bool, on_step, stop: threading.Even
     return finish(session, run, model, base, state, seconds, trainable, total, private, continual, judge)
 
 
-def evaluate_base(session: Session, run: Run, model, resume: bool, main: bool, cache: Path | None = None) -> dict:
+def evaluate_base(session: Session, run: Run, model, resume: bool, main: bool,
+                  cache: Path | None = None) -> dict | None:
     """The base model's metrics and samples (main process only; kept for a resumed run, and read
     from ``cache`` when a run before this one evaluated the same base on the same held-out data)."""
     if not main:

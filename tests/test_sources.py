@@ -55,8 +55,10 @@ def test_two_sources_train_one_adapter_with_metrics_per_source(tmp_path, tiny_mo
 
     from tunesmith.cli import main
 
+    # Fewer test rows than the first source holds: the samples still come from both sources.
     config = write_config(tmp_path / "c.yaml", tiny_model_dir, sources_data(tmp_path),
-                          train={"max_steps": 30, "eval_every": 10, "save_every": 30})
+                          train={"max_steps": 30, "eval_every": 10, "save_every": 30},
+                          eval={"max_examples": 4, "samples": 2, "max_new_tokens": 2})
     assert main(["train", str(config)]) == 0
     run = tmp_path / "run"
     stats = json.loads((run / "data_stats.json").read_text())
@@ -70,6 +72,8 @@ def test_two_sources_train_one_adapter_with_metrics_per_source(tmp_path, tiny_mo
     report = (run / "report.md").read_text()
     assert "| reviews: accuracy |" in report and "| stories: perplexity |" in report
     assert "source stories (text)" in report
+    prompts = [sample["prompt"] for sample in json.loads((run / "base_eval.json").read_text())["samples"]]
+    assert len(prompts) == 2 and prompts[0].startswith("classify sentiment") and "classify" not in prompts[1]
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert sum(losses[-5:]) < sum(losses[:5])
     lora_b = [t for name, t in load_file(run / "adapter" / "adapter_model.safetensors").items() if "lora_B" in name]

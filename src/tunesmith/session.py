@@ -70,8 +70,12 @@ class Session:
 
     def samples(self, model) -> list[dict]:
         examples = self.test_set()[0]
-        if self.config.data.sources:  # taken in turn from each source
-            by_source = [[e for e in examples if e["_source"] == name] for name in self.data.stats["sources"]]
+        if self.config.data.sources:
+            # Taken in turn from each source's own held-out rows (as score_sources scores them): the
+            # capped test set may hold the first source's rows only.
+            split = "test" if self.data.examples["test"] else "validation"
+            held_out = self.data.examples[split]
+            by_source = [[e for e in held_out if e["_source"] == name] for name in self.data.stats["sources"]]
             examples = [e for group in zip_longest(*by_source) for e in group if e is not None]
         examples = examples[: self.config.eval.samples]
         return self.objective.samples(model, examples, self.data.labels, self.config.eval.max_new_tokens)

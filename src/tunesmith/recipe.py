@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import resource
 import signal
 import sys
@@ -38,6 +37,7 @@ from tunesmith.privacy.audit import audit, format_audit, format_comparison
 from tunesmith.privacy.training import PrivateTraining, prepare_private
 from tunesmith.session import Session, base_model
 from tunesmith.store import Run, load_run
+from tunesmith.store.run import write_atomic
 from tunesmith.train.curriculum import curriculum_batches, difficulty
 from tunesmith.train.loop import TrainState, fit
 
@@ -165,18 +165,17 @@ def evaluate_base(session: Session, run: Run, model, resume: bool, main: bool,
         return None
     base = run.load_json("base_eval") if resume else None
     shared = cache / f"{base_eval_key(session.config)}.json" if cache is not None else None
-    if base is None and shared is not None and shared.is_file():
-        base = json.loads(shared.read_text())
-        print(f"base model's evaluation read from {shared}")
     if base is None:
-        print("evaluating the base model on held-out data ...")
-        base = {"metrics": session.score(model), "samples": session.samples(model)}
-    run.save_json("base_eval", base)
+        if shared is not None and shared.is_file():
+            base = json.loads(shared.read_text())
+            print(f"base model's evaluation read from {shared}")
+        else:
+            print("evaluating the base model on held-out data ...")
+            base = {"metrics": session.score(model), "samples": session.samples(model)}
+        run.save_json("base_eval", base)  # a resumed run's is already there
     if shared is not None and not shared.is_file():
         shared.parent.mkdir(parents=True, exist_ok=True)
-        temporary = shared.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(base))
-        temporary.replace(shared)  # atomic: a worker beside this one reads it whole or not at all
+        write_atomic(shared, json.dumps(base))  # a worker beside this one reads it whole or not at all
     print("base: " + _fmt(base["metrics"]))
     return base
 

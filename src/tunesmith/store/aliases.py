@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
+from tunesmith.store.run import write_atomic
 
 DEFAULT_PATH = Path("runs") / "aliases.json"
 
@@ -38,6 +39,4 @@ def write_alias(path: Path, alias: str, target: Path) -> None:
     aliases = json.loads(path.read_text()) if path.is_file() else {}
     aliases[alias] = str(target.resolve())
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(aliases, indent=1))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(aliases, indent=1))

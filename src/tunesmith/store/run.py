@@ -202,10 +202,15 @@ class Run:
         if not self.writer:
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        # Write beside and rename: a reader never sees half a file.
-        tmp = self.path / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(self.path / name)
+        write_atomic(self.path / name, text)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write beside and rename: a reader never sees half a file. The temporary name holds the
+    process id, so that two writers of one file (a search's workers) do not share it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def load_run(path: str | Path):

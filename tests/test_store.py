@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from conftest import write_config
 from tunesmith.cli import EXIT_TERMINATED, main
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
+from tunesmith.files import write_atomic
 from tunesmith.recipe import run_training
 from tunesmith.store import Run
 
@@ -52,6 +54,20 @@ def test_a_run_remembers_its_parent(tmp_path):
     run.set_status("running", parent=str(tmp_path / "parent"))
     run.set_status("complete")
     assert run.parent == tmp_path / "parent"
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "status.json"
+    write_atomic(target, "old")
+
+    def full_disk(self, other):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "replace", full_disk)
+    with pytest.raises(OSError):
+        write_atomic(target, "new")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]
 
 
 def test_a_reader_never_writes(tmp_path):

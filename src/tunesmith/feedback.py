@@ -22,8 +22,9 @@ import torch
 
 from tunesmith.data.io import read_records
 from tunesmith.errors import TunesmithError
-from tunesmith.store import load_run
+from tunesmith.files import write_atomic
 from tunesmith.store import db as store
+from tunesmith.store import load_run
 
 CHOICES = {"1": "first", "2": "second", "t": "tie"}
 
@@ -155,9 +156,7 @@ def export(db, out: Path) -> int:
         raise TunesmithError(f"{out}: already exists; give another --out (nothing is overwritten)")
     rows = list(store.preference_pairs(db))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(out)
+    write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
     return len(rows)
 
 

@@ -30,6 +30,7 @@ from tunesmith.data.options import SplitConfig
 from tunesmith.data.pipeline import format_stats
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.report import plot_losses, privacy_line, replace_section, write_report
+from tunesmith.files import write_atomic
 from tunesmith.lifecycle.continual import Continual
 from tunesmith.methods import count_parameters
 from tunesmith.model import set_dropout
@@ -37,7 +38,6 @@ from tunesmith.privacy.audit import audit, format_audit, format_comparison
 from tunesmith.privacy.training import PrivateTraining, prepare_private
 from tunesmith.session import Session, base_model
 from tunesmith.store import Run, load_run
-from tunesmith.store.run import write_atomic
 from tunesmith.train.curriculum import curriculum_batches, difficulty
 from tunesmith.train.loop import TrainState, fit
 

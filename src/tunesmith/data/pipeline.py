@@ -26,6 +26,7 @@ from tunesmith.data.preference import drop_identical, rotten_tomatoes_pairs
 from tunesmith.data.sources import format_sources, load_sources
 from tunesmith.data.split import split_records
 from tunesmith.errors import TunesmithError
+from tunesmith.files import write_atomic
 from tunesmith.packages import package_dir
 
 SPLITS = ("train", "validation", "test")
@@ -67,10 +68,7 @@ def _derived(name: str) -> Path:
     if not target.is_file():
         rows = build(read_records(resolve_data_path(f"builtin:{source}")))
         cache.mkdir(parents=True, exist_ok=True)
-        # Written beside and renamed: a process that reads it never sees half a file.
-        tmp = cache / f".{name}.{os.getpid()}.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(target)
+        write_atomic(target, "".join(json.dumps(r) + "\n" for r in rows))
     return target
 
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
-from tunesmith.store.run import write_atomic
+from tunesmith.files import write_atomic
 
 DEFAULT_PATH = Path("runs") / "aliases.json"
 

@@ -39,6 +39,7 @@ import yaml
 
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
+from tunesmith.files import write_atomic
 from tunesmith.session import Session
 
 UNFINISHED = ("running", "interrupted", "failed", "crashed", "pruned")
@@ -203,14 +204,6 @@ class Run:
             return
         self.path.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path / name, text)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write beside and rename: a reader never sees half a file. The temporary name holds the
-    process id, so that two writers of one file (a search's workers) do not share it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def load_run(path: str | Path):

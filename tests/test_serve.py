@@ -339,6 +339,7 @@ def test_a_promotion_in_the_alias_file_moves_live_traffic(runs, tmp_path):
         after = client.completions.create(model="prod", prompt=PROMPT, max_tokens=8, temperature=0)
         assert after.choices[0].text == ask(client, "gamma") != before
         assert server.pool.adapters["gamma"].run == runs["gamma"].resolve()
+        assert "alpha" in server.pool.adapters  # named at startup: it stays after the alias left it
 
 
 def test_a_bad_alias_file_is_logged_and_the_aliases_stay(runs, tiny_model_dir, tmp_path, caplog):
@@ -366,6 +367,37 @@ def test_a_bad_alias_file_is_logged_and_the_aliases_stay(runs, tiny_model_dir, t
     path.write_text("{}")
     watch.refresh()
     assert pool.aliases == {}  # an alias taken out of the file goes
+    assert pool.adapters == {}  # and so does the adapter the file loaded for it
+
+
+def test_promotions_unload_the_old_adapter_once_its_queued_requests_are_answered(runs, tiny_model_dir, tmp_path):
+    """Three promotions with room for two adapters: each old target leaves memory, but not before the
+    request already claimed for it has been decoded with it."""
+    from tunesmith.serve.adapters import AdapterPool
+    from tunesmith.serve.aliases import AliasFile
+    from tunesmith.serve.engine import Job
+
+    pool = AdapterPool(str(tiny_model_dir), adapter_dirs=[runs["root"]], max_adapters=2)
+    path = tmp_path / "aliases.json"
+    watch = AliasFile(pool, path, every_s=0)
+
+    def promote(run: str) -> None:
+        path.write_text(json.dumps({"prod": str(runs[run])}))
+        watch.refresh()
+        assert pool.aliases == {"prod": run}
+
+    promote("alpha")
+    queued = pool.claim("prod")  # a request for prod, waiting for its batch
+    promote("beta")
+    assert queued == "alpha" and set(pool.adapters) == {"alpha", "beta"}  # alpha waits for its request
+    events = []
+    pool.run([Job(queued, pool.tokenizer(PROMPT).input_ids, Sampling(4, temperature=0), emit=events.append)])
+    assert [e.kind for e in events][-1] == "done" and "error" not in [e.kind for e in events]
+    assert set(pool.adapters) == {"beta"} and not pool.pending
+    promote("gamma")  # nothing waits for beta: it goes at once
+    assert set(pool.adapters) == {"gamma"}
+    promote("alpha")  # a third promotion still finds room
+    assert set(pool.adapters) == {"alpha"}
 
 
 def test_runs_on_another_base_or_method_are_refused(runs, tiny_model_dir, tmp_path):

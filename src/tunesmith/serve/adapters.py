@@ -7,13 +7,16 @@ else is refused with the reason. Adapters loaded at run time come only from the 
 directories, and at most ``max_adapters`` stay in memory.
 
 The pool's ``lock`` is held while a batch is decoded and while an adapter is loaded or unloaded,
-so a batch never sees the model change under it.
+so a batch never sees the model change under it. Requests ``claim`` their adapter, which counts the
+jobs waiting for it: an adapter ``retire``d (the old target of a moved alias) is unloaded only once
+no alias points at it and no job waits for it, so a promotion fails no request already queued.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +78,9 @@ class AdapterPool:
         self.aliases: dict[str, str] = dict(aliases or {})
         self.lock = threading.Lock()
         self.created = int(time.time())
+        self.pending: Counter[str] = Counter()  # per adapter: jobs claimed and not yet decoded
+        self.retiring: set[str] = set()  # adapters to unload once nothing needs them
+        self._claims = threading.Lock()  # guards pending (taken inside lock, never the other way)
 
     @classmethod
     def from_runs(cls, runs: dict[str, Path], base: str | None = None, **kwargs) -> AdapterPool:
@@ -98,6 +104,14 @@ class AdapterPool:
             return BASE
         name = self.aliases.get(model, model)
         return name if name in self.adapters else None
+
+    def claim(self, model: str) -> str | None:
+        """``resolve``, counting one more job for the adapter; ``run`` counts it off once decoded."""
+        with self._claims:
+            name = self.resolve(model)
+            if name is not None:
+                self.pending[name] += 1
+            return name
 
     def models(self) -> list[dict]:
         """The entries of ``/v1/models``: the base, then every adapter and alias."""
@@ -134,12 +148,33 @@ class AdapterPool:
         with self.lock:
             if name not in self.adapters:
                 raise TunesmithError(f"lora_name {name!r}: no such adapter is loaded")
-            self.model.delete_adapter(name)
-            del self.adapters[name]
-            if not self.adapters:
-                # A PEFT model with no adapter cannot run forward; go back to the plain base model.
-                self.model = self.model.unload()
+            self._drop(name)
             self.aliases = {a: n for a, n in self.aliases.items() if n != name}
+
+    def retire(self, name: str) -> None:
+        """Unload adapter ``name`` as soon as no alias points at it and no claimed job waits for it
+        (now, or after the batch that decodes its last job). An alias pointed back at it first keeps it."""
+        with self.lock:
+            self.retiring.add(name)
+            self._unload_retired()
+
+    def _unload_retired(self) -> None:
+        """Unload the retiring adapters nothing needs any more; the caller holds ``lock``. Claims wait
+        meanwhile, so no request can take an adapter that is going."""
+        with self._claims:
+            for name in list(self.retiring):
+                if name in self.aliases.values() or name not in self.adapters:
+                    self.retiring.discard(name)  # wanted again, or gone already
+                elif not self.pending[name]:
+                    self.retiring.discard(name)
+                    self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        self.model.delete_adapter(name)
+        del self.adapters[name]
+        if not self.adapters:
+            # A PEFT model with no adapter cannot run forward; go back to the plain base model.
+            self.model = self.model.unload()
 
     def set_alias(self, alias: str, name: str) -> None:
         """Point ``alias`` at adapter ``name``, live: the next request for the alias uses it."""
@@ -182,5 +217,14 @@ class AdapterPool:
                     live.append(job)
                 else:
                     job.emit(Event("error", text=f"adapter {job.adapter!r} was unloaded"))
-            if live:
-                decode_batch(self.model, self.tokenizer, live, mixed=isinstance(self.model, PeftModel))
+            try:
+                if live:
+                    decode_batch(self.model, self.tokenizer, live, mixed=isinstance(self.model, PeftModel))
+            finally:
+                with self._claims:
+                    for job in jobs:
+                        self.pending[job.adapter] -= 1
+                        if self.pending[job.adapter] <= 0:
+                            del self.pending[job.adapter]  # (a job run without a claim: tests)
+                if self.retiring:
+                    self._unload_retired()

@@ -5,7 +5,8 @@ running server moves the alias on its next request, with no restart.
 per ``every_s``, and reads it only when that changed. Each alias points at a run directory: a run
 already loaded (as a named run or through an earlier alias) is reused; any other is loaded through
 the pool's normal path, so ``--adapter-dir`` and ``--max-adapters`` hold as for
-``/v1/load_lora_adapter``. Nothing in the file can stop the server: a malformed file, or an alias
+``/v1/load_lora_adapter``. An adapter the file loaded is unloaded when no alias points at it any
+more, after the requests already queued for it (``AdapterPool.retire``). Nothing in the file can stop the server: a malformed file, or an alias
 that cannot be set, is logged and the aliases stay as they were.
 """
 
@@ -30,6 +31,7 @@ class AliasFile:
         self._checked = float("-inf")
         self._lock = threading.Lock()
         self._set: dict[str, str] = {}  # alias -> adapter, as the file set them
+        self._loaded: set[str] = set()  # adapters this file loaded: it unloads them when done with them
 
     def due(self) -> bool:
         """Whether ``refresh`` would look at the file now (cheap: no system call)."""
@@ -68,14 +70,24 @@ class AliasFile:
                 log.warning("alias file %s: alias %r not moved: %s", self.path, alias, "; ".join(err.problems))
             except Exception:  # a broken adapter must not take the server down with it
                 log.exception("alias file %s: alias %r not moved", self.path, alias)
+        # What the file loaded and no alias points at any more (a promotion's old target) leaves memory
+        # once its queued requests are answered; without this every promotion would hold one more
+        # adapter until --max-adapters refused the next. Adapters named at startup or loaded by hand stay.
+        for name in self._loaded - set(self.pool.aliases.values()):
+            self._loaded.discard(name)
+            self.pool.retire(name)
+            log.info("adapter %s: no alias points at it any more; unloaded once its requests are answered", name)
 
     def _adapter(self, target: Path) -> str:
         """The loaded adapter of the run at ``target``, loaded now (as its directory's name) if need be."""
         resolved = target.expanduser().resolve()
         for adapter in list(self.pool.adapters.values()):
             if adapter.run.resolve() == resolved:
+                if adapter.name in self.pool.retiring:  # pointed back at before it left: still ours
+                    self._loaded.add(adapter.name)
                 return adapter.name
         self.pool.load(resolved.name, str(resolved))
+        self._loaded.add(resolved.name)
         return resolved.name
 
 

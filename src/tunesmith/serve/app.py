@@ -250,6 +250,10 @@ def build_app(pool: AdapterPool, scheduler: Scheduler, options: ServeOptions, ke
         if app.state.inflight >= options.max_concurrent:
             raise ApiError(429, f"over {options.max_concurrent} requests in flight; retry later",
                            headers={"Retry-After": str(options.retry_after_s)})
+        # Claimed until decoded: a promotion that moves an alias meanwhile does not unload it.
+        adapter = pool.claim(body.model)
+        if adapter is None:  # an alias taken away since
+            raise ApiError(404, f"the model {body.model!r} does not exist (see /v1/models)", "model")
         app.state.inflight += 1
         started = time.perf_counter()
         events: asyncio.Queue[Event] = asyncio.Queue()

@@ -14,6 +14,7 @@ from conftest import cli_fails, preference_rows, review_rows, write_config, writ
 
 from tunesmith.align.judge import Judge, Sampling, judge_model, judge_run
 from tunesmith.config import load_config
+from tunesmith.errors import TunesmithError
 from tunesmith.recipe import run_training
 from tunesmith.session import Session
 
@@ -88,6 +89,22 @@ def test_judge_through_the_cli(runs, capsys):
     assert "win-rate" in out and f"report: {runs.dpo / 'report.md'}" in out
     judged = json.loads((runs.dpo / "judged.json").read_text())
     assert (judged["answers"], judged["seed"], judged["max_new_tokens"]) == (2, 3, 4)
+
+
+def test_a_judge_is_checked_at_once_but_loaded_only_when_it_first_scores(runs, monkeypatch):
+    """So a judge named in a training config is not held in memory while the model trains."""
+    from tunesmith.align import judge as judging
+
+    loads, real = [], judging.load_reward
+    monkeypatch.setattr(judging, "load_reward", lambda *args: loads.append(args) or real(*args))
+    judge = judging.load_judge(runs.classifier, "positive", "cpu")
+    assert loads == [] and judge.label == "positive"
+    first = judge.score(["a film"], ["a great film"])
+    assert judge.score(["a film"], ["a great film"]) == first and len(first) == 1
+    assert len(loads) == 1  # loaded once, on the first score
+    with pytest.raises(TunesmithError, match="^eval.judge_label: "):
+        judging.load_judge(runs.classifier, "no-such-label", "cpu", "eval.judge", "eval.judge_label")
+    assert len(loads) == 1
 
 
 def _session(tmp_path: Path, model_dir: Path, data: dict, method: dict) -> tuple[Session, object]:

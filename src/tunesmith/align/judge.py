@@ -21,6 +21,8 @@ The judge is read in one place, ``load_judge``, through ``align.rewards.load_rew
 
 from __future__ import annotations
 
+import functools
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +30,7 @@ import torch
 import yaml
 
 from tunesmith.align.report import side_by_side, spread
-from tunesmith.align.rewards import RewardFn, load_reward
+from tunesmith.align.rewards import RewardFn, check_reward, load_reward
 from tunesmith.align.rollout import Rollout, answer_texts, model_logprobs, sample
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.report import replace_section
@@ -62,13 +64,28 @@ class Judge:
 
 
 def load_judge(path: str | Path, label: str, device, field: str = "--by", label_field: str = "--label") -> Judge:
-    """The judge run at ``path`` (a reward model, a classifier, or a causal run on label data),
-    loaded on ``device``. Its problems are one line each, naming ``field`` or ``label_field``."""
+    """The judge run at ``path`` (a reward model, a classifier, or a causal run on label data), for
+    ``device``. Its problems are one line each, naming ``field`` or ``label_field``, found now; its
+    model is loaded when it first scores, so a judge named in a training config is checked before
+    training but not held in memory beside the model while it trains."""
+    with _named(field, label_field):
+        check_reward(path, label)
+
+    @functools.cache
+    def reward() -> RewardFn:
+        with _named(field, label_field):
+            return load_reward(path, label, device)
+
+    return Judge(Path(path), label if Run(path, writer=False).labels() else None,
+                 lambda prompts, answers: reward()(prompts, answers))
+
+
+@contextmanager
+def _named(field: str, label_field: str):
     try:
-        score = load_reward(path, label, device)
+        yield
     except TunesmithError as err:
         raise TunesmithError(*(_renamed(p, field, label_field) for p in err.problems)) from None
-    return Judge(Path(path), label if Run(path, writer=False).labels() else None, score)
 
 
 def _renamed(problem: str, field: str, label_field: str) -> str:

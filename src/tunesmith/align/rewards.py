@@ -20,17 +20,28 @@ RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 BATCH = 16
 
 
+def check_reward(path: str | Path, label: str) -> None:
+    """Every problem with the reward run at ``path`` as a one-line ``TunesmithError``, without loading
+    its weights (what ``load_reward`` checks first)."""
+    _checked(path, label)
+
+
 def load_reward(path: str | Path, label: str, device: torch.device | str = "cpu") -> RewardFn:
     """The reward of the run at ``path``; every problem is a one-line ``TunesmithError``, found
     before the reward model is loaded."""
-    with prefixed("ppo.reward: "):
-        run, reader = scoring_run(path)
-    if reader.labelled:
-        with prefixed("ppo.reward_label: "):
-            check_label(run, label)
+    run, reader = _checked(path, label)
     scorer = open_scorer(run, reader, label, BATCH, device)
 
     def reward(prompts: list[str], answers: list[str]) -> list[float]:
         return scorer.reward([scorer.frame(p, a) for p, a in zip(prompts, answers)])
 
     return reward
+
+
+def _checked(path: str | Path, label: str):
+    with prefixed("ppo.reward: "):
+        run, reader = scoring_run(path)
+    if reader.labelled:
+        with prefixed("ppo.reward_label: "):
+            check_label(run, label)
+    return run, reader

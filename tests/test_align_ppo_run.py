@@ -327,6 +327,35 @@ def test_answer_logprobs_match_each_answer_run_alone_and_the_reference_is_the_ba
     torch.testing.assert_close(model_logprobs(model, rollout, 0.7), logp)
 
 
+def test_what_the_sampler_records_is_what_a_fresh_forward_pass_computes(tiny_model_dir, tiny_tokenizer):
+    """PPO's old log-probs and values come from the sampling pass itself (sample(record=True))."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.align.rollout import PolicyWithValue, answer_logprobs, sample
+    from tunesmith.methods import get_method
+
+    lora = get_method("lora")
+    model = lora.apply(AutoModelForCausalLM.from_pretrained(tiny_model_dir), lora.options(r=4, alpha=8, dropout=0.0))
+    policy = PolicyWithValue(model).eval()
+    with torch.no_grad():  # a trained adapter and value head
+        for name, p in policy.named_parameters():
+            if "lora_B" in name or "value_head" in name:
+                p.normal_(0, 0.5)
+    prompts = [tiny_tokenizer("a great film with many parts").input_ids, tiny_tokenizer("the plot").input_ids]
+    for samples in (2, 1):  # with the shared prompt cache, and without (the first step reads the whole prompt)
+        torch.manual_seed(0)
+        rollout = sample(model, tiny_tokenizer, prompts, samples, 6, temperature=0.7, top_k=0, device="cpu",
+                         record=True)
+        with torch.no_grad():
+            logp, values = answer_logprobs(policy, rollout, 0.7)
+            recorded_values = policy.value_head(rollout.states).squeeze(-1)
+        m = rollout.mask.bool()
+        assert m.sum() > 4
+        torch.testing.assert_close(rollout.logprobs[m], logp[m], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(recorded_values[m], values[m], atol=1e-4, rtol=1e-4)
+
+
 def test_sigterm_stops_at_the_next_step_boundary_with_a_checkpoint(tmp_path, tiny_model_dir):
     import os
     import signal

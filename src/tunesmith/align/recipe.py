@@ -71,11 +71,12 @@ class Parts:
     def encode(self, prompts: list[str]) -> list[list[int]]:
         return [self.tokenizer(framed(self.encoder, p), add_special_tokens=False).input_ids for p in prompts]
 
-    def rollout(self, prompts: list[str], samples: int) -> tuple[Rollout, list[str], list[str], torch.Tensor]:
+    def rollout(self, prompts: list[str], samples: int,
+                record: bool = False) -> tuple[Rollout, list[str], list[str], torch.Tensor]:
         """Sampled answers to ``prompts`` and their scores: (rollout, prompt per answer, answers, scores)."""
         cfg = self.config.ppo
         rollout = sample(self.policy.model, self.tokenizer, self.encode(prompts), samples, cfg.max_new_tokens,
-                         cfg.temperature, cfg.top_k, self.device)
+                         cfg.temperature, cfg.top_k, self.device, record=record)
         texts = answer_texts(self.tokenizer, rollout)
         asked = [p for p in prompts for _ in range(samples)]
         scores = torch.tensor([float(s) for s in self.reward(asked, texts)], device=self.device)
@@ -191,12 +192,13 @@ def ppo_step(parts: Parts, optimizer, scheduler, kl, prompts: list[str]) -> dict
     updates. Returns the step's metrics."""
     cfg, policy = parts.config.ppo, parts.policy
     started = time.perf_counter()
-    rollout, _, _, scores = parts.rollout(prompts, cfg.samples_per_prompt)
+    rollout, _, _, scores = parts.rollout(prompts, cfg.samples_per_prompt, record=True)
     mask = rollout.mask
     penalised = scores if cfg.missing_eos_penalty is None else ppo.missing_eos_penalty(
         scores, rollout.ended, cfg.missing_eos_penalty)
     with torch.no_grad():
-        old_logp, old_values = answer_logprobs(policy, rollout, cfg.temperature)
+        # "Old" log-probs and values as the policy computed them while sampling (sample(record=True)).
+        old_logp, old_values = rollout.logprobs, policy.value_head(rollout.states).squeeze(-1)
         ref_logp = reference_logprobs(policy, rollout, cfg.temperature)
     rewards, token_kl = ppo.token_rewards(penalised, old_logp, ref_logp, mask, kl.value)
     advantages, returns = ppo.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)

@@ -44,6 +44,10 @@ class Rollout:
     prompt_len: int  # P
     mask: torch.Tensor  # [B, T] 1 for answer tokens (end-of-turn token included)
     ended: torch.Tensor  # [B] the answer has its end-of-turn token
+    # With ``sample(record=True)``: as the sampler saw them, for each answer token, its log-probability
+    # under the sampling distribution and the last hidden state that chose it (the value head's input).
+    logprobs: torch.Tensor | None = None  # [B, T]
+    states: torch.Tensor | None = None  # [B, T, H]
 
     @property
     def answers(self) -> torch.Tensor:
@@ -67,9 +71,15 @@ def answer_mask(answers: torch.Tensor, eos: set[int]) -> tuple[torch.Tensor, tor
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[list[int]], samples_per_prompt: int,
-           max_new_tokens: int, temperature: float, top_k: int, device) -> Rollout:
+           max_new_tokens: int, temperature: float, top_k: int, device, record: bool = False) -> Rollout:
     """``samples_per_prompt`` answers per prompt (grouped by prompt) sampled from the causal LM
-    ``model`` (the policy's, or any), with the KV cache; the answers to one prompt share its cache."""
+    ``model`` (the policy's, or any), with the KV cache; the answers to one prompt share its cache.
+
+    ``record`` keeps what each decoding step computed anyway: the logits (as log-probabilities of
+    the sampled tokens) and the last hidden states. PPO takes its "old" log-probabilities and values
+    from them instead of running the policy over every answer again (a fifth of a step on CPU); they
+    equal a fresh forward pass up to float rounding (``tests/test_align_ppo_run.py``).
+    """
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
@@ -79,10 +89,19 @@ def sample(model, tokenizer, prompts: list[list[int]], samples_per_prompt: int,
     ids, attention = ids.repeat_interleave(samples_per_prompt, 0), attention.repeat_interleave(samples_per_prompt, 0)
     out = model.generate(input_ids=ids, attention_mask=attention, past_key_values=cache, do_sample=True,
                          temperature=temperature, top_k=top_k, top_p=1.0, max_new_tokens=max_new_tokens,
-                         pad_token_id=pad, eos_token_id=sorted(eos))
-    answers = out[:, width:]
+                         pad_token_id=pad, eos_token_id=sorted(eos), return_dict_in_generate=True,
+                         output_logits=record, output_hidden_states=record)
+    sequences = out.sequences
+    answers = sequences[:, width:]
     mask, ended = answer_mask(answers, eos)
-    return Rollout(out, torch.cat([attention, mask.long()], 1), width, mask, ended)
+    rollout = Rollout(sequences, torch.cat([attention, mask.long()], 1), width, mask, ended)
+    if record:
+        logits = torch.stack(out.logits, 1)  # [B, T, V]: before temperature and top-k
+        rollout.logprobs = torch.log_softmax(logits.float() / temperature, -1).gather(
+            -1, answers.unsqueeze(-1)).squeeze(-1)
+        # Each step's hidden states, per layer; the last layer's at the step's last position chose its token.
+        rollout.states = torch.stack([step[-1][:, -1] for step in out.hidden_states], 1).float()
+    return rollout
 
 
 def answer_texts(tokenizer, rollout: Rollout) -> list[str]:

@@ -6,8 +6,9 @@ per ``every_s``, and reads it only when that changed. Each alias points at a run
 already loaded (as a named run or through an earlier alias) is reused; any other is loaded through
 the pool's normal path, so ``--adapter-dir`` and ``--max-adapters`` hold as for
 ``/v1/load_lora_adapter``. An adapter the file loaded is unloaded when no alias points at it any
-more, after the requests already queued for it (``AdapterPool.retire``). Nothing in the file can stop the server: a malformed file, or an alias
-that cannot be set, is logged and the aliases stay as they were.
+more, after the requests already queued for it (``AdapterPool.retire``). Nothing in the file can
+stop the server: a malformed file, or an alias that cannot be set, is logged and the aliases stay
+as they were.
 """
 
 from __future__ import annotations

@@ -54,7 +54,12 @@ class PPOOptions(Section):
     kl_target: float | None = Field(
         None, gt=0, description="Adaptive KL (Ziegler et al.): steer the mean KL per answer to this value."
     )
-    kl_horizon: float = Field(10000, gt=0)
+    kl_horizon: float = Field(
+        10000,
+        gt=0,
+        description="Adaptive KL: answers over which the coefficient adapts (a step moves it by at most "
+        "20% x answers/horizon; short runs need a short horizon).",
+    )
     clip: float = Field(0.2, gt=0, description="Policy ratio clip range.")
     value_clip: float = Field(0.2, gt=0)
     value_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")

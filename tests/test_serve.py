@@ -197,6 +197,58 @@ def test_engine_matches_transformers_generate(runs, tiny_model_dir):
         assert text == tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
 
 
+def test_a_batch_routes_each_row_to_its_adapter_and_goes_plain_once_one_adapter_is_left(runs, tiny_model_dir):
+    """Rows of two adapters and the base decode as each would alone with PEFT's own routing; once the
+    rows left share an adapter, the forward passes run without per-row routing; afterwards no hook
+    stays behind and a base-only batch leaves the adapters on."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunesmith.serve.engine import BASE, Job, decode_batch
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                      runs["alpha"] / "adapter", adapter_name="alpha").eval()
+    model.load_adapter(runs["beta"] / "adapter", adapter_name="beta")
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
+    routing: list[bool] = []  # per forward pass of one LoRA layer: were rows routed by name?
+    layer.register_forward_hook(lambda m, args, kwargs, out: routing.append("adapter_names" in kwargs),
+                                with_kwargs=True)
+
+    def decode(specs):
+        texts = [""] * len(specs)
+        jobs = [Job(name, tokenizer(prompt).input_ids, Sampling(n, temperature=0),
+                    emit=lambda e, i=i: texts.__setitem__(i, texts[i] + e.text))
+                for i, (name, prompt, n) in enumerate(specs)]
+        decode_batch(model, tokenizer, jobs, mixed=True)
+        return texts
+
+    def alone(name, prompt, n):
+        ids = tokenizer(prompt).input_ids
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, adapter_names=[name])
+        return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+
+    specs = [("alpha", PROMPT, 6), ("beta", "a dull boring story", 2), (BASE, "the", 3), ("alpha", "the", 5)]
+    expected = [alone(*spec) for spec in specs]
+    routing.clear()
+    assert decode(specs) == expected
+    assert len({*expected[:3]}) == 3
+    # Three mixed steps (beta leaves after 2 tokens, the base after 3), then alpha's rows alone.
+    assert routing == [True] * 3 + [False] * 3
+    assert model.active_adapter == "alpha"
+    assert not any(m._forward_pre_hooks for m in model.modules() if isinstance(m, LoraLayer))
+
+    base = alone(BASE, PROMPT, 4)
+    routing.clear()
+    assert decode([(BASE, PROMPT, 4)]) == [base]
+    assert routing == [False] * 4
+    assert decode([("beta", PROMPT, 4)]) == [alone("beta", PROMPT, 4)]  # the adapters are on again
+    assert model.active_adapter == "beta"
+
+
 def test_load_and_unload_at_run_time(client, served, runs):
     assert post(served, "/v1/load_lora_adapter", {"lora_name": "g", "lora_path": str(runs["gamma"])}).status_code == 200
     assert "g" in {m.id for m in client.models.list().data}

@@ -6,6 +6,14 @@ are left-padded and run through one forward pass per step; PEFT's mixed-adapter 
 its own LoRA weights. Each row samples with its own temperature, top_p and random generator, stops
 on its own end-of-sequence token, stop string or token limit, and streams its text as it grows.
 
+Mixed routing has a price. PEFT's ``adapter_names=`` argument walks every module twice on each
+forward pass to hook the names into each LoRA layer (about 40 ms a step for SmolLM2-135M on CPU),
+and each LoRA layer then splits its batch by adapter. So ``routed`` puts those hooks in once a
+batch instead of once a step, and once every row left in a batch uses one adapter (a lone request,
+or the rows that outlive the others), the batch runs the plain way: that adapter made active with
+``set_adapter``, or all adapters off for the base. Before, a lone request decoded about 1.6x slower
+than ``generate`` with one active adapter.
+
 ``Scheduler`` is the micro-batching loop: it waits a few milliseconds for requests to arrive
 together, then decodes them as one batch on its own thread.
 """
@@ -137,11 +145,41 @@ def eos_ids(model, tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
+@contextlib.contextmanager
+def routed(model, adapters: list[str]):
+    """Each LoRA layer of PEFT ``model`` gets ``adapters`` (one name per row) as its ``adapter_names``
+    inside the block. The list is read at every call, so the caller edits it in place as rows leave."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    def hook(module, args, kwargs):
+        return args, {**kwargs, "adapter_names": adapters}
+
+    handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module in model.modules()
+               if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def only_adapter(model, name: str):
+    """Run a PEFT model as adapter ``name`` alone (``BASE``: with its adapters off) inside the block."""
+    if name == BASE:
+        with model.disable_adapter():
+            yield
+    else:
+        model.set_adapter(name)
+        yield
+
+
 @torch.no_grad()
 def decode_batch(model, tokenizer, jobs: list[Job], mixed: bool) -> None:
     """Decode ``jobs`` together until each has finished; events go to each job's ``emit``.
 
-    ``mixed``: the model is a PEFT model, and each row names its adapter (``adapter_names``).
+    ``mixed``: the model is a PEFT model, and each job names its adapter (or ``BASE``).
     """
     rows = [_Row(job, tokenizer) for job in jobs]
     eos = eos_ids(model, tokenizer)
@@ -154,29 +192,37 @@ def decode_batch(model, tokenizer, jobs: list[Job], mixed: bool) -> None:
     adapters = [job.adapter for job in jobs]
     device = next(model.parameters()).device
     cache = None
-    while rows:
-        extra = {"adapter_names": adapters} if mixed else {}
-        out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                    position_ids=positions.to(device), past_key_values=cache, use_cache=True, **extra)
-        cache = out.past_key_values
-        logits = out.logits[:, -1].cpu()
-        step = []
-        for i, row in enumerate(rows):
-            token = next_token(logits[i], row.job.sampling, row.generator)
-            row.push(token, eos)
-            step.append(token)
-        live = [i for i, row in enumerate(rows) if not row.done]
-        if len(live) < len(rows):
-            # Finished rows leave the batch (and the cache), so they cost nothing more.
-            if not live:
-                return
-            index = torch.tensor(live)
-            cache.batch_select_indices(index.to(device))
-            rows, adapters, step = [rows[i] for i in live], [adapters[i] for i in live], [step[i] for i in live]
-            mask, positions = mask[index], positions[index]
-        input_ids = torch.tensor(step)[:, None]
-        mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], dim=1)
-        positions = positions[:, -1:] + 1
+    with contextlib.ExitStack() as routing:
+        if mixed and len(set(adapters)) > 1:
+            routing.enter_context(routed(model, adapters))
+        while rows:
+            if mixed and len(set(adapters)) == 1:
+                # Rows only ever leave a batch, so from here on it stays one adapter's.
+                routing.close()
+                routing.enter_context(only_adapter(model, adapters[0]))
+                mixed = False
+            out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                        position_ids=positions.to(device), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits[:, -1].cpu()
+            step = []
+            for i, row in enumerate(rows):
+                token = next_token(logits[i], row.job.sampling, row.generator)
+                row.push(token, eos)
+                step.append(token)
+            live = [i for i, row in enumerate(rows) if not row.done]
+            if len(live) < len(rows):
+                # Finished rows leave the batch (and the cache), so they cost nothing more.
+                if not live:
+                    return
+                index = torch.tensor(live)
+                cache.batch_select_indices(index.to(device))
+                rows, step = [rows[i] for i in live], [step[i] for i in live]
+                adapters[:] = [adapters[i] for i in live]  # in place: ``routed`` reads this list
+                mask, positions = mask[index], positions[index]
+            input_ids = torch.tensor(step)[:, None]
+            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], dim=1)
+            positions = positions[:, -1:] + 1
 
 
 class Scheduler:

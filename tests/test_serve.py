@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 
 import httpx
 import pytest
@@ -356,6 +357,12 @@ def test_base_alone_then_adapters_loaded_and_unloaded(runs, tiny_model_dir):
     base = answer(BASE)
     pool.load("a", str(runs["alpha"]))
     assert pool.resolve("a") == "a" and answer("a") != base
+    pool.load("b", str(runs["beta"]))
+    beta = answer("b")  # now the active adapter
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PEFT warns when it has to pick a new active adapter itself
+        pool.unload("b")
+    assert answer("a") not in (base, beta)
     pool.unload("a")
     assert pool.resolve("a") is None and answer(BASE) == base
     with pytest.raises(TunesmithError, match="outside the adapter directories"):

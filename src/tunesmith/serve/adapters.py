@@ -170,6 +170,11 @@ class AdapterPool:
                     self._drop(name)
 
     def _drop(self, name: str) -> None:
+        others = [other for other in self.adapters if other != name]
+        if others and name in self.model.active_adapters:
+            # A batch of one adapter made it active (engine.only_adapter); hand that on first, or PEFT
+            # warns that it picked another active adapter itself. Batches set theirs anyway.
+            self.model.set_adapter(others[0])
         self.model.delete_adapter(name)
         del self.adapters[name]
         if not self.adapters:

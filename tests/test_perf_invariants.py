@@ -142,3 +142,27 @@ def test_bf16_autocast_stays_close_to_float32(tiny_model_dir):
     torch.testing.assert_close(s16 / n, s32 / n, rtol=2e-2, atol=0)
     with autocast("auto", torch.device("cpu")):
         assert torch.is_autocast_enabled("cpu") == native_bf16(torch.device("cpu"))
+
+
+def test_the_decoding_layout_moves_only_frozen_weights_and_changes_no_output_or_gradient(tiny_model_dir):
+    from tunesmith.model import lay_out_for_decoding
+
+    model, relaid = _lora(tiny_model_dir), _lora(tiny_model_dir)
+    frozen = [m.weight for m in relaid.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+    assert frozen and lay_out_for_decoding(relaid) == len(frozen)
+    assert all(w.t().is_contiguous() and not w.is_contiguous() for w in frozen)
+    assert all(p.is_contiguous() for p in relaid.parameters() if p.requires_grad)
+    assert lay_out_for_decoding(relaid) == 0  # a second call finds nothing left to move
+
+    ids = torch.tensor([[5, 9, 14, 3, 7, 21], [8, 8, 2, 30, 11, 4]])
+    for m in (model, relaid):
+        m(input_ids=ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        torch.testing.assert_close(relaid(input_ids=ids).logits, model(input_ids=ids).logits)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for name, p in relaid.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name])
+    # One row at a time, with the KV cache: the decoding shape the layout is for.
+    step = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(relaid.generate(input_ids=ids[:1], **step), model.generate(input_ids=ids[:1], **step))

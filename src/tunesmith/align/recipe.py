@@ -36,7 +36,7 @@ from tunesmith.align.rollout import (
 from tunesmith.data.format import Encoder
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import count_parameters, get_method
-from tunesmith.model import load_model, load_tokenizer, resolve_model
+from tunesmith.model import lay_out_for_decoding, load_model, load_tokenizer, resolve_model
 from tunesmith.objectives.causal import greedy_answer
 from tunesmith.recipe import setup_threads, stop_on_sigterm
 from tunesmith.store import Run
@@ -66,6 +66,7 @@ class Parts:
             raise TunesmithError(f"method.name: PPO needs a method whose adapter can be disabled (the reference "
                                  f"model), such as lora; {config.method.name} has none")
         self.policy = PolicyWithValue(model).to(self.device)
+        lay_out_for_decoding(self.policy)  # the frozen base: sampling 16 answers at once runs faster on CPU
         self.policy.eval()  # no dropout: the log-probs of the rollout and of the update must agree
 
     def encode(self, prompts: list[str]) -> list[list[int]]:

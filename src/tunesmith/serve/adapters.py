@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import get_method
-from tunesmith.model import load_model, load_tokenizer, resolve_model
+from tunesmith.model import lay_out_for_decoding, load_model, load_tokenizer, resolve_model
 from tunesmith.serve.engine import BASE, Event, Job, decode_batch
 from tunesmith.store import Run
 
@@ -73,7 +73,8 @@ class AdapterPool:
         self.adapter_dirs = [Path(d).resolve() for d in adapter_dirs]
         self.tokenizer = load_tokenizer(self.source)
         # load_model never passes trust_remote_code: a served model runs no code from its directory.
-        self.model = load_model(self.source, dtype=dtype).to(device).eval()
+        self.model = load_model(self.source, dtype=dtype).to(device).eval().requires_grad_(False)
+        lay_out_for_decoding(self.model)  # batched decoding runs 1.6x faster on CPU (model.py says why)
         self.adapters: dict[str, Adapter] = {}
         self.aliases: dict[str, str] = dict(aliases or {})
         self.lock = threading.Lock()

@@ -144,10 +144,15 @@ def test_bf16_autocast_stays_close_to_float32(tiny_model_dir):
         assert torch.is_autocast_enabled("cpu") == native_bf16(torch.device("cpu"))
 
 
-def test_the_decoding_layout_moves_only_frozen_weights_and_changes_no_output_or_gradient(tiny_model_dir):
+def test_the_decoding_layout_moves_only_frozen_weights_and_changes_no_output_or_gradient(tiny_model_dir,
+                                                                                        monkeypatch):
     from tunesmith.model import lay_out_for_decoding
 
     model, relaid = _lora(tiny_model_dir), _lora(tiny_model_dir)
+    monkeypatch.setenv("TUNESMITH_DECODE_LAYOUT", "row")
+    assert lay_out_for_decoding(relaid) == 0
+    assert all(p.is_contiguous() for p in relaid.parameters())
+    monkeypatch.delenv("TUNESMITH_DECODE_LAYOUT")
     frozen = [m.weight for m in relaid.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
     assert frozen and lay_out_for_decoding(relaid) == len(frozen)
     assert all(w.t().is_contiguous() and not w.is_contiguous() for w in frozen)

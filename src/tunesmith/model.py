@@ -144,8 +144,12 @@ def lay_out_for_decoding(model: torch.nn.Module) -> int:
     With ``W`` column-major, ``W.T`` is contiguous. On SmolLM2-135M (2-vCPU Xeon, float32) a decode
     step of 16 rows went from 233 to 144 ms; one row and long prompts were unchanged (``python
     benchmarks/decode_layout.py``). Trainable weights keep their layout: their gradients and the
-    optimizer expect it. GPUs are left alone (cuBLAS takes either layout at full speed).
+    optimizer expect it. GPUs are left alone (cuBLAS takes either layout at full speed), and
+    ``TUNESMITH_DECODE_LAYOUT=row`` in the environment keeps every weight as it loaded (for a CPU
+    where the gap runs the other way, and to measure the difference).
     """
+    if os.environ.get("TUNESMITH_DECODE_LAYOUT", "column") == "row":
+        return 0
     moved = 0
     with torch.no_grad():
         for module in model.modules():

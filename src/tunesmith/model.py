@@ -142,7 +142,7 @@ def lay_out_for_decoding(model: torch.nn.Module) -> int:
     on a transposed operand, and torch's CPU BLAS runs it 1.5 to 4 times slower than on a contiguous
     one when ``x`` has about 4 to 256 rows: the shape of batched decoding, one new token per row.
     With ``W`` column-major, ``W.T`` is contiguous. On SmolLM2-135M (2-vCPU Xeon, float32) a decode
-    step of 16 rows went from 233 to 144 ms; one row and long prompts were unchanged (``python
+    step of 16 rows went from 240 to 144 ms; one row and long prompts were unchanged (``python
     benchmarks/decode_layout.py``). Trainable weights keep their layout: their gradients and the
     optimizer expect it. GPUs are left alone (cuBLAS takes either layout at full speed), and
     ``TUNESMITH_DECODE_LAYOUT=row`` in the environment keeps every weight as it loaded (for a CPU

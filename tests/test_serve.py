@@ -174,24 +174,38 @@ def test_mixed_batch_matches_each_adapter_alone(client, served, tiny_model_dir):
     assert sorted(server.scheduler.batches[-1]) == sorted(["alpha", "beta", "__base__", "alpha"])
 
 
-def test_engine_matches_transformers_generate(runs, tiny_model_dir):
-    """The decode loop's greedy answers are what peft + transformers' generate gives each prompt alone,
-    for rows padded or not, and for a row that finishes early and leaves the batch."""
+def peft_model(runs, tiny_model_dir, *names: str):
+    """The tiny model with the adapters of runs ``names`` (the first one active), and its tokenizer."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    first, *rest = names
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                      runs[first] / "adapter", adapter_name=first).eval()
+    for name in rest:
+        model.load_adapter(runs[name] / "adapter", adapter_name=name)
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def decode_texts(model, tokenizer, specs) -> list[str]:
+    """``decode_batch`` greedy on ``specs`` (adapter, prompt, max tokens) as one batch: each row's text."""
     from tunesmith.serve.engine import Job, decode_batch
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                      runs["alpha"] / "adapter", adapter_name="alpha").eval()
-    prompts = [tokenizer(PROMPT).input_ids, tokenizer("a dull boring story").input_ids, tokenizer("the").input_ids]
-    lengths = [6, 2, 5]
-    texts = [""] * len(prompts)
-    jobs = [Job("alpha", ids, Sampling(n, temperature=0), emit=lambda e, i=i: texts.__setitem__(i, texts[i] + e.text))
-            for i, (ids, n) in enumerate(zip(prompts, lengths))]
+    texts = [""] * len(specs)
+    jobs = [Job(name, tokenizer(prompt).input_ids, Sampling(n, temperature=0),
+                emit=lambda e, i=i: texts.__setitem__(i, texts[i] + e.text))
+            for i, (name, prompt, n) in enumerate(specs)]
     decode_batch(model, tokenizer, jobs, mixed=True)
-    for ids, n, text in zip(prompts, lengths, texts):
+    return texts
+
+
+def test_engine_matches_transformers_generate(runs, tiny_model_dir):
+    """The decode loop's greedy answers are what peft + transformers' generate gives each prompt alone,
+    for rows padded or not, and for a row that finishes early and leaves the batch."""
+    model, tokenizer = peft_model(runs, tiny_model_dir, "alpha")
+    specs = [("alpha", PROMPT, 6), ("alpha", "a dull boring story", 2), ("alpha", "the", 5)]
+    for (_, prompt, n), text in zip(specs, decode_texts(model, tokenizer, specs)):
+        ids = tokenizer(prompt).input_ids
         with torch.no_grad():
             out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
@@ -202,28 +216,18 @@ def test_a_batch_routes_each_row_to_its_adapter_and_goes_plain_once_one_adapter_
     """Rows of two adapters and the base decode as each would alone with PEFT's own routing; once the
     rows left share an adapter, the forward passes run without per-row routing; afterwards no hook
     stays behind and a base-only batch leaves the adapters on."""
-    from peft import PeftModel
     from peft.tuners.lora import LoraLayer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunesmith.serve.engine import BASE, Job, decode_batch
+    from tunesmith.serve.engine import BASE
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                      runs["alpha"] / "adapter", adapter_name="alpha").eval()
-    model.load_adapter(runs["beta"] / "adapter", adapter_name="beta")
+    model, tokenizer = peft_model(runs, tiny_model_dir, "alpha", "beta")
     layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
     routing: list[bool] = []  # per forward pass of one LoRA layer: were rows routed by name?
     layer.register_forward_hook(lambda m, args, kwargs, out: routing.append("adapter_names" in kwargs),
                                 with_kwargs=True)
 
     def decode(specs):
-        texts = [""] * len(specs)
-        jobs = [Job(name, tokenizer(prompt).input_ids, Sampling(n, temperature=0),
-                    emit=lambda e, i=i: texts.__setitem__(i, texts[i] + e.text))
-                for i, (name, prompt, n) in enumerate(specs)]
-        decode_batch(model, tokenizer, jobs, mixed=True)
-        return texts
+        return decode_texts(model, tokenizer, specs)
 
     def alone(name, prompt, n):
         ids = tokenizer(prompt).input_ids

@@ -148,7 +148,7 @@ def _run(parts: Parts, run: Run, resume: bool, on_step, stop: threading.Event) -
     kl = ppo.AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else ppo.FixedKL(cfg.kl_coef)
     step = 0
     if resume:
-        state, rng = load_checkpoint(run.checkpoints / "last", parts.policy, optimizer, scheduler)
+        state, rng = load_checkpoint(run.checkpoints, parts.policy, optimizer, scheduler)
         step, kl.value = state["step"], state["kl_coef"]
         distributed.set_random_state(rng)
         keep_metrics_until(run.metrics_log, step)
@@ -156,7 +156,7 @@ def _run(parts: Parts, run: Run, resume: bool, on_step, stop: threading.Event) -
     print(f"method {config.method.name} + value head: {trainable:,} trainable parameters of {total:,}")
 
     def save() -> None:
-        save_checkpoint(run.checkpoints / "last", parts.policy, optimizer, scheduler,
+        save_checkpoint(run.checkpoints, parts.policy, optimizer, scheduler,
                         {"step": step, "kl_coef": kl.value}, [distributed.random_state()])
 
     started = time.perf_counter()

@@ -11,7 +11,8 @@ Layout (every later feature reads runs through ``Run``, never by file name)::
     base_eval.json    the base model's metrics and samples (kept so that a resumed run skips them)
     curriculum_scores.json  with train.curriculum by base_loss: each training item's base-model loss
     metrics.jsonl     one line per step and per validation
-    checkpoints/      last/ (resume) and best.safetensors (early stopping)
+    checkpoints/      last/ (resume; after a crash while saving, last.tmp/ or last.old/ may hold the newest,
+                      ``train.checkpoint.latest_checkpoint``) and best.safetensors (early stopping)
     adapter/ | model/ the saved method weights, or the whole model (``Method.saved_as``)
     merged/           the merged model, with output.merge
     metrics.json      base and tuned metrics: written last but one, so it means the run finished
@@ -41,6 +42,7 @@ from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.files import write_atomic
 from tunesmith.session import Session
+from tunesmith.train.checkpoint import latest_checkpoint
 
 UNFINISHED = ("running", "interrupted", "failed", "crashed", "pruned")
 
@@ -98,7 +100,9 @@ class Run:
         return self.path / method.saved_as
 
     def has_checkpoint(self) -> bool:
-        return (self.checkpoints / "last" / "state.json").is_file()
+        """Whether ``--resume`` has a complete checkpoint to start from (``last``, or what a crash
+        while saving left in its place: see ``train.checkpoint``)."""
+        return latest_checkpoint(self.checkpoints) is not None
 
     # Life.
     def record(self) -> dict:

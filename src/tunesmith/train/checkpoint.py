@@ -1,14 +1,23 @@
 """Training checkpoints: only the trainable weights, plus optimizer, scheduler, random states and
 loop state.
 
-Written to a temporary directory and renamed into place, so a crash while saving leaves the
-previous checkpoint intact rather than half of a new one. Every process's random state is kept
-(CPU and CUDA), so a resumed run draws the same dropout masks as one never stopped.
+A run's ``checkpoints/`` holds ``last/``. A save writes ``last.tmp/``, renames ``last`` to
+``last.old`` and ``last.tmp`` to ``last``, then removes ``last.old``. A checkpoint is complete once
+its ``state.json`` exists: it is written last, after the other files are fsynced, and removed first
+when a checkpoint is thrown away. So a crash or a power loss at any point leaves at least one complete
+checkpoint, and ``latest_checkpoint`` finds the newest. It is the one place that knows these names:
+resume, ``Run.has_checkpoint`` and the next save (which tidies what a crash left) all go through it.
+
+``optimizer.pt`` is unpickled with ``weights_only``, tensors and plain data only: a run directory
+copied from elsewhere must not run code on ``--resume``. Every process's random state is kept (CPU
+and CUDA), so a resumed run draws the same dropout masks as one never stopped.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -16,30 +25,89 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunesmith.errors import TunesmithError
+from tunesmith.files import fsync_path, write_atomic
+
+LAST, TMP, OLD = "last", "last.tmp", "last.old"
+# Newest first. A complete last.tmp is newer than last and last.old: a save removes last.tmp before
+# writing it and its rename consumes it, so only a crash before that rename leaves it complete.
+_NEWEST_FIRST = (TMP, LAST, OLD)
 
 
-def save_checkpoint(path: Path, model, optimizer, scheduler, state: dict, random_states: list[dict]) -> None:
-    """``random_states``: one per process, by rank."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+def _is_complete(path: Path) -> bool:
+    return (path / "state.json").is_file()
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest complete checkpoint in a run's ``checkpoints/`` directory, or None if it has none."""
+    return next((checkpoints / name for name in _NEWEST_FIRST if _is_complete(checkpoints / name)), None)
+
+
+def _discard(path: Path) -> None:
+    """Remove a checkpoint, its state.json first and durably: a crash part-way through the removal
+    leaves one that reads as incomplete, never one that reads as complete with files missing."""
+    if not path.exists():
+        return
+    (path / "state.json").unlink(missing_ok=True)
+    fsync_path(path)
+    shutil.rmtree(path)
+
+
+def _tidy(checkpoints: Path) -> None:
+    """Make ``last`` the newest complete checkpoint and remove the stale ones a crash left behind.
+    Nothing complete is removed while it is the only complete checkpoint: an older ``last`` goes only
+    once a newer one exists, and the newer one is renamed into its place before ``last.tmp`` and
+    ``last.old`` are removed."""
+    latest = latest_checkpoint(checkpoints)
+    if latest is not None and latest.name != LAST:
+        _discard(checkpoints / LAST)
+        latest.rename(checkpoints / LAST)
+        fsync_path(checkpoints)
+    _discard(checkpoints / TMP)
+    _discard(checkpoints / OLD)
+
+
+def save_checkpoint(checkpoints: Path, model, optimizer, scheduler, state: dict, random_states: list[dict]) -> None:
+    """Save into ``checkpoints/last``, crash-proof (see the module docstring). ``random_states``: one
+    per process, by rank."""
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    _tidy(checkpoints)
+    tmp, last, old = checkpoints / TMP, checkpoints / LAST, checkpoints / OLD
+    tmp.mkdir()
     weights = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     save_file(weights, tmp / "trainable.safetensors")
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": random_states},
                tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    old = path.with_name(path.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
+    fsync_path(tmp / "trainable.safetensors")
+    fsync_path(tmp / "optimizer.pt")
+    write_atomic(tmp / "state.json", json.dumps(state, indent=1))  # last: it marks the rest complete
+    if last.exists():
+        last.rename(old)
+    tmp.rename(last)
+    fsync_path(checkpoints)
+    _discard(old)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> tuple[dict, dict]:
-    """Restore what ``save_checkpoint`` saved; returns the loop state and this rank's random state."""
-    if not (path / "state.json").is_file():
-        raise TunesmithError(f"--resume: no checkpoint at {path}")
+def _load_plain(path: Path) -> dict:
+    """``torch.load`` of tensors and plain data only; anything else is refused before it runs."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        named = re.search(r"GLOBAL (\S+)", str(err))
+        raise TunesmithError(
+            f"--resume: {path} is not a plain checkpoint: it holds "
+            f"{'a ' + named.group(1) if named else 'an object'} where only tensors and plain data belong, "
+            "and loading it could run code; refusing it (was the run directory copied from elsewhere?)"
+        ) from None
+
+
+def load_checkpoint(checkpoints: Path, model, optimizer, scheduler, rank: int = 0) -> tuple[dict, dict]:
+    """Restore the newest complete checkpoint in ``checkpoints``; returns the loop state and this
+    rank's random state. Everything is read and checked before anything is restored."""
+    path = latest_checkpoint(checkpoints)
+    if path is None:
+        raise TunesmithError(f"--resume: no complete checkpoint in {checkpoints}")
+    extra = _load_plain(path / "optimizer.pt")
+    state = json.loads((path / "state.json").read_text())
     weights = load_file(path / "trainable.safetensors")
     params = dict(model.named_parameters())
     missing = [n for n in weights if n not in params]
@@ -48,9 +116,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int = 0) -> t
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    extra = torch.load(path / "optimizer.pt", weights_only=False)
     optimizer.load_state_dict(extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     states = extra["rng"]
     # Resumed on another number of processes, a rank without a saved state takes the first one's.
-    return json.loads((path / "state.json").read_text()), states[rank if rank < len(states) else 0]
+    return state, states[rank if rank < len(states) else 0]

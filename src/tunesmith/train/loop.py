@@ -135,7 +135,7 @@ def fit(model, accelerator, batches: Batches, validation: list[dict], cfg: Train
     step = make_step(forward, optimizer, scheduler, accelerator, batches, cfg)
     state = TrainState()
     if resume:
-        loaded, rng = load_checkpoint(checkpoints / "last", model, optimizer, scheduler, accelerator.process_index)
+        loaded, rng = load_checkpoint(checkpoints, model, optimizer, scheduler, accelerator.process_index)
         state = TrainState(**loaded)
         distributed.set_random_state(rng)
     log = metrics_log.open("a") if main and metrics_log else None
@@ -149,7 +149,7 @@ def fit(model, accelerator, batches: Batches, validation: list[dict], cfg: Train
     def save(at: dict, rng: dict, collective: bool = True) -> None:
         states = distributed.gather_random_states(rng, accelerator) if collective else [rng]
         if main:
-            save_checkpoint(checkpoints / "last", model, optimizer, scheduler, at, states)
+            save_checkpoint(checkpoints, model, optimizer, scheduler, at, states)
 
     def validate() -> float:
         with autocast(cfg.mixed_precision, accelerator.device):

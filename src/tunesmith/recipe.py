@@ -30,6 +30,7 @@ from tunesmith.data.options import SplitConfig
 from tunesmith.data.pipeline import format_stats
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.report import plot_losses, privacy_line, replace_section, write_report
+from tunesmith.export.portable import make_portable
 from tunesmith.files import write_atomic
 from tunesmith.lifecycle.continual import Continual
 from tunesmith.methods import count_parameters
@@ -208,6 +209,7 @@ def finish(session: Session, run: Run, model, base: dict, state: TrainState, sec
     saved = run.saved(method)
     method.save(model, saved)
     session.tokenizer.save_pretrained(saved)
+    make_portable(run, saved, session.origin, method.name)
     if config.output.merge and method.merge is not None:
         merged = method.merge(model)
         merged.save_pretrained(run.merged)

@@ -10,7 +10,7 @@ from tunesmith.config import RunConfig
 from tunesmith.data.pipeline import PreparedData
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import get_method
-from tunesmith.model import load_tokenizer, resolve_model
+from tunesmith.model import load_tokenizer, model_origin
 from tunesmith.objectives import get_objective
 from tunesmith.objectives.base import Layout
 
@@ -25,7 +25,8 @@ class Session:
             problems.append(f"data.sources: mixing sources needs objective causal, not {config.objective.name}")
         if problems:
             raise TunesmithError(*problems)
-        self.model_source = resolve_model(config.model.name)
+        self.origin = model_origin(config.model.name)
+        self.model_source = self.origin.loaded_from
         self.tokenizer = load_tokenizer(self.model_source)
         self.layout = Layout(
             batch_tokens=max(config.train.batch_tokens, config.data.max_length),

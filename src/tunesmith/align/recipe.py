@@ -35,8 +35,9 @@ from tunesmith.align.rollout import (
 )
 from tunesmith.data.format import Encoder
 from tunesmith.errors import TunesmithError
+from tunesmith.export.portable import make_portable
 from tunesmith.methods import count_parameters, get_method
-from tunesmith.model import lay_out_for_decoding, load_model, load_tokenizer, resolve_model
+from tunesmith.model import lay_out_for_decoding, load_model, load_tokenizer, model_origin, resolve_model
 from tunesmith.objectives.causal import greedy_answer
 from tunesmith.recipe import setup_threads, stop_on_sigterm
 from tunesmith.store import Run
@@ -271,6 +272,7 @@ def finish(parts: Parts, run: Run, base: dict, steps: int, seconds: float, train
     saved = run.saved(parts.method)
     parts.method.save(parts.policy.model, saved)
     parts.tokenizer.save_pretrained(saved)
+    make_portable(run, saved, model_origin(parts.config.model.name), parts.method.name)
     save_file({k: v.contiguous() for k, v in parts.policy.value_head.state_dict().items()}, run.path / VALUE_HEAD)
     wins = [1.0 if t > b else 0.5 if t == b else 0.0 for t, b in zip(tuned["rewards"], base["rewards"])]
     summary = {

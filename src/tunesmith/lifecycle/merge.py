@@ -20,6 +20,7 @@ import torch
 
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.report import metrics_table
+from tunesmith.export.portable import make_portable
 from tunesmith.session import Session
 from tunesmith.store import Run
 from tunesmith.store.lineage import describe
@@ -106,6 +107,7 @@ def merge_runs(paths: list[str | Path], how: str, weights: list[float], out: str
         saved = target.saved(session.method)
         model.save_pretrained(saved)
         session.tokenizer.save_pretrained(saved)
+        make_portable(target, saved, session.origin, session.method.name)
         tests = score_on_parents(runs, model)
         if into_base:
             merged = model.merge_and_unload()

@@ -15,6 +15,8 @@ Layout (every later feature reads runs through ``Run``, never by file name)::
                       ``train.checkpoint.latest_checkpoint``) and best.safetensors (early stopping)
     adapter/ | model/ the saved method weights, or the whole model (``Method.saved_as``)
     merged/           the merged model, with output.merge
+    model_source.json where the base model came from here (a local directory, a GGUF file), beside the
+                      name the saved weights give it, its Hub id (``export.portable``)
     metrics.json      base and tuned metrics: written last but one, so it means the run finished
     report.md         the report, with loss.png
     privacy_audit.json  written by ``tunesmith privacy audit``: canary exposure, membership inference

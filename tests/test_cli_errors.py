@@ -70,8 +70,8 @@ def test_existing_run_is_never_overwritten(tmp_path, tiny_model_dir, review_data
     assert (run / "metrics.json").read_text() == "{}"
 
 
-def test_resume_without_checkpoint(tmp_path, tiny_model_dir, review_data, capsys):
-    cli_fails(capsys, ["train", _config(tmp_path, tiny_model_dir, review_data), "--resume"], "no checkpoint")
+def test_resume_of_a_run_that_never_started(tmp_path, tiny_model_dir, review_data, capsys):
+    cli_fails(capsys, ["train", _config(tmp_path, tiny_model_dir, review_data), "--resume"], "no run there to resume")
 
 
 def test_example_without_trained_token(tmp_path, tiny_model_dir, capsys):

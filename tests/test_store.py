@@ -38,8 +38,9 @@ def test_status_records_the_process_and_reads_crashed_when_it_is_gone(tmp_path):
 
     (run.path / "status.json").write_text(json.dumps({**record, "pid": _dead_pid()}))
     assert run.status() == "crashed"
-    with pytest.raises(TunesmithError, match="no checkpoint to resume from"):
-        run.check_new(resume=True)
+    run.check_new(resume=True)  # no checkpoint yet: --resume starts its training from the beginning
+    with pytest.raises(TunesmithError, match="no run there to resume"):
+        Run(tmp_path / "never-started").check_new(resume=True)
 
     run.set_status("running")  # a resumed run keeps its start time
     assert run.status() == "running" and run.record()["started_at"] == started

@@ -14,11 +14,8 @@ import hashlib
 import json
 import math
 import resource
-import signal
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,6 +35,7 @@ from tunesmith.model import set_dropout
 from tunesmith.privacy.audit import audit, format_audit, format_comparison
 from tunesmith.privacy.training import PrivateTraining, prepare_private
 from tunesmith.session import Session, base_model
+from tunesmith.stopping import StopRequest, on_sigterm
 from tunesmith.store import Run, load_run
 from tunesmith.train.curriculum import curriculum_batches, difficulty
 from tunesmith.train.loop import TrainState, fit
@@ -46,21 +44,6 @@ from tunesmith.train.loop import TrainState, fit
 def setup_threads(threads: int | None) -> None:
     if threads:
         torch.set_num_threads(threads)
-
-
-@contextmanager
-def stop_on_sigterm():
-    """SIGTERM (what schedulers, spot instances and ``kill`` send) stops training like Ctrl-C:
-    at the next step boundary, with a checkpoint. Yields the event the loop watches."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop  # signal handlers can only be set from the main thread
-        return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def cpu_only() -> bool:
@@ -80,36 +63,36 @@ def run_training(config: RunConfig, resume: bool = False, on_step=None, parent: 
     same data share the base model's evaluation (a search's trials), keyed by ``base_eval_key``."""
     from accelerate import PartialState
 
-    processes = PartialState(cpu=cpu_only())
-    main = processes.is_main_process
-    run = Run(config.output.dir, writer=main)
-    run.check_new(resume)
-    continual = Continual.open(config, parent or (run.parent if resume else None))
-    setup_threads(config.train.threads)
-    session = Session(config)
-    session.prepare()  # all input problems surface here, before anything is written
-    judge = open_judge(session) if main else None  # the judge's too
-    continual.add_replay(session)
-    private = None
-    if config.privacy:
-        private = prepare_private(config.privacy, config.train, session.objective, session.data.encoded["train"],
-                                  processes.num_processes)
-    if main:
-        print(format_stats(session.data.stats))
-        if private:
-            print(private.describe())
-    run.set_status("running", **continual.status())
-    run.save_config(config)
-    run.save_json("data_stats", session.data.stats)
-    run.save_json("labels", session.data.labels)
-    if config.data.canaries:
-        run.save_json("canaries", canary_record(config.data.canaries, session.data.schema.kind))
-    with run.ending(), stop_on_sigterm() as stop:
-        report = _run(session, run, resume, on_step, stop, private, continual, judge, base_cache)
-    return report
+    with on_sigterm() as stop:  # from here on, a SIGTERM stops the run at whatever phase it is in
+        processes = PartialState(cpu=cpu_only())
+        main = processes.is_main_process
+        run = Run(config.output.dir, writer=main)
+        run.check_new(resume)
+        continual = Continual.open(config, parent or (run.parent if resume else None))
+        setup_threads(config.train.threads)
+        session = Session(config)
+        session.prepare()  # all input problems surface here, before anything is written
+        judge = open_judge(session) if main else None  # the judge's too
+        continual.add_replay(session)
+        private = None
+        if config.privacy:
+            private = prepare_private(config.privacy, config.train, session.objective,
+                                      session.data.encoded["train"], processes.num_processes)
+        if main:
+            print(format_stats(session.data.stats))
+            if private:
+                print(private.describe())
+        with run.ending():
+            run.set_status("running", **continual.status())
+            run.save_config(config)
+            run.save_json("data_stats", session.data.stats)
+            run.save_json("labels", session.data.labels)
+            if config.data.canaries:
+                run.save_json("canaries", canary_record(config.data.canaries, session.data.schema.kind))
+            return _run(session, run, resume, on_step, stop, private, continual, judge, base_cache)
 
 
-def _run(session: Session, run: Run, resume: bool, on_step, stop: threading.Event,
+def _run(session: Session, run: Run, resume: bool, on_step, stop: StopRequest,
          private: PrivateTraining | None, continual: Continual, judge: Judge | None,
          base_cache: Path | None = None) -> Path:
     from accelerate import Accelerator
@@ -149,7 +132,7 @@ def _run(session: Session, run: Run, resume: bool, on_step, stop: threading.Even
         private_parts = {"make_step": private.make_step, "validation_figures": private.validation_figures}
     started = time.perf_counter()
     state = fit(model, accelerator, batches, session.data.encoded["validation"], config.train, run.checkpoints,
-                run.metrics_log, resume=resume, on_step=on_step, stop=stop, **private_parts)
+                run.metrics_log, resume=resume and run.has_checkpoint(), on_step=on_step, stop=stop, **private_parts)
     seconds = time.perf_counter() - started
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the trackers, and the process group: no collective after it

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,11 +38,12 @@ from tunesmith.export.portable import make_portable
 from tunesmith.methods import count_parameters, get_method
 from tunesmith.model import lay_out_for_decoding, load_model, load_tokenizer, model_origin, resolve_model
 from tunesmith.objectives.causal import greedy_answer
-from tunesmith.recipe import setup_threads, stop_on_sigterm
+from tunesmith.recipe import setup_threads
+from tunesmith.stopping import Interrupted, StopRequest, UpdateHold, on_sigterm
 from tunesmith.store import Run
 from tunesmith.train import distributed
 from tunesmith.train.checkpoint import load_checkpoint, save_checkpoint
-from tunesmith.train.loop import Interrupted, make_optimizer, make_scheduler
+from tunesmith.train.loop import keep_metrics_until, make_optimizer, make_scheduler
 
 VALUE_HEAD = "value_head.safetensors"
 
@@ -120,19 +120,19 @@ def run_ppo(config: PPOConfig, resume: bool = False, reward: RewardFn | None = N
             on_step: Callable[[int], None] | None = None) -> Path:
     """Train with PPO as ``config`` says; returns the path of report.md. ``reward`` replaces the
     reward run (tests give a Python function)."""
-    run = Run(config.output.dir)
-    run.check_new(resume)
-    setup_threads(config.train.threads)
-    torch.manual_seed(config.train.seed)  # the adapter's and value head's initial weights
-    parts = Parts(config, reward)  # every input problem surfaces here, before anything is written
-    run.set_status("running")
-    run.save_config(config)
-    with run.ending(), stop_on_sigterm() as stop:
-        report = _run(parts, run, resume, on_step, stop)
-    return report
+    with on_sigterm() as stop:  # from here on, a SIGTERM stops the run at whatever phase it is in
+        run = Run(config.output.dir)
+        run.check_new(resume)
+        setup_threads(config.train.threads)
+        torch.manual_seed(config.train.seed)  # the adapter's and value head's initial weights
+        parts = Parts(config, reward)  # every input problem surfaces here, before anything is written
+        with run.ending():
+            run.set_status("running")
+            run.save_config(config)
+            return _run(parts, run, resume, on_step, stop)
 
 
-def _run(parts: Parts, run: Run, resume: bool, on_step, stop: threading.Event) -> Path:
+def _run(parts: Parts, run: Run, resume: bool, on_step, stop: StopRequest) -> Path:
     config = parts.config
     cfg, train = config.ppo, config.train
     base = run.load_json("base_eval") if resume else None
@@ -148,45 +148,54 @@ def _run(parts: Parts, run: Run, resume: bool, on_step, stop: threading.Event) -
     scheduler = make_scheduler(optimizer, train, train.max_steps * updates)
     kl = ppo.AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else ppo.FixedKL(cfg.kl_coef)
     step = 0
-    if resume:
+    if resume and run.has_checkpoint():
         state, rng = load_checkpoint(run.checkpoints, parts.policy, optimizer, scheduler)
         step, kl.value = state["step"], state["kl_coef"]
         distributed.set_random_state(rng)
-        keep_metrics_until(run.metrics_log, step)
+    keep_metrics_until(run.metrics_log, step)  # steps after the checkpoint are taken again
     trainable, total = count_parameters(parts.policy)
     print(f"method {config.method.name} + value head: {trainable:,} trainable parameters of {total:,}")
 
-    def save() -> None:
+    def save(at: int, kl_coef: float, rng: dict) -> None:
         save_checkpoint(run.checkpoints, parts.policy, optimizer, scheduler,
-                        {"step": step, "kl_coef": kl.value}, [distributed.random_state()])
+                        {"step": at, "kl_coef": kl_coef}, [rng])
 
     started = time.perf_counter()
-    with run.metrics_log.open("a") as log:
-        while step < train.max_steps:
-            if stop.is_set():
-                save()
-                raise Interrupted()
-            record = ppo_step(parts, optimizer, scheduler, kl, prompts_of_step(
-                parts.train_prompts, step, cfg.prompts_per_step, train.seed))
-            step += 1
-            record = {"step": step, **record}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            print(f"step {step}: reward {record['reward']:.4f}  kl {record['kl']:.4f}  "
-                  f"policy_loss {record['policy_loss']:.4f}  value_loss {record['value_loss']:.4f}")
-            if step % train.save_every == 0 or step == train.max_steps:
-                save()
-            if on_step:
-                on_step(step)
+    # A SIGTERM stops sampling and scoring at once (the step is taken again on resume, with the same
+    # random state); once the step's first update has begun, it stops at the step's end.
+    hold = UpdateHold(stop, optimizer)
+    kl_at_start, rng_at_start, in_step = kl.value, distributed.random_state(), False
+    try:
+        with run.metrics_log.open("a") as log:
+            while step < train.max_steps:
+                if stop.is_set():
+                    raise Interrupted(at_boundary=True)
+                kl_at_start, rng_at_start, in_step = kl.value, distributed.random_state(), True
+                record = ppo_step(parts, optimizer, scheduler, kl, prompts_of_step(
+                    parts.train_prompts, step, cfg.prompts_per_step, train.seed))
+                step += 1
+                in_step = False
+                record = {"step": step, **record}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                hold.end()
+                print(f"step {step}: reward {record['reward']:.4f}  kl {record['kl']:.4f}  "
+                      f"policy_loss {record['policy_loss']:.4f}  value_loss {record['value_loss']:.4f}")
+                if step % train.save_every == 0 or step == train.max_steps:
+                    save(step, kl.value, distributed.random_state())
+                if on_step:
+                    on_step(step)
+    except KeyboardInterrupt:
+        optimizer.zero_grad(set_to_none=True)
+        if in_step:
+            save(step, kl_at_start, rng_at_start)
+        else:
+            save(step, kl.value, distributed.random_state())
+        raise
+    finally:
+        hold.remove()
     seconds = time.perf_counter() - started
     return finish(parts, run, base, step, seconds, trainable, total)
-
-
-def keep_metrics_until(metrics_log: Path, step: int) -> None:
-    """Drop the lines of steps after the checkpoint: the resumed run takes those steps again."""
-    if metrics_log.is_file():
-        lines = metrics_log.read_text().splitlines(keepends=True)
-        metrics_log.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
 
 
 def ppo_step(parts: Parts, optimizer, scheduler, kl, prompts: list[str]) -> dict:

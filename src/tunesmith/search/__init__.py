@@ -15,6 +15,7 @@ from pathlib import Path
 from tunesmith.errors import TunesmithError
 from tunesmith.search.report import write_best, write_plots, write_report
 from tunesmith.search.study import load_plan, open_study, work
+from tunesmith.stopping import on_sigterm
 
 
 def search(config_path: str, trials: int, workers: int = 1, storage: str | None = None,
@@ -41,7 +42,7 @@ def _work_in_processes(plan, trials: int, workers: int) -> None:
     terminated = []
 
     def terminate(signum, frame) -> None:
-        # Each worker stops its trial at a step boundary, with a checkpoint, and queues it again.
+        # Each worker stops its trial where it is, with a checkpoint, and queues it again.
         terminated.append(signum)
         for p in processes:
             p.terminate()
@@ -65,7 +66,8 @@ def _worker(plan, trials: int, index: int) -> None:
     """A worker process: the CLI's one line per problem, not a traceback."""
     warnings.filterwarnings("ignore")
     try:
-        work(plan, trials, index)
+        with on_sigterm():  # the parent's terminate(): the trial stops at once, with a checkpoint
+            work(plan, trials, index)
     except TunesmithError as err:
         for problem in err.problems:
             print(f"error: {problem}", file=sys.stderr)

@@ -210,7 +210,8 @@ def _run_dir(trial, plan: Plan) -> tuple[Path, bool]:
     previous = trial.user_attrs.get("run_dir")
     if previous:
         run = Run(previous)
-        if run.status() == "complete" or (run.status() in ("interrupted", "crashed") and run.has_checkpoint()):
+        # An interrupted run resumes from its checkpoint or, stopped before its first, starts again there.
+        if run.status() in ("complete", "interrupted", "crashed"):
             return run.path, run.status() != "complete"
     return plan.dir / TRIAL_DIR.format(trial.number), False
 

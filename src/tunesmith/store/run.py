@@ -148,7 +148,7 @@ class Run:
         self.set_status("complete")
 
     def check_new(self, resume: bool) -> None:
-        """Never overwrite a run; resume only one that has a checkpoint and has not finished."""
+        """Never overwrite a run; resume only one that has started and not finished."""
         status = self.status()
         if resume:
             if status == "complete":
@@ -157,8 +157,10 @@ class Run:
                 record = self.record()
                 raise TunesmithError(f"output.dir {self.path}: the run is still running "
                                      f"(pid {record.get('pid')} on {record.get('host')})")
-            if not self.has_checkpoint():
-                raise TunesmithError(f"output.dir {self.path}: no checkpoint to resume from")
+            if status is None:
+                raise TunesmithError(f"output.dir {self.path}: no run there to resume; start it without --resume")
+            # A run stopped before its first checkpoint (during its base evaluation, say) starts its
+            # training again from the beginning, keeping what it had finished (the base evaluation).
         elif not self.is_new():
             what = f"a run (status: {status})" if status else "files"
             raise TunesmithError(

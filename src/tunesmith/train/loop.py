@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,17 +20,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from tunesmith.files import write_atomic
 from tunesmith.model import unwrap
 from tunesmith.objectives.base import Batches
+from tunesmith.stopping import Interrupted, StopRequest, UpdateHold
 from tunesmith.train import distributed
 from tunesmith.train.checkpoint import load_checkpoint, save_checkpoint
 from tunesmith.train.options import TrainConfig
 from tunesmith.train.precision import autocast
 from tunesmith.train.step import DefaultStep, LossForward, Step
-
-
-class Interrupted(KeyboardInterrupt):
-    """Training stopped on request (SIGTERM, or Ctrl-C), after saving a checkpoint at a step boundary."""
 
 
 @dataclass
@@ -112,22 +110,42 @@ def planned_steps(batches: Batches, cfg: TrainConfig, processes: int) -> int:
 MakeStep = Callable[..., Step]
 
 
+def keep_metrics_until(metrics_log: Path, step: int) -> None:
+    """Drop the log's records of steps after ``step`` (a resumed run's checkpoint; 0 for a run that
+    starts again): the resumed run takes those steps again."""
+    if not metrics_log.is_file():
+        return
+    kept = []
+    for line in metrics_log.read_text().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # the last line, torn by a crash while it was written
+        if record.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    write_atomic(metrics_log, "".join(kept))
+
+
 def fit(model, accelerator, batches: Batches, validation: list[dict], cfg: TrainConfig, checkpoints: Path,
         metrics_log: Path | None = None, resume: bool = False,
-        on_step: Callable[[TrainState], None] | None = None, stop: threading.Event | None = None,
+        on_step: Callable[[TrainState], None] | None = None, stop: StopRequest | None = None,
         make_step: MakeStep = DefaultStep, validation_figures: Callable[[int], dict] | None = None) -> TrainState:
     """Train ``model`` in place; returns the final loop state.
 
     ``validation_figures(step)`` adds figures to each validation record of metrics.jsonl (private
     training: the epsilon spent so far).
 
-    ``stop``, once set (by a SIGTERM handler, say), ends training at the next step boundary on every
-    process: a checkpoint is saved and ``Interrupted`` raised. A KeyboardInterrupt within a step
-    drops that step and saves a checkpoint from its start. Only the main process writes files.
+    ``stop`` (``stopping.on_sigterm``'s request): in one process, a SIGTERM stops training where it
+    is, except during an optimizer update, which it lets finish; on several, every process stops at
+    the next step boundary. Either way a checkpoint is saved and ``Interrupted`` raised. A stop (or
+    Ctrl-C) within a step drops that step and saves a checkpoint from its start. Only the main
+    process writes files.
     """
     main = accelerator.is_main_process
     apply_speed_options(model, cfg)
     optimizer = make_optimizer(model, cfg)
+    several = accelerator.num_processes > 1
+    update_hold = UpdateHold(stop, optimizer) if stop is not None and not several else None
     micro_per_step = cfg.grad_accum * accelerator.num_processes
     total_steps = planned_steps(batches, cfg, accelerator.num_processes)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
@@ -138,6 +156,8 @@ def fit(model, accelerator, batches: Batches, validation: list[dict], cfg: Train
         loaded, rng = load_checkpoint(checkpoints, model, optimizer, scheduler, accelerator.process_index)
         state = TrainState(**loaded)
         distributed.set_random_state(rng)
+    if main and metrics_log:
+        keep_metrics_until(metrics_log, state.step)  # steps after the checkpoint are taken again
     log = metrics_log.open("a") if main and metrics_log else None
     val_set = validation[: cfg.eval_max_examples] if cfg.eval_max_examples else validation
 
@@ -173,57 +193,69 @@ def fit(model, accelerator, batches: Batches, validation: list[dict], cfg: Train
                dynamic_ncols=True)
     rng_at_step_start, state_at_step_start, in_step = distributed.random_state(), asdict(state), False
     forward.train()
+    # Several processes must agree on the step they stop at: a SIGTERM waits for the next boundary.
+    loop_hold = stop.held() if stop is not None and several else nullcontext()
     try:
-        while state.step < total_steps:
-            if stop is not None and distributed.any_process(stop.is_set(), accelerator):
-                raise Interrupted()
-            rng_at_step_start, state_at_step_start, in_step = distributed.random_state(), asdict(state), True
-            started = time.perf_counter()
-            micro = []
-            while len(micro) < micro_per_step:
-                if state.micro_in_epoch >= len(order):
-                    state.epoch += 1
-                    state.micro_in_epoch = 0
-                    order = batches.epoch(state.epoch)
-                micro.append(order[state.micro_in_epoch])
-                state.micro_in_epoch += 1
-            tensors = [batches.tensors(m) for m in distributed.share(micro, accelerator)]
-            result = step(tensors)
-            input_tokens = distributed.total(sum(batches.input_tokens(t) for t in tensors), accelerator)
-            state.step += 1
-            state.tokens += result.trained_tokens
-            state.input_tokens += input_tokens
-            in_step = False
-            loss = result.loss_sum / max(result.trained_tokens, 1)
-            record = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": result.grad_norm, "trained_tokens": result.trained_tokens,
-                      "tokens_per_s": input_tokens / (time.perf_counter() - started)}
-            write(record)
-            accelerator.log({"train/loss": loss, "train/lr": record["lr"]}, step=state.step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if val_set and (state.step % cfg.eval_every == 0 or state.step == total_steps):
-                val = validate()
-                bar.write(f"step {state.step}: val_loss {val:.4f}" + (" (best)" if state.best_step == state.step else ""))
-                if cfg.patience and state.bad_evals >= cfg.patience:
-                    state.stopped_early = True
-                    bar.write(f"early stop: no improvement in {cfg.patience} validations; best step {state.best_step}")
-                    break
-            if state.step % cfg.save_every == 0:
+        with loop_hold:
+            while state.step < total_steps and not state.stopped_early:
+                if stop is not None and distributed.any_process(stop.is_set(), accelerator):
+                    raise Interrupted(at_boundary=True)
+                rng_at_step_start, state_at_step_start, in_step = distributed.random_state(), asdict(state), True
+                started = time.perf_counter()
+                micro = []
+                while len(micro) < micro_per_step:
+                    if state.micro_in_epoch >= len(order):
+                        state.epoch += 1
+                        state.micro_in_epoch = 0
+                        order = batches.epoch(state.epoch)
+                    micro.append(order[state.micro_in_epoch])
+                    state.micro_in_epoch += 1
+                tensors = [batches.tensors(m) for m in distributed.share(micro, accelerator)]
+                result = step(tensors)
+                input_tokens = distributed.total(sum(batches.input_tokens(t) for t in tensors), accelerator)
+                state.step += 1
+                state.tokens += result.trained_tokens
+                state.input_tokens += input_tokens
+                in_step = False
+                loss = result.loss_sum / max(result.trained_tokens, 1)
+                record = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": result.grad_norm, "trained_tokens": result.trained_tokens,
+                          "tokens_per_s": input_tokens / (time.perf_counter() - started)}
+                write(record)
+                if update_hold:
+                    update_hold.end()  # the step is counted and logged: a SIGTERM during its update stops here
+                accelerator.log({"train/loss": loss, "train/lr": record["lr"]}, step=state.step)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if val_set and (state.step % cfg.eval_every == 0 or state.step == total_steps):
+                    val = validate()
+                    bar.write(f"step {state.step}: val_loss {val:.4f}" + (" (best)" if state.best_step == state.step else ""))
+                    if cfg.patience and state.bad_evals >= cfg.patience:
+                        state.stopped_early = True
+                        bar.write(f"early stop: no improvement in {cfg.patience} validations; best step {state.best_step}")
+                        break
+                if state.step % cfg.save_every == 0:
+                    save(asdict(state), distributed.random_state())
+                if on_step:
+                    on_step(state)
+            if state.step % cfg.save_every:
+                # Training is over: a stop during the tuned model's evaluation resumes from here, not
+                # from the last periodic checkpoint or the start.
                 save(asdict(state), distributed.random_state())
-            if on_step:
-                on_step(state)
     except KeyboardInterrupt as interrupt:
         # A step in progress is dropped: the checkpoint resumes from its start, random state included.
-        # Only a requested stop finds every process at the same step boundary; otherwise they may be
-        # at different places, and no collective is attempted.
+        # Only a stop at an agreed boundary finds every process at the same step; otherwise they may
+        # be at different places, and no collective is attempted.
         optimizer.zero_grad(set_to_none=True)
         if in_step:
             save(state_at_step_start, rng_at_step_start, collective=False)
         else:
-            save(asdict(state), distributed.random_state(), collective=isinstance(interrupt, Interrupted))
+            save(asdict(state), distributed.random_state(),
+                 collective=isinstance(interrupt, Interrupted) and interrupt.at_boundary)
         raise
     finally:
+        if update_hold:
+            update_hold.remove()
         bar.close()
         if log:
             log.close()

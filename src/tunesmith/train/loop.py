@@ -229,10 +229,12 @@ def fit(model, accelerator, batches: Batches, validation: list[dict], cfg: Train
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 if val_set and (state.step % cfg.eval_every == 0 or state.step == total_steps):
                     val = validate()
-                    bar.write(f"step {state.step}: val_loss {val:.4f}" + (" (best)" if state.best_step == state.step else ""))
+                    best = " (best)" if state.best_step == state.step else ""
+                    bar.write(f"step {state.step}: val_loss {val:.4f}{best}")
                     if cfg.patience and state.bad_evals >= cfg.patience:
                         state.stopped_early = True
-                        bar.write(f"early stop: no improvement in {cfg.patience} validations; best step {state.best_step}")
+                        bar.write(f"early stop: no improvement in {cfg.patience} validations; "
+                                  f"best step {state.best_step}")
                         break
                 if state.step % cfg.save_every == 0:
                     save(asdict(state), distributed.random_state())

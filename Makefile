@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test test-slow clean
+.PHONY: demo test test-numerics test-slow clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,19 @@ demo: $(STAMP)
 test: $(STAMP)
 	@command -v chromium >/dev/null || echo "chromium not installed: the browser tests of tests/ui will be skipped (apt-get install chromium)"
 	$(PY) -m pytest -q
+
+# The tests that compare numbers or check that training learns, with train.mixed_precision: auto
+# forced to bf16 autocast and then to float32 (TUNESMITH_AUTO_BF16, train/precision.py): one CPU
+# catches what CPUs with and without native bf16 would. CI runs it after `make test`.
+NUMERICS := tests/test_continual.py tests/test_privacy_dp.py tests/test_shared_prefix.py tests/test_dpo.py \
+	tests/test_align_ppo.py tests/test_align_ppo_run.py tests/test_reward.py tests/test_tasks.py \
+	tests/test_perf_invariants.py tests/test_objectives.py tests/test_packing_loss.py tests/test_perf_packing.py \
+	tests/test_methods_matrix.py tests/test_train.py tests/test_curriculum.py tests/test_distributed.py \
+	tests/test_checkpoint.py tests/test_store.py
+
+test-numerics: $(STAMP)
+	TUNESMITH_AUTO_BF16=1 $(PY) -m pytest -q $(NUMERICS)
+	TUNESMITH_AUTO_BF16=0 $(PY) -m pytest -q $(NUMERICS)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

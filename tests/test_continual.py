@@ -16,6 +16,7 @@ from tunesmith.config import load_config
 from tunesmith.recipe import run_training
 from tunesmith.session import Session
 from tunesmith.store import Run, load_run
+from tunesmith.train.precision import autocast
 
 TRAIN = {"max_steps": 12, "eval_every": 6, "save_every": 100}
 
@@ -45,7 +46,8 @@ def _first_batch_loss(model, config) -> float:
     data = session.prepare()
     batches = session.objective.batches(data.encoded["train"])
     batch = batches.tensors(batches.epoch(0)[0])
-    with torch.no_grad():
+    # Like with like: under the autocast the run trained with (bf16 where it is native, or forced).
+    with torch.no_grad(), autocast(config.train.mixed_precision, torch.device("cpu")):
         return batches.loss(model.eval(), batch).item() / batches.trained_tokens(batch)
 
 

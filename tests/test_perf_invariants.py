@@ -13,7 +13,7 @@ from tunesmith.methods import get_method
 from tunesmith.objectives.base import Layout
 from tunesmith.objectives.causal import PackedBatches
 from tunesmith.train.loop import apply_speed_options, fit
-from tunesmith.train.precision import autocast, native_bf16
+from tunesmith.train.precision import FORCE_ENV, autocast, forced_bf16, native_bf16, uses_bf16
 from tunesmith.objectives.lm_loss import loss_sum
 from tunesmith.data.batching import collate, plan_batches
 
@@ -141,7 +141,18 @@ def test_bf16_autocast_stays_close_to_float32(tiny_model_dir):
     assert s16.dtype == torch.float32  # the loss itself is computed in float32
     torch.testing.assert_close(s16 / n, s32 / n, rtol=2e-2, atol=0)
     with autocast("auto", torch.device("cpu")):
-        assert torch.is_autocast_enabled("cpu") == native_bf16(torch.device("cpu"))
+        forced = forced_bf16()
+        assert torch.is_autocast_enabled("cpu") == (native_bf16(torch.device("cpu")) if forced is None else forced)
+
+
+def test_the_switch_makes_auto_choose_bf16_or_float32_on_any_cpu(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(FORCE_ENV, "1")
+    assert uses_bf16("auto", cpu) and uses_bf16("bf16", cpu) and not uses_bf16("no", cpu)
+    monkeypatch.setenv(FORCE_ENV, "0")
+    assert not uses_bf16("auto", cpu) and uses_bf16("bf16", cpu) and not uses_bf16("no", cpu)
+    monkeypatch.delenv(FORCE_ENV)
+    assert uses_bf16("auto", cpu) == native_bf16(cpu)
 
 
 def test_the_decoding_layout_moves_only_frozen_weights_and_changes_no_output_or_gradient(tiny_model_dir,

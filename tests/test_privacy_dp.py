@@ -182,7 +182,10 @@ def test_with_no_noise_and_no_clipping_a_dp_step_is_the_ordinary_step(tiny_model
     assert dp.keys() == ordinary.keys() and len(dp) == 28
     for name, grad in ordinary.items():
         assert grad.abs().sum() > 0, name
-        torch.testing.assert_close(dp[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+        # float32 throughout, but per-example and batched gradients sum in another order, and CPUs
+        # differ in how (AVX512-BF16 machines' kernels block their sums otherwise): the tolerance is
+        # relative to the parameter's largest gradient, far below what a wrong update would change.
+        torch.testing.assert_close(dp[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(), msg=name)
 
 
 def test_noise_is_added_once_per_logical_batch_whatever_its_micro_batches(tiny_model_dir):

@@ -1,10 +1,19 @@
-"""bf16 autocast where the hardware runs bf16 matmuls natively; float32 elsewhere."""
+"""bf16 autocast where the hardware runs bf16 matmuls natively; float32 elsewhere.
+
+On a CPU, ``TUNESMITH_AUTO_BF16`` overrides what ``auto`` finds: ``1`` chooses bf16 on any CPU
+(emulated bf16 runs everywhere, only slower), ``0`` float32 on any CPU. CI runs the numerics tests
+both ways, so that one machine catches what either kind of CPU would: a test that holds on one
+kind of CPU only is a defect.
+"""
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 
 import torch
+
+FORCE_ENV = "TUNESMITH_AUTO_BF16"
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -17,9 +26,20 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+def forced_bf16() -> bool | None:
+    """What ``TUNESMITH_AUTO_BF16`` makes ``auto`` choose on a CPU: bf16 (True), float32 (False), or
+    whatever the CPU runs natively (None, unset)."""
+    value = os.environ.get(FORCE_ENV, "").strip().lower()
+    return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(value)
+
+
 def uses_bf16(mixed_precision: str, device: torch.device) -> bool:
-    """Whether ``train.mixed_precision`` turns bf16 autocast on ("auto": where bf16 is native)."""
-    return mixed_precision == "bf16" or (mixed_precision == "auto" and native_bf16(device))
+    """Whether ``train.mixed_precision`` turns bf16 autocast on ("auto": where bf16 is native, unless
+    ``TUNESMITH_AUTO_BF16`` says otherwise on a CPU)."""
+    if mixed_precision != "auto":
+        return mixed_precision == "bf16"
+    forced = forced_bf16() if device.type == "cpu" else None
+    return native_bf16(device) if forced is None else forced
 
 
 def autocast(mixed_precision: str, device: torch.device):

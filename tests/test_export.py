@@ -53,7 +53,8 @@ def test_hf_export_loads_with_transformers_alone(lora_run, tuned, tmp_path):
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert type(model).__name__ == "LlamaForCausalLM"
-    torch.testing.assert_close(_logits(model, AutoTokenizer.from_pretrained(out)), expected, atol=1e-5, rtol=1e-5)
+    # Merged against unmerged: the sums run in another order (see below), by 1.4e-5 on an AMX CPU.
+    torch.testing.assert_close(_logits(model, AutoTokenizer.from_pretrained(out)), expected, atol=1e-4, rtol=0)
 
 
 # The reference is the unmerged model (base + LoRA): merging changes the order of the sums, so float32

@@ -9,7 +9,8 @@ SRC = Path(__file__).parent.parent / "src"
 
 # Bottom to top. A module may import its own layer and those below it.
 LAYERS = [
-    ["tunesmith", "tunesmith.errors", "tunesmith.options", "tunesmith.packages", "tunesmith.files"],
+    ["tunesmith", "tunesmith.errors", "tunesmith.options", "tunesmith.packages", "tunesmith.files",
+     "tunesmith.stopping"],
     ["tunesmith.data"],
     ["tunesmith.model", "tunesmith.methods"],
     ["tunesmith.eval"],

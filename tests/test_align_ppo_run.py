@@ -220,13 +220,6 @@ ALL_EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml")
 PPO_EXAMPLES = [p for p in ALL_EXAMPLES if p.read_text().startswith("# tunesmith ppo ")]
 
 
-def test_every_ppo_example_opens_with_its_command():
-    # test_config.py checks the other examples' first lines.
-    assert PPO_EXAMPLES
-    for example in PPO_EXAMPLES:
-        assert example.read_text().splitlines()[0] == f"# tunesmith ppo examples/{example.name}"
-
-
 @pytest.mark.parametrize("example", PPO_EXAMPLES, ids=[e.name for e in PPO_EXAMPLES])
 def test_shipped_ppo_examples_load(example):
     config = load_ppo_config(example)

@@ -100,3 +100,12 @@ def test_sources_need_the_causal_objective(tmp_path, tiny_bert_dir, capsys):
     config = write_config(tmp_path / "c.yaml", tiny_bert_dir, sources_data(tmp_path),
                           objective={"name": "classification"}, method={"name": "full"})
     cli_fails(capsys, ["train", str(config)], "data.sources: mixing sources needs objective causal")
+
+
+def test_data_max_rows_caps_each_source_that_sets_none_of_its_own():
+    from tunesmith.data.options import DataConfig
+    from tunesmith.data.sources import source_config
+
+    data = DataConfig.model_validate({"sources": [{"path": "a.jsonl"}, {"path": "b.jsonl", "max_rows": 5}],
+                                      "max_rows": 20})
+    assert [source_config(data, s).max_rows for s in data.sources] == [20, 5]

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
@@ -35,18 +36,31 @@ def _quiet_libraries() -> None:
 def cmd_train(args) -> int:
     from tunesmith.config import load_config
     from tunesmith.recipe import run_training
-    from tunesmith.train.loop import Interrupted
 
     config = load_config(args.config, args.set)
     try:
         report = run_training(config, resume=args.resume, parent=args.parent)
     except KeyboardInterrupt as interrupt:
-        print(f"\ninterrupted: checkpoint saved in {config.output.dir}/checkpoints/last; "
-              f"continue with: tunesmith train {args.config} --resume"
-              + "".join(f" --set {s}" for s in args.set), file=sys.stderr)
-        return EXIT_TERMINATED if isinstance(interrupt, Interrupted) else EXIT_INTERRUPTED
+        return _interrupted(interrupt, config.output.dir, f"tunesmith train {args.config}", args.set)
     print(f"report: {report}")
     return 0
+
+
+def _interrupted(interrupt: KeyboardInterrupt, run_dir: str, command: str, overrides: list[str]) -> int:
+    """What a stopped run left, and how to go on; the exit status of Ctrl-C or of SIGTERM."""
+    from tunesmith.stopping import Interrupted
+    from tunesmith.store import Run
+
+    run = Run(run_dir, writer=False)
+    again = f"{command} --resume" + "".join(f" --set {s}" for s in overrides)
+    if run.has_checkpoint():
+        said = f"checkpoint saved in {run.checkpoints}; continue with: {again}"
+    elif run.status():
+        said = f"stopped before the first checkpoint; `{again}` starts its training from the beginning"
+    else:
+        said = f"stopped before the run started; nothing was written to {run.path}"
+    print(f"\ninterrupted: {said}", file=sys.stderr)
+    return EXIT_TERMINATED if isinstance(interrupt, Interrupted) else EXIT_INTERRUPTED
 
 
 def cmd_eval(args) -> int:
@@ -83,18 +97,70 @@ def cmd_generate(args) -> int:
     return 0
 
 
+# Keys of an accelerate config (examples/accelerate/), which no tunesmith config has.
+ACCELERATE_KEYS = {"compute_environment", "distributed_type"}
+
+
 def cmd_inspect(args) -> int:
-    from tunesmith.config import load_config
+    """The data a config trains on (train, search: the base run's), or the prompts of a PPO config."""
+    from tunesmith.config import load_config, read_config_file
     from tunesmith.data.pipeline import format_stats
     from tunesmith.session import Session
 
-    data = Session(load_config(args.config, args.set)).prepare()
+    raw = read_config_file(args.config)
+    if ACCELERATE_KEYS & raw.keys():
+        raise TunesmithError(_accelerate_config(args.config))
+    if "ppo" in raw:
+        return _inspect_ppo(args, raw)
+    config = load_config(args.config, args.set, raw=raw)
+    print(f"{args.config} ({_data_command(raw)}): data {_data_names(config.data)}")
+    data = Session(config).prepare()
     print(format_stats(data.stats))
     leak = data.stats["leakage"]
     for ex in leak.get("examples", []):
         print(f"{ex['kind']} duplicate in {ex['split']} (similarity {ex['similarity']:.2f}): "
               f"{ex['text'][:80]!r} ~ {ex['match_split']} {ex['match'][:80]!r}")
     return 0
+
+
+def _inspect_ppo(args, raw: dict) -> int:
+    """A ``tunesmith ppo`` config has no data section: its data is the prompts PPO samples from."""
+    from tunesmith.align.options import load_ppo_config
+    from tunesmith.align.prompts import format_prompt_stats, inspect_prompts
+
+    config = load_ppo_config(args.config, args.set, raw=raw)
+    ppo = config.ppo
+    rows = "".join(f", rows whose {k} is {v}" for k, v in ppo.prompt_filter.items())
+    print(f"{args.config} (tunesmith ppo): prompts from {ppo.prompts}, column {ppo.prompt_column}{rows}")
+    print(format_prompt_stats(inspect_prompts(config)))
+    return 0
+
+
+def _data_command(raw: dict) -> str:
+    if "search" not in raw:
+        return "tunesmith train"
+    space = raw["search"].get("space") if isinstance(raw["search"], dict) else None
+    varied = [path for path in space if str(path).startswith("data.")] if isinstance(space, dict) else []
+    return ("tunesmith search; the base run's data, which every trial reads"
+            + (f", each with its own {', '.join(varied)}: shown at the base value" if varied else ""))
+
+
+def _data_names(data) -> str:
+    if data.sources:
+        return ", ".join(f"{source.label} {source.path}" for source in data.sources)
+    if data.path:
+        return data.path
+    return ", ".join(f"{split} {getattr(data, split)}" for split in ("train", "validation", "test")
+                     if getattr(data, split))
+
+
+def _accelerate_config(path: str) -> str:
+    """Why an accelerate config has nothing to inspect, and which config its launch line trains."""
+    launched = Path(path).read_text().partition("\n")[0].partition(" -m tunesmith.cli ")[2].split()
+    config = next((a for a in launched[1:] if a.endswith((".yaml", ".yml"))), None)
+    return (f"{path}: an accelerate config (for `accelerate launch --config_file`), not a tunesmith config; "
+            "it has no data. Inspect the tunesmith config it launches"
+            + (f": tunesmith data inspect {config}" if config else ""))
 
 
 def cmd_audit(args) -> int:
@@ -292,16 +358,12 @@ def cmd_merge(args) -> int:
 def cmd_ppo(args) -> int:
     from tunesmith.align.options import load_ppo_config
     from tunesmith.align.recipe import run_ppo
-    from tunesmith.train.loop import Interrupted
 
     config = load_ppo_config(args.config, args.set)
     try:
         report = run_ppo(config, resume=args.resume)
     except KeyboardInterrupt as interrupt:
-        print(f"\ninterrupted: checkpoint in {config.output.dir}/checkpoints/last; "
-              f"continue with: tunesmith ppo {args.config} --resume" + "".join(f" --set {s}" for s in args.set),
-              file=sys.stderr)
-        return EXIT_TERMINATED if isinstance(interrupt, Interrupted) else EXIT_INTERRUPTED
+        return _interrupted(interrupt, config.output.dir, f"tunesmith ppo {args.config}", args.set)
     print(f"report: {report}")
     return 0
 
@@ -360,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
-    q = data_sub.add_parser("inspect", help="data statistics (rows dropped, token lengths, labels, leakage)")
+    q = data_sub.add_parser("inspect", help="data statistics (rows dropped, token lengths, labels, leakage); "
+                            "for a PPO config, its prompts")
     q.add_argument("config")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     q.set_defaults(func=cmd_inspect)
@@ -564,15 +627,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     _quiet_libraries()
+    from tunesmith.stopping import Interrupted, on_sigterm
+
+    # SIGTERM stops every long command as Ctrl-C does, at whatever phase it is in; the servers
+    # (serve, ui) shut down through uvicorn's own handler instead.
+    stopping = nullcontext() if args.func in (cmd_serve, cmd_ui) else on_sigterm()
     try:
-        return args.func(args)
+        with stopping:
+            return args.func(args)
     except TunesmithError as err:
         for problem in err.problems:
             print(f"error: {problem}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         print("\ninterrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(interrupt, Interrupted) else EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

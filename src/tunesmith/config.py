@@ -212,6 +212,8 @@ def _section_value(value, options: type[Section]) -> Section | None:
 def read_config_file(path: str | Path) -> dict:
     """The raw mapping of a YAML config file, before overrides and validation."""
     path = Path(path)
+    if path.is_dir():
+        raise TunesmithError(f"{path}: a directory; give a config file in it")
     if not path.is_file():
         raise TunesmithError(f"{path}: config file not found")
     try:

@@ -55,7 +55,8 @@ class SourceConfig(Section):
     columns: ColumnsConfig = ColumnsConfig()
     label_map: dict[str, str] | None = None
     instruction: str = "{text}"
-    max_rows: int | None = Field(None, ge=1)
+    max_rows: int | None = Field(None, ge=1, description="Keep at most this many of its rows after cleaning; "
+                                 "default: data.max_rows.")
     weight: float = Field(1.0, ge=0, description="Its share of the training mix, relative to the others' weights.")
 
     @property
@@ -91,7 +92,8 @@ class DataConfig(Section):
     max_length: int = Field(512, ge=8)
     min_chars: int | None = Field(None, ge=0)
     max_chars: int | None = Field(None, ge=1)
-    max_rows: int | None = Field(None, ge=1, description="Keep at most this many rows after cleaning.")
+    max_rows: int | None = Field(None, ge=1, description="Keep at most this many rows after cleaning (with "
+                                 "data.sources: of each source that sets no max_rows of its own).")
     split: SplitConfig = SplitConfig()
     seed: int = 0
     near_duplicate_threshold: float = Field(0.8, gt=0, le=1)

@@ -227,6 +227,8 @@ def format_stats(stats: dict) -> str:
                 f"truncated {t['truncated']} (completion tokens lost {t['completion_tokens_lost']}, "
                 f"examples dropped {t['dropped_no_trained_token']})"
                 + (f"; {t['split_into_blocks']} long texts split into blocks" if t.get("split_into_blocks") else "")
+                + (f"; {t['identical_after_truncation']} pairs the same after truncation (nothing to rank)"
+                   if t.get("identical_after_truncation") else "")
             )
     return "\n".join(lines)
 

@@ -47,7 +47,8 @@ def source_config(cfg: DataConfig, source: SourceConfig) -> DataConfig:
     return cfg.model_copy(update={
         "path": source.path, "train": None, "validation": None, "test": None, "format": source.format,
         "header": source.header, "columns": source.columns, "label_map": source.label_map,
-        "instruction": source.instruction, "max_rows": source.max_rows, "sources": None, "temperature": None})
+        "instruction": source.instruction, "max_rows": cfg.max_rows if source.max_rows is None else source.max_rows,
+        "sources": None, "temperature": None})
 
 
 def load_sources(cfg: DataConfig, load_one: Callable) -> tuple[dict[str, list[dict]], Schema, dict]:

@@ -21,11 +21,13 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from tunesmith.data.batching import length_grouped, pad
+from tunesmith.data.format import EncodeStats
 from tunesmith.data.options import DataConfig
 from tunesmith.data.pipeline import SPLITS, PreparedData, load_splits
 from tunesmith.errors import TunesmithError
 from tunesmith.model import load_model, unwrap
 from tunesmith.objectives.base import Layout, to_device
+from tunesmith.objectives.causal import _token_summary
 from tunesmith.objectives.padded import prompt_learning_is_causal_only, refuse_canaries
 from tunesmith.options import Section
 
@@ -163,8 +165,29 @@ class Reward:
     def text(self, messages: list[dict], answer: str) -> str:
         return reward_text(self.tokenizer, messages, answer, self.data.template, self.data.system_prompt)
 
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, truncation=True, max_length=self.data.max_length)["input_ids"]
+    def _ids(self, text: str) -> tuple[list[int], int]:
+        """The text's token ids, cut at ``data.max_length`` as the tokenizer cuts (keeping its closing
+        special tokens), and its length before the cut."""
+        ids = self.tokenizer(text)["input_ids"]
+        if len(ids) <= self.data.max_length:
+            return ids, len(ids)
+        return self.tokenizer(text, truncation=True, max_length=self.data.max_length)["input_ids"], len(ids)
+
+    def _encode(self, examples: list[dict]) -> tuple[list[dict], dict]:
+        """The pairs' token ids, and their token statistics: a pair's length is its longer text's, and
+        it is truncated when either text is (the cut falls in the answers)."""
+        stats, identical, encoded = EncodeStats(examples=len(examples)), 0, []
+        for e in examples:
+            (chosen, n_chosen), (rejected, n_rejected) = (self._ids(self.text(e["messages"], e[k]))
+                                                          for k in ("chosen", "rejected"))
+            stats.lengths.append(max(n_chosen, n_rejected))
+            stats.truncated += max(n_chosen, n_rejected) > self.data.max_length
+            stats.completion_tokens_lost += n_chosen - len(chosen) + n_rejected - len(rejected)
+            # Answers that differ only beyond max_length: the same text scored twice, nothing to rank.
+            identical += chosen == rejected
+            encoded.append({"chosen": chosen, "rejected": rejected,
+                            **({"margin": e["margin"]} if "margin" in e else {})})
+        return encoded, {**_token_summary(stats), "identical_after_truncation": identical}
 
     def prepare(self, labels: list[str] | None = None) -> PreparedData:  # preference data has no labels
         refuse_canaries(self.name, self.data)
@@ -172,10 +195,9 @@ class Reward:
         if schema.kind != "preference":
             raise TunesmithError(f"objective {self.name} needs preference data (prompt, chosen, rejected), but the "
                                  f"data is {schema.kind}: name the columns under data.columns.chosen / .rejected")
-        encoded = {name: [{"chosen": self._ids(self.text(e["messages"], e["chosen"])),
-                           "rejected": self._ids(self.text(e["messages"], e["rejected"])),
-                           **({"margin": e["margin"]} if "margin" in e else {})} for e in splits[name]]
-                   for name in SPLITS}
+        encoded, stats["tokens"] = {}, {}
+        for name in SPLITS:
+            encoded[name], stats["tokens"][name] = self._encode(splits[name])
         return PreparedData(schema, splits, encoded, [], stats)
 
     def load_model(self, source: str, dtype: str, labels: list[str], **kwargs):

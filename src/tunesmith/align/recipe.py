@@ -21,7 +21,7 @@ import torch
 
 from tunesmith.align import ppo
 from tunesmith.align.options import PPOConfig, load_ppo_config
-from tunesmith.align.prompts import load_prompts, prompts_of_step
+from tunesmith.align.prompts import framed, framing, load_prompts, prompts_of_step
 from tunesmith.align.report import plot_curves, write_report
 from tunesmith.align.rewards import RewardFn, load_reward
 from tunesmith.align.rollout import (
@@ -32,11 +32,10 @@ from tunesmith.align.rollout import (
     reference_logprobs,
     sample,
 )
-from tunesmith.data.format import Encoder
 from tunesmith.errors import TunesmithError
 from tunesmith.export.portable import make_portable
 from tunesmith.methods import count_parameters, get_method
-from tunesmith.model import lay_out_for_decoding, load_model, load_tokenizer, model_origin, resolve_model
+from tunesmith.model import lay_out_for_decoding, load_model, model_origin, resolve_model
 from tunesmith.objectives.causal import greedy_answer
 from tunesmith.recipe import setup_threads
 from tunesmith.stopping import Interrupted, StopRequest, UpdateHold, on_sigterm
@@ -86,19 +85,12 @@ class Parts:
 
 
 def base_parts(config: PPOConfig):
-    """``(tokenizer, encoder, base model)``: the policy's base, and the framing of its prompts (the
-    chat template, or plain text without one, and ``ppo.system_prompt``)."""
-    source = resolve_model(config.model.name)
-    tokenizer = load_tokenizer(source)
-    encoder = Encoder(tokenizer, "chat" if tokenizer.chat_template else "plain", config.ppo.system_prompt)
-    model = load_model(source, "AutoModelForCausalLM", config.model.dtype,
+    """``(tokenizer, encoder, base model)``: the policy's base, and the framing of its prompts
+    (``prompts.framing``)."""
+    tokenizer, encoder = framing(config)
+    model = load_model(resolve_model(config.model.name), "AutoModelForCausalLM", config.model.dtype,
                        **get_method(config.method.name).load_kwargs(config.method))
     return tokenizer, encoder, model
-
-
-def framed(encoder: Encoder, prompt: str) -> str:
-    """A prompt (the user turn, ``ppo.instruction`` already filled in) as the policy reads it."""
-    return encoder.prompt_text({"messages": [{"role": "user", "content": prompt}]})
 
 
 def generate(run_dir: Path, prompt: str, max_new_tokens: int) -> str:

@@ -14,7 +14,8 @@ from pathlib import Path
 from tunesmith.errors import TunesmithError
 from tunesmith.serve.adapters import AdapterPool
 from tunesmith.serve.aliases import AliasFile
-from tunesmith.serve.app import BodyLimit, build_app
+from tunesmith.serve.app import build_app
+from tunesmith.serve.middleware import BodyLimit
 from tunesmith.serve.engine import Scheduler
 from tunesmith.serve.keys import check_binding
 from tunesmith.serve.options import ServeOptions

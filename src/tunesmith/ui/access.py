@@ -15,7 +15,7 @@ from pathlib import Path
 from fastapi import Request
 
 from tunesmith.errors import TunesmithError
-from tunesmith.serve.app import ApiError
+from tunesmith.serve.errors import ApiError
 from tunesmith.serve.keys import KEYS_ENV, check_key, load_keys
 
 RATER_KEYS_ENV = "TUNESMITH_RATER_KEYS"

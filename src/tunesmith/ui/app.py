@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from tunesmith.errors import TunesmithError
-from tunesmith.serve.app import ApiError
+from tunesmith.serve.errors import ApiError
 from tunesmith.serve.options import ServeOptions
 from tunesmith.serve.server import build_server
 from tunesmith.ui.access import Access

@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
-from tunesmith.serve.app import ApiError
+from tunesmith.serve.errors import ApiError
 from tunesmith.store import Run
 from tunesmith.ui.access import require_admin
 from tunesmith.ui.runs import find_runs, run_path, summary

@@ -12,7 +12,7 @@ import yaml
 from fastapi import APIRouter, Depends, Request
 
 from tunesmith.compare import COLUMNS, fmt_cell, run_row
-from tunesmith.serve.app import ApiError
+from tunesmith.serve.errors import ApiError
 from tunesmith.store import Run
 from tunesmith.store.lineage import KEY_METRICS, describe
 from tunesmith.store.run import UNFINISHED

@@ -16,6 +16,7 @@ import torch
 from conftest import review_rows, write_config, write_jsonl
 
 from tunesmith.errors import TunesmithError
+from tunesmith.serve.access import Access
 from tunesmith.serve.engine import Sampling, held_back, next_token
 from tunesmith.serve.options import ServeOptions
 from tunesmith.serve.server import build_server
@@ -60,7 +61,7 @@ def served(runs, tiny_model_dir, tmp_path_factory):
     options = ServeOptions(max_body_bytes=4000, max_prompt_tokens=64, max_tokens=32, max_concurrent=4,
                            max_adapters=3, batch_window_ms=50)
     server = build_server({"alpha": runs["alpha"], "beta": runs["beta"]}, adapter_dirs=[runs["root"]],
-                          aliases={"prod": "alpha"}, options=options, keys={"sekret": "team-a"},
+                          aliases={"prod": "alpha"}, options=options, access=Access({"sekret": "team-a"}),
                           store=store, redact_pii=True)
     with server.in_thread() as url:
         yield server, url, store

@@ -184,16 +184,17 @@ def cmd_compare(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from tunesmith.serve.keys import check_binding, load_keys
+    from tunesmith.serve.access import load_access
+    from tunesmith.serve.keys import check_binding
     from tunesmith.serve.options import ServeOptions
     from tunesmith.serve.server import build_server, parse_aliases, parse_runs
     from tunesmith.store.aliases import DEFAULT_PATH as DEFAULT_ALIAS_FILE
 
     options = ServeOptions(**{name: getattr(args, name) for name in ServeOptions.model_fields})
-    keys = load_keys(args.api_key_file)
-    check_binding(args.host, keys)  # before the model loads: refusing should be quick
+    access = load_access(args.api_key_file, args.rater_key_file, args.user_key_file)
+    check_binding(args.host, access.keys())  # before the model loads: refusing should be quick
     server = build_server(parse_runs(args.runs), base=args.base, adapter_dirs=[Path(d) for d in args.adapter_dir],
-                          aliases=parse_aliases(args.alias), options=options, keys=keys,
+                          aliases=parse_aliases(args.alias), options=options, access=access,
                           store=Path(args.store) if args.store else None, redact_pii=args.redact_pii,
                           alias_file=Path(args.alias_file) if args.alias_file else DEFAULT_ALIAS_FILE)
     print(f"serving {', '.join(m['id'] for m in server.pool.models())} on http://{args.host}:{args.port}/v1",
@@ -204,24 +205,23 @@ def cmd_serve(args) -> int:
 
 def cmd_ui(args) -> int:
     from tunesmith import feedback
+    from tunesmith.serve.access import load_access
     from tunesmith.serve.keys import check_binding
     from tunesmith.serve.options import ServeOptions
     from tunesmith.serve.server import parse_aliases, parse_runs
     from tunesmith.store.db import STORE_ENV
-    from tunesmith.ui.access import load_access
     from tunesmith.ui.app import UiContext, build_ui_server
 
     options = ServeOptions(**{name: getattr(args, name) for name in ServeOptions.model_fields})
-    access = load_access(args.api_key_file, args.rater_key_file)
-    check_binding(args.host, access.server_keys())  # before the model loads: refusing should be quick
+    access = load_access(args.api_key_file, args.rater_key_file, args.user_key_file)
+    check_binding(args.host, access.keys())  # before the model loads: refusing should be quick
     runs_dir = Path(args.dir)
     if not runs_dir.is_dir():
         raise TunesmithError(f"--dir {runs_dir}: no such directory")
     store = Path(args.store or os.environ.get(STORE_ENV) or runs_dir / "store.sqlite")
     prompts = feedback.read_prompts(args.prompts) if args.prompts else []
-    ctx = UiContext(runs_dir=runs_dir, store_path=store,
-                    access=access, examples_dir=Path(args.examples), prompts=prompts)
-    server = build_ui_server(ctx, parse_runs(args.runs), base=args.base, options=options,
+    ctx = UiContext(runs_dir=runs_dir, store_path=store, examples_dir=Path(args.examples), prompts=prompts)
+    server = build_ui_server(ctx, parse_runs(args.runs), base=args.base, options=options, access=access,
                              aliases=parse_aliases(args.alias), redact_pii=args.redact_pii,
                              alias_file=Path(args.alias_file) if args.alias_file else runs_dir / "aliases.json")
     print(f"tunesmith ui on http://{args.host}:{args.port}/ui/ (runs in {runs_dir}; serving "
@@ -450,8 +450,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs to serve for chat and rating (default: the finished LoRA runs under --dir)")
     p.add_argument("--dir", default="runs", help="the runs the UI lists, and where it launches new ones")
     p.add_argument("--examples", default="examples", help="the example configs the launch page offers")
-    p.add_argument("--rater-key-file", help="rater keys, one ID:KEY or KEY a line (also $TUNESMITH_RATER_KEYS): "
-                   "they may chat and rate, not launch or stop runs")
     p.add_argument("--prompts", help="the rate page's prompts: a file with a 'prompt' column (.txt: one per "
                    "paragraph), as feedback collect reads (default: the prompts already in the store)")
     _serve_arguments(p, adapter_dir=False)
@@ -595,7 +593,12 @@ def _serve_arguments(p: argparse.ArgumentParser, adapter_dir: bool = True) -> No
     p.add_argument("--alias-file", help="{alias: run directory} as JSON, which retrain writes: applied at "
                    "start and followed while serving (default: runs/aliases.json; for ui, DIR/aliases.json)")
     p.add_argument("--store", help="the SQLite store for the request log (default: $TUNESMITH_STORE, else runs/store.sqlite)")
-    p.add_argument("--api-key-file", help="API keys, one ID:KEY or KEY a line (also $TUNESMITH_API_KEYS)")
+    p.add_argument("--api-key-file", help="admin keys, one ID:KEY or KEY a line (also $TUNESMITH_API_KEYS): "
+                   "they may do everything (docs/security.md)")
+    p.add_argument("--user-key-file", help="user keys, in the same format (also $TUNESMITH_USER_KEYS): "
+                   "inference, and feedback on their own answers")
+    p.add_argument("--rater-key-file", help="rater keys, in the same format (also $TUNESMITH_RATER_KEYS): "
+                   "chat, the rate page and reading runs; not loading adapters, launching or stopping runs")
     p.add_argument("--redact-pii", action="store_true", help="replace personal data in the request log")
     for name, info in ServeOptions.model_fields.items():
         p.add_argument("--" + name.replace("_", "-"), type=type(info.default), default=info.default,

@@ -73,31 +73,28 @@ class UiServer:
         self.runs_dir, self.store_path = ctx.runs_dir, ctx.store_path
 
     @contextlib.contextmanager
-    def keys(self, admin: dict[str, str] | None = None, rater: dict[str, str] | None = None):
-        """Within the block, only these keys (key -> key id) are accepted, as with --api-key-file and
-        --rater-key-file; the server is open again afterwards."""
-        access = self.ctx.access
+    def keys(self, admin: dict[str, str] | None = None, rater: dict[str, str] | None = None,
+             user: dict[str, str] | None = None):
+        """Within the block, only these keys (key -> key id) are accepted, as with --api-key-file,
+        --rater-key-file and --user-key-file; the server is open again afterwards."""
+        access = self.server.access  # the app holds this object: changes apply to the next request
         access.admin_keys.update(admin or {})
         access.rater_keys.update(rater or {})
-        access.open = False
-        self.server.keys.update(access.server_keys())  # the OpenAI routes read the same dict
+        access.user_keys.update(user or {})
         try:
             yield self
         finally:
             access.admin_keys.clear()
             access.rater_keys.clear()
-            access.open = True
-            self.server.keys.clear()
+            access.user_keys.clear()
 
 
 @pytest.fixture(scope="session")
 def ui_server(ui_env):
     from tunesmith.serve.options import ServeOptions
-    from tunesmith.ui.access import Access
     from tunesmith.ui.app import UiContext, build_ui_server
 
-    ctx = UiContext(runs_dir=ui_env.runs_dir, store_path=ui_env.store_path, access=Access({}, {}, open=True),
-                    examples_dir=ui_env.examples_dir)
+    ctx = UiContext(runs_dir=ui_env.runs_dir, store_path=ui_env.store_path, examples_dir=ui_env.examples_dir)
     server = build_ui_server(ctx, {}, options=ServeOptions(max_tokens=32, default_max_tokens=16, batch_window_ms=5))
     with server.in_thread() as url:
         yield UiServer(url, ctx, server)

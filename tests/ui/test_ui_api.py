@@ -11,25 +11,33 @@ import pytest
 
 from tunesmith.cli import main
 from tunesmith.errors import TunesmithError
-from tunesmith.ui.access import ADMIN, RATER, load_access
+from tunesmith.serve.access import ADMIN, RATER, USER, load_access
 
 
 def test_keys_roles_and_the_open_server(tmp_path):
     raters = tmp_path / "raters.txt"
     raters.write_text("# raters\nann:ann-key\n")
     access = load_access(None, raters, environ={"TUNESMITH_API_KEYS": "boss:boss-key",
-                                                "TUNESMITH_RATER_KEYS": "bob:bob-key"})
-    assert access.role("Bearer boss-key") == (ADMIN, "boss")
-    assert access.role("Bearer ann-key") == (RATER, "ann")
-    assert access.role("Bearer bob-key") == (RATER, "bob")
-    assert access.role("Bearer nope") is None and access.role(None) is None
-    assert set(access.server_keys()) == {"boss-key", "ann-key", "bob-key"}  # raters chat through /v1 too
+                                                "TUNESMITH_RATER_KEYS": "bob:bob-key",
+                                                "TUNESMITH_USER_KEYS": "cli:cli-key"})
+    assert access.identify("Bearer boss-key") == (ADMIN, "boss")
+    assert access.identify("Bearer ann-key") == (RATER, "ann")
+    assert access.identify("Bearer bob-key") == (RATER, "bob")
+    assert access.identify("Bearer cli-key") == (USER, "cli")
+    assert access.identify("Bearer nope") is None and access.identify(None) is None
+    assert set(access.keys()) == {"boss-key", "ann-key", "bob-key", "cli-key"}
     open_access = load_access(None, None, environ={})
-    assert open_access.open and open_access.role(None) == (ADMIN, "local")
+    assert open_access.open and open_access.identify(None) == (ADMIN, "local")
     with pytest.raises(TunesmithError, match="rater keys need admin keys"):
         load_access(None, raters, environ={})
+    with pytest.raises(TunesmithError, match="user keys need admin keys"):
+        load_access(environ={"TUNESMITH_USER_KEYS": "u"})
     with pytest.raises(TunesmithError, match="--rater-key-file"):
         load_access(None, tmp_path / "missing.txt", environ={"TUNESMITH_API_KEYS": "k"})
+    with pytest.raises(TunesmithError, match="--user-key-file"):
+        load_access(user_key_file=tmp_path / "missing.txt", environ={"TUNESMITH_API_KEYS": "k"})
+    with pytest.raises(TunesmithError, match="two roles"):
+        load_access(environ={"TUNESMITH_API_KEYS": "boss:same", "TUNESMITH_RATER_KEYS": "ann:same"})
 
 
 def test_ui_refuses_to_serve_beyond_localhost_without_keys(capsys, tmp_path, monkeypatch):

@@ -1,8 +1,9 @@
-"""What the server's routers share, and the FastAPI dependencies that hand it to them.
+"""What the server's routers share, and the FastAPI dependency that hands it to them.
 
 ``build_app`` puts one ``ServeContext`` on ``app.state.serve``; a route asks for it (``Ctx``) and for
-its caller (``Caller``) as parameters, so each router is a module of plain functions that a test can
-call on any app carrying a context, and the key check is one dependency, not a line in every route.
+its caller (``access.Caller`` or ``access.KeyId``) as parameters, so each router is a module of plain
+functions that a test can call on any app carrying a context, and the key check is one dependency
+(``access.authorize``), not a line in every route.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 
+from tunesmith.serve.access import Access
 from tunesmith.serve.adapters import AdapterPool
 from tunesmith.serve.aliases import AliasFile
 from tunesmith.serve.engine import Scheduler
-from tunesmith.serve.errors import ApiError
-from tunesmith.serve.keys import check_key
 from tunesmith.serve.options import ServeOptions
 from tunesmith.serve.requestlog import RequestLog
 
@@ -27,7 +27,7 @@ class ServeContext:
     pool: AdapterPool
     scheduler: Scheduler
     options: ServeOptions
-    keys: dict[str, str]  # key -> key id; the server's own dict, so a change to it applies at once
+    access: Access  # the server's own, so a key added to it applies at once
     request_log: RequestLog | None
     alias_file: AliasFile | None = None
     inflight: int = 0  # requests between their submission and their last token (429 past the cap)
@@ -46,17 +46,4 @@ def context(request: Request) -> ServeContext:
     return request.app.state.serve
 
 
-def caller(request: Request) -> str:
-    """The key id of the request's caller (``local`` on a server without keys); 401 without a known key."""
-    keys = context(request).keys
-    if not keys:
-        return "local"
-    key_id = check_key(keys, request.headers.get("authorization"))
-    if key_id is None:
-        raise ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)",
-                       headers={"WWW-Authenticate": "Bearer"})
-    return key_id
-
-
 Ctx = Annotated[ServeContext, Depends(context)]
-Caller = Annotated[str, Depends(caller)]

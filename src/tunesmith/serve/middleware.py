@@ -1,10 +1,19 @@
-"""ASGI middleware around the whole app, the UI's routes included: checks made before any route runs."""
+"""ASGI middleware around the whole app, the UI's routes and files included: checks made on the
+request's headers before any route runs. ``build_app`` adds them."""
 
 from __future__ import annotations
 
 import json
 
 from tunesmith.serve.errors import error_body
+
+
+async def send_error(send, status: int, message: str) -> None:
+    """Answer with an OpenAI-shaped error, before (or instead of) the app."""
+    body = json.dumps(error_body(status, message)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class BodyLimit:
@@ -38,7 +47,4 @@ class BodyLimit:
         await self.app(scope, counted, muted)
 
     async def _refuse(self, send):
-        body = json.dumps(error_body(413, f"request body over {self.limit} bytes")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 413, f"request body over {self.limit} bytes")

@@ -50,5 +50,12 @@ class RequestLog:
         with self._lock:
             return self.db.execute("SELECT 1 FROM answers WHERE id = ?", (answer_id,)).fetchone() is not None
 
+    def served_to(self, answer_id: str) -> str | None:
+        """The key id the answer was served to (``meta.key_id``); None for no such answer."""
+        with self._lock:
+            row = self.db.execute("SELECT json_extract(meta, '$.key_id') FROM answers WHERE id = ?",
+                                  (answer_id,)).fetchone()
+        return None if row is None else row[0]
+
     def close(self) -> None:
         self.db.close()

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
+from tunesmith.serve.access import Access
 from tunesmith.serve.adapters import AdapterPool
 from tunesmith.serve.aliases import AliasFile
 from tunesmith.serve.app import build_app
-from tunesmith.serve.middleware import BodyLimit
 from tunesmith.serve.engine import Scheduler
 from tunesmith.serve.keys import check_binding
 from tunesmith.serve.options import ServeOptions
@@ -30,23 +30,23 @@ class Server:
     scheduler: Scheduler
     request_log: RequestLog | None
     options: ServeOptions
-    keys: dict[str, str] = field(default_factory=dict)
+    access: Access = field(default_factory=Access)  # no keys: open, on this machine only
     alias_file: AliasFile | None = None
     # Called with the app before it serves: how ``tunesmith ui`` adds its pages to the same app.
     extensions: list[Callable] = field(default_factory=list)
 
     def asgi(self):
-        """The ASGI application: the routes (and any extensions') behind the body size cap."""
-        app = build_app(self.pool, self.scheduler, self.options, self.keys, self.request_log, self.alias_file)
+        """The ASGI application: ``build_app``'s, with the extensions' routes added."""
+        app = build_app(self.pool, self.scheduler, self.options, self.access, self.request_log, self.alias_file)
         for extend in self.extensions:
             extend(app)
-        return BodyLimit(app, self.options.max_body_bytes)
+        return app
 
     def run(self, host: str, port: int) -> None:
         """Serve in the foreground until interrupted."""
         import uvicorn
 
-        check_binding(host, self.keys)
+        check_binding(host, self.access.keys())
         self.scheduler.start()
         try:
             uvicorn.run(self.asgi(), host=host, port=port, log_level="warning", server_header=False)
@@ -58,7 +58,7 @@ class Server:
         """Serve on a thread; yields the base URL (``http://host:port``)."""
         import uvicorn
 
-        check_binding(host, self.keys)
+        check_binding(host, self.access.keys())
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
@@ -109,7 +109,7 @@ def parse_aliases(items: list[str]) -> dict[str, str]:
 
 def build_server(runs: dict[str, Path], base: str | None = None, adapter_dirs: list[Path] = (),
                  aliases: dict[str, str] | None = None, options: ServeOptions | None = None,
-                 keys: dict[str, str] | None = None, store: Path | None = None,
+                 access: Access | None = None, store: Path | None = None,
                  redact_pii: bool = False, log_requests: bool = True, alias_file: Path | None = None) -> Server:
     """A server on the runs' shared base model; nothing listens until ``run`` or ``in_thread``.
 
@@ -131,4 +131,4 @@ def build_server(runs: dict[str, Path], base: str | None = None, adapter_dirs: l
         watch.refresh()
     scheduler = Scheduler(pool.run, window_s=options.batch_window_ms / 1000, max_batch=options.max_batch)
     request_log = RequestLog(store or default_path(), redact_pii) if log_requests else None
-    return Server(pool, scheduler, request_log, options, dict(keys or {}), watch)
+    return Server(pool, scheduler, request_log, options, access or Access(), watch)

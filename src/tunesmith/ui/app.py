@@ -1,7 +1,8 @@
 """The UI on the server's own FastAPI app: ``add_ui`` adds the JSON API (``/ui/api/...``), the static
 files (``/ui/static/<file>``) and the pages (``/ui/`` is the runs table, ``/ui/<page>`` is
 ``static/<page>.html``), so the chat and rate pages call the same ``/v1`` routes, behind the same keys,
-as any client of ``tunesmith serve``.
+as any client of ``tunesmith serve``. Who may call each route is in ``serve.access.ROUTES``, one table
+for the server's routes and the UI's.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from tunesmith.errors import TunesmithError
 from tunesmith.serve.errors import ApiError
 from tunesmith.serve.options import ServeOptions
 from tunesmith.serve.server import build_server
-from tunesmith.ui.access import Access
 
 STATIC = Path(__file__).parent / "static"
 
@@ -27,7 +27,6 @@ STATIC = Path(__file__).parent / "static"
 class UiContext:
     runs_dir: Path  # the runs the UI lists, and where it launches new ones
     store_path: Path  # the SQLite store of answers and ratings
-    access: Access
     examples_dir: Path  # example configs offered by the launch page
     prompts: list[str] = field(default_factory=list)  # the rate page's (--prompts); none: the store's
     # Processes started from the launch page, by run name: their exit status is read from here.
@@ -85,13 +84,14 @@ def servable_runs(runs_dir: Path, limit: int) -> dict[str, Path]:
 def build_ui_server(ctx: UiContext, runs: dict[str, Path], base: str | None = None,
                     options: ServeOptions | None = None, **serve):
     """``tunesmith serve``'s server on ``runs`` (default: the servable runs under the runs directory),
-    with the UI added to its app and the runs directory open to ``/v1/load_lora_adapter``."""
+    with the UI added to its app and the runs directory open to ``/v1/load_lora_adapter``; ``serve``
+    holds ``build_server``'s other arguments (``access``: the keys of each role)."""
     options = options or ServeOptions()
     runs = runs or servable_runs(ctx.runs_dir, options.max_adapters)
     if not runs and base is None:
         raise TunesmithError(f"ui: no finished LoRA run in {ctx.runs_dir} to take the base model from; "
                              "give the base model with --base")
     server = build_server(runs, base=base, adapter_dirs=[ctx.runs_dir], options=options,
-                          keys=ctx.access.server_keys(), store=ctx.store_path, **serve)
+                          store=ctx.store_path, **serve)
     server.extensions.append(lambda app: add_ui(app, ctx))
     return server

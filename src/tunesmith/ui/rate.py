@@ -29,8 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tunesmith import feedback
 from tunesmith.errors import TunesmithError
+from tunesmith.serve.access import LOCAL, KeyId
 from tunesmith.store import db as store
-from tunesmith.ui.access import require_admin, require_rater
 
 router = APIRouter(prefix="/ui/api/rate")
 
@@ -39,7 +39,6 @@ SOURCE = "rated"
 # terminal's); scores given to served answers through /v1/feedback (thumbs as 0/1) are not.
 SESSION_SOURCES = (SOURCE, "collected")
 MAX_STORE_PROMPTS = 500
-LOCAL = "local"
 _SOURCES = ", ".join("?" * len(SESSION_SOURCES))
 
 Mode = Literal["pair", "score"]
@@ -223,8 +222,7 @@ def _db(request: Request) -> Iterator[sqlite3.Connection]:
         db.close()
 
 
-Rater = Annotated[str, Depends(require_rater)]
-Admin = Annotated[str, Depends(require_admin)]
+Rater = KeyId  # who may rate, and export, is serve/access.py's ROUTES
 Db = Annotated[sqlite3.Connection, Depends(_db)]
 Models = Annotated[list[str], Query(min_length=1, max_length=2)]
 
@@ -278,7 +276,7 @@ def get_progress(request: Request, key_id: Rater, db: Db, models: Models, mode: 
 
 
 @router.get("/export")
-def get_export(key_id: Admin, db: Db):
+def get_export(db: Db):
     """Every non-tie choice as preference pairs (JSONL), as ``tunesmith feedback export`` writes them.
     Admin keys only: the file holds every rater's choices, and raters see only their own progress."""
     text, n = export_jsonl(db)

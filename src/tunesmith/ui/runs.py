@@ -9,14 +9,14 @@ import json
 from pathlib import Path
 
 import yaml
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 
 from tunesmith.compare import COLUMNS, fmt_cell, run_row
+from tunesmith.serve.access import Caller
 from tunesmith.serve.errors import ApiError
 from tunesmith.store import Run
 from tunesmith.store.lineage import KEY_METRICS, describe
 from tunesmith.store.run import UNFINISHED
-from tunesmith.ui.access import caller, require_rater
 
 router = APIRouter(prefix="/ui/api")
 LOG_TAIL_BYTES = 8000
@@ -63,13 +63,12 @@ def summary(ctx, path: Path) -> dict:
 
 
 @router.get("/whoami")
-def whoami(request: Request):
-    role, key_id = caller(request)
-    return {"role": role, "key_id": key_id}
+def whoami(caller: Caller):
+    return {"role": caller.role, "key_id": caller.key_id}
 
 
 @router.get("/runs")
-def list_runs(request: Request, key_id: str = Depends(require_rater)):
+def list_runs(request: Request):
     ctx = request.app.state.ui
     paths = [p.resolve() for p in find_runs(ctx.runs_dir)]
     for name in ctx.processes:  # launched runs that have not written anything yet
@@ -81,7 +80,7 @@ def list_runs(request: Request, key_id: str = Depends(require_rater)):
 
 
 @router.get("/run")
-def show_run(request: Request, name: str, key_id: str = Depends(require_rater)):
+def show_run(request: Request, name: str):
     ctx = request.app.state.ui
     path = run_path(ctx, name)
     if not path.is_dir() and name not in ctx.processes:
@@ -104,7 +103,7 @@ def show_run(request: Request, name: str, key_id: str = Depends(require_rater)):
 
 
 @router.get("/run/metrics")
-def run_metrics(request: Request, name: str, after: int = 0, key_id: str = Depends(require_rater)):
+def run_metrics(request: Request, name: str, after: int = 0):
     """The records of metrics.jsonl from line ``after`` on, and the run's status: a page polls this."""
     ctx = request.app.state.ui
     run = Run(run_path(ctx, name), writer=False)
@@ -113,7 +112,7 @@ def run_metrics(request: Request, name: str, after: int = 0, key_id: str = Depen
 
 
 @router.get("/compare")
-def compare_runs(request: Request, names: str, key_id: str = Depends(require_rater)):
+def compare_runs(request: Request, names: str):
     """Several runs side by side: ``tunesmith compare``'s table, their metrics.json and loss curves."""
     ctx = request.app.state.ui
     chosen = [n for n in names.split(",") if n]

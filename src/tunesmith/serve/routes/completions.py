@@ -16,7 +16,8 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from tunesmith.serve.context import Caller, Ctx, ServeContext
+from tunesmith.serve.access import KeyId
+from tunesmith.serve.context import Ctx, ServeContext
 from tunesmith.serve.engine import BASE, Event, Job, Sampling
 from tunesmith.serve.errors import ApiError, error_body
 from tunesmith.serve.schemas import ChatRequest, CompletionRequest, SamplingRequest
@@ -30,13 +31,13 @@ async def health(ctx: Ctx):
 
 
 @router.get("/v1/models")
-async def models(ctx: Ctx, key_id: Caller):
+async def models(ctx: Ctx):
     await ctx.follow_alias_file()
     return {"object": "list", "data": ctx.pool.models()}
 
 
 @router.post("/v1/chat/completions")
-async def chat(body: ChatRequest, ctx: Ctx, key_id: Caller):
+async def chat(body: ChatRequest, ctx: Ctx, key_id: KeyId):
     tokenizer = ctx.pool.tokenizer
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     if not getattr(tokenizer, "chat_template", None):
@@ -50,7 +51,7 @@ async def chat(body: ChatRequest, ctx: Ctx, key_id: Caller):
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, ctx: Ctx, key_id: Caller):
+async def completions(body: CompletionRequest, ctx: Ctx, key_id: KeyId):
     prompt = body.prompt
     if isinstance(prompt, list):
         if len(prompt) != 1:

@@ -6,6 +6,11 @@ are left-padded and run through one forward pass per step; PEFT's mixed-adapter 
 its own LoRA weights. Each row samples with its own temperature, top_p and random generator, stops
 on its own end-of-sequence token, stop string or token limit, and streams its text as it grows.
 
+A job asking for ``n`` choices is prefilled once: its prompt runs as one row, and the KV cache and
+the last logits are then copied into ``n`` rows, each sampling with its own generator. A row whose
+sampling fails (bad numbers, a bug) fails its own job alone: it leaves the batch with an error
+event, and the other rows go on. A job cancelled (its client gone) leaves the batch at the next step.
+
 Mixed routing has a price. PEFT's ``adapter_names=`` argument walks every module twice on each
 forward pass to hook the names into each LoRA layer (about 40 ms a step for SmolLM2-135M on CPU),
 and each LoRA layer then splits its batch by adapter. So ``routed`` puts those hooks in once a
@@ -42,17 +47,35 @@ class Sampling:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely
+    n: int = 1  # choices for the one prompt
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (its softmax, before temperature and top_p),
+    the ``top`` most likely tokens of its step as (token, log-probability), and where its text starts
+    in the answer (characters)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+    offset: int
 
 
 @dataclass
 class Event:
-    """What a job hears from the engine: ``text`` (a new piece of the answer), then one ``done``
-    (with the finish reason and the number of generated tokens) or one ``error``."""
+    """What a job hears from the engine, for each of its choices (``index``): ``text`` (a new piece of
+    the answer), then one ``done`` (with the finish reason and the number of generated tokens) or one
+    ``error``. With ``Sampling.logprobs``, ``logprobs`` holds the tokens behind ``text`` (a ``done``
+    carries any not sent yet)."""
 
     kind: str
     text: str = ""
     finish_reason: str | None = None
     completion_tokens: int = 0
+    index: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -77,6 +100,22 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def token_logprob(logits: torch.Tensor, token: int, top: int, offset: int) -> TokenLogprob:
+    """``token``'s log-probability in one row of raw ``logits``, with the ``top`` most likely tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = logp.topk(min(top, logp.numel())) if top else (logp[:0], logp[:0].long())
+    return TokenLogprob(token, float(logp[token]), list(zip(ids.tolist(), values.tolist())), offset)
+
+
+def choice_seeds(seed: int | None, n: int) -> list[int | None]:
+    """The seed of each of ``n`` choices: ``seed`` itself for the first (so ``n=1`` samples as before),
+    then seeds drawn from it, so each choice has its own stream and the same request repeats."""
+    if seed is None:
+        return [None] * n
+    draw = torch.Generator().manual_seed(seed)
+    return [seed] + [int(torch.randint(2**62, (1,), generator=draw)) for _ in range(n - 1)]
+
+
 def held_back(text: str, stops: list[str]) -> int:
     """How many characters at the end of ``text`` could still begin a stop string, so must not be sent yet."""
     longest = 0
@@ -89,15 +128,17 @@ def held_back(text: str, stops: list[str]) -> int:
 
 
 class _Row:
-    """The decoding state of one job in a batch."""
+    """The decoding state of one choice of one job in a batch."""
 
-    def __init__(self, job: Job, tokenizer):
+    def __init__(self, job: Job, index: int, seed: int | None, tokenizer):
         self.job = job
+        self.index = index
         self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.sent = 0  # characters of the answer already emitted
+        self.length = 0  # characters of the answer so far
+        self.logprobs: list[TokenLogprob] = []  # of tokens whose text is not emitted yet
         self.done = False
-        seed = job.sampling.seed
         self.generator = None
         if job.sampling.temperature > 0:
             self.generator = torch.Generator()
@@ -106,33 +147,54 @@ class _Row:
             else:
                 self.generator.manual_seed(seed)
 
+    def step(self, logits: torch.Tensor, eos: set[int]) -> int:
+        """Sample this row's next token from its ``logits`` and take it."""
+        sampling = self.job.sampling
+        token = next_token(logits, sampling, self.generator)
+        if sampling.logprobs is not None and token not in eos:
+            self.logprobs.append(token_logprob(logits, token, sampling.logprobs, self.length))
+        self.push(token, eos)
+        return token
+
     def push(self, token: int, eos: set[int]) -> None:
         """Take one generated token: emit the text it completes, and finish where a limit says."""
         sampling = self.job.sampling
-        if self.job.cancelled.is_set():
-            self.finish(self._text(), "cancelled")
-            return
         if token in eos:
             self.finish(self._text(), "stop")
             return
         self.ids.append(token)
         text = self._text()
+        self.length = len(text)
         cuts = [i for i in (text.find(s) for s in sampling.stop) if i >= 0]
         if cuts:
-            self.finish(text[: min(cuts)], "stop")
+            cut = min(cuts)
+            # The tokens that only spell the stop string are not part of the answer.
+            self.logprobs = [t for t in self.logprobs if t.offset < cut]
+            self.finish(text[:cut], "stop")
         elif len(self.ids) >= sampling.max_tokens:
             self.finish(text, "length")
         elif not text.endswith("\ufffd"):  # a character split across tokens waits for its end
             end = len(text) - held_back(text, sampling.stop)
             if end > self.sent:
-                self.job.emit(Event("text", text[self.sent:end]))
+                self._emit(Event("text", text[self.sent:end]))
                 self.sent = end
 
     def finish(self, text: str, reason: str) -> None:
         if len(text) > self.sent:
-            self.job.emit(Event("text", text[self.sent:]))
-        self.job.emit(Event("done", finish_reason=reason, completion_tokens=len(self.ids)))
+            self._emit(Event("text", text[self.sent:]))
+        self._emit(Event("done", finish_reason=reason, completion_tokens=len(self.ids)))
         self.done = True
+
+    def cancel(self) -> None:
+        self.finish(self._text(), "cancelled")
+
+    def fail(self, message: str) -> None:
+        self.job.emit(Event("error", text=message, index=self.index))
+        self.done = True
+
+    def _emit(self, event: Event) -> None:
+        event.index, event.logprobs, self.logprobs = self.index, self.logprobs, []
+        self.job.emit(event)
 
     def _text(self) -> str:
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
@@ -181,7 +243,17 @@ def decode_batch(model, tokenizer, jobs: list[Job], mixed: bool) -> None:
 
     ``mixed``: the model is a PEFT model, and each job names its adapter (or ``BASE``).
     """
-    rows = [_Row(job, tokenizer) for job in jobs]
+    for job in jobs:
+        if job.cancelled.is_set():  # its client left while it queued
+            for index in range(job.sampling.n):
+                job.emit(Event("done", finish_reason="cancelled", index=index))
+    jobs = [job for job in jobs if not job.cancelled.is_set()]
+    if not jobs:
+        return
+    rows = [_Row(job, index, seed, tokenizer) for job in jobs
+            for index, seed in enumerate(choice_seeds(job.sampling.seed, job.sampling.n))]
+    # Each prompt is prefilled once, as one row; a job's n choices are copies of it from then on.
+    choices = torch.tensor([j for j, job in enumerate(jobs) for _ in range(job.sampling.n)])
     eos = eos_ids(model, tokenizer)
     width = max(len(job.prompt_ids) for job in jobs)
     pad = tokenizer.pad_token_id
@@ -205,11 +277,24 @@ def decode_batch(model, tokenizer, jobs: list[Job], mixed: bool) -> None:
                         position_ids=positions.to(device), past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             logits = out.logits[:, -1].cpu()
+            if choices is not None:  # the prefill is done: each job's row becomes its n choices
+                if len(choices) > len(jobs):
+                    cache.batch_select_indices(choices.to(device))
+                    logits, mask, positions = logits[choices], mask[choices], positions[choices]
+                    adapters[:] = [adapters[j] for j in choices.tolist()]
+                choices = None
             step = []
             for i, row in enumerate(rows):
-                token = next_token(logits[i], row.job.sampling, row.generator)
-                row.push(token, eos)
-                step.append(token)
+                step.append(pad)
+                if row.job.cancelled.is_set():
+                    row.cancel()
+                    continue
+                try:
+                    step[-1] = row.step(logits[i], eos)
+                except Exception as err:  # this request's own failure: the rest of the batch goes on
+                    log.exception("generation failed for one request")
+                    row.fail(f"generation failed: {err}")
+                    row.job.cancelled.set()  # and its other choices stop
             live = [i for i, row in enumerate(rows) if not row.done]
             if len(live) < len(rows):
                 # Finished rows leave the batch (and the cache), so they cost nothing more.
@@ -226,7 +311,8 @@ def decode_batch(model, tokenizer, jobs: list[Job], mixed: bool) -> None:
 
 
 class Scheduler:
-    """Micro-batching: requests that arrive within ``window_s`` of the first are decoded together.
+    """Micro-batching: requests that arrive within ``window_s`` of the first are decoded together,
+    up to ``max_batch`` rows (a job of ``n`` choices is ``n`` rows).
 
     ``run_batch(jobs)`` does the decoding (``AdapterPool.run``); it is called on this scheduler's
     own thread, one batch at a time.
@@ -241,6 +327,7 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="tunesmith-scheduler", daemon=True)
         self._open = threading.Event()
         self._open.set()
+        self._next: Job | None = None  # a job that did not fit the last batch: it opens the next
         self.submitted = 0
         self.batches: list[list[str]] = []  # the adapters of each batch run, newest last (bounded)
 
@@ -266,19 +353,26 @@ class Scheduler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                first = self.queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
+            first, self._next = self._next, None
+            if first is None:
+                try:
+                    first = self.queue.get(timeout=0.1)
+                except queue.Empty:
+                    continue
             self._open.wait()
-            batch = [first]
+            batch, rows = [first], first.sampling.n
             # The window runs from the first request: later arrivals do not extend it.
             deadline = time.monotonic() + self.window_s
-            while len(batch) < self.max_batch:
+            while rows < self.max_batch:
                 try:
-                    batch.append(self.queue.get(timeout=max(deadline - time.monotonic(), 0)))
+                    job = self.queue.get(timeout=max(deadline - time.monotonic(), 0))
                 except queue.Empty:
                     break
+                if rows + job.sampling.n > self.max_batch:
+                    self._next = job
+                    break
+                batch.append(job)
+                rows += job.sampling.n
             self._run(batch)
 
     def _run(self, batch: list[Job]) -> None:

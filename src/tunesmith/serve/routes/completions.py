@@ -1,7 +1,10 @@
 """Inference: ``/v1/chat/completions`` and ``/v1/completions`` (streamed as server-sent events in the
 chunk format of the OpenAI API, or whole), ``/v1/models`` and ``/health``.
 
-With an alias file, requests and ``/v1/models`` first pick up its changes.
+With an alias file, requests and ``/v1/models`` first pick up its changes. A request is checked
+whole before it is queued (``schemas``, ``unsupported``); its ``n`` choices are one job for the
+engine, which prefills the prompt once. A client that leaves before its answer cancels the job,
+streamed or not, and the engine drops its rows.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
@@ -20,7 +23,9 @@ from tunesmith.serve.access import KeyId
 from tunesmith.serve.context import Ctx, ServeContext
 from tunesmith.serve.engine import BASE, Event, Job, Sampling
 from tunesmith.serve.errors import ApiError, error_body
+from tunesmith.serve.responses import Answer, Choices, chunk_choice
 from tunesmith.serve.schemas import ChatRequest, CompletionRequest, SamplingRequest
+from tunesmith.serve.unsupported import refused
 
 router = APIRouter()
 
@@ -37,7 +42,8 @@ async def models(ctx: Ctx):
 
 
 @router.post("/v1/chat/completions")
-async def chat(body: ChatRequest, ctx: Ctx, key_id: KeyId):
+async def chat(body: ChatRequest, request: Request, ctx: Ctx, key_id: KeyId):
+    _refuse_unsupported(body)
     tokenizer = ctx.pool.tokenizer
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     if not getattr(tokenizer, "chat_template", None):
@@ -47,22 +53,24 @@ async def chat(body: ChatRequest, ctx: Ctx, key_id: KeyId):
     user = [m["content"] for m in messages if m["role"] == "user"]
     meta = {"messages": messages} if len(messages) > 1 else {}
     limit = body.max_completion_tokens or body.max_tokens
-    return await complete(ctx, body, "chat", ids, user[-1] if user else text, meta, limit, key_id)
+    return await complete(ctx, request, body, "chat", ids, user[-1] if user else text, meta, limit, key_id)
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, ctx: Ctx, key_id: KeyId):
-    prompt = body.prompt
-    if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise ApiError(400, "prompt: one prompt per request", "prompt")
-        prompt = prompt[0]
-    ids = ctx.pool.tokenizer(prompt).input_ids
-    return await complete(ctx, body, "completions", ids, prompt, {}, body.max_tokens, key_id)
+async def completions(body: CompletionRequest, request: Request, ctx: Ctx, key_id: KeyId):
+    _refuse_unsupported(body)
+    ids = ctx.pool.tokenizer(body.prompt).input_ids
+    return await complete(ctx, request, body, "completions", ids, body.prompt, {}, body.max_tokens, key_id)
 
 
-async def complete(ctx: ServeContext, body: SamplingRequest, route: str, ids: list[int], prompt: str, meta: dict,
-                   max_tokens: int | None, key_id: str):
+def _refuse_unsupported(body: SamplingRequest) -> None:
+    problem = refused(body.model_extra)
+    if problem is not None:
+        raise ApiError(400, problem[1], problem[0])
+
+
+async def complete(ctx: ServeContext, request: Request, body: SamplingRequest, route: str, ids: list[int],
+                   prompt: str, meta: dict, max_tokens: int | None, key_id: str):
     """Queue one request for the scheduler and answer it, whole or streamed; log the answer."""
     pool, options = ctx.pool, ctx.options
     await ctx.follow_alias_file()
@@ -92,51 +100,54 @@ async def complete(ctx: ServeContext, body: SamplingRequest, route: str, ids: li
     created = int(time.time())
     meta = {"key_id": key_id, "route": route, "model": body.model, "temperature": sampling.temperature,
             "top_p": sampling.top_p, "max_tokens": sampling.max_tokens, "seed": sampling.seed, **meta}
+    answer = Answer(route, completion_id, created, body.model, sampling, len(ids), ctx.pool.tokenizer)
 
-    async def finished(answer: str, done: Event):
+    async def finished(choices: Choices):
+        """Log each choice (the first under the completion's id, choice i under ``ID-i``); not a cancelled one."""
         request_log = ctx.request_log
-        if request_log is not None:
-            await run_in_threadpool(lambda: request_log.answer(
-                id=completion_id, run=pool.base_name if adapter == BASE else adapter,
-                prompt=prompt, answer=answer, prompt_tokens=len(ids),
-                completion_tokens=done.completion_tokens,
-                latency_ms=(time.perf_counter() - started) * 1000, meta=meta))
-
-    def usage(done: Event) -> dict:
-        return {"prompt_tokens": len(ids), "completion_tokens": done.completion_tokens,
-                "total_tokens": len(ids) + done.completion_tokens}
+        if request_log is None or choices.cancelled:
+            return
+        latency_ms = (time.perf_counter() - started) * 1000
+        for i, tokens in enumerate(choices.completion_tokens):
+            await run_in_threadpool(lambda i=i, tokens=tokens: request_log.answer(
+                id=completion_id if i == 0 else f"{completion_id}-{i}",
+                run=pool.base_name if adapter == BASE else adapter, prompt=prompt, answer=choices.answer(i),
+                prompt_tokens=len(ids), completion_tokens=tokens, latency_ms=latency_ms,
+                meta={**meta, "choice": i} if sampling.n > 1 else meta))
 
     if body.stream:
-        chunks = _stream(events, job, route, completion_id, created, body, finished, usage)
+        chunks = _stream(events, answer, finished, bool(body.stream_options and body.stream_options.include_usage))
 
         async def release_after():
             try:
                 async for chunk in chunks:
                     yield chunk
             finally:
-                job.cancelled.set()  # a client that hung up frees its row
+                job.cancelled.set()  # a client that hung up frees its rows
                 ctx.inflight -= 1
 
         return StreamingResponse(release_after(), media_type="text/event-stream")
+    watch = asyncio.create_task(_cancel_when_gone(request, job))
     try:
-        pieces = []
-        while (event := await events.get()).kind == "text":
-            pieces.append(event.text)
+        choices = Choices(sampling.n)
+        while not choices.done:
+            event = await events.get()
+            if event.kind == "error":
+                raise ApiError(500, event.text)
+            choices.add(event)
     finally:
+        watch.cancel()
+        job.cancelled.set()  # after an error, the other choices stop; after the answer, nothing is left
         ctx.inflight -= 1
-    if event.kind == "error":
-        raise ApiError(500, event.text)
-    answer = "".join(pieces)
-    await finished(answer, event)
-    if route == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": answer},
-                  "finish_reason": event.finish_reason, "logprobs": None}
-        kind = "chat.completion"
-    else:
-        choice = {"index": 0, "text": answer, "finish_reason": event.finish_reason, "logprobs": None}
-        kind = "text_completion"
-    return {"id": completion_id, "object": kind, "created": created, "model": body.model,
-            "choices": [choice], "usage": usage(event)}
+    await finished(choices)
+    return answer.whole(choices)
+
+
+async def _cancel_when_gone(request: Request, job: Job, every_s: float = 0.1) -> None:
+    """Cancel ``job`` once the client of a non-streamed request has disconnected (a stream notices by itself)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every_s)
+    job.cancelled.set()
 
 
 def _sampling(ctx: ServeContext, body: SamplingRequest, max_tokens: int | None, prompt_tokens: int) -> Sampling:
@@ -150,6 +161,8 @@ def _sampling(ctx: ServeContext, body: SamplingRequest, max_tokens: int | None, 
     if max_tokens is not None and max_tokens > options.max_tokens:
         raise ApiError(400, f"max_tokens {max_tokens} is over this server's cap of {options.max_tokens}",
                        "max_tokens")
+    if body.n > options.max_batch:
+        raise ApiError(400, f"n {body.n} is over this server's batch of {options.max_batch} rows", "n")
     max_tokens = max_tokens or options.default_max_tokens
     if max_positions is not None and prompt_tokens + max_tokens > max_positions:
         if max_tokens == options.default_max_tokens:
@@ -157,39 +170,28 @@ def _sampling(ctx: ServeContext, body: SamplingRequest, max_tokens: int | None, 
         else:
             raise ApiError(400, f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is over "
                            f"the model's context of {max_positions}", "max_tokens")
-    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    return Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                    stop=[s for s in stops if s], seed=body.seed)
+    return Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stop,
+                    seed=body.seed, logprobs=body.top_logprobs_wanted(), n=body.n)
 
 
-async def _stream(events: asyncio.Queue, job: Job, route: str, completion_id: str, created: int,
-                  body: SamplingRequest, finished, usage) -> AsyncIterator[str]:
+async def _stream(events: asyncio.Queue, answer: Answer, finished, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events in the OpenAI chunk format, ending with ``data: [DONE]``."""
-    kind = "chat.completion.chunk" if route == "chat" else "text_completion"
-
-    def chunk(choices: list[dict], **extra) -> str:
-        payload = {"id": completion_id, "object": kind, "created": created, "model": body.model,
-                   "choices": choices, **extra}
-        return f"data: {json.dumps(payload)}\n\n"
-
-    def choice(text: str | None, finish_reason: str | None = None) -> dict:
-        if route == "chat":
-            delta = {} if text is None else {"content": text}
-            return {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-        return {"index": 0, "text": text or "", "finish_reason": finish_reason, "logprobs": None}
-
+    route, n = answer.route, answer.sampling.n
     if route == "chat":
-        yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
-                      "logprobs": None}])
-    pieces = []
-    while (event := await events.get()).kind == "text":
-        pieces.append(event.text)
-        yield chunk([choice(event.text)])
-    if event.kind == "error":
-        yield f"data: {json.dumps(error_body(500, event.text))}\n\n"
-        return
-    await finished("".join(pieces), event)
-    yield chunk([choice(None, event.finish_reason)])
-    if (body.stream_options or {}).get("include_usage"):
-        yield chunk([], usage=usage(event))
+        yield answer.chunk([chunk_choice(route, i, None, role=True) for i in range(n)])
+    choices = Choices(n)
+    while not choices.done:
+        event = await events.get()
+        if event.kind == "error":
+            yield f"data: {json.dumps(error_body(500, event.text))}\n\n"
+            return
+        choices.add(event)
+        logprobs = answer.logprobs(event.logprobs) if event.logprobs else None
+        if event.kind == "text":
+            yield answer.chunk([chunk_choice(route, event.index, event.text, logprobs=logprobs)])
+        else:
+            yield answer.chunk([chunk_choice(route, event.index, None, event.finish_reason, logprobs)])
+    await finished(choices)
+    if include_usage:
+        yield answer.chunk([], usage=answer.usage(choices))
     yield "data: [DONE]\n\n"

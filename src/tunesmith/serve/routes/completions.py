@@ -103,9 +103,9 @@ async def complete(ctx: ServeContext, request: Request, body: SamplingRequest, r
     answer = Answer(route, completion_id, created, body.model, sampling, len(ids), ctx.pool.tokenizer)
 
     async def finished(choices: Choices):
-        """Log each choice (the first under the completion's id, choice i under ``ID-i``); not a cancelled one."""
+        """Log each choice: the first under the completion's id, choice i under ``ID-i``."""
         request_log = ctx.request_log
-        if request_log is None or choices.cancelled:
+        if request_log is None:
             return
         latency_ms = (time.perf_counter() - started) * 1000
         for i, tokens in enumerate(choices.completion_tokens):
@@ -139,6 +139,8 @@ async def complete(ctx: ServeContext, request: Request, body: SamplingRequest, r
         watch.cancel()
         job.cancelled.set()  # after an error, the other choices stop; after the answer, nothing is left
         ctx.inflight -= 1
+    if choices.cancelled:  # no one to answer; an in-process caller (the rate page) must not use it either
+        raise ApiError(499, "the client disconnected; the request was cancelled")
     await finished(choices)
     return answer.whole(choices)
 

@@ -73,5 +73,12 @@ def test_export_round_trips_to_preference_data(tmp_path, capsys):
     assert sorted((e["messages"][0]["content"], e["chosen"], e["rejected"]) for e in splits["train"]) == [
         ("prompt 0", "answer a0", "answer b0"), ("prompt 1", "answer b1", "answer a1")]
     cli_fails(capsys, ["feedback", "export", "--store", str(path), "--out", str(out)], "already exists")
+    # Each item has one rater: asking for two leaves every one out, and says why.
+    assert main(["feedback", "export", "--store", str(path), "--out", str(tmp_path / "two.jsonl"),
+                 "--min-raters", "2", "--agreement", "0.66"]) == 0
+    assert f"wrote 0 preference pairs to {tmp_path / 'two.jsonl'} (items left out: 3 too_few_raters)" in \
+        capsys.readouterr().out
+    cli_fails(capsys, ["feedback", "export", "--store", str(path), "--out", str(tmp_path / "bad.jsonl"),
+                       "--agreement", "2"], "--agreement 2.0: expected a share between 0 and 1")
     cli_fails(capsys, ["feedback", "export", "--store", str(tmp_path / "none.sqlite"), "--out", "x.jsonl"],
               "no feedback store")

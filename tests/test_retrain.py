@@ -9,9 +9,11 @@ import pytest
 
 from conftest import cli_fails, review_rows, write_config, write_jsonl
 from tunesmith.cli import main
-from tunesmith.retrain.data import hold_out, latest_ratings, rated_rows, replay, unseen
+from tunesmith.errors import TunesmithError
+from tunesmith.retrain.data import hold_out, rated_rows, replay, served_ratings, unseen
 from tunesmith.retrain.gate import decide
 from tunesmith.store import db
+from tunesmith.store.consensus import Consensus
 
 LABELS = ["negative", "positive"]
 
@@ -39,14 +41,47 @@ def test_rated_rows_take_each_answers_latest_rating(tmp_path):
     g, h = _answer(store, "pair", "positive"), _answer(store, "pair", "negative")
     db.add_rating(store, g, rater="k", other_id=h, choice="first")  # a preference, not a rating of one answer
 
-    rows, skipped = rated_rows(latest_ratings(store, "r"), LABELS)
+    rows, skipped = rated_rows(served_ratings(store, "r"), LABELS)
     assert rows == [{"text": "great film", "label": "positive"}, {"text": "dull film", "label": "negative"}]
     assert skipped == {"no_right_label": 2, "label_not_a_run_label": 1}
 
-    rows, skipped = rated_rows(latest_ratings(store, "r"), [])  # a generative run keeps approved answers
+    rows, skipped = rated_rows(served_ratings(store, "r"), [])  # a generative run keeps approved answers
     assert [r["messages"][0]["content"] for r in rows] == ["dull film", "bad film"]
     assert rows[1]["messages"][1] == {"role": "assistant", "content": "meh"}
     assert skipped == {"score_below_min": 3}
+
+
+def test_an_inputs_raters_must_agree_when_asked(tmp_path):
+    store = db.connect(tmp_path / "s.sqlite")
+    # Three clients asked "great film" (the model said negative each time); two corrected it to positive.
+    for key, rating in (("k1", {"label": "positive"}), ("k2", {"label": "positive"}), ("k3", {"score": 1.0})):
+        db.add_rating(store, _answer(store, "great film", "negative"), rater=key, **rating)
+    # Two clients asked "dull film": one approved the answer, the other changed their mind to a correction.
+    dull = [_answer(store, "dull film", "negative") for _ in range(2)]
+    db.add_rating(store, dull[0], rater="k1", score=1.0)
+    db.add_rating(store, dull[1], rater="k2", score=1.0)
+    db.add_rating(store, dull[1], rater="k2", label="positive")  # k2's latest: this one counts
+    db.add_rating(store, _answer(store, "odd film", "positive"), rater="k1", score=1.0)  # one rater only
+    ratings = served_ratings(store, "r")
+
+    rows, skipped = rated_rows(ratings, LABELS)  # by default: the most common verdict, ties to the latest
+    assert rows == [{"text": "great film", "label": "positive"}, {"text": "dull film", "label": "positive"},
+                    {"text": "odd film", "label": "positive"}]
+    assert not skipped
+    rows, skipped = rated_rows(ratings, LABELS, consensus=Consensus(min_raters=2))
+    assert [r["text"] for r in rows] == ["great film", "dull film"] and skipped == {"too_few_raters": 1}
+    rows, skipped = rated_rows(ratings, LABELS, consensus=Consensus(min_raters=2, agreement=0.66))
+    assert rows == [{"text": "great film", "label": "positive"}]  # 2 of 3 agree; dull film is 1 of 2
+    assert skipped == {"raters_disagree": 1, "too_few_raters": 1}
+    rows, _ = rated_rows(ratings, LABELS, consensus=Consensus(agreement=0.7))
+    assert [r["text"] for r in rows] == ["odd film"]  # one rater agrees with itself
+
+
+def test_consensus_options_are_checked_together():
+    with pytest.raises(TunesmithError) as err:
+        Consensus(min_raters=0, agreement=1.5)
+    assert err.value.problems == ["--min-raters 0: expected 1 or more",
+                                  "--agreement 1.5: expected a share between 0 and 1 (0.66: two in three)"]
 
 
 def test_unseen_drops_repeats_and_the_original_test_inputs():
@@ -144,3 +179,12 @@ def test_too_few_rated_answers_is_one_line(parent_run, tmp_path, capsys):
 def test_bad_options_are_reported_together(parent_run, tmp_path, capsys):
     cli_fails(capsys, ["retrain", str(parent_run), "--holdout", "1.5", "--replay", "-1", "--tolerance", "-0.1"],
               "--holdout 1.5", "--replay -1.0", "--tolerance -0.1")
+    cli_fails(capsys, ["retrain", str(parent_run), "--min-raters", "0"], "--min-raters 0: expected 1 or more")
+
+
+def test_a_set_cannot_move_the_child_out_of_its_out_directory(parent_run, tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    for moved in (f"output.dir={elsewhere}", f"output={{dir: {elsewhere}}}"):
+        cli_fails(capsys, ["retrain", str(parent_run), "--out", str(tmp_path / "child"), "--set", moved,
+                           "--store", str(tmp_path / "none.sqlite")], "the child's directory is --out")
+    assert not elsewhere.exists() and not (tmp_path / "child").exists()

@@ -269,7 +269,7 @@ def cmd_retrain(args) -> int:
         record = retrain(Path(args.run_dir), args.out, args.store, args.adapter, args.since, args.set,
                          holdout=args.holdout, replay_ratio=args.replay, min_rows=args.min_rows,
                          min_score=args.min_score, tolerance=args.tolerance, alias=args.alias,
-                         alias_file=alias_file, log=args.log)
+                         alias_file=alias_file, log=args.log, consensus=_consensus(args))
     except TunesmithError:
         raise
     except Exception:  # noqa: BLE001 - exit 1 means "refused": a crash must not look like one
@@ -326,8 +326,10 @@ def cmd_feedback_export(args) -> int:
     path = Path(args.store) if args.store else store.default_path()
     if not path.is_file():
         raise TunesmithError(f"{path}: no feedback store here; give --store")
-    n = feedback.export(store.connect(path), Path(args.out))
-    print(f"wrote {n} preference pairs to {args.out}")
+    left_out: dict[str, int] = {}
+    n = feedback.export(store.connect(path), Path(args.out), _consensus(args), left_out)
+    why = ", ".join(f"{count} {reason}" for reason, count in left_out.items())
+    print(f"wrote {n} preference pairs to {args.out}" + (f" (items left out: {why})" if why else ""))
     return 0
 
 
@@ -498,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: runs/aliases.json)")
     p.add_argument("--log", default="runs/retrain_decisions.jsonl", help="every decision is appended here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the child's config")
+    _consensus_arguments(p, "an input")
     p.set_defaults(func=cmd_retrain)
 
     p = sub.add_parser("score", help="score texts with a reward-model run, or a classifier's probability of a label")
@@ -526,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = feedback_sub.add_parser("export", help="write the choices as prompt/chosen/rejected JSONL")
     q.add_argument("--store", help="the SQLite store (default: $TUNESMITH_STORE, else runs/store.sqlite)")
     q.add_argument("--out", required=True)
+    _consensus_arguments(q, "a prompt and its two models")
     q.set_defaults(func=cmd_feedback_export)
 
     p = sub.add_parser("runs", help="runs and their lineage")
@@ -603,6 +607,20 @@ def _serve_arguments(p: argparse.ArgumentParser, adapter_dir: bool = True) -> No
     for name, info in ServeOptions.model_fields.items():
         p.add_argument("--" + name.replace("_", "-"), type=type(info.default), default=info.default,
                        help=info.description)
+
+
+def _consensus_arguments(p: argparse.ArgumentParser, item: str) -> None:
+    """--min-raters and --agreement, as ``store.consensus.Consensus`` takes them."""
+    p.add_argument("--min-raters", type=int, default=1,
+                   help=f"keep {item} only when at least this many raters rated it (each rater's latest verdict)")
+    p.add_argument("--agreement", type=float, default=0.0,
+                   help="keep it only when at least this share of its raters gave its verdict (0.66: two in three)")
+
+
+def _consensus(args):
+    from tunesmith.store.consensus import Consensus
+
+    return Consensus(args.min_raters, args.agreement)
 
 
 def _at_least_two(text: str) -> int:

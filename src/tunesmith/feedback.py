@@ -1,7 +1,9 @@
 """Human feedback in the terminal: ``tunesmith feedback collect`` shows answers to prompts and
 records which one a person preferred (or how they rated one) in the SQLite store (``store.db``);
 ``tunesmith feedback export`` writes the choices as preference pairs, the
-``{"prompt", "chosen", "rejected"}`` JSONL that the reward-model and DPO objectives read.
+``{"prompt", "chosen", "rejected"}`` JSONL that the reward-model and DPO objectives read: each
+rater's latest choice on an item, and with ``--min-raters`` / ``--agreement`` only the items that
+enough raters agreed on (``store.consensus``).
 
 Where the two answers come from: two runs (``RUN RUN2``), one run's tuned and base model (``RUN``),
 or two samples of one run (``RUN --samples``). They are shown as 1 and 2 in a seeded random order,
@@ -25,6 +27,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.files import write_atomic
 from tunesmith.store import db as store
 from tunesmith.store import load_run
+from tunesmith.store.consensus import Consensus
 
 CHOICES = {"1": "first", "2": "second", "t": "tie"}
 
@@ -150,11 +153,12 @@ def _ask(question: str, valid: set[str], stdin: TextIO, out: TextIO) -> str:
         print(f"  please answer one of: {', '.join(sorted(valid))}", file=out)
 
 
-def export(db, out: Path) -> int:
-    """Write every non-tie choice as a preference pair to ``out`` (JSONL); returns how many."""
+def export(db, out: Path, consensus: Consensus = Consensus(), left_out: dict[str, int] | None = None) -> int:
+    """Write the choices ``consensus`` keeps as preference pairs to ``out`` (JSONL); returns how many.
+    ``left_out`` counts the items left out, by reason (``store.db.preference_pairs``)."""
     if out.exists():
         raise TunesmithError(f"{out}: already exists; give another --out (nothing is overwritten)")
-    rows = list(store.preference_pairs(db))
+    rows = store.preference_pairs(db, consensus, left_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
     return len(rows)

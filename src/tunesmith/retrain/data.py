@@ -1,10 +1,13 @@
 """Training data from served traffic that people rated, plus replay of the original training data.
 
-A served answer counts once, by its latest rating:
+A rating vouches for one training row, or for none:
 - a run with labels (a classifier, or label answers on a causal model): the rating's ``label`` when
   it is one of the run's labels (a person said what the right class was); else the model's own
   answer when the score says it was right (``score >= min_score``; thumbs up is 1.0);
 - a generative run: the prompt and the model's answer, when ``score >= min_score``.
+An input counts once: each of its raters' latest rating is a verdict, and the input gives the row
+its raters agree on (``store.consensus``: ``--min-raters``, ``--agreement``). A served answer is
+rated only by the key that received it, so an input's raters are the clients that asked it.
 Everything else is counted by reason and left out. Replay mixes in original training examples
 (``replay`` of them per new one) so that the child does not forget what the parent knew.
 
@@ -21,37 +24,56 @@ from collections import Counter
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
+from tunesmith.store.consensus import Consensus, latest
 
 
-def latest_ratings(db: sqlite3.Connection, adapter: str, since: float | None = None) -> list[sqlite3.Row]:
-    """Each served answer of ``adapter`` that has a rating, with its latest rating (not pairwise choices)."""
+def served_ratings(db: sqlite3.Connection, adapter: str, since: float | None = None) -> list[sqlite3.Row]:
+    """Every rating of one served answer of ``adapter`` (not pairwise choices), oldest first, with its rater."""
     return db.execute("""
-        SELECT a.id, a.prompt, a.answer, r.score, r.label
+        SELECT a.id, a.prompt, a.answer, r.rater, r.score, r.label
         FROM answers a JOIN ratings r ON r.answer_id = a.id
         WHERE a.source = 'served' AND a.run = ? AND a.created_at >= ? AND r.other_id IS NULL
-          AND r.id = (SELECT MAX(id) FROM ratings WHERE answer_id = a.id AND other_id IS NULL)
-        ORDER BY a.created_at""", (adapter, since if since is not None else float("-inf"))).fetchall()
+        ORDER BY r.id""", (adapter, since if since is not None else float("-inf"))).fetchall()
 
 
-def rated_rows(ratings, labels: list[str], min_score: float = 1.0) -> tuple[list[dict], Counter]:
-    """Canonical training rows from rated answers, and the count of those left out, by reason."""
+def row_of(rating, labels: list[str], min_score: float) -> tuple[dict | None, str | None]:
+    """The training row one rating vouches for, or None and why not."""
+    good = rating["score"] is not None and rating["score"] >= min_score
+    if labels:
+        if rating["label"] is not None:
+            if rating["label"] in labels:
+                return {"text": rating["prompt"], "label": rating["label"]}, None
+            return None, "label_not_a_run_label"
+        if good and rating["answer"].strip() in labels:
+            return {"text": rating["prompt"], "label": rating["answer"].strip()}, None
+        return None, "no_right_label"
+    if good:
+        return {"messages": [{"role": "user", "content": rating["prompt"]},
+                             {"role": "assistant", "content": rating["answer"]}]}, None
+    return None, "score_below_min"
+
+
+def rated_rows(ratings, labels: list[str], min_score: float = 1.0,
+               consensus: Consensus = Consensus()) -> tuple[list[dict], Counter]:
+    """Canonical training rows from rated answers, one per input, and the inputs left out, by reason.
+
+    An input's raters are the keys that rated an answer to it (each one's latest rating); each rating
+    vouches for a row or for none (``row_of``), and the input gives its most common verdict that
+    ``consensus`` supports (``store.consensus``; between equals, the latest)."""
+    verdicts = []
+    for rating in ratings:
+        row, why = row_of(rating, labels, min_score)
+        verdict = ("row", json.dumps(row, sort_keys=True)) if row else ("left_out", why)
+        verdicts.append((rating["prompt"], rating["rater"], verdict))
     rows, skipped = [], Counter()
-    for r in ratings:
-        good = r["score"] is not None and r["score"] >= min_score
-        if labels:
-            if r["label"] is not None and r["label"] in labels:
-                rows.append({"text": r["prompt"], "label": r["label"]})
-            elif r["label"] is not None:
-                skipped["label_not_a_run_label"] += 1
-            elif good and r["answer"].strip() in labels:
-                rows.append({"text": r["prompt"], "label": r["answer"].strip()})
-            else:
-                skipped["no_right_label"] += 1
-        elif good:
-            rows.append({"messages": [{"role": "user", "content": r["prompt"]},
-                                      {"role": "assistant", "content": r["answer"]}]})
+    for by_rater in latest(verdicts).values():
+        support = consensus.support(by_rater)
+        if support.left_out:
+            skipped[support.left_out] += 1
+        elif support.verdict[0] == "row":
+            rows.append(json.loads(support.verdict[1]))
         else:
-            skipped["score_below_min"] += 1
+            skipped[support.verdict[1]] += 1
     return rows, skipped
 
 

@@ -1,7 +1,8 @@
 """``tunesmith retrain RUN``: rated traffic plus replay -> a child run -> the gate -> promotion.
 
-1. Rated answers the run served (``data.latest_ratings``, ``data.rated_rows``), each input once and
-   none of the original test set's (``data.unseen``); a seeded slice of them is held out for the gate.
+1. Rated answers the run served (``data.served_ratings``, ``data.rated_rows``), each input once, with
+   the row its raters agree on (``--min-raters``, ``--agreement``), and none of the original test
+   set's (``data.unseen``); a seeded slice of them is held out for the gate.
 2. The child's data: the rest, plus replay of the parent's training split, in canonical rows; the
    parent's test split is the child's test set, so the child's own report shows it too.
 3. The child trains with the parent's config (method, hyperparameters, ``--set`` overrides) through
@@ -19,7 +20,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 
-from tunesmith.config import load_config
+from tunesmith.config import apply_overrides, load_config
 from tunesmith.data.options import ColumnsConfig, SplitConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.monitor.traffic import parse_since
@@ -27,9 +28,9 @@ from tunesmith.recipe import run_training
 from tunesmith.retrain.data import (
     canonical,
     hold_out,
-    latest_ratings,
     rated_rows,
     replay,
+    served_ratings,
     unseen,
     write_rows,
 )
@@ -37,6 +38,7 @@ from tunesmith.retrain.gate import decide
 from tunesmith.session import Session
 from tunesmith.store import Run, load_run
 from tunesmith.store import db as store_db
+from tunesmith.store.consensus import Consensus
 from tunesmith.store.aliases import DEFAULT_PATH as DEFAULT_ALIAS_FILE
 from tunesmith.store.aliases import write_alias
 
@@ -85,11 +87,22 @@ def train_child(config, parent: Path) -> Path:
     return run_training(config, parent=parent)
 
 
+def check_child_dir(child_dir: Path, sets: list[str]) -> None:
+    """The child is written where ``--out`` says and nowhere else: a ``--set`` that moves
+    ``output.dir`` is refused (the UI launches retrain with its own --out, under its runs directory)."""
+    output = apply_overrides({"output": {"dir": str(child_dir)}}, list(sets))["output"]
+    moved = output.get("dir") if isinstance(output, dict) else output
+    if moved != str(child_dir):
+        raise TunesmithError(f"--set output.dir={moved}: the child's directory is --out ({child_dir}); "
+                             "give --out instead")
+
+
 def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str | Path | None = None,
             adapter: str | None = None, since: str | None = None, sets: list[str] | None = None,
             holdout: float = 0.2, replay_ratio: float = 1.0, min_rows: int = 20, min_score: float = 1.0,
             tolerance: float = 0.01, alias: str | None = None, alias_file: str | Path = DEFAULT_ALIAS_FILE,
-            log: str | Path = "runs/retrain_decisions.jsonl", seed: int = 0) -> dict:
+            log: str | Path = "runs/retrain_decisions.jsonl", seed: int = 0,
+            consensus: Consensus = Consensus()) -> dict:
     """Re-train RUN on its rated traffic and promote the child only if the gate says so."""
     problems = [f"--holdout {holdout}: expected a share between 0 and 1"] if not 0 < holdout < 1 else []
     problems += [f"--replay {replay_ratio}: expected 0 or more"] if replay_ratio < 0 else []
@@ -100,13 +113,17 @@ def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str
     parent = Run(run_dir, writer=False)
     if parent.status() != "complete":
         raise TunesmithError(f"{run_dir}: only a complete run can be re-trained (status: {parent.status()})")
+    child_dir = Path(child_dir) if child_dir else run_dir.with_name(
+        f"{run_dir.name}-retrain-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    check_child_dir(child_dir, sets or [])
     labels = parent.labels()
     adapter = adapter or run_dir.resolve().name
     store = Path(store) if store else store_db.default_path()
     if not store.is_file():
         raise TunesmithError(f"--store {store}: no store there (the server writes it; see --store)")
     with closing(store_db.connect(store)) as connection:
-        rows, skipped = rated_rows(latest_ratings(connection, adapter, parse_since(since)), labels, min_score)
+        rows, skipped = rated_rows(served_ratings(connection, adapter, parse_since(since)), labels, min_score,
+                                   consensus)
     original_train, original_test = parent_rows(parent)
     rows, repeated = unseen(rows, original_test)
     if repeated:
@@ -115,8 +132,6 @@ def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str
         why = ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "none left out"
         raise TunesmithError(f"adapter {adapter!r}: {len(rows)} usable rated answers in {store} ({why}); "
                              f"re-training needs at least {min_rows} (--min-rows)")
-    child_dir = Path(child_dir) if child_dir else run_dir.with_name(
-        f"{run_dir.name}-retrain-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
     Run(child_dir).check_new(resume=False)
     new_train, held = hold_out(rows, holdout, seed)
     replayed = replay(original_train, len(new_train), replay_ratio, seed)
@@ -142,6 +157,7 @@ def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parent": str(run_dir.resolve()),
         "child": str(child_dir.resolve()), "adapter": adapter, "store": str(store), "since": since,
         "rated_rows": len(rows), "left_out": dict(skipped), "new_train_rows": len(new_train),
+        "consensus": {"min_raters": consensus.min_raters, "agreement": consensus.agreement},
         "held_out_rows": len(held), "replay_rows": len(replayed),
         "original_test_rows": len(original_test), "decision": decision.record(),
         "parent_metrics": parent_scores, "child_metrics": child_scores,

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
+from tunesmith.store.consensus import Consensus, latest
 
 # Where the store lives unless a command is given --store: $TUNESMITH_STORE, else runs/store.sqlite
 # under the current directory (beside the runs that `tunesmith train` writes by default).
@@ -84,6 +85,21 @@ def m002_ratings(db: sqlite3.Connection) -> None:
             CHECK (choice IS NOT NULL OR score IS NOT NULL OR label IS NOT NULL)
         )""")
     db.execute("CREATE INDEX ratings_answer ON ratings (answer_id)")
+
+
+@migration
+def m003_issued(db: sqlite3.Connection) -> None:
+    # What the rate page showed, and to whom: one answer (to score) or two (to choose between, side
+    # A first), each a `rated` answer whose text the server looked up by its completion id. A
+    # verdict names an issued item, and only the key it was issued to may give one.
+    db.execute("""
+        CREATE TABLE issued (
+            id TEXT PRIMARY KEY,
+            created_at REAL NOT NULL,
+            key_id TEXT NOT NULL,
+            first_id TEXT NOT NULL REFERENCES answers (id),
+            second_id TEXT REFERENCES answers (id)
+        )""")
 
 
 def connect(path: str | Path) -> sqlite3.Connection:
@@ -171,15 +187,54 @@ def add_rating(db: sqlite3.Connection, answer_id: str, *, rater: str, other_id: 
     return cursor.lastrowid
 
 
-def preference_pairs(db: sqlite3.Connection):
-    """Every pairwise choice that is not a tie, as {prompt, chosen, rejected, ...} rows."""
-    rows = db.execute("""
-        SELECT a.prompt, a.answer AS first, b.answer AS second, r.choice, r.rater, r.created_at,
-               a.run AS first_run, b.run AS second_run
+def choice_item(row) -> tuple[str, tuple[str, ...]]:
+    """The item a choice is about: its prompt and the two models, in either order."""
+    return row["prompt"], tuple(sorted((row["first_run"], row["second_run"])))
+
+
+def choice_verdict(row) -> str:
+    """What a choice says about its item: ``tie``, or the model whose answer won; for two answers of
+    one model (two samples) the winning answer's id, since no two raters saw the same two samples."""
+    if row["choice"] == "tie":
+        return "tie"
+    winner = "first" if row["choice"] == "first" else "second"
+    return row[f"{winner}_run"] if row["first_run"] != row["second_run"] else row[f"{winner}_id"]
+
+
+def choices(db: sqlite3.Connection, sources: tuple[str, ...] | None = None) -> list[sqlite3.Row]:
+    """Every choice between two answers (ties included), oldest first, with both answers."""
+    where = f"AND a.source IN ({', '.join('?' * len(sources))})" if sources else ""
+    return db.execute(f"""
+        SELECT r.id, r.rater, r.choice, r.created_at, a.prompt, a.id AS first_id, b.id AS second_id,
+               a.answer AS first, b.answer AS second, a.run AS first_run, b.run AS second_run
         FROM ratings r JOIN answers a ON a.id = r.answer_id JOIN answers b ON b.id = r.other_id
-        WHERE r.choice IN ('first', 'second') ORDER BY r.id""")
-    for row in rows:
+        WHERE r.choice IS NOT NULL {where} ORDER BY r.id""", sources or ()).fetchall()
+
+
+def preference_pairs(db: sqlite3.Connection, consensus: Consensus = Consensus(),
+                     left_out: dict[str, int] | None = None) -> list[dict]:
+    """The choices as ``{prompt, chosen, rejected, ...}`` rows: each rater's latest choice on an item,
+    when ``consensus`` supports its verdict and it is not a tie (``store.consensus``), in the order
+    the choices were made. ``left_out`` counts the items that give no pair, by reason (``tie``:
+    only ties are supported)."""
+    rows = choices(db)
+    found = latest((choice_item(row), row["rater"], n) for n, row in enumerate(rows))
+    kept = []
+    for by_rater in found.values():
+        verdicts = {rater: choice_verdict(rows[n]) for rater, n in by_rater.items()}
+        support = consensus.support(verdicts)
+        mine = [(by_rater[rater], support.shares[verdict], support.raters) for rater, verdict in verdicts.items()
+                if verdict in support.shares and verdict != "tie"]
+        reason = support.left_out or (None if mine else "tie")
+        if reason is not None and left_out is not None:
+            left_out[reason] = left_out.get(reason, 0) + 1
+        kept += mine
+    out = []
+    for n, share, raters in sorted(kept):
+        row = rows[n]
         chosen, rejected = ("first", "second") if row["choice"] == "first" else ("second", "first")
-        yield {"prompt": row["prompt"], "chosen": row[chosen], "rejected": row[rejected],
-               "chosen_run": row[f"{chosen}_run"], "rejected_run": row[f"{rejected}_run"],
-               "rater": row["rater"], "rated_at": row["created_at"]}
+        out.append({"prompt": row["prompt"], "chosen": row[chosen], "rejected": row[rejected],
+                    "chosen_run": row[f"{chosen}_run"], "rejected_run": row[f"{rejected}_run"],
+                    "rater": row["rater"], "rated_at": row["created_at"], "raters": raters,
+                    "agreement": round(share, 4)})
+    return out

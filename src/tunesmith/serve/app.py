@@ -4,8 +4,9 @@
 ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``; ``/v1/aliases`` to point a name at an
 adapter live; ``/v1/feedback`` to rate a logged answer. Every route, those the UI adds included,
 passes ``access.authorize`` first: the caller's role against the route's row of ``access.ROUTES``.
-Before any route, ``middleware.py`` caps the body. Errors have the OpenAI shape (``serve/errors.py``),
-so the ``openai`` client raises its own exception for each status.
+Before any route, ``middleware.py`` caps the body and refuses what a web page in the user's browser
+could send unasked (CSRF, DNS rebinding). Errors have the OpenAI shape (``serve/errors.py``), so the
+``openai`` client raises its own exception for each status.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tunesmith.serve.aliases import AliasFile
 from tunesmith.serve.context import ServeContext
 from tunesmith.serve.engine import Scheduler
 from tunesmith.serve.errors import add_error_handlers
-from tunesmith.serve.middleware import BodyLimit
+from tunesmith.serve.middleware import BodyLimit, BrowserGuard
 from tunesmith.serve.options import ServeOptions
 from tunesmith.serve.requestlog import RequestLog
 from tunesmith.serve.routes import adapters, aliases, completions, feedback
@@ -35,6 +36,7 @@ def build_app(pool: AdapterPool, scheduler: Scheduler, options: ServeOptions, ac
                   dependencies=[Depends(authorize)])  # on every route, those added later included
     app.state.serve = ServeContext(pool, scheduler, options, access, request_log, alias_file)
     add_error_handlers(app)
+    app.add_middleware(BrowserGuard, access=access)
     app.add_middleware(BodyLimit, limit=options.max_body_bytes)  # added last: the outermost
     for group in (completions, adapters, aliases, feedback):
         app.include_router(group.router)

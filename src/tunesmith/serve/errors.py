@@ -9,8 +9,9 @@ from fastapi.responses import JSONResponse
 
 from tunesmith.errors import TunesmithError
 
-KINDS = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-         413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error"}
+KINDS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+         404: "not_found_error", 413: "invalid_request_error", 415: "invalid_request_error",
+         429: "rate_limit_error", 500: "server_error"}
 
 
 class ApiError(Exception):

@@ -1,5 +1,7 @@
 """Direct Preference Optimisation: teach a causal LM to prefer the chosen answer of each pair over
 the rejected one, more than a fixed reference model does, with no reward model and no sampling.
+The reference-free losses (``loss: simpo`` or ``orpo``, ``preference_losses.REFERENCE_FREE``)
+train on the same pairs with no reference at all: one forward pass a step instead of two.
 
 Layout: one row per pair, ``[prompt][chosen][rejected]``, the prompt run once (``collate_shared``'s
 4D mask: each answer sees the prompt and itself, with position ids continuing from the prompt), so
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tunesmith.data.batching import collate_shared, length_grouped, shared_prefix
 from tunesmith.data.format import IGNORE, Encoder, EncodeStats
@@ -32,18 +34,35 @@ from tunesmith.objectives.base import Layout, to_device
 from tunesmith.objectives.causal import Causal, _token_summary
 from tunesmith.objectives.causal import Options as CausalOptions
 from tunesmith.objectives.lm_loss import example_losses
-from tunesmith.objectives.preference_losses import LOSSES
+from tunesmith.objectives.preference_losses import LOSSES, REFERENCE_FREE
 from tunesmith.options import Section
 
 
 class Options(Section):
     name: Literal["dpo"] = "dpo"
     beta: float = Field(0.1, gt=0, description="How far the policy may move from the reference: the "
-                        "inverse temperature of the implicit reward beta * log(policy / reference).")
-    loss: Literal["sigmoid", "ipo", "hinge", "conservative"] = Field(
-        "sigmoid", description="sigmoid (DPO), ipo, hinge (SLiC) or conservative (cDPO, label smoothing).")
+                        "inverse temperature of the implicit reward beta * log(policy / reference). simpo: "
+                        "the scale of the length-normalised reward (default 2.0); orpo: the weight of the "
+                        "odds-ratio term beside the SFT loss.")
+    loss: Literal["sigmoid", "ipo", "hinge", "conservative", "simpo", "orpo"] = Field(
+        "sigmoid", description="sigmoid (DPO), ipo, hinge (SLiC) or conservative (cDPO, label smoothing); "
+        "reference-free: simpo or orpo.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="conservative: the share of pairs "
                                    "thought to be labelled the wrong way round.")
+    gamma: float = Field(0.5, ge=0, description="simpo: the margin the chosen answer's length-normalised "
+                         "reward should lead the rejected one's by.")
+
+    @model_validator(mode="after")
+    def _simpo_beta(self):
+        # SimPO's reward is a mean per-token log-probability, about 30 times smaller than DPO's summed
+        # log-ratio: the paper's beta is 2 to 2.5, not DPO's 0.1.
+        if self.loss == "simpo" and "beta" not in self.model_fields_set:
+            self.beta = 2.0
+        return self
+
+    @property
+    def reference_free(self) -> bool:
+        return self.loss in REFERENCE_FREE
 
 
 def encode_pairs(pairs: list[dict], encoder: Encoder, stats: EncodeStats) -> tuple[list[dict], list[dict]]:
@@ -92,11 +111,16 @@ def stack_rows(rows: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, to
 
 def pair_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed log-probability of each answer, [pairs, 2] (chosen, rejected), in the autograd graph."""
-    index, sums, _ = example_losses(model, batch, direct=True)
+    return pair_logps_and_tokens(model, batch)[0]
+
+
+def pair_logps_and_tokens(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pair_logps``, and each answer's trained-token count, [pairs, 2]."""
+    index, sums, counts = example_losses(model, batch, direct=True)
     pairs = len(batch["pairs"])
     if len(index) != 2 * pairs:
         raise ValueError("every answer of a pair needs a trained token")
-    return -sums.view(pairs, 2)
+    return -sums.view(pairs, 2), counts.view(pairs, 2).to(sums.dtype)
 
 
 def _key(item: dict) -> tuple:
@@ -195,8 +219,20 @@ class PairBatches:
         return policy, reference_logps(model, batch, items, policy, self.reference, self.layout)
 
     def pair_losses(self, model, batch) -> torch.Tensor:
-        policy, reference = self.logps(model, batch)
+        return self._losses(*self._scored(model, batch))
+
+    def _scored(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Policy log-probabilities, token counts and (for a loss that has one) the reference's."""
+        if self.options.reference_free:
+            return *pair_logps_and_tokens(model, batch), None
+        policy, tokens = pair_logps_and_tokens(model, batch)
+        items = [self.items[i] for i in batch["pairs"].tolist()]
+        return policy, tokens, reference_logps(model, batch, items, policy, self.reference, self.layout)
+
+    def _losses(self, policy, tokens, reference) -> torch.Tensor:
         o = self.options
+        if reference is None:
+            return REFERENCE_FREE[o.loss](policy[:, 0], policy[:, 1], tokens[:, 0], tokens[:, 1], o.beta, o.gamma)
         return LOSSES[o.loss](policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], o.beta,
                               o.label_smoothing)
 
@@ -222,25 +258,26 @@ class PairBatches:
 
     @torch.no_grad()
     def figures(self, model, items: list[dict]) -> dict[str, float]:
-        """Mean loss, reward accuracy and margin, and the mean log-ratios of chosen and rejected."""
+        """Mean loss, reward accuracy and margin, and the mean log-ratios of chosen and rejected (with
+        a reference-free loss, whose reward is ``beta`` times the mean per-token log-probability, the
+        mean per-token log-probabilities instead)."""
         view = self if items is self.items else PairBatches(items, self.layout, self.reference, self.options)
         was_training = model.training
         model.eval()
         losses, ratios = [], []
-        o = self.options
         for rows in view.epoch(-1):
-            policy, reference = view.logps(model, to_device(view.tensors(rows), model))
-            losses.append(LOSSES[o.loss](policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1], o.beta,
-                                         o.label_smoothing).cpu())
-            ratios.append((policy - reference).cpu())
+            policy, tokens, reference = view._scored(model, to_device(view.tensors(rows), model))
+            losses.append(view._losses(policy, tokens, reference).cpu())
+            ratios.append((policy / tokens if reference is None else policy - reference).cpu())
         model.train(was_training)
         ratio = torch.cat(ratios)
-        rewards = o.beta * ratio
+        rewards = self.options.beta * ratio
+        kind = "logp" if self.options.reference_free else "logratio"
         return {"loss": float(torch.cat(losses).mean()),
                 "accuracy": float((rewards[:, 0] > rewards[:, 1]).float().mean()),
                 "reward_margin": float((rewards[:, 0] - rewards[:, 1]).mean()),
-                "chosen_logratio": float(ratio[:, 0].mean()),
-                "rejected_logratio": float(ratio[:, 1].mean())}
+                f"chosen_{kind}": float(ratio[:, 0].mean()),
+                f"rejected_{kind}": float(ratio[:, 1].mean())}
 
 
 @dataclass

@@ -11,6 +11,17 @@ by which the policy prefers the chosen answer more than the reference did:
 - ``ipo`` (Azar et al. 2023): ``(h - 1 / (2 beta))^2``, which stops pushing once ``h`` reaches its
   target instead of driving it to infinity;
 - ``hinge`` (SLiC, Zhao et al. 2023): ``max(0, 1 - beta h)``.
+
+Reference-free losses (``REFERENCE_FREE``) need no reference model, so a step is one forward pass
+instead of two. They take each answer's summed log-probability under the policy and its token
+count, and work on the per-token mean ``a = logp / tokens`` (a longer answer is not penalised
+for its length alone):
+
+- ``simpo`` (Meng et al. 2024): ``-log sigmoid(beta (a_chosen - a_rejected) - gamma)``, a margin of
+  ``gamma`` between the length-normalised rewards;
+- ``orpo`` (Hong et al. 2024): the chosen answer's mean negative log-likelihood (the SFT loss) plus
+  ``beta`` times the odds-ratio term ``-log sigmoid(log odds(chosen) - log odds(rejected))``, with
+  ``odds(y) = p / (1 - p)`` and ``p = exp(a)``.
 """
 
 from __future__ import annotations
@@ -55,4 +66,27 @@ LOSSES: dict[str, Loss] = {
     "conservative": conservative_loss,
     "ipo": ipo_loss,
     "hinge": hinge_loss,
+}
+
+
+def simpo_loss(policy_chosen, policy_rejected, chosen_tokens, rejected_tokens, beta: float,
+               gamma: float = 0.5) -> torch.Tensor:
+    margin = policy_chosen / chosen_tokens - policy_rejected / rejected_tokens
+    return -F.logsigmoid(beta * margin - gamma)
+
+
+def log_odds(mean_logp: torch.Tensor) -> torch.Tensor:
+    """``log(p / (1 - p))`` of ``p = exp(mean_logp)``, stable for ``p`` near 0 and 1."""
+    return mean_logp - torch.log1p(-torch.exp(mean_logp).clamp(max=1 - 1e-7))
+
+
+def orpo_loss(policy_chosen, policy_rejected, chosen_tokens, rejected_tokens, beta: float,
+              gamma: float = 0.0) -> torch.Tensor:
+    chosen, rejected = policy_chosen / chosen_tokens, policy_rejected / rejected_tokens
+    return -chosen - beta * F.logsigmoid(log_odds(chosen) - log_odds(rejected))
+
+
+REFERENCE_FREE: dict[str, Loss] = {
+    "simpo": simpo_loss,
+    "orpo": orpo_loss,
 }

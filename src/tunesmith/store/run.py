@@ -2,7 +2,8 @@
 
 Layout (every later feature reads runs through ``Run``, never by file name)::
 
-    status.json       running | interrupted | failed | crashed | pruned | complete, with pid, host, times,
+    status.json       running | interrupted | failed | crashed | pruned | complete, with pid, host, the
+                      process's command line (what the UI's Stop checks before it signals), times,
                       parent (pruned: a search trial stopped early for its poor validation loss)
     config.yaml       the resolved configuration
     labels.json       the class labels, in the order the model's outputs use
@@ -47,6 +48,16 @@ from tunesmith.session import Session
 from tunesmith.train.checkpoint import latest_checkpoint
 
 UNFINISHED = ("running", "interrupted", "failed", "crashed", "pruned")
+
+
+def process_cmdline(pid: int | str = "self") -> list[str] | None:
+    """A process's command line as the kernel holds it (``/proc/PID/cmdline``); None where it cannot
+    be read (no such process, no /proc)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [part.decode(errors="replace") for part in raw.split(b"\0")[:-1]]
 
 
 def _alive(pid: int) -> bool:
@@ -128,7 +139,7 @@ class Run:
         record = {k: v for k, v in self.record().items() if k not in ("error", "resume")}
         now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         if status == "running":
-            record |= {"pid": os.getpid(), "host": socket.gethostname()}
+            record |= {"pid": os.getpid(), "host": socket.gethostname(), "cmdline": process_cmdline()}
             record.setdefault("started_at", now)
         record |= {"status": status, "updated_at": now, **extra}
         self._write("status.json", json.dumps(record, indent=1))

@@ -7,6 +7,12 @@ would print, each beside the edit it is about, and nothing starts. Then the comm
 a child process in its own session, its output in the run's ``launch.log``: the run is the CLI's
 run, and it outlives the page. Stop is SIGTERM, which training turns into a checkpoint and the
 status ``interrupted``; resume is ``tunesmith train RUN/config.yaml --resume``.
+
+Stop signals a process it did not start (a run launched before the server restarted, or from a
+terminal) only when ``status.json`` names a live process of this host that runs the command line
+the run recorded (``/proc/PID/cmdline``): never pid 0 or below, 1, or the server's own, and never a
+process that took over the pid of a run that died. Every run's directory is under ``--dir``: its
+name is its path there, and an edit of ``output.dir`` elsewhere is refused.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.serve.errors import ApiError
 from tunesmith.store import Run
+from tunesmith.store.run import process_cmdline
 from tunesmith.ui.runs import find_runs, run_path, summary
 
 router = APIRouter(prefix="/ui/api/launch")
@@ -93,10 +100,36 @@ def stop(body: RunName, request: Request):
     record = Run(path, writer=False).record()
     if record.get("status") != "running":
         raise ApiError(400, f"run {body.name!r} is not running (status: {record.get('status', 'none')})", "name")
-    if record.get("host") != socket.gethostname():
-        raise ApiError(400, f"run {body.name!r} runs on {record.get('host')}, not on this machine", "name")
-    os.kill(record["pid"], signal.SIGTERM)
-    return {"name": body.name, "pid": record["pid"], "signal": "SIGTERM"}
+    try:
+        pid = run_process(record)
+    except TunesmithError as err:
+        raise ApiError(400, f"run {body.name!r}: {err}; nothing was signalled", "name") from None
+    os.kill(pid, signal.SIGTERM)
+    return {"name": body.name, "pid": pid, "signal": "SIGTERM"}
+
+
+def run_process(record: dict) -> int:
+    """The pid of the live process that ``record`` (a ``running`` status.json) names, after checking
+    that it is the run's: on this host, not a pid that signals a group or init, not this server, alive,
+    and running the command line the run recorded when it started (a pid reused since fails that)."""
+    pid, host = record.get("pid"), record.get("host")
+    if host != socket.gethostname():
+        raise TunesmithError(f"it runs on {host}, not on this machine")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 1:
+        raise TunesmithError(f"status.json names pid {pid!r}, which is no run's process")
+    if pid == os.getpid():
+        raise TunesmithError(f"status.json names pid {pid}, this server's own process")
+    recorded = record.get("cmdline")
+    if not recorded:
+        raise TunesmithError("status.json records no command line (a run of an older tunesmith), so its process "
+                             f"cannot be told from another that took pid {pid}; stop it where it runs")
+    found = process_cmdline(pid)
+    if found is None:
+        raise TunesmithError(f"process {pid} is gone")
+    if found != recorded:
+        raise TunesmithError(f"process {pid} runs {shlex.join(found)!r}, not the run's {shlex.join(recorded)!r} "
+                             "(its pid was reused)")
+    return pid
 
 
 @router.post("/resume")
@@ -116,12 +149,14 @@ def resume(body: RunName, request: Request):
 
 def check(ctx, body: Launch, edits: list[str], run_dir: Path) -> list[str]:
     """The command's arguments, after the checks the command itself makes before it starts."""
+    check_output(ctx, edits, run_dir)
     sets = [arg for edit in edits for arg in ("--set", edit)]
     if body.command == "retrain":
         parent = source_run(ctx, body.source)
         load_config(parent / "config.yaml", edits)
         Run(run_dir, writer=False).check_new(resume=False)
-        return ["retrain", str(parent), "--out", str(run_dir), "--store", str(ctx.store_path), *sets]
+        return ["retrain", str(parent), "--out", str(run_dir), "--store", str(ctx.store_path),
+                "--log", str(ctx.runs_dir / "retrain_decisions.jsonl"), *sets]
     path = source_path(ctx, body.source)
     sets += ["--set", f"output.dir={run_dir}"]
     overrides = [*edits, f"output.dir={run_dir}"]
@@ -133,6 +168,25 @@ def check(ctx, body: Launch, edits: list[str], run_dir: Path) -> list[str]:
     load_config(path, overrides)
     Run(run_dir, writer=False).check_new(resume=False)
     return ["train", str(path), *sets]
+
+
+def check_output(ctx, edits: list[str], run_dir: Path) -> None:
+    """A run's directory is its name under ``--dir``: an edit of ``output.dir`` that puts it anywhere
+    else, or of the whole ``output`` section, is refused, at that edit."""
+    root, problems = ctx.runs_dir.resolve(), []
+    for edit in edits:
+        key, _, value = edit.partition("=")
+        if key == "output":
+            problems.append(f"--set {edit!r}: edit output's fields one by one (output.FIELD = VALUE); "
+                            f"a run's directory is its name under {ctx.runs_dir}")
+        elif key == "output.dir":
+            target = Path(str(yaml.safe_load(value))).resolve()
+            if target != run_dir.resolve():
+                where = "outside the runs directory" if not target.is_relative_to(root) else "another run's directory"
+                problems.append(f"--set {edit!r}: {target} is {where}; a run's directory is its name under "
+                                f"{ctx.runs_dir} ({run_dir}): change the name instead")
+    if problems:
+        raise TunesmithError(*problems)
 
 
 def start(ctx, name: str, run_dir: Path, args: list[str]) -> dict:

@@ -1,5 +1,6 @@
-"""The Rate page's API (``ui/rate.py``): choices and scores in the feedback store, progress, agreement
-between raters (checked against hand-worked values), and the export, which is ``feedback export``'s."""
+"""The Rate page's API (``ui/rate.py``): items issued by the server from logged completions, choices
+and scores on them in the feedback store, progress, agreement between raters (checked against
+hand-worked values), and the export, which is ``feedback export``'s."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from pydantic import ValidationError
 
 from tunesmith import feedback
 from tunesmith.store import db as store
+from tunesmith.serve.errors import ApiError
+from tunesmith.store.consensus import Consensus
 from tunesmith.ui import rate
-from tunesmith.ui.rate import ChoiceBody, ScoreBody, Shown
+from tunesmith.ui.rate import ChoiceBody, ScoreBody
 
 
 @pytest.fixture
@@ -22,33 +25,78 @@ def db(tmp_path):
     connection.close()
 
 
-def choose(db, prompt, a, b, choice, rater="ann", comment=""):
-    """``rater`` saw model ``a``'s answer as A and ``b``'s as B, and chose."""
-    body = ChoiceBody(prompt=prompt, choice=choice, comment=comment,
-                      first=Shown(model=a, answer=f"{a} on {prompt}", completion_id=f"chatcmpl-{a}", side="A"),
-                      second=Shown(model=b, answer=f"{b} on {prompt}", side="B"))
-    return rate.record_choice(db, body, rater)
+def served(db, model, prompt, key):
+    """A completion the server logged as answered to ``key``; its id (chatcmpl-N, the store's Nth answer)."""
+    n = db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+    return store.add_answer(db, source="served", id=f"chatcmpl-{n}", run=model, prompt=prompt,
+                            answer=f"{model} on {prompt}", meta={"key_id": key})
+
+
+def issue(db, prompt, models, key):
+    return rate.issue(db, key, prompt, [(m, served(db, m, prompt, key)) for m in models])["item"]
+
+
+def choose(db, prompt, a, b, choice, rater="ann", comment="", key=None):
+    """``rater`` was issued model ``a``'s answer as A and ``b``'s as B, and chose."""
+    item = issue(db, prompt, [a, b], key or rater)
+    return rate.record_choice(db, ChoiceBody(item=item, choice=choice, comment=comment), key or rater, rater)[0]
 
 
 def score(db, prompt, model, value, rater="ann"):
-    return rate.record_score(db, ScoreBody(prompt=prompt, answer=Shown(model=model, answer="x"), score=value), rater)
+    item = issue(db, prompt, [model], rater)
+    return rate.record_score(db, ScoreBody(item=item, score=value), rater, rater)[0]
 
 
 def test_a_choice_is_two_rated_answers_and_one_rating(db):
     choose(db, "p1", "lora", "base", "second", comment="B is on topic")
-    answers = db.execute("SELECT id, source, run, prompt, answer, meta FROM answers ORDER BY rowid").fetchall()
-    assert [(a["source"], a["run"], a["answer"]) for a in answers] == [("rated", "lora", "lora on p1"),
-                                                                       ("rated", "base", "base on p1")]
-    assert json.loads(answers[0]["meta"]) == {"completion_id": "chatcmpl-lora", "shown_as": "A"}
+    answers = db.execute("SELECT id, source, run, prompt, answer, meta FROM answers WHERE source = 'rated' "
+                         "ORDER BY rowid").fetchall()
+    assert [(a["run"], a["answer"]) for a in answers] == [("lora", "lora on p1"), ("base", "base on p1")]
+    assert json.loads(answers[0]["meta"]) == {"completion_id": "chatcmpl-0", "shown_as": "A", "served_run": "lora"}
     (rating,) = db.execute("SELECT * FROM ratings").fetchall()
     assert (rating["answer_id"], rating["other_id"]) == (answers[0]["id"], answers[1]["id"])
     assert (rating["choice"], rating["rater"], rating["comment"]) == ("second", "ann", "B is on topic")
+
+
+def test_the_answers_rated_are_the_logged_completions_never_the_clients_text(db):
+    with pytest.raises(ValidationError, match="Extra inputs"):  # no field takes answer text
+        ChoiceBody(item="x", choice="first", first={"model": "lora", "answer": "EVIL"})
+    mine, theirs = served(db, "lora", "p1", "ann"), served(db, "base", "p1", "bob")
+    with pytest.raises(ApiError, match="no completion 'chatcmpl-1' served to key 'ann'") as err:
+        rate.issue(db, "ann", "p1", [("lora", mine), ("base", theirs)])  # bob's answer, not shown to ann
+    assert err.value.status == 404
+    assert db.execute("SELECT COUNT(*) FROM issued").fetchone()[0] == 0
+    issued = rate.issue(db, "ann", "p1", [("lora", mine), ("base", served(db, "base", "p1", "ann"))])
+    assert issued["answers"] == ["lora on p1", "base on p1"]
+    rating, models = rate.record_choice(db, ChoiceBody(item=issued["item"], choice="first"), "ann", "ann")
+    assert models == {"A": "lora", "B": "base"}
+    (pair,) = store.preference_pairs(db)
+    assert (pair["chosen"], pair["rejected"]) == ("lora on p1", "base on p1")
+
+
+def test_a_key_rates_only_the_items_issued_to_it(db):
+    item = issue(db, "p1", ["lora", "base"], "ann")
+    for key, made_up in (("bob", item), ("ann", "made-up")):  # another key's item, an item never issued
+        body = ChoiceBody(item=made_up, choice="first")
+        with pytest.raises(ApiError, match="was issued to key") as err:
+            rate.record_choice(db, body, key, key)
+        assert (err.value.status, err.value.param) == (404, "item")
+    with pytest.raises(ApiError, match="a score needs an item of one answer"):
+        rate.record_score(db, ScoreBody(item=item, score=3), "ann", "ann")
+    assert db.execute("SELECT COUNT(*) FROM ratings").fetchone()[0] == 0
+    # Open (no keys): every caller is `local`, and the name typed on the page is the rater.
+    local = issue(db, "p2", ["lora", "base"], "local")
+    rate.record_choice(db, ChoiceBody(item=local, choice="tie"), "local", rate.rater_name("local", "cy"))
+    assert db.execute("SELECT rater FROM ratings").fetchone()[0] == "cy"
 
 
 def test_export_is_feedback_exports_file_and_matches_the_choices(db, tmp_path):
     choose(db, "p1", "lora", "base", "first")
     choose(db, "p2", "base", "lora", "first")
     choose(db, "p3", "lora", "base", "tie")
+    left_out = {}
+    assert rate.export_jsonl(db, Consensus(min_raters=2), left_out) == ("", 0)
+    assert left_out == {"too_few_raters": 3}
     text, n = rate.export_jsonl(db)
     assert n == 2
     out = tmp_path / "cli.jsonl"
@@ -65,10 +113,11 @@ def test_a_score_is_one_answer_rated_one_to_five(db):
     assert tuple(rating) == (4.0, None, None)
     for bad in (0, 6):
         with pytest.raises(ValidationError):
-            ScoreBody(prompt="p", answer=Shown(model="m", answer="x"), score=bad)
+            ScoreBody(item="x", score=bad)
     with pytest.raises(ValidationError):
-        ChoiceBody(prompt="p", first=Shown(model="m", answer="x"), second=Shown(model="n", answer="y"),
-                   choice="both")
+        ChoiceBody(item="x", choice="both")
+    with pytest.raises(ValidationError, match="at most 4000 characters"):
+        ChoiceBody(item="x", choice="first", comment="c" * 4001)
 
 
 def test_verdicts_name_the_winning_model_whatever_the_order_and_keep_a_raters_latest(db):
@@ -84,8 +133,8 @@ def test_verdicts_name_the_winning_model_whatever_the_order_and_keep_a_raters_la
 
 
 def test_scores_of_served_answers_are_not_session_verdicts(db):
-    served = store.add_answer(db, source="served", run="lora", prompt="p1", answer="x")
-    store.add_rating(db, served, rater="api", score=1.0)  # thumbs up through /v1/feedback
+    answer = served(db, "lora", "p1", "api")
+    store.add_rating(db, answer, rater="api", score=1.0)  # thumbs up through /v1/feedback
     assert rate.verdicts(db, "score") == {}
 
 
@@ -132,12 +181,15 @@ def test_agreement_per_rater_pair_pooled_and_lights_kappa():
     assert rate.agreement({}) == {"items": 0, "pairs": [], "agreement": None, "kappa": None}
 
 
-def test_session_prompts_from_the_file_else_the_store(db):
+def test_session_prompts_from_the_file_else_earlier_sessions_never_the_served_traffic(db):
     assert rate.session_prompts(db, ["q1", "q2"]) == (["q1", "q2"], "prompts file")
-    assert rate.session_prompts(db, None) == ([], "store")
-    for prompt in ("first chat", "second chat", "first chat"):
-        store.add_answer(db, source="served", run="base", prompt=prompt, answer="x")
-    assert rate.session_prompts(db, []) == (["first chat", "second chat"], "store")
+    assert rate.session_prompts(db, None) == ([], "earlier rating sessions")
+    for prompt in ("a client's question, with their email ann@example.com", "another client's"):
+        served(db, "base", prompt, "user-1")
+    assert rate.session_prompts(db, []) == ([], "earlier rating sessions")
+    for prompt, source in (("rated before", "rated"), ("collected", "collected"), ("rated before", "rated")):
+        store.add_answer(db, source=source, run="base", prompt=prompt, answer="x")
+    assert rate.session_prompts(db, []) == (["rated before", "collected"], "earlier rating sessions")
 
 
 def test_the_rater_is_the_key_id_and_a_typed_name_only_when_open():

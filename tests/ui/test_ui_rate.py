@@ -1,6 +1,8 @@
 """The rate page: three pairs rated with clicks and keys, then exported, and the exported preference
 rows are the choices made (the tie is not one, as with ``tunesmith feedback export``); a score on the
-1-5 scale; a rater key rates under its key id; the rate API's access and errors over HTTP."""
+1-5 scale; a rater key rates under its key id; the rate API's access and errors over HTTP, and the
+abuse cases of issue 24 (a forged answer text, a choice on another key's item, prompts from the
+served traffic)."""
 
 from __future__ import annotations
 
@@ -146,18 +148,83 @@ def test_one_answer_on_a_scale_of_one_to_five(rating, page):
 
 def test_rate_api_access_and_errors(rating):
     api = rating.url + "/ui/api/rate"
-    choice = {"prompt": "p", "first": {"model": "alpha", "answer": "x"}, "second": {"model": "beta", "answer": "y"},
-              "choice": "first", "rater": "typed name"}
+    base = rating.server.pool.base_name
     with rating.keys(admin={"admin-secret": "admin"}, rater={"rater-secret": "rater-2"}):
-        assert httpx.post(api + "/choice", json=choice).status_code == 401
         as_rater = {"Authorization": "Bearer rater-secret"}
-        answer = httpx.post(api + "/choice", json=choice, headers=as_rater)
+        ask = {"models": ["alpha", base], "mode": "pair", "rater": "typed name", "max_tokens": 4}
+        assert httpx.post(api + "/item", json=ask).status_code == 401
+        item = httpx.post(api + "/item", json=ask, headers=as_rater, timeout=60).json()
+        assert item["prompt"] in PROMPTS and len(item["answers"]) == 2 and "models" not in item
+        answer = httpx.post(api + "/choice", json={"item": item["item"], "choice": "first", "rater": "typed name"},
+                            headers=as_rater)
         assert answer.status_code == 200 and answer.json()["rater"] == "rater-2"  # not the typed name
+        assert sorted(answer.json()["models"].values()) == sorted(["alpha", base])
         refused = httpx.get(api + "/export", headers=as_rater)  # every rater's choices: admins only
         assert refused.status_code == 403 and "exporting" in refused.json()["error"]["message"]
         assert httpx.get(api + "/export", headers={"Authorization": "Bearer admin-secret"}).status_code == 200
-        bad = httpx.post(api + "/score", headers=as_rater,
-                         json={"prompt": "p", "answer": {"model": "alpha", "answer": "x"}, "score": 7})
+        bad = httpx.post(api + "/score", headers=as_rater, json={"item": item["item"], "score": 7})
         assert bad.status_code == 400 and "score" in bad.json()["error"]["message"]
-        one = httpx.get(api + "/next", params={"models": ["alpha"], "mode": "pair"}, headers=as_rater)
+        one = httpx.post(api + "/item", json={**ask, "models": ["alpha"]}, headers=as_rater)
         assert one.status_code == 400 and "mode pair takes 2 model(s), got 1" in one.json()["error"]["message"]
+        long = httpx.post(api + "/choice", headers=as_rater,
+                          json={"item": item["item"], "choice": "tie", "comment": "c" * 4001})
+        assert long.status_code == 400 and long.json()["error"]["param"] == "comment"
+
+
+def test_a_forged_choice_never_reaches_the_export(rating):
+    """Issue 24: a rater posted a choice with an answer text of its own ("EVIL") and the admin export
+    listed {"chosen": "EVIL"}. Answers are now looked up by the server; a choice names an item issued
+    to the caller's key, and nothing else."""
+    api = rating.url + "/ui/api/rate"
+    base = rating.server.pool.base_name
+    with rating.keys(admin={"admin-secret": "admin"}, rater={"rater-secret": "rater-3", "other-secret": "rater-4"}):
+        as_rater, as_other = {"Authorization": "Bearer rater-secret"}, {"Authorization": "Bearer other-secret"}
+        forged = {"prompt": PROMPTS[0], "choice": "first", "first": {"model": "alpha", "answer": "EVIL"},
+                  "second": {"model": base, "answer": "meh"}}
+        refused = httpx.post(api + "/choice", json=forged, headers=as_rater)
+        assert refused.status_code == 400
+        # Another rater's item: refused as if it did not exist, and nothing recorded.
+        theirs = httpx.post(api + "/item", headers=as_other, timeout=60,
+                            json={"models": ["alpha", base], "mode": "pair", "max_tokens": 4}).json()
+        stolen = httpx.post(api + "/choice", json={"item": theirs["item"], "choice": "first"}, headers=as_rater)
+        assert stolen.status_code == 404 and stolen.json()["error"]["param"] == "item"
+        made_up = httpx.post(api + "/choice", json={"item": "made-up", "choice": "first"}, headers=as_rater)
+        assert made_up.status_code == 404
+        export = httpx.get(api + "/export", headers={"Authorization": "Bearer admin-secret"}).text
+    assert "EVIL" not in export
+    assert query(rating.store_path, "SELECT * FROM ratings WHERE rater = 'rater-3'") == []
+    # What was issued is what the models answered: the text of the logged completion, by its id.
+    shown = query(rating.store_path, "SELECT a.answer, a.meta FROM issued i JOIN answers a ON a.id = i.first_id "
+                  "WHERE i.id = ?", (theirs["item"],))[0]
+    completion = json.loads(shown["meta"])["completion_id"]
+    served = query(rating.store_path, "SELECT answer, meta FROM answers WHERE id = ?", (completion,))[0]
+    assert shown["answer"] == served["answer"] == theirs["answers"][0]
+    assert json.loads(served["meta"])["key_id"] == "rater-4"
+
+
+def test_without_prompts_the_page_never_serves_other_clients_traffic(ui_server):
+    """Issue 24: without --prompts the rate page drew its prompts from every logged source, the served
+    traffic included. Now only from earlier rating sessions."""
+    secret = "my card is 4111 1111 1111 1111, what's my balance?"
+    base = ui_server.server.pool.base_name
+    prompts, ui_server.ctx.prompts = ui_server.ctx.prompts, []  # as `tunesmith ui` without --prompts
+    with ui_server.keys(admin={"admin-secret": "admin"}, user={"user-secret": "app"}, rater={"rater-secret": "r"}):
+        asked = httpx.post(ui_server.url + "/v1/chat/completions", headers={"Authorization": "Bearer user-secret"},
+                           json={"model": base, "messages": [{"role": "user", "content": secret}], "max_tokens": 2},
+                           timeout=60)
+        assert asked.status_code == 200
+        as_rater = {"Authorization": "Bearer rater-secret"}
+        session = httpx.get(ui_server.url + "/ui/api/rate/session", headers=as_rater).json()
+        earlier = query(ui_server.store_path,
+                        "SELECT DISTINCT prompt FROM answers WHERE source IN ('rated', 'collected')")
+        assert (session["source"], session["prompts"]) == ("earlier rating sessions", len(earlier))
+        found = httpx.post(ui_server.url + "/ui/api/rate/item", headers=as_rater, timeout=120,
+                           json={"models": ["alpha", base], "max_tokens": 2})
+        while found.json()["index"] is not None:  # every prompt on offer, until all are rated
+            item = found.json()
+            assert item["prompt"] != secret
+            httpx.post(ui_server.url + "/ui/api/rate/choice", headers=as_rater,
+                       json={"item": item["item"], "choice": "tie"})
+            found = httpx.post(ui_server.url + "/ui/api/rate/item", headers=as_rater, timeout=120,
+                               json={"models": ["alpha", base], "max_tokens": 2, "after": item["index"]})
+    ui_server.ctx.prompts = prompts

@@ -172,6 +172,12 @@ def add_answer(db: sqlite3.Connection, *, source: str, run: str, prompt: str, an
     return id
 
 
+# How long a rating's free text may be, wherever it comes from (/v1/feedback, the rate page): the
+# routes refuse longer with a 400 naming the field.
+MAX_COMMENT_CHARS = 4000
+MAX_LABEL_CHARS = 256
+
+
 def add_rating(db: sqlite3.Connection, answer_id: str, *, rater: str, other_id: str | None = None,
                choice: str | None = None, score: float | None = None, label: str | None = None,
                comment: str = "") -> int:

@@ -1,22 +1,34 @@
-"""The Rate page's API (``/ui/api/rate``): the prompts to rate, the choices and scores people give,
-progress, agreement between raters, and the export as preference data.
+"""The Rate page's API (``/ui/api/rate``): the prompts to rate, the items the server issues, the
+choices and scores people give, progress, agreement between raters, and the export as preference data.
+
+The server, not the page, makes what is rated. ``POST item`` picks the rater's next prompt (from
+``--prompts``, else the prompts of earlier rating sessions: never the served traffic), has the
+models answer it through the server's own chat route, under the caller's key, and issues the item:
+each answer is copied, by its logged completion id, into an ``answers`` row with source ``rated``,
+and an ``issued`` row records the answers (side A first) and the key they were shown to. A verdict
+names the item; the server refuses one on an item not issued to the caller's key, and never takes
+answer text from the client.
 
 Everything is in the feedback store (``store.db``), beside what ``tunesmith feedback collect``
-records: each answer shown is an ``answers`` row with source ``rated`` (the page made it through the
-server's chat route; its completion id is in ``meta``), and each verdict one ``ratings`` row with the
-rater's key id (or the name typed on the page when the UI is open to anyone on this machine). The
-export is ``feedback.export``'s own file, so the page and ``tunesmith feedback export`` write the
-same rows.
+records: each verdict is one ``ratings`` row with the rater's key id (or the name typed on the page
+when the UI is open to anyone on this machine). The export is ``feedback.export``'s own file, so the
+page and ``tunesmith feedback export`` write the same rows, and take the same ``--min-raters`` and
+``--agreement`` (``min_raters``, ``agreement``).
 
 An *item* is what raters can agree on: a prompt and the models compared (a pair, in either order)
 or rated (one). Each rater's latest verdict on an item counts: for a pair, the model whose answer
-won, or a tie; for one answer, its score.
+won, or a tie (``store.db.choice_verdict``); for one answer, its score.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import random
+import secrets
 import sqlite3
 import tempfile
+import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from itertools import combinations
@@ -24,13 +36,19 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunesmith import feedback
 from tunesmith.errors import TunesmithError
 from tunesmith.serve.access import LOCAL, KeyId
+from tunesmith.serve.errors import ApiError
+from tunesmith.serve.routes.completions import chat
+from tunesmith.serve.schemas import ChatRequest
 from tunesmith.store import db as store
+from tunesmith.store.db import MAX_COMMENT_CHARS
+from tunesmith.store.consensus import Consensus, latest
 
 router = APIRouter(prefix="/ui/api/rate")
 
@@ -39,51 +57,54 @@ SOURCE = "rated"
 # terminal's); scores given to served answers through /v1/feedback (thumbs as 0/1) are not.
 SESSION_SOURCES = (SOURCE, "collected")
 MAX_STORE_PROMPTS = 500
+MAX_RATER = 64
+TEMPERATURE = 0.7  # the models' sampling for the page: the same for every rater and model
 _SOURCES = ", ".join("?" * len(SESSION_SOURCES))
 
 Mode = Literal["pair", "score"]
 Item = tuple[str, tuple[str, ...]]
 
 
-class Shown(BaseModel):
-    """One answer as the page showed it: the model that wrote it and the server's completion id."""
+class ItemBody(BaseModel):
+    """Ask for the next item: the models to compare (pair) or rate (score), after prompt ``after``."""
 
     model_config = ConfigDict(extra="forbid")
-    model: str = Field(min_length=1)
-    answer: str
-    completion_id: str | None = None
-    side: str | None = Field(None, description="where the page showed it: 'A' (left) or 'B' (right)")
+    models: list[str] = Field(min_length=1, max_length=2)
+    mode: Mode = "pair"
+    after: int = Field(-1, ge=-1)
+    rater: str = Field("", max_length=MAX_RATER)
+    max_tokens: int | None = Field(None, ge=1)
 
 
 class ChoiceBody(BaseModel):
+    """A choice on an issued pair: ``first`` is the answer shown as A, ``second`` the one shown as B."""
+
     model_config = ConfigDict(extra="forbid")
-    prompt: str = Field(min_length=1)
-    first: Shown
-    second: Shown
+    item: str = Field(min_length=1, max_length=64)
     choice: Literal["first", "second", "tie"]
-    comment: str = Field("", max_length=4000)
-    rater: str = Field("", max_length=64)
+    comment: str = Field("", max_length=MAX_COMMENT_CHARS)
+    rater: str = Field("", max_length=MAX_RATER)
 
 
 class ScoreBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    prompt: str = Field(min_length=1)
-    answer: Shown
+    item: str = Field(min_length=1, max_length=64)
     score: int = Field(ge=1, le=5)
-    comment: str = Field("", max_length=4000)
-    rater: str = Field("", max_length=64)
+    comment: str = Field("", max_length=MAX_COMMENT_CHARS)
+    rater: str = Field("", max_length=MAX_RATER)
 
 
 # ---- plain functions over the store --------------------------------------------------------------
 
 def session_prompts(db: sqlite3.Connection, prompts: list[str] | None) -> tuple[list[str], str]:
     """The prompts to rate and where they come from: the UI's ``--prompts`` file when it was given,
-    else the distinct prompts already in the store (chats, served requests, earlier sessions)."""
+    else the prompts of earlier rating sessions (this page's, ``feedback collect``'s). Never the served
+    traffic: a rater must not read what other clients asked."""
     if prompts:
         return list(prompts), "prompts file"
-    rows = db.execute("SELECT prompt FROM answers GROUP BY prompt ORDER BY MIN(created_at) LIMIT ?",
-                      (MAX_STORE_PROMPTS,))
-    return [row["prompt"] for row in rows if row["prompt"].strip()], "store"
+    rows = db.execute(f"SELECT prompt FROM answers WHERE source IN ({_SOURCES}) GROUP BY prompt "
+                      "ORDER BY MIN(created_at) LIMIT ?", (*SESSION_SOURCES, MAX_STORE_PROMPTS))
+    return [row["prompt"] for row in rows if row["prompt"].strip()], "earlier rating sessions"
 
 
 def rater_name(key_id: str, typed: str) -> str:
@@ -92,25 +113,61 @@ def rater_name(key_id: str, typed: str) -> str:
     return typed if key_id == LOCAL and typed else key_id
 
 
-def _add_shown(db: sqlite3.Connection, prompt: str, shown: Shown) -> str:
-    meta = {key: value for key, value in (("completion_id", shown.completion_id), ("shown_as", shown.side))
-            if value}
-    return store.add_answer(db, source=SOURCE, run=shown.model, prompt=prompt, answer=shown.answer, meta=meta)
+def issue(db: sqlite3.Connection, key_id: str, prompt: str, shown: list[tuple[str, str]]) -> dict:
+    """Issue an item to ``key_id``: ``shown`` is ``(model, completion id)`` per side, A first, each a
+    completion the server logged as served to ``key_id``. Each answer's text is looked up by its id
+    and copied into a ``rated`` answer; returns ``{item, prompt, answers}`` (the texts, A first)."""
+    with store.transaction(db):  # the answers and the item, or nothing
+        ids, texts = [], []
+        for side, (model, completion_id) in zip("AB", shown):
+            row = db.execute("SELECT answer, run, meta FROM answers WHERE id = ? AND source = 'served'",
+                             (completion_id,)).fetchone()
+            if row is None or json.loads(row["meta"]).get("key_id") != key_id:
+                raise ApiError(404, f"no completion {completion_id!r} served to key {key_id!r} in the request log")
+            meta = {"completion_id": completion_id, "shown_as": side, "served_run": row["run"]}
+            ids.append(store.add_answer(db, source=SOURCE, run=model, prompt=prompt, answer=row["answer"],
+                                        meta=meta))
+            texts.append(row["answer"])
+        item = secrets.token_urlsafe(16)
+        db.execute("INSERT INTO issued (id, created_at, key_id, first_id, second_id) VALUES (?, ?, ?, ?, ?)",
+                   (item, time.time(), key_id, ids[0], ids[1] if len(ids) > 1 else None))
+    return {"item": item, "prompt": prompt, "answers": texts}
 
 
-def record_choice(db: sqlite3.Connection, body: ChoiceBody, rater: str) -> int:
-    """Store both answers and the choice between them (``first`` is ``body.first``); returns the rating id."""
-    with store.transaction(db):  # both answers and the choice, or nothing
-        first = _add_shown(db, body.prompt, body.first)
-        second = _add_shown(db, body.prompt, body.second)
-        return store.add_rating(db, first, rater=rater, other_id=second, choice=body.choice, comment=body.comment)
+def issued(db: sqlite3.Connection, item: str, key_id: str, mode: Mode) -> sqlite3.Row:
+    """The item ``item`` as issued to ``key_id``, with its models by side; 404 for an item issued to
+    no one or to another key (the same answer: which items exist is not the caller's business)."""
+    row = db.execute("""
+        SELECT i.first_id, i.second_id, a.run AS first_run, b.run AS second_run
+        FROM issued i JOIN answers a ON a.id = i.first_id LEFT JOIN answers b ON b.id = i.second_id
+        WHERE i.id = ? AND i.key_id = ?""", (item, key_id)).fetchone()
+    if row is None:
+        raise ApiError(404, f"no item {item!r} was issued to key {key_id!r}; ask for one (POST /ui/api/rate/item)",
+                       "item")
+    if (row["second_id"] is not None) != (mode == "pair"):
+        what = "a choice needs an item of two answers" if mode == "pair" else "a score needs an item of one answer"
+        raise ApiError(400, f"item {item!r}: {what}", "item")
+    return row
 
 
-def record_score(db: sqlite3.Connection, body: ScoreBody, rater: str) -> int:
-    """Store the answer and its score (1-5); returns the rating id."""
-    with store.transaction(db):  # the answer and its score, or nothing
-        answer = _add_shown(db, body.prompt, body.answer)
-        return store.add_rating(db, answer, rater=rater, score=float(body.score), comment=body.comment)
+def revealed(row: sqlite3.Row) -> dict[str, str]:
+    """The models of an item by side, shown once the verdict is in."""
+    return {side: row[f"{which}_run"] for side, which in (("A", "first"), ("B", "second")) if row[f"{which}_run"]}
+
+
+def record_choice(db: sqlite3.Connection, body: ChoiceBody, key_id: str, rater: str) -> tuple[int, dict]:
+    """The choice on an item issued to ``key_id``; returns the rating id and the models by side."""
+    row = issued(db, body.item, key_id, "pair")
+    rating = store.add_rating(db, row["first_id"], rater=rater, other_id=row["second_id"], choice=body.choice,
+                              comment=body.comment)
+    return rating, revealed(row)
+
+
+def record_score(db: sqlite3.Connection, body: ScoreBody, key_id: str, rater: str) -> tuple[int, dict]:
+    """The score (1-5) of an item issued to ``key_id``; returns the rating id and its model."""
+    row = issued(db, body.item, key_id, "score")
+    rating = store.add_rating(db, row["first_id"], rater=rater, score=float(body.score), comment=body.comment)
+    return rating, revealed(row)
 
 
 def item_key(prompt: str, models: list[str] | tuple[str, ...]) -> Item:
@@ -119,13 +176,8 @@ def item_key(prompt: str, models: list[str] | tuple[str, ...]) -> Item:
 
 
 def _pair_verdicts(db: sqlite3.Connection) -> Iterator[tuple[Item, str, object]]:
-    rows = db.execute(f"""
-        SELECT r.rater, r.choice, a.prompt, a.run AS first, b.run AS second
-        FROM ratings r JOIN answers a ON a.id = r.answer_id JOIN answers b ON b.id = r.other_id
-        WHERE r.choice IS NOT NULL AND a.source IN ({_SOURCES}) ORDER BY r.id""", SESSION_SOURCES)
-    for row in rows:
-        winner = "tie" if row["choice"] == "tie" else row[row["choice"]]  # the column named by the choice
-        yield item_key(row["prompt"], (row["first"], row["second"])), row["rater"], winner
+    for row in store.choices(db, SESSION_SOURCES):
+        yield store.choice_item(row), row["rater"], store.choice_verdict(row)
 
 
 def _score_verdicts(db: sqlite3.Connection) -> Iterator[tuple[Item, str, object]]:
@@ -144,10 +196,7 @@ MODES = {"pair": (2, _pair_verdicts), "score": (1, _score_verdicts)}
 
 def verdicts(db: sqlite3.Connection, mode: Mode) -> dict[Item, dict[str, object]]:
     """{item: {rater: verdict}}, each rater's latest: the winning model or ``"tie"`` (pair), the score."""
-    out: dict[Item, dict[str, object]] = defaultdict(dict)
-    for item, rater, verdict in MODES[mode][1](db):
-        out[item][rater] = verdict
-    return dict(out)
+    return latest(MODES[mode][1](db))
 
 
 def check_models(mode: Mode, models: list[str]) -> None:
@@ -204,11 +253,12 @@ def agreement(found: dict[Item, dict[str, object]]) -> dict:
             "kappa": sum(kappas) / len(kappas) if kappas else None}
 
 
-def export_jsonl(db: sqlite3.Connection) -> tuple[str, int]:
-    """``tunesmith feedback export``'s file (every non-tie choice as a preference pair), as text."""
+def export_jsonl(db: sqlite3.Connection, consensus: Consensus = Consensus(),
+                 left_out: dict[str, int] | None = None) -> tuple[str, int]:
+    """``tunesmith feedback export``'s file (the choices ``consensus`` keeps, as preference pairs), as text."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "pairs.jsonl"
-        n = feedback.export(db, out)
+        n = feedback.export(db, out, consensus, left_out)
         return out.read_text(), n
 
 
@@ -232,41 +282,64 @@ def _prompts(request: Request, db: sqlite3.Connection) -> tuple[list[str], str]:
 
 
 @router.get("/session")
-def get_session(request: Request, key_id: Rater, db: Db, rater: str = ""):
+def get_session(request: Request, key_id: Rater, db: Db, rater: Annotated[str, Query(max_length=MAX_RATER)] = ""):
     """The prompts' count and source, and who rates (``ask_name``: the page may take a typed name)."""
     prompts, source = _prompts(request, db)
     return {"prompts": len(prompts), "source": source, "rater": rater_name(key_id, rater),
             "ask_name": key_id == LOCAL}
 
 
-@router.get("/next")
-def get_next(request: Request, key_id: Rater, db: Db, models: Models, mode: Mode = "pair", after: int = -1,
-             rater: str = ""):
-    """The next prompt this rater has not rated with these models (``index`` None: all done)."""
-    check_models(mode, models)
-    prompts, _ = _prompts(request, db)
-    who, found = rater_name(key_id, rater), verdicts(db, mode)
-    index = next_prompt(prompts, models, who, found, after)
-    return {"index": index, "prompt": None if index is None else prompts[index],
-            "progress": progress(prompts, models, who, found)}
+async def ask(request: Request, key_id: str, model: str, prompt: str, max_tokens: int | None) -> str:
+    """``model``'s answer to ``prompt`` through the server's chat route, as ``key_id`` (the route checks
+    the request and logs the answer as any client's); returns the completion id."""
+    body = ChatRequest(model=model, messages=[{"role": "user", "content": prompt}], temperature=TEMPERATURE,
+                       max_tokens=max_tokens)
+    reply = await chat(body, request, request.app.state.serve, key_id)
+    return reply["id"]
+
+
+@router.post("/item")
+async def post_item(body: ItemBody, request: Request, key_id: Rater, db: Db):
+    """The next prompt this rater has not rated with these models, answered by them and issued to the
+    caller's key: ``{item, index, prompt, answers}`` (answers A first, in a random order; the models
+    are named with the verdict), and the progress. ``index`` None: every prompt is rated."""
+    check_models(body.mode, body.models)
+    if request.app.state.serve.request_log is None:
+        raise ApiError(400, "this server keeps no request log, so it cannot look answers up to rate")
+    prompts, _ = await run_in_threadpool(_prompts, request, db)
+    who = rater_name(key_id, body.rater)
+    found = await run_in_threadpool(verdicts, db, body.mode)
+    index = next_prompt(prompts, body.models, who, found, body.after)
+    answered = {"index": index, "progress": progress(prompts, body.models, who, found)}
+    if index is None:
+        return answered
+    models = list(body.models)
+    random.shuffle(models)  # which side is which is random, and the page does not see it until the verdict
+    prompt = prompts[index]
+    completions = await asyncio.gather(*(ask(request, key_id, m, prompt, body.max_tokens) for m in models))
+    shown = await run_in_threadpool(issue, db, key_id, prompt, list(zip(models, completions)))
+    return answered | shown
 
 
 @router.post("/choice")
 def post_choice(body: ChoiceBody, key_id: Rater, db: Db):
-    """Record a choice between two answers."""
+    """Record a choice between the two answers of an item issued to the caller's key; names the models."""
     rater = rater_name(key_id, body.rater)
-    return {"id": record_choice(db, body, rater), "rater": rater}
+    rating, models = record_choice(db, body, key_id, rater)
+    return {"id": rating, "rater": rater, "models": models}
 
 
 @router.post("/score")
 def post_score(body: ScoreBody, key_id: Rater, db: Db):
-    """Record a score (1-5) of one answer."""
+    """Record a score (1-5) of the answer of an item issued to the caller's key; names the model."""
     rater = rater_name(key_id, body.rater)
-    return {"id": record_score(db, body, rater), "rater": rater}
+    rating, models = record_score(db, body, key_id, rater)
+    return {"id": rating, "rater": rater, "models": models}
 
 
 @router.get("/progress")
-def get_progress(request: Request, key_id: Rater, db: Db, models: Models, mode: Mode = "pair", rater: str = ""):
+def get_progress(request: Request, key_id: Rater, db: Db, models: Models, mode: Mode = "pair",
+                 rater: Annotated[str, Query(max_length=MAX_RATER)] = ""):
     """Progress with these models, and agreement between raters over every item of this mode."""
     check_models(mode, models)
     prompts, _ = _prompts(request, db)
@@ -276,10 +349,13 @@ def get_progress(request: Request, key_id: Rater, db: Db, models: Models, mode: 
 
 
 @router.get("/export")
-def get_export(db: Db):
-    """Every non-tie choice as preference pairs (JSONL), as ``tunesmith feedback export`` writes them.
+def get_export(db: Db, min_raters: Annotated[int, Query(ge=1)] = 1,
+               agreement: Annotated[float, Query(ge=0, le=1)] = 0.0):
+    """The choices as preference pairs (JSONL), as ``tunesmith feedback export --min-raters N
+    --agreement A`` writes them; ``X-Left-Out`` counts the items left out, by reason.
     Admin keys only: the file holds every rater's choices, and raters see only their own progress."""
-    text, n = export_jsonl(db)
+    left_out: dict[str, int] = {}
+    text, n = export_jsonl(db, Consensus(min_raters, agreement), left_out)
     return Response(text, media_type="application/x-ndjson",
                     headers={"Content-Disposition": 'attachment; filename="preference_pairs.jsonl"',
-                             "X-Rows": str(n)})
+                             "X-Rows": str(n), "X-Left-Out": json.dumps(left_out)})

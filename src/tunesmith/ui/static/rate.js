@@ -1,10 +1,11 @@
-// Rate: the next prompt this rater has not rated, answers from the chosen models through the server's
-// chat route, shown as A and B in a random order; a choice (or a 1-5 score) goes to /ui/api/rate.
+// Rate: the server issues the next item (a prompt this rater has not rated, answered by the chosen
+// models, shown as A and B in an order the server picks); a choice (or a 1-5 score) names the item, and
+// the server answers with the models behind A and B.
 "use strict";
 
 const state = {
   askName: false,
-  item: null,  // {index, prompt, shown: [{model, answer, completion_id, side}], recorded}
+  item: null,  // {id, index, prompt, recorded}
 };
 
 const $ = (id) => document.getElementById(id);
@@ -21,8 +22,8 @@ function rater() {
   return state.askName ? $("rater").value.trim() : "";
 }
 
-function query(extra = {}) {
-  const params = new URLSearchParams({mode: mode(), rater: rater(), ...extra});
+function query() {
+  const params = new URLSearchParams({mode: mode(), rater: rater()});
   models().forEach((m) => params.append("models", m));
   return params.toString();
 }
@@ -61,19 +62,20 @@ function enableVerdicts(on) {
     .forEach((b) => { b.disabled = !on; });
 }
 
-async function generate(model, prompt) {
-  const reply = await api("/v1/chat/completions", {method: "POST", body: {
-    model, messages: [{role: "user", content: prompt}], temperature: 0.7,
-    max_tokens: Number($("max-tokens").value) || undefined,
-  }});
-  return {model, answer: reply.choices[0].message.content, completion_id: reply.id};
-}
-
-// Load the prompt after `after` that this rater has not rated, and the answers to it.
+// Ask for the item after prompt `after` that this rater has not rated: the server has the models answer.
 async function next(after) {
   showError(null, "rate-error");
   enableVerdicts(false);
-  const found = await api(`/ui/api/rate/next?${query({after: String(after)})}`);
+  for (const side of ["a", "b"]) {
+    $(`answer-${side}`).textContent = "…";
+    $(`name-${side}`).textContent = "";
+  }
+  $("status").textContent = "the models are answering…";
+  state.item = null;
+  const found = await api("/ui/api/rate/item", {method: "POST", body: {
+    models: models(), mode: mode(), after, rater: rater(),
+    max_tokens: Number($("max-tokens").value) || undefined,
+  }});
   showProgress(found.progress);
   if (found.index === null) {
     $("item").hidden = true;
@@ -87,25 +89,14 @@ async function next(after) {
   $("prompt-number").textContent = `${found.index + 1} of ${found.progress.total}`;
   $("prompt").textContent = found.prompt;
   $("comment").value = "";
-  for (const side of ["a", "b"]) {
-    $(`answer-${side}`).textContent = "…";
-    $(`name-${side}`).textContent = "";
-  }
-  $("status").textContent = "the models are answering…";
-  state.item = null;
-  const shown = await Promise.all(models().map((m) => generate(m, found.prompt)));
-  if (shown.length === 2 && Math.random() < 0.5) shown.reverse();  // which side is which is random
-  shown.forEach((s, i) => {
-    s.side = "AB"[i];
-    $(`answer-${"ab"[i]}`).textContent = s.answer || "(empty answer)";
-  });
-  state.item = {index: found.index, prompt: found.prompt, shown, recorded: false};
+  found.answers.forEach((answer, i) => { $(`answer-${"ab"[i]}`).textContent = answer || "(empty answer)"; });
+  state.item = {id: found.item, index: found.index, prompt: found.prompt, recorded: false};
   $("status").textContent = mode() === "pair" ? "which answer is better?" : "how good is this answer?";
   enableVerdicts(true);
 }
 
-function reveal() {
-  state.item.shown.forEach((s, i) => { $(`name-${"ab"[i]}`).textContent = `(${s.model})`; });
+function reveal(models) {
+  Object.entries(models).forEach(([side, model]) => { $(`name-${side.toLowerCase()}`).textContent = `(${model})`; });
 }
 
 async function record(verdict) {
@@ -113,18 +104,18 @@ async function record(verdict) {
   if (!item || item.recorded) return;
   item.recorded = true;
   enableVerdicts(false);
-  const common = {prompt: item.prompt, comment: $("comment").value, rater: rater()};
+  const common = {item: item.id, comment: $("comment").value, rater: rater()};
   try {
+    let reply;
     if (mode() === "pair") {
-      await api("/ui/api/rate/choice", {method: "POST", body: {
-        ...common, first: item.shown[0], second: item.shown[1], choice: verdict}});
+      reply = await api("/ui/api/rate/choice", {method: "POST", body: {...common, choice: verdict}});
       const said = {first: "A better", second: "B better", tie: "a tie"}[verdict];
       $("status").textContent = `recorded: ${said}. Press n for the next prompt.`;
     } else {
-      await api("/ui/api/rate/score", {method: "POST", body: {...common, answer: item.shown[0], score: verdict}});
+      reply = await api("/ui/api/rate/score", {method: "POST", body: {...common, score: verdict}});
       $("status").textContent = `recorded: ${verdict} of 5. Press n for the next prompt.`;
     }
-    reveal();
+    reveal(reply.models);
     await refresh();
   } catch (err) {
     item.recorded = false;
@@ -218,7 +209,9 @@ async function init() {
   state.askName = session.ask_name;
   $("rater-label").hidden = !session.ask_name;
   await loadModels();
-  $("progress").textContent = `${session.prompts} prompts (from the ${session.source}); press Start.`;
+  $("progress").textContent = session.prompts
+    ? `${session.prompts} prompts (from the ${session.source}); press Start.`
+    : "No prompts to rate: start tunesmith ui with --prompts FILE.";
   setMode();
 }
 

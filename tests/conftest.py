@@ -214,3 +214,24 @@ def preference_data(tmp_path) -> dict:
     """A data section for 60 tiny preference pairs in a JSONL file."""
     path = write_jsonl(tmp_path / "pairs.jsonl", preference_rows(60))
     return {"path": str(path), "max_length": 96, "split": {"validation": 0.15, "test": 0.15}}
+
+
+def unpaired_rows(n: int, seed: int = 0, good_every: int = 2) -> list[dict]:
+    """Single reviews marked good when their adjective is positive (every ``good_every``-th row) and bad
+    when it is negative: learnable unpaired preference data (KTO). Two adjectives of each kind: with
+    more, a tiny model memorises the training prompts instead of learning the words."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        good = i % good_every == 0
+        rows.append({"prompt": "review " + " ".join(rng.sample(NOUNS + OPENERS, 3)),
+                     "completion": f"{rng.choice(NOUNS)} {rng.choice(POSITIVE[:2] if good else NEGATIVE[:2])}",
+                     "label": good})
+    return rows
+
+
+@pytest.fixture
+def unpaired_data(tmp_path) -> dict:
+    """A data section for 80 tiny answers marked good or bad, half each, in a JSONL file."""
+    path = write_jsonl(tmp_path / "answers.jsonl", unpaired_rows(80))
+    return {"path": str(path), "max_length": 96, "split": {"validation": 0.15, "test": 0.15}}

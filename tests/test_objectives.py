@@ -27,6 +27,7 @@ CASES = {
     "seq2seq": ("tiny_t5_dir", 0.02),
     "dpo": ("tiny_model_dir", 0.01, "preference_data"),
     "reward": ("tiny_model_dir", 0.05, "preference_data"),
+    "kto": ("tiny_model_dir", 0.02, "unpaired_data"),
 }
 
 

@@ -2,8 +2,9 @@
 
 Kinds: ``prompt_completion``, ``chat`` (a list of role/content messages), ``text`` (plain text for
 continued pre-training: every token trained), ``classification`` (text/label; on a causal model
-the label becomes the completion of an instruction prompt) and ``preference`` (a prompt and two
-answers, the chosen one and the rejected one: ``data.preference``).
+the label becomes the completion of an instruction prompt), ``preference`` (a prompt and two
+answers, the chosen one and the rejected one: ``data.preference``) and ``unpaired_preference`` (a
+prompt, one answer and whether it is good: KTO's data, also in ``data.preference``).
 
 Loss is only on completion / assistant tokens, and always on the end-of-turn token: a model that is
 never shown where an answer ends never learns to stop.
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tunesmith.data.preference import to_pair
+from tunesmith.data.io import raise_problems
+from tunesmith.data.preference import to_pair, to_unpaired
 from tunesmith.errors import TunesmithError
 
 IGNORE = -100
@@ -28,6 +30,7 @@ GUESSES = {
     "chosen": ("chosen",),
     "rejected": ("rejected",),
     "margin": ("margin",),
+    "desirable": ("label", "desirable", "thumbs", "thumb"),
 }
 NEEDS = {
     "prompt_completion": ("prompt", "completion"),
@@ -35,6 +38,7 @@ NEEDS = {
     "classification": ("text", "label"),
     "text": ("text",),
     "preference": ("chosen", "rejected"),
+    "unpaired_preference": ("prompt", "completion", "desirable"),
 }
 # Roles a kind takes when the data has them: the prompt of chat-form preference pairs is the
 # messages their two conversations share; a margin weighs a pair in the reward model's loss.
@@ -48,7 +52,7 @@ class Schema:
 
     @property
     def text_fields(self) -> list[str]:
-        return [c for role, c in self.columns.items() if role not in ("label", "margin")]
+        return [c for role, c in self.columns.items() if role not in ("label", "margin", "desirable")]
 
 
 def detect_schema(records: list[dict], source: str, kind: str, named: dict[str, str | None]) -> Schema:
@@ -62,6 +66,8 @@ def detect_schema(records: list[dict], source: str, kind: str, named: dict[str, 
 
     if kind == "auto" and (column("chosen") or column("rejected")):
         kind = "preference"  # even with one of the two missing, so that the error names it
+    if kind == "auto" and all(column(r) for r in NEEDS["unpaired_preference"]):
+        kind = "unpaired_preference"  # a prompt, a completion and a good/bad mark: KTO's data
     if kind == "auto":
         kind = next(
             (k for k in ("chat", "prompt_completion", "classification", "text")
@@ -102,33 +108,43 @@ def to_examples(records: list[dict], schema: Schema, instruction: str, source: s
     """Canonical examples: ``{"messages": [...]}`` or ``{"text": ...}``, plus ``label`` and ``_line``.
 
     ``_input`` keeps the user's own input text (without any instruction template), which is what
-    the leakage audit compares: a shared template would make every pair look alike.
+    the leakage audit compares: a shared template would make every pair look alike. Every row's
+    problem is reported (up to ``io.MAX_PROBLEMS``), each naming its file, line and column.
     """
-    c = schema.columns
-    examples = []
+    examples, problems = [], []
     for r in records:
         line = r.get("_line")
-        if schema.kind == "text":
-            ex = {"text": r[c["text"]], "_input": r[c["text"]]}
-        elif schema.kind == "chat":
-            messages = _check_messages(r[c["messages"]], f"{source}:{line}")
-            ex = {"messages": messages,
-                  "_input": "\n".join(m["content"] for m in messages if m["role"] != "assistant")}
-        elif schema.kind == "preference":
-            ex = to_pair(r, c, f"{source}:{line}")
-        elif schema.kind == "prompt_completion":
-            ex = {"messages": [{"role": "user", "content": r[c["prompt"]]},
-                               {"role": "assistant", "content": r[c["completion"]]}],
-                  "_input": r[c["prompt"]]}
-        else:
-            label = str(r[c["label"]])
-            ex = {"messages": [{"role": "user", "content": instruction.format(text=r[c["text"]])},
-                               {"role": "assistant", "content": label}],
-                  "label": label, "_input": r[c["text"]]}
+        try:
+            ex = _example(r, schema, instruction, f"{source}:{line}")
+        except TunesmithError as err:
+            problems += err.problems
+            continue
         ex["_line"] = line
         ex["_where"] = f"{source}:{line}" if line is not None else source
         examples.append(ex)
+    raise_problems(problems, source)
     return examples
+
+
+def _example(r: dict, schema: Schema, instruction: str, where: str) -> dict:
+    c = schema.columns
+    if schema.kind == "text":
+        return {"text": r[c["text"]], "_input": r[c["text"]]}
+    if schema.kind == "chat":
+        messages = _check_messages(r[c["messages"]], where)
+        return {"messages": messages, "_input": "\n".join(m["content"] for m in messages if m["role"] != "assistant")}
+    if schema.kind == "preference":
+        return to_pair(r, c, where)
+    if schema.kind == "unpaired_preference":
+        return to_unpaired(r, c, where)
+    if schema.kind == "prompt_completion":
+        return {"messages": [{"role": "user", "content": r[c["prompt"]]},
+                             {"role": "assistant", "content": r[c["completion"]]}],
+                "_input": r[c["prompt"]]}
+    label = str(r[c["label"]])
+    return {"messages": [{"role": "user", "content": instruction.format(text=r[c["text"]])},
+                         {"role": "assistant", "content": label}],
+            "label": label, "_input": r[c["text"]]}
 
 
 def _check_messages(messages, where: str) -> list[dict]:

@@ -24,6 +24,9 @@ class ColumnsConfig(Section):
     chosen: str | None = None
     rejected: str | None = None
     margin: str | None = None
+    desirable: str | None = Field(None, description="Unpaired preference data (KTO): the column saying whether "
+                                  "the answer is good (true/false, 1/0, good/bad, up/down); default: label, "
+                                  "desirable or thumbs.")
 
     @field_validator("*", mode="before")
     @classmethod
@@ -71,7 +74,8 @@ class DataConfig(Section):
     train: str | None = None
     validation: str | None = None
     test: str | None = None
-    format: Literal["auto", "prompt_completion", "chat", "text", "classification", "preference"] = "auto"
+    format: Literal["auto", "prompt_completion", "chat", "text", "classification", "preference",
+                    "unpaired_preference"] = "auto"
     header: bool = Field(
         True, description="CSV/TSV: the first row names the columns; false: every row is data, and "
         "columns are named by position (1, 2, ...)."

@@ -22,7 +22,7 @@ from tunesmith.data.io import read_records
 from tunesmith.data.leakage import audit_leakage
 from tunesmith.data.options import DataConfig
 from tunesmith.data.pii import PiiScan, format_pii
-from tunesmith.data.preference import drop_identical, rotten_tomatoes_pairs
+from tunesmith.data.preference import drop_identical, rotten_tomatoes_pairs, rotten_tomatoes_thumbs
 from tunesmith.data.sources import format_sources, load_sources
 from tunesmith.data.split import split_records
 from tunesmith.errors import TunesmithError
@@ -41,6 +41,7 @@ BUILTIN = {
 # version when the function changes, so that no machine keeps reading what the old one wrote.
 DERIVED = {
     "rotten_tomatoes_pairs": ("rotten_tomatoes", rotten_tomatoes_pairs, 1),
+    "rotten_tomatoes_thumbs": ("rotten_tomatoes", rotten_tomatoes_thumbs, 1),
 }
 
 
@@ -184,7 +185,15 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, list[dict]], Schema, dict]:
     if schema.kind == "classification":
         stats["labels"] = {name: dict(Counter(e["label"] for e in splits[name] if "_canary" not in e))
                            for name in SPLITS}
+    if schema.kind == "unpaired_preference":
+        stats["answers"] = {name: answer_counts(splits[name]) for name in SPLITS}
     return splits, schema, stats
+
+
+def answer_counts(examples: list[dict]) -> dict[str, int]:
+    """Unpaired preference data: how many answers are marked good and how many bad."""
+    good = sum(e["desirable"] for e in examples)
+    return {"good": good, "bad": len(examples) - good}
 
 
 def label_order(splits: dict[str, list[dict]], labels: list[str] | None = None) -> list[str]:
@@ -214,6 +223,8 @@ def format_stats(stats: dict) -> str:
     for split, counts in stats.get("labels", {}).items():
         total = sum(counts.values()) or 1
         lines.append(f"labels {split}: " + ", ".join(f"{k} {v} ({100 * v / total:.0f}%)" for k, v in sorted(counts.items())))
+    for split, counts in stats.get("answers", {}).items():
+        lines.append(f"answers {split}: {counts['good']} good, {counts['bad']} bad")
     leak = stats["leakage"]
     lines.append(
         "leakage removed: " + ", ".join(
@@ -230,6 +241,8 @@ def format_stats(stats: dict) -> str:
                 + (f"; {t['identical_after_truncation']} pairs the same after truncation (nothing to rank)"
                    if t.get("identical_after_truncation") else "")
             )
+    # What the objective found in the data and wants shown with it (KTO: its loss weights).
+    lines += stats.get("notes", [])
     return "\n".join(lines)
 
 

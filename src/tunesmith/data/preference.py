@@ -1,4 +1,5 @@
-"""Preference pairs: a prompt, the answer people chose and the one they rejected.
+"""Preference data: pairs (a prompt, the answer people chose and the one they rejected), and
+unpaired answers marked good or bad (a prompt, an answer and a thumbs up or down).
 
 Three shapes of row are read (``data.format: preference``, or any file with ``chosen`` and
 ``rejected`` columns):
@@ -14,6 +15,12 @@ Every shape becomes ``{"messages": prompt messages, "chosen": str, "rejected": s
 ``margin`` when the data has one), whose ``_input`` (what the leakage audit compares) is the
 prompt. Pairs whose two answers are the same after cleaning teach nothing, and are dropped and
 counted as ``identical_pair``.
+
+Unpaired answers (``data.format: unpaired_preference``, or any file with prompt, completion and a
+``label``/``desirable``/``thumbs`` column), as TRL's KTO data and ``tunesmith feedback export --as kto``
+write them: ``{"prompt": "...", "completion": "...", "label": true}``, the prompt text or messages,
+the completion text or one assistant message, the mark a boolean or a thumbs-like value
+(``GOOD``/``BAD``). Each becomes ``{"messages": prompt messages, "completion": str, "desirable": bool}``.
 """
 
 from __future__ import annotations
@@ -44,6 +51,33 @@ def to_pair(record: dict, columns: dict[str, str], where: str) -> dict:
     if "margin" in columns:
         example["margin"] = _number(record.get(columns["margin"]), where, columns["margin"])
     return example
+
+
+# What a good/bad column may hold, besides booleans and the numbers 1 (good), 0 and -1 (bad);
+# compared lower-cased, without surrounding spaces.
+GOOD = ("true", "1", "1.0", "+1", "yes", "good", "up", "thumbs up", "thumbs_up", "desirable", "\N{THUMBS UP SIGN}")
+BAD = ("false", "0", "0.0", "-1", "no", "bad", "down", "thumbs down", "thumbs_down", "undesirable",
+       "\N{THUMBS DOWN SIGN}")
+
+
+def to_unpaired(record: dict, columns: dict[str, str], where: str) -> dict:
+    """The canonical example of one cleaned row of unpaired answers (see the module docstring)."""
+    prompt = _messages(record[columns["prompt"]], "user", where, columns["prompt"])
+    return {"messages": prompt, "completion": _answer(record[columns["completion"]], where, columns["completion"]),
+            "desirable": desirable(record.get(columns["desirable"]), where, columns["desirable"]),
+            "_input": "\n".join(m["content"] for m in prompt if m["role"] != "assistant")}
+
+
+def desirable(value, where: str, column: str) -> bool:
+    """Whether a good/bad mark says good: a boolean, 1 / 0 / -1, or a word of ``GOOD`` or ``BAD``."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (1, 0, -1):
+        return value == 1
+    if isinstance(value, str) and value.strip().lower() in GOOD + BAD:
+        return value.strip().lower() in GOOD
+    raise TunesmithError(f"{where}: column {column!r} must say whether the answer is good: true/false, 1/0, "
+                         f"good/bad, up/down or yes/no; found {value!r}")
 
 
 def drop_identical(examples: list[dict]) -> tuple[list[dict], int]:
@@ -93,3 +127,16 @@ def rotten_tomatoes_pairs(records: list[dict]) -> list[dict]:
     return [{"prompt": f"Write a positive review of this film: {kinds['plot']}", "chosen": kinds["fresh"],
              "rejected": kinds["rotten"], "film": film}
             for film, kinds in sorted(films.items()) if {"plot", "fresh", "rotten"} <= kinds.keys()]
+
+
+def rotten_tomatoes_thumbs(records: list[dict]) -> list[dict]:
+    """``builtin:rotten_tomatoes_thumbs``: the films of ``builtin:rotten_tomatoes_pairs``, each once, as
+    unpaired answers for KTO: the fresh review marked good for the first film and every other one after
+    it (in the pairs' order, by film name), the rotten review marked bad for the rest.
+
+    One answer per film, so that every prompt is distinct (the leakage audit compares prompts) and no
+    film gives both a good and a bad answer: the data is unpaired, as thumbs on served answers are.
+    """
+    return [{"prompt": pair["prompt"], "completion": pair["chosen"] if k % 2 == 0 else pair["rejected"],
+             "label": k % 2 == 0, "film": pair["film"]}
+            for k, pair in enumerate(rotten_tomatoes_pairs(records))]

@@ -13,6 +13,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.objectives.causal import Causal
 from tunesmith.objectives.classification import Classification
 from tunesmith.objectives.dpo import DPO
+from tunesmith.objectives.kto import KTO
 from tunesmith.objectives.reward import Reward
 from tunesmith.objectives.seq2seq import Seq2Seq
 
@@ -22,12 +23,13 @@ REGISTRY = {
     "seq2seq": Seq2Seq,
     "dpo": DPO,
     "reward": Reward,
+    "kto": KTO,
 }
 
 # The objectives that train a decoder-only LM, whose answers can be sampled and judged (judged
 # evaluation: ``eval.judge``, ``tunesmith judge``). seq2seq writes answers too, through an encoder
 # and a decoder, which the sampler does not drive.
-GENERATIVE = ("causal", "dpo")
+GENERATIVE = ("causal", "dpo", "kto")
 
 
 def get_objective(name: str):

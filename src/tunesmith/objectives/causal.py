@@ -114,6 +114,9 @@ class Causal:
         if schema.kind == "preference":
             raise TunesmithError("objective causal trains on one answer per prompt, but the data is preference "
                                  "pairs: use objective.name: dpo (or reward)")
+        if schema.kind == "unpaired_preference":
+            raise TunesmithError("objective causal trains on answers to imitate, but the data marks answers good "
+                                 "or bad: use objective.name: kto")
         encoded, stats["tokens"] = encode_splits(splits, self.encoder)
         # Canaries (data.canaries) join label data as prompt/completion pairs, without a label.
         labels = label_order(splits, labels) if schema.kind == "classification" else []

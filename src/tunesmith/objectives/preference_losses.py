@@ -22,6 +22,12 @@ for its length alone):
 - ``orpo`` (Hong et al. 2024): the chosen answer's mean negative log-likelihood (the SFT loss) plus
   ``beta`` times the odds-ratio term ``-log sigmoid(log odds(chosen) - log odds(rejected))``, with
   ``odds(y) = p / (1 - p)`` and ``p = exp(a)``.
+
+KTO (Ethayarajh et al. 2024) needs no pairs: each answer is marked good (desirable) or bad, and is
+scored against a reference point ``z``, an estimate of KL(policy || reference) (``kto_reference_point``):
+
+- ``kto``: with ``r = policy - reference``, the answer's log-ratio, a good answer's loss is
+  ``desirable_weight (1 - sigmoid(beta (r - z)))`` and a bad one's ``undesirable_weight (1 - sigmoid(beta (z - r)))``.
 """
 
 from __future__ import annotations
@@ -90,3 +96,20 @@ REFERENCE_FREE: dict[str, Loss] = {
     "simpo": simpo_loss,
     "orpo": orpo_loss,
 }
+
+
+def kto_reference_point(policy_mismatched: torch.Tensor, reference_mismatched: torch.Tensor) -> torch.Tensor:
+    """KTO's ``z``: the mean log-ratio of policy to reference over mismatched (prompt, another answer's
+    completion) pairs, an estimate of KL(policy || reference); detached (no gradient flows through the
+    reference point) and clamped at 0, since a KL is never negative."""
+    return (policy_mismatched - reference_mismatched).mean().detach().clamp(min=0)
+
+
+def kto_loss(policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor, reference_point: torch.Tensor,
+             beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> torch.Tensor:
+    """Each answer's KTO loss, [answers]: ``policy`` and ``reference`` its summed log-probabilities,
+    ``desirable`` whether it is marked good, ``reference_point`` from ``kto_reference_point``."""
+    r = policy - reference
+    good = desirable_weight * (1 - torch.sigmoid(beta * (r - reference_point)))
+    bad = undesirable_weight * (1 - torch.sigmoid(beta * (reference_point - r)))
+    return torch.where(desirable, good, bad)

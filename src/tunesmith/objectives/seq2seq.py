@@ -55,7 +55,7 @@ class Seq2Seq:
     def prepare(self, labels: list[str] | None = None) -> PreparedData:
         refuse_canaries(self.name, self.data)
         splits, schema, stats = load_splits(self.data)
-        if schema.kind in ("text", "preference"):
+        if schema.kind in ("text", "preference", "unpaired_preference"):
             raise TunesmithError("objective seq2seq needs inputs and targets (prompt/completion, chat or label data)")
         labels = label_order(splits, labels) if schema.kind == "classification" else []
         encoded = {n: self.encode(splits[n]) for n in SPLITS}

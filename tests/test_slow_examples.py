@@ -17,6 +17,7 @@ EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.name for e in EXAMPLES])
 def test_data_inspect_works_for_every_shipped_example(example, capsys):
     assert main(["data", "inspect", str(example)]) == 0
-    # A PPO config's data is the prompts it samples from.
-    kept = "prompts kept: train " if "\nppo:" in example.read_text() else "rows kept: train "
+    # A PPO or GRPO config's data is the prompts it samples from.
+    text = example.read_text()
+    kept = "prompts kept: train " if "\nppo:" in text or "\ngrpo:" in text else "rows kept: train "
     assert kept in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""The ``tunesmith`` command: train, eval, generate, compare, data inspect, privacy audit, ppo, serve, ui, judge.
+"""The ``tunesmith`` command: train, eval, generate, compare, data inspect, privacy audit, ppo, grpo, serve, ui,
+judge.
 
 User errors print one line per problem and exit with status 2, without a traceback.
 """
@@ -89,8 +90,8 @@ def cmd_bias(args) -> int:
 def cmd_generate(args) -> int:
     from tunesmith.store import Run
 
-    if Run(args.run_dir, writer=False).is_ppo():
-        from tunesmith.align.recipe import generate
+    if Run(args.run_dir, writer=False).alignment():
+        from tunesmith.align.loop import generate
     else:
         from tunesmith.recipe import generate
     generate(Path(args.run_dir), args.prompt, args.max_new_tokens)
@@ -102,7 +103,7 @@ ACCELERATE_KEYS = {"compute_environment", "distributed_type"}
 
 
 def cmd_inspect(args) -> int:
-    """The data a config trains on (train, search: the base run's), or the prompts of a PPO config."""
+    """The data a config trains on (train, search: the base run's), or the prompts of a PPO or GRPO config."""
     from tunesmith.config import load_config, read_config_file
     from tunesmith.data.pipeline import format_stats
     from tunesmith.session import Session
@@ -110,8 +111,10 @@ def cmd_inspect(args) -> int:
     raw = read_config_file(args.config)
     if ACCELERATE_KEYS & raw.keys():
         raise TunesmithError(_accelerate_config(args.config))
-    if "ppo" in raw:
-        return _inspect_ppo(args, raw)
+    from tunesmith.align.options import LOADERS
+
+    if aligned := [section for section in LOADERS if section in raw]:
+        return _inspect_prompts(args, raw, aligned[0])
     config = load_config(args.config, args.set, raw=raw)
     print(f"{args.config} ({_data_command(raw)}): data {_data_names(config.data)}")
     data = Session(config).prepare()
@@ -123,15 +126,16 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _inspect_ppo(args, raw: dict) -> int:
-    """A ``tunesmith ppo`` config has no data section: its data is the prompts PPO samples from."""
-    from tunesmith.align.options import load_ppo_config
+def _inspect_prompts(args, raw: dict, section: str) -> int:
+    """A ``tunesmith ppo`` or ``grpo`` config has no data section: its data is the prompts it samples from."""
+    from tunesmith.align.options import LOADERS
     from tunesmith.align.prompts import format_prompt_stats, inspect_prompts
 
-    config = load_ppo_config(args.config, args.set, raw=raw)
-    ppo = config.ppo
-    rows = "".join(f", rows whose {k} is {v}" for k, v in ppo.prompt_filter.items())
-    print(f"{args.config} (tunesmith ppo): prompts from {ppo.prompts}, column {ppo.prompt_column}{rows}")
+    config = LOADERS[section](args.config, args.set, raw=raw)
+    cfg = config.rollout
+    rows = "".join(f", rows whose {k} is {v if isinstance(v, str) else ' or '.join(v)}"
+                   for k, v in cfg.prompt_filter.items())
+    print(f"{args.config} (tunesmith {section}): prompts from {cfg.prompts}, column {cfg.prompt_column}{rows}")
     print(format_prompt_stats(inspect_prompts(config)))
     return 0
 
@@ -370,6 +374,19 @@ def cmd_ppo(args) -> int:
     return 0
 
 
+def cmd_grpo(args) -> int:
+    from tunesmith.align.grpo_recipe import run_grpo
+    from tunesmith.align.options import load_grpo_config
+
+    config = load_grpo_config(args.config, args.set)
+    try:
+        report = run_grpo(config, resume=args.resume)
+    except KeyboardInterrupt as interrupt:
+        return _interrupted(interrupt, config.output.dir, f"tunesmith grpo {args.config}", args.set)
+    print(f"report: {report}")
+    return 0
+
+
 def cmd_judge(args) -> int:
     from tunesmith.align.judge import headline, judge_run
 
@@ -556,6 +573,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--resume", action="store_true", help="continue an interrupted PPO run from its checkpoint")
     p.set_defaults(func=cmd_ppo)
+
+    p = sub.add_parser("grpo", help="align a model with GRPO against verifiable rewards (functions, exact match, "
+                       "regex, JSON schema) or a reward run")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted GRPO run from its checkpoint")
+    p.set_defaults(func=cmd_grpo)
 
     p = sub.add_parser("judge", help="win-rate of a run's tuned model over its base, judged by a reward model "
                        "or classifier run, and its KL to the reference")

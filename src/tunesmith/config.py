@@ -140,19 +140,31 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def format_validation_error(err: ValidationError, source: str) -> list[str]:
-    """One line per invalid field: ``config.yaml: train.lr: Input should be greater than 0``."""
+def format_validation_error(err: ValidationError, source: str, tagged: dict | None = None) -> list[str]:
+    """One line per invalid field: ``config.yaml: train.lr: Input should be greater than 0``.
+
+    ``tagged`` adds unions tagged by ``name`` deeper in the config, by their path (``"*"`` for a list
+    index): ``{("grpo", "rewards", "*"): (options by name, what)}``."""
+    unions = {(section,): entry for section, entry in TAGGED.items()} | (tagged or {})
     lines = []
     for e in err.errors():
         loc = list(e["loc"])
-        options, what = TAGGED.get(loc[0], ({}, None)) if loc else ({}, None)
+        options, what, at = {}, None, 0
+        for n in range(len(loc), 0, -1):
+            key = tuple("*" if isinstance(p, int) else p for p in loc[:n])
+            if key in unions:
+                (options, what), at = unions[key], n
+                break
         # pydantic puts the union member's tag in the path (method.prefix.r); the user wrote method.r.
-        tag = loc.pop(1) if len(loc) > 1 and loc[1] in options else None
+        tag = loc.pop(at) if at and len(loc) > at and loc[at] in options else None
         path = ".".join(str(p) for p in loc) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "union_tag_invalid":
             path += ".name"
             msg = f"unknown {what} {e['ctx']['tag']!r}; known: {', '.join(options)}"
+        elif e["type"] == "union_tag_not_found":
+            path += ".name"
+            msg = f"give the {what}: one of {', '.join(options)}"
         elif e["type"] == "extra_forbidden":
             msg = "unknown field"
             if tag:
@@ -248,14 +260,14 @@ def _resolve_paths(config: RunConfig, base: Path) -> RunConfig:
     # "builtin:" names bundled data sets and is resolved by the data layer.
     data = config.data
     for field in ("path", "train", "validation", "test"):
-        setattr(data, field, _relative_to(base, getattr(data, field)))
+        setattr(data, field, relative_to(base, getattr(data, field)))
     for source in data.sources or []:
-        source.path = _relative_to(base, source.path)
-    config.eval.judge = _relative_to(base, config.eval.judge)
+        source.path = relative_to(base, source.path)
+    config.eval.judge = relative_to(base, config.eval.judge)
     return config
 
 
-def _relative_to(base: Path, value: str | None) -> str | None:
+def relative_to(base: Path, value: str | None) -> str | None:
     """``value`` read from the config file's folder ``base``, unless it only exists from the working directory."""
     if not value or value.startswith("builtin:") or Path(value).is_absolute():
         return value

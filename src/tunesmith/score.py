@@ -86,8 +86,8 @@ def scoring_run(path: str | Path) -> tuple[Run, Reader]:
         raise TunesmithError(f"{run.path}: no such run directory")
     if not (run.path / "config.yaml").is_file():
         raise TunesmithError(f"{run.path}: not a tunesmith run directory (no config.yaml)")
-    if run.is_ppo():
-        raise TunesmithError(f"{run.path} is a PPO run, not a classifier or reward model")
+    if kind := run.alignment():
+        raise TunesmithError(f"{run.path} is a {kind.upper()} run, not a classifier or reward model")
     name = run.load_config().objective.name
     if name not in READERS:
         raise TunesmithError(f"{run.path} is a {name} run, not a classifier or reward model "

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
 from tunesmith.align.report import side_by_side, spread
 from tunesmith.align.rewards import RewardFn, check_reward, load_reward
@@ -168,8 +167,8 @@ def _finished_generative_run(path: Path) -> Run:
     config_file = path / "config.yaml"
     if not config_file.is_file():
         raise TunesmithError(f"{path}: not a tunesmith run directory (no config.yaml)")
-    if "ppo" in (yaml.safe_load(config_file.read_text()) or {}):
-        raise TunesmithError(f"{path} is a PPO run: its own report judges it by its reward")
+    if kind := run.alignment():
+        raise TunesmithError(f"{path} is a {kind.upper()} run: its own report judges it by its reward")
     status = run.status()
     if status != "complete":
         raise TunesmithError(f"{path}: the run is not complete (status: {status}); judge a finished run")

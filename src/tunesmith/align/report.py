@@ -1,32 +1,37 @@
-"""The PPO run's report: reward of base and tuned answers on held-out prompts, win-rate, KL to the
-reference, the curves (reward, KL, losses) and a few answers side by side. Judged evaluation
-(``align/judge.py``) reports with the same pieces."""
+"""The reports of PPO and GRPO runs: reward of base and tuned answers on held-out prompts (for GRPO,
+each reward's too, such as the share of answers in the required format), win-rate, KL to the
+reference, the curves and a few answers side by side. Judged evaluation (``align/judge.py``)
+reports with the same pieces."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-CURVES = (("reward", "mean reward"), ("kl", "KL to the reference (per answer)"),
-          ("policy_loss", "policy loss"), ("value_loss", "value loss"))
+# (metric, title) of each curve; a curve whose metric a run does not log is left out.
+PPO_CURVES = (("reward", "mean reward"), ("kl", "KL to the reference (per answer)"),
+              ("policy_loss", "policy loss"), ("value_loss", "value loss"))
+GRPO_CURVES = (("reward", "mean reward"), ("loss", "loss"), ("kl", "KL to the reference (per answer)"),
+               ("answer_len", "answer length (tokens)"))
 
 
-def plot_curves(metrics_log: Path, out: Path) -> bool:
-    """Reward, KL and the two losses against the PPO step, as one PNG. False when there is nothing."""
+def plot_curves(metrics_log: Path, out: Path, curves: tuple[tuple[str, str], ...]) -> bool:
+    """``curves`` against the step, as one PNG. False when there is nothing."""
     rows = [json.loads(line) for line in metrics_log.read_text().splitlines() if line.strip()] \
         if metrics_log.is_file() else []
-    if not rows:
+    curves = tuple((key, label) for key, label in curves if rows and key in rows[0])
+    if not curves:
         return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.5))
+    fig, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3.5), squeeze=False)
     steps = [r["step"] for r in rows]
-    for ax, (key, label) in zip(axes, CURVES):
+    for ax, (key, label) in zip(axes[0], curves):
         ax.plot(steps, [r[key] for r in rows], "o-" if len(rows) < 30 else "-")
-        ax.set_xlabel("PPO step")
+        ax.set_xlabel("step")
         ax.set_title(label)
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -59,6 +64,44 @@ def write_report(run_dir: Path, summary: dict, base: dict, tuned: dict, has_plot
     ]
     if has_plot:
         out += ["## Curves", "", "![reward, KL and losses](curves.png)", ""]
+    out += ["## Samples", "", *side_by_side(base, tuned, samples)]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(out))
+    return path
+
+
+def write_grpo_report(run_dir: Path, summary: dict, base: dict, tuned: dict, has_plot: bool,
+                      samples: int = 3) -> Path:
+    """GRPO's report: the held-out table (the total reward, each reward's mean, KL, answers that ended),
+    the win-rate, the reward distributions, the curves and a few answers side by side."""
+    m = summary
+    names = list(m["tuned"].get("reward_means", {}))
+    out = [
+        f"# tunesmith GRPO run: {run_dir.name}",
+        "",
+        (f"Model `{m['model']}`, method `{m['method']}`: {m['trainable_params']:,} trainable parameters of "
+         f"{m['total_params']:,}. Loss `{m['loss_type']}`, importance ratios per {m['importance']}, "
+         f"{m['group']} answers per prompt."),
+        "Rewards (summed with their weights): " + ", ".join(f"`{r}`" for r in m["rewards"]) + ".",
+        f"GRPO steps: {m['steps']}, in {m['train_seconds']:.0f} s.",
+        "",
+        f"## Held-out prompts ({m['eval_prompts']}), one sampled answer each",
+        "",
+        "| | base | tuned |",
+        "|---|---:|---:|",
+        f"| mean reward (weighted sum) | {m['base']['mean_reward']:.4f} | {m['tuned']['mean_reward']:.4f} |",
+        *(f"| `{n}` (mean score) | {m['base']['reward_means'][n]:.4f} | {m['tuned']['reward_means'][n]:.4f} |"
+          for n in names),
+        f"| KL to the reference (per answer) | {m['base']['kl']:.4f} | {m['tuned']['kl']:.4f} |",
+        f"| answers that ended | {m['base']['ended']:.2f} | {m['tuned']['ended']:.2f} |",
+        "",
+        f"Win-rate of tuned over base, judged by the reward: {100 * m['win_rate']:.1f}% (ties count half).",
+        "",
+        "Reward distribution: " + spread("base", base["rewards"]) + "; " + spread("tuned", tuned["rewards"]) + ".",
+        "",
+    ]
+    if has_plot:
+        out += ["## Curves", "", "![reward, loss, KL and answer length](curves.png)", ""]
     out += ["## Samples", "", *side_by_side(base, tuned, samples)]
     path = run_dir / "report.md"
     path.write_text("\n".join(out))

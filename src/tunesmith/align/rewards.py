@@ -1,8 +1,10 @@
-"""Rewards for PPO from tunesmith runs: a function from (prompts, answers) to one score per answer.
+"""Rewards from tunesmith runs, for PPO and GRPO's ``run`` reward: a function from (prompts, answers)
+to one score per answer.
 
 Which runs can give one, and how, is ``tunesmith.score``'s (its ``READERS``): a classifier or a
 causal run on label data gives the log-odds of ``ppo.reward_label``, a reward model its scalar.
-This module only names the PPO options in the errors and frames each (prompt, answer).
+This module only names the config's fields in the errors (PPO's by default) and frames each
+(prompt, answer).
 """
 
 from __future__ import annotations
@@ -20,16 +22,18 @@ RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 BATCH = 16
 
 
-def check_reward(path: str | Path, label: str) -> None:
-    """Every problem with the reward run at ``path`` as a one-line ``TunesmithError``, without loading
-    its weights (what ``load_reward`` checks first)."""
-    _checked(path, label)
+def check_reward(path: str | Path, label: str, field: str = "ppo.reward",
+                 label_field: str = "ppo.reward_label") -> None:
+    """Every problem with the reward run at ``path`` as a one-line ``TunesmithError`` that names the
+    config's ``field`` (or ``label_field``), without loading its weights (what ``load_reward`` checks first)."""
+    _checked(path, label, field, label_field)
 
 
-def load_reward(path: str | Path, label: str, device: torch.device | str = "cpu") -> RewardFn:
+def load_reward(path: str | Path, label: str, device: torch.device | str = "cpu", field: str = "ppo.reward",
+                label_field: str = "ppo.reward_label") -> RewardFn:
     """The reward of the run at ``path``; every problem is a one-line ``TunesmithError``, found
     before the reward model is loaded."""
-    run, reader = _checked(path, label)
+    run, reader = _checked(path, label, field, label_field)
     scorer = open_scorer(run, reader, label, BATCH, device)
 
     def reward(prompts: list[str], answers: list[str]) -> list[float]:
@@ -38,10 +42,10 @@ def load_reward(path: str | Path, label: str, device: torch.device | str = "cpu"
     return reward
 
 
-def _checked(path: str | Path, label: str):
-    with prefixed("ppo.reward: "):
+def _checked(path: str | Path, label: str, field: str, label_field: str):
+    with prefixed(f"{field}: "):
         run, reader = scoring_run(path)
     if reader.labelled:
-        with prefixed("ppo.reward_label: "):
+        with prefixed(f"{label_field}: "):
             check_label(run, label)
     return run, reader

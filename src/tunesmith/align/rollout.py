@@ -1,5 +1,6 @@
-"""PPO's model side: the policy with its value head, sampling answers with the KV cache, and the
-per-token log-probabilities and values of those answers under the policy and the reference.
+"""The model side of PPO and GRPO: sampling answers with the KV cache, and the per-token
+log-probabilities of those answers under the policy and the reference; PPO's policy with its value
+head, and the values of its states.
 
 The reference is the policy with its adapter disabled (one copy of the weights). Answers are the
 tokens after a left-padded prompt, up to and including the first end-of-turn token; everything
@@ -70,15 +71,17 @@ def answer_mask(answers: torch.Tensor, eos: set[int]) -> tuple[torch.Tensor, tor
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list[list[int]], samples_per_prompt: int,
-           max_new_tokens: int, temperature: float, top_k: int, device, record: bool = False) -> Rollout:
+def sample(model, tokenizer, prompts: list[list[int]], samples_per_prompt: int, max_new_tokens: int,
+           temperature: float, top_k: int, device, record: bool = False, record_states: bool = True) -> Rollout:
     """``samples_per_prompt`` answers per prompt (grouped by prompt) sampled from the causal LM
     ``model`` (the policy's, or any), with the KV cache; the answers to one prompt share its cache.
 
     ``record`` keeps what each decoding step computed anyway: the logits (as log-probabilities of
-    the sampled tokens) and the last hidden states. PPO takes its "old" log-probabilities and values
-    from them instead of running the policy over every answer again (a fifth of a step on CPU); they
-    equal a fresh forward pass up to float rounding (``tests/test_align_ppo_run.py``).
+    the sampled tokens) and, with ``record_states``, the last hidden states. PPO takes its "old"
+    log-probabilities and values from them, and GRPO its old log-probabilities, instead of running the
+    policy over every answer again (a fifth of a PPO step on CPU); they equal a fresh forward pass up
+    to float rounding (``tests/test_align_ppo_run.py``). GRPO has no value head and keeps no states:
+    every layer's, for every answer token, is memory a large group would feel.
     """
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id
@@ -90,7 +93,7 @@ def sample(model, tokenizer, prompts: list[list[int]], samples_per_prompt: int,
     out = model.generate(input_ids=ids, attention_mask=attention, past_key_values=cache, do_sample=True,
                          temperature=temperature, top_k=top_k, top_p=1.0, max_new_tokens=max_new_tokens,
                          pad_token_id=pad, eos_token_id=sorted(eos), return_dict_in_generate=True,
-                         output_logits=record, output_hidden_states=record)
+                         output_logits=record, output_hidden_states=record and record_states)
     sequences = out.sequences
     answers = sequences[:, width:]
     mask, ended = answer_mask(answers, eos)
@@ -99,6 +102,7 @@ def sample(model, tokenizer, prompts: list[list[int]], samples_per_prompt: int,
         logits = torch.stack(out.logits, 1)  # [B, T, V]: before temperature and top-k
         rollout.logprobs = torch.log_softmax(logits.float() / temperature, -1).gather(
             -1, answers.unsqueeze(-1)).squeeze(-1)
+    if record and record_states:
         # Each step's hidden states, per layer; the last layer's at the step's last position chose its token.
         rollout.states = torch.stack([step[-1][:, -1] for step in out.hidden_states], 1).float()
     return rollout
@@ -135,13 +139,20 @@ def answer_logprobs(policy: PolicyWithValue, rollout: Rollout, temperature: floa
     return _sampled_logprobs(logits, answers, temperature), values[:, :-1]
 
 
+def causal_logprobs(model, rollout: Rollout, temperature: float,
+                    rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+    """``answer_logprobs`` under a causal LM with no value head (GRPO's policy), with their gradients."""
+    seqs, attention = rollout.sequences[rows], rollout.attention_mask[rows]
+    answers = seqs[:, rollout.prompt_len:]
+    logits = model(input_ids=seqs, attention_mask=attention, position_ids=positions(attention),
+                   logits_to_keep=answers.shape[1] + 1).logits
+    return _sampled_logprobs(logits, answers, temperature)
+
+
 @torch.no_grad()
 def model_logprobs(model, rollout: Rollout, temperature: float) -> torch.Tensor:
-    """``answer_logprobs`` under a causal LM with no value head (a tuned model and its base, say)."""
-    answers = rollout.answers
-    logits = model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
-                   position_ids=positions(rollout.attention_mask), logits_to_keep=answers.shape[1] + 1).logits
-    return _sampled_logprobs(logits, answers, temperature)
+    """``causal_logprobs`` without gradients (a tuned model and its base, say)."""
+    return causal_logprobs(model, rollout, temperature)
 
 
 def _sampled_logprobs(logits: torch.Tensor, answers: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -151,6 +162,11 @@ def _sampled_logprobs(logits: torch.Tensor, answers: torch.Tensor, temperature: 
 
 
 @torch.no_grad()
+def reference_model_logprobs(model, rollout: Rollout, temperature: float) -> torch.Tensor:
+    """``model_logprobs`` under the reference: ``model`` (a PEFT model) with its adapter disabled."""
+    with model.disable_adapter():
+        return model_logprobs(model, rollout, temperature)
+
+
 def reference_logprobs(policy: PolicyWithValue, rollout: Rollout, temperature: float) -> torch.Tensor:
-    with policy.model.disable_adapter():
-        return answer_logprobs(policy, rollout, temperature)[0]
+    return reference_model_logprobs(policy.model, rollout, temperature)

@@ -48,6 +48,9 @@ from tunesmith.session import Session
 from tunesmith.train.checkpoint import latest_checkpoint
 
 UNFINISHED = ("running", "interrupted", "failed", "crashed", "pruned")
+# The sections that mark an alignment run's config in place of data: the keys of
+# align.options.LOADERS, which sits above this layer (tests/test_align_grpo_run.py holds them equal).
+ALIGNMENT_SECTIONS = ("ppo", "grpo")
 
 
 def process_cmdline(pid: int | str = "self") -> list[str] | None:
@@ -183,18 +186,21 @@ class Run:
     def save_config(self, config) -> None:
         self._write("config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
-    def is_ppo(self) -> bool:
-        """Whether ``tunesmith ppo`` wrote the run: its config has a ``ppo:`` section (and no ``data:``)."""
+    def alignment(self) -> str | None:
+        """The alignment command that wrote the run, ``ppo`` or ``grpo``: the section its config has in
+        place of ``data:``; None for any other run."""
         path = self.path / "config.yaml"
-        return path.is_file() and "ppo" in (yaml.safe_load(path.read_text()) or {})
+        raw = (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+        return next((section for section in ALIGNMENT_SECTIONS if section in raw), None)
 
     def load_config(self):
-        """The training run's ``RunConfig``; one line for a directory that holds none (a PPO run's
-        config is ``align.options.PPOConfig``, which only the PPO commands read)."""
+        """The training run's ``RunConfig``; one line for a directory that holds none (a PPO or GRPO
+        run's config is ``align.options``'s, which only the alignment commands read)."""
         if not (self.path / "config.yaml").is_file():
             raise TunesmithError(f"{self.path}: not a tunesmith run directory (no config.yaml)")
-        if self.is_ppo():
-            raise TunesmithError(f"{self.path} is a PPO run (tunesmith ppo), which this command does not read: "
+        if kind := self.alignment():
+            raise TunesmithError(f"{self.path} is a {kind.upper()} run (tunesmith {kind}), which this command "
+                                 "does not read: "
                                  "its evaluation is in its report.md and metrics.json, and `tunesmith generate "
                                  f"{self.path} PROMPT` answers with its policy")
         return load_config(self.path / "config.yaml")

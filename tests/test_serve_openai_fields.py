@@ -191,7 +191,6 @@ REFUSALS = [
     ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ("chat", {"tool_choice": "required"}, "tool_choice"),
     ("chat", {"functions": [{"name": "f"}]}, "functions"),
-    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
     ("chat", {"logit_bias": {"5": 100}}, "logit_bias"),
     ("chat", {"presence_penalty": 0.5}, "presence_penalty"),
     ("completions", {"frequency_penalty": 1.0}, "frequency_penalty"),

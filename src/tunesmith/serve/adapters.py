@@ -132,7 +132,10 @@ class AdapterPool:
         """Load the run at ``path`` as adapter ``name`` (``/v1/load_lora_adapter``)."""
         if not self.adapter_dirs:
             raise TunesmithError("loading adapters at run time is off: start the server with --adapter-dir DIR")
-        resolved = Path(path).expanduser().resolve()
+        try:
+            resolved = Path(path).expanduser().resolve()
+        except (RuntimeError, ValueError, OSError) as err:  # "~nobody", a NUL byte, a loop of links
+            raise TunesmithError(f"lora_path {path!r}: {err}") from None
         if not any(resolved.is_relative_to(d) for d in self.adapter_dirs):
             raise TunesmithError(f"lora_path {path!r} is outside the adapter directories "
                                  f"({', '.join(map(str, self.adapter_dirs))})")

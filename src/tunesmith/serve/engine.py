@@ -6,6 +6,10 @@ are left-padded and run through one forward pass per step; PEFT's mixed-adapter 
 its own LoRA weights. Each row samples with its own temperature, top_p and random generator, stops
 on its own end-of-sequence token, stop string or token limit, and streams its text as it grows.
 
+A job with a ``grammar`` (``response_format``: ``serve/structured.py``) gives each of its rows its own
+``Constraint``: the row's logits lose the tokens the grammar does not allow before it samples, and
+the row ends once the grammar is complete. Rows without one are untouched.
+
 A job asking for ``n`` choices is prefilled once: its prompt runs as one row, and the KV cache and
 the last logits are then copied into ``n`` rows, each sampling with its own generator. A row whose
 sampling fails (bad numbers, a bug) fails its own job alone: it leaves the batch with an error
@@ -35,6 +39,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tunesmith.serve.structured import Constraint
+
 log = logging.getLogger(__name__)
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
@@ -49,6 +55,7 @@ class Sampling:
     seed: int | None = None
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely
     n: int = 1  # choices for the one prompt
+    grammar: str | None = None  # llguidance's, of response_format (structured.grammar_for); None: free text
 
 
 @dataclass
@@ -96,6 +103,7 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
         sorted_probs, order = probs.sort(descending=True)
         # Keep the smallest set of most likely tokens whose mass reaches top_p (always the first).
         keep = sorted_probs.cumsum(-1) - sorted_probs < sampling.top_p
+        keep[0] = True  # a top_p below float32's least number (5e-324) would otherwise keep none
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -139,6 +147,7 @@ class _Row:
         self.length = 0  # characters of the answer so far
         self.logprobs: list[TokenLogprob] = []  # of tokens whose text is not emitted yet
         self.done = False
+        self.constraint: Constraint | None = None  # made at the first step, where a failure is this row's alone
         self.generator = None
         if job.sampling.temperature > 0:
             self.generator = torch.Generator()
@@ -148,16 +157,26 @@ class _Row:
                 self.generator.manual_seed(seed)
 
     def step(self, logits: torch.Tensor, eos: set[int]) -> int:
-        """Sample this row's next token from its ``logits`` and take it."""
+        """Sample this row's next token from its ``logits`` (within its grammar, if any) and take it."""
         sampling = self.job.sampling
-        token = next_token(logits, sampling, self.generator)
+        allowed = logits
+        if sampling.grammar is not None:
+            if self.constraint is None:
+                self.constraint = Constraint(sampling.grammar, self.tokenizer, eos)
+            allowed = self.constraint.mask(logits)
+        token = next_token(allowed, sampling, self.generator)
         if sampling.logprobs is not None and token not in eos:
+            # The model's own probabilities, as without a grammar: the mask is a rule, not the model.
             self.logprobs.append(token_logprob(logits, token, sampling.logprobs, self.length))
-        self.push(token, eos)
+        if self.constraint is not None and token not in eos:
+            self.constraint.take(token)
+        # A complete grammar allows nothing but the end: the row ends here, not a forward pass later.
+        self.push(token, eos, last=self.constraint is not None and self.constraint.complete)
         return token
 
-    def push(self, token: int, eos: set[int]) -> None:
-        """Take one generated token: emit the text it completes, and finish where a limit says."""
+    def push(self, token: int, eos: set[int], last: bool = False) -> None:
+        """Take one generated token: emit the text it completes, and finish where a limit says (``last``:
+        the answer is whole, as its grammar says)."""
         sampling = self.job.sampling
         if token in eos:
             self.finish(self._text(), "stop")
@@ -171,6 +190,8 @@ class _Row:
             # The tokens that only spell the stop string are not part of the answer.
             self.logprobs = [t for t in self.logprobs if t.offset < cut]
             self.finish(text[:cut], "stop")
+        elif last:
+            self.finish(text, "stop")
         elif len(self.ids) >= sampling.max_tokens:
             self.finish(text, "length")
         elif not text.endswith("\ufffd"):  # a character split across tokens waits for its end

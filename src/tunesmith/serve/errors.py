@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from tunesmith.errors import TunesmithError
 
@@ -27,7 +28,9 @@ def error_body(status: int, message: str, param: str | None = None) -> dict:
 
 def add_error_handlers(app: FastAPI) -> None:
     """``ApiError`` as itself; a ``TunesmithError`` (a bad adapter path, an unknown alias) and a body that
-    fails its schema as 400, naming the first field at fault."""
+    fails its schema as 400, naming the first field at fault; FastAPI's and Starlette's own errors (an
+    unknown path, a method a route does not take, a body that is not JSON or nests too deep to parse)
+    in the same shape."""
 
     @app.exception_handler(ApiError)
     async def api_error(request, err: ApiError):
@@ -36,6 +39,10 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TunesmithError)
     async def user_error(request, err: TunesmithError):
         return JSONResponse(error_body(400, "; ".join(err.problems)), 400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, err: HTTPException):
+        return JSONResponse(error_body(err.status_code, str(err.detail)), err.status_code, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, err: RequestValidationError):

@@ -3,15 +3,19 @@
 Sampling fields are checked here, at the edge, so a bad value is the client's 400 naming the field
 and never reaches a batch shared with other requests: a temperature between 0 and ``TEMPERATURE_FLOOR``
 (whose probabilities overflow to nan), a seed beyond what a torch generator takes, unbounded stop
-lists, messages and strings. Fields outside these models are looked up in ``serve/unsupported.py``:
-refused when they would change the answer, ignored when they would not.
+lists, messages and strings. ``response_format`` is checked here for its shape, and at the route for
+its schema (``serve/structured.py``: a schema that cannot be enforced is a 400). Fields outside these
+models are looked up in ``serve/unsupported.py``: refused when they would change the answer, ignored
+when they would not.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tunesmith.store.db import MAX_COMMENT_CHARS, MAX_LABEL_CHARS
 
 TEMPERATURE_FLOOR = 0.01  # below it (and above 0), logits / temperature overflow in float32
 MAX_SEED = 2**63 - 1  # a signed 64-bit integer, as torch's generators and most clients take it
@@ -25,6 +29,38 @@ MAX_TOP_LOGPROBS = 20  # as OpenAI's chat route
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")  # include_obfuscation: nothing to obfuscate here
     include_usage: bool = False
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    """Any JSON object (OpenAI's JSON mode)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json_object"]
+
+
+class JsonSchema(BaseModel):
+    """OpenAI's ``json_schema``: the answer is JSON valid against ``schema`` (whether ``strict`` or not:
+    this server always enforces it; a schema it cannot enforce is refused, never loosened)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # none: any JSON value
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
 
 
 class SamplingRequest(BaseModel):
@@ -43,6 +79,7 @@ class SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)  # the server caps it at --max-batch
+    response_format: ResponseFormat | None = None
 
     @field_validator("temperature")
     @classmethod
@@ -152,8 +189,10 @@ class SetAlias(BaseModel):
 
 
 class Feedback(BaseModel):
-    id: str
-    score: float | None = None
+    """A rating of a logged answer, by its completion id: a score, thumbs or the right label, and a comment."""
+
+    id: str = Field(min_length=1, max_length=128)
+    score: float | None = Field(None, allow_inf_nan=False)
     thumbs: Literal["up", "down"] | bool | None = None
-    label: str | None = None
-    comment: str = ""
+    label: str | None = Field(None, min_length=1, max_length=MAX_LABEL_CHARS)
+    comment: str = Field("", max_length=MAX_COMMENT_CHARS)

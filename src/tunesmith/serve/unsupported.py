@@ -1,7 +1,7 @@
 """The request fields this server does not implement, in one table.
 
 A field that would change the answer and is not implemented is refused with 400 naming it, never
-ignored: a client asking for JSON, tools or a logit bias must not get free text it cannot tell
+ignored: a client asking for tools or a logit bias must not get free text it cannot tell
 from what it asked for. A refused field is still accepted at the values that ask for nothing
 (``"tools": []``, ``"presence_penalty": 0``), which some clients send on every request. Fields
 that change nothing the server does (``user``, ``metadata``) are accepted and ignored. Any other
@@ -24,7 +24,6 @@ REFUSED: dict[str, tuple[tuple, str]] = {
     "tool_choice": ((None, "none", "auto"), TOOLS),
     "functions": ((None, []), TOOLS),
     "function_call": ((None, "none", "auto"), TOOLS),
-    "response_format": ((None, {"type": "text"}), "structured output (json_object, json_schema) is not implemented"),
     "logit_bias": ((None, {}), "not implemented"),
     "presence_penalty": ((None, 0), "not implemented"),
     "frequency_penalty": ((None, 0), "not implemented"),

@@ -80,6 +80,9 @@ def launch(body: Launch, request: Request):
     if not valid_name(body.name):
         why = "a run name is letters, digits, '.', '_' and '-' (and '/' for a folder)"
         return refused([("name", f"name {body.name!r}: {why}")], edits)
+    unreadable = [(i, problem) for i, edit in enumerate(edits) if (problem := unreadable_value(edit))]
+    if unreadable:
+        return refused(unreadable, edits)
     run_dir = run_path(ctx, body.name)
     try:
         argv = check(ctx, body, edits, run_dir)
@@ -225,6 +228,18 @@ def edit_of(message: str, edits: list[str]) -> int | str | None:
         if f"--set {edit!r}" in message or f": {key}:" in message or f": {key}." in message:
             return i
     return "name" if "output.dir" in message else None
+
+
+def unreadable_value(edit: str) -> str | None:
+    """Why an edit's value is no YAML value (``[unclosed``, a NUL byte), or None: the config loader
+    reads each value as YAML and would fail on it with a parser's traceback, not a line for the page."""
+    value = edit.partition("=")[2]
+    try:
+        yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        why = str(getattr(err, "problem", None) or err).splitlines()[0]
+        return f"--set {edit!r}: the value is not YAML ({why})"
+    return None
 
 
 def normalise(edit: str) -> str:

@@ -20,6 +20,7 @@ from tunesmith.store.run import UNFINISHED
 
 router = APIRouter(prefix="/ui/api")
 LOG_TAIL_BYTES = 8000
+MAX_COMPARED = 16  # each run compared is read whole (its metrics.jsonl too): a request must not read every run
 
 
 def find_runs(root: Path, depth: int = 2) -> list[Path]:
@@ -36,9 +37,14 @@ def find_runs(root: Path, depth: int = 2) -> list[Path]:
 def run_path(ctx, name: str) -> Path:
     """The directory of run ``name`` (relative to the runs directory), never one outside it."""
     root = ctx.runs_dir.resolve()
-    path = (root / name).resolve()
+    missing = ApiError(404, f"no run {name!r} under {ctx.runs_dir}", "name")
+    try:
+        path = (root / name).resolve()
+        path.exists()  # a name no file system can hold (a NUL byte, over 255 bytes) fails here, not later
+    except (ValueError, OSError):
+        raise missing from None
     if not name or not path.is_relative_to(root) or path == root:
-        raise ApiError(404, f"no run {name!r} under {ctx.runs_dir}", "name")
+        raise missing
     return path
 
 
@@ -115,9 +121,11 @@ def run_metrics(request: Request, name: str, after: int = 0):
 def compare_runs(request: Request, names: str):
     """Several runs side by side: ``tunesmith compare``'s table, their metrics.json and loss curves."""
     ctx = request.app.state.ui
-    chosen = [n for n in names.split(",") if n]
+    chosen = list(dict.fromkeys(n for n in names.split(",") if n))
     if not chosen:
         raise ApiError(400, "choose at least one run", "names")
+    if len(chosen) > MAX_COMPARED:
+        raise ApiError(400, f"names: at most {MAX_COMPARED} runs side by side, got {len(chosen)}", "names")
     rows = []
     for name in chosen:
         run = Run(run_path(ctx, name), writer=False)

@@ -19,9 +19,10 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
+from tunesmith.serve import structured
 from tunesmith.serve.access import KeyId
 from tunesmith.serve.context import Ctx, ServeContext
-from tunesmith.serve.engine import BASE, Event, Job, Sampling
+from tunesmith.serve.engine import BASE, Event, Job, Sampling, eos_ids
 from tunesmith.serve.errors import ApiError, error_body
 from tunesmith.serve.responses import Answer, Choices, chunk_choice
 from tunesmith.serve.schemas import ChatRequest, CompletionRequest, SamplingRequest
@@ -77,7 +78,7 @@ async def complete(ctx: ServeContext, request: Request, body: SamplingRequest, r
     adapter = pool.resolve(body.model)
     if adapter is None:
         raise ApiError(404, f"the model {body.model!r} does not exist (see /v1/models)", "model")
-    sampling = _sampling(ctx, body, max_tokens, len(ids))
+    sampling = _sampling(ctx, body, max_tokens, len(ids), await _grammar(ctx, body))
     if ctx.inflight >= options.max_concurrent:
         raise ApiError(429, f"over {options.max_concurrent} requests in flight; retry later",
                        headers={"Retry-After": str(options.retry_after_s)})
@@ -152,7 +153,21 @@ async def _cancel_when_gone(request: Request, job: Job, every_s: float = 0.1) ->
     job.cancelled.set()
 
 
-def _sampling(ctx: ServeContext, body: SamplingRequest, max_tokens: int | None, prompt_tokens: int) -> Sampling:
+async def _grammar(ctx: ServeContext, body: SamplingRequest) -> str | None:
+    """The request's ``response_format`` as a grammar, compiled off the event loop (a large schema can take
+    a while); a schema that cannot be enforced is the client's 400, before anything is queued."""
+    if structured.schema_of(body.response_format) is None:
+        return None
+    pool = ctx.pool
+    try:
+        return await run_in_threadpool(structured.grammar_for, body.response_format, pool.tokenizer,
+                                       eos_ids(pool.model, pool.tokenizer))
+    except ValueError as err:
+        raise ApiError(400, f"response_format: {err}", "response_format") from None
+
+
+def _sampling(ctx: ServeContext, body: SamplingRequest, max_tokens: int | None, prompt_tokens: int,
+              grammar: str | None) -> Sampling:
     options = ctx.options
     max_positions = getattr(ctx.pool.model.config, "max_position_embeddings", None)
     if prompt_tokens == 0:
@@ -173,7 +188,7 @@ def _sampling(ctx: ServeContext, body: SamplingRequest, max_tokens: int | None, 
             raise ApiError(400, f"prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is over "
                            f"the model's context of {max_positions}", "max_tokens")
     return Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stop,
-                    seed=body.seed, logprobs=body.top_logprobs_wanted(), n=body.n)
+                    seed=body.seed, logprobs=body.top_logprobs_wanted(), n=body.n, grammar=grammar)
 
 
 async def _stream(events: asyncio.Queue, answer: Answer, finished, include_usage: bool) -> AsyncIterator[str]:

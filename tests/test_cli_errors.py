@@ -56,6 +56,11 @@ def test_unknown_method_and_invalid_hyperparameter_together(tmp_path, tiny_model
     assert len(err.strip().splitlines()) == 2
 
 
+def test_a_set_value_that_is_not_yaml_is_one_line_naming_it(tmp_path, tiny_model_dir, review_data, capsys):
+    cli_fails(capsys, ["train", _config(tmp_path, tiny_model_dir, review_data), "--set", "output.dir=[unclosed"],
+              "--set 'output.dir=[unclosed'", "not valid YAML")
+
+
 def test_unknown_model(tmp_path, review_data, capsys):
     cli_fails(capsys, ["train", _config(tmp_path, tmp_path / "no-such-model", review_data)], "unknown model")
 

@@ -134,7 +134,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 break
             node = child
         else:
-            node[leaf] = _parse_value(value)
+            try:
+                node[leaf] = _parse_value(value)
+            except yaml.YAMLError as err:
+                problems.append(f"--set {item!r}: the value is not valid YAML ({str(err).splitlines()[0]}); "
+                                "quote it to pass text")
     if problems:
         raise TunesmithError(*problems)
     return raw

@@ -13,12 +13,14 @@ import warnings
 import httpx
 import pytest
 import torch
+from pydantic import ValidationError
 from conftest import review_rows, write_config, write_jsonl
 
 from tunesmith.errors import TunesmithError
 from tunesmith.serve.access import Access
 from tunesmith.serve.engine import Sampling, held_back, next_token
 from tunesmith.serve.options import ServeOptions
+from tunesmith.serve.schemas import Feedback
 from tunesmith.serve.server import build_server
 from tunesmith.store import Run
 
@@ -343,6 +345,13 @@ def test_requests_are_logged_redacted_and_rated(client, served):
     assert rating["score"] == 1.0 and rating["rater"] == "team-a"
     assert post(served, "/v1/feedback", {"id": "nope", "score": 1}).status_code == 404
     assert post(served, "/v1/feedback", {"id": out.id}).status_code == 400
+    for field, value in (("label", "x" * 257), ("id", "")):
+        unbounded = post(served, "/v1/feedback", {"id": out.id, "score": 1, field: value})
+        assert (unbounded.status_code, unbounded.json()["error"]["param"]) == (400, field)
+    # Over this test server's body cap, and not JSON as httpx writes it: checked on the schema alone.
+    for field, value in (("comment", "c" * 4001), ("score", float("inf"))):
+        with pytest.raises(ValidationError, match=field):
+            Feedback(**{"id": out.id, "score": 1, field: value})
 
 
 def test_base_alone_then_adapters_loaded_and_unloaded(runs, tiny_model_dir):

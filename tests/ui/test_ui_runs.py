@@ -90,3 +90,12 @@ def test_paths_outside_the_runs_directory_are_refused(ui_server):
         response = httpx.get(ui_server.url + "/ui/api/run", params={"name": name})
         assert response.status_code == 404, name
         assert "no run" in response.json()["error"]["message"]
+
+
+def test_compare_takes_a_bounded_number_of_runs(ui_server):
+    many = httpx.get(ui_server.url + "/ui/api/compare", params={"names": ",".join(["alpha", "beta"] * 9 + [
+        f"run-{i}" for i in range(17)])})
+    assert many.status_code == 400 and many.json()["error"]["param"] == "names"
+    assert "at most 16 runs side by side, got 19" in many.json()["error"]["message"]
+    again = httpx.get(ui_server.url + "/ui/api/compare", params={"names": ",".join(["alpha", "beta"] * 9)})
+    assert again.status_code == 200 and [r["name"] for r in again.json()["runs"]] == ["alpha", "beta"]

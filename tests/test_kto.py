@@ -267,3 +267,28 @@ def model_after(run) -> dict[str, torch.Tensor]:
     from tunesmith.store import load_run
 
     return {n: p.detach() for n, p in load_run(run)[2].named_parameters()}
+
+
+@torch.no_grad()
+def test_a_model_scored_beside_its_unchanged_base_gets_the_bases_reference(tmp_path, tiny_model_dir):
+    """Full fine-tuning scored after training (retrain's gate): the base, loaded and kept unchanged
+    beside the tuned model, gives the reference, with no copy of it loaded again."""
+    import copy
+
+    session = _session(tmp_path, tiny_model_dir, unpaired_rows(8), {"name": "full"})
+    items = session.data.encoded["train"]
+    base = session.load_model([]).eval()
+    tuned = copy.deepcopy(base)
+    for p in tuned.parameters():
+        p.add_(0.05)
+
+    def no_reload():
+        raise AssertionError("the base was loaded again")
+
+    session.objective.reference.reload = no_reload
+    batches = session.objective.batches(items)
+    policy, reference = batches.logps(tuned, batches.tensors(list(range(len(items)))))
+    want = torch.tensor([[_slow_logp(base, item[k]["input_ids"], item[k]["labels"]) for k in ("answer", "mismatched")]
+                         for item in items], dtype=torch.float32)
+    torch.testing.assert_close(reference, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(policy, want, atol=1e-2)

@@ -10,9 +10,10 @@ import pytest
 from conftest import cli_fails, review_rows, write_config, write_jsonl
 from tunesmith.cli import main
 from tunesmith.errors import TunesmithError
-from tunesmith.retrain.data import hold_out, rated_rows, replay, served_ratings, unseen
+from tunesmith.retrain.data import hold_out, rated_rows, replay, unseen
 from tunesmith.retrain.gate import decide
 from tunesmith.store import db
+from tunesmith.store.db import served_ratings
 from tunesmith.store.consensus import Consensus
 
 LABELS = ["negative", "positive"]

@@ -273,7 +273,7 @@ def cmd_retrain(args) -> int:
         record = retrain(Path(args.run_dir), args.out, args.store, args.adapter, args.since, args.set,
                          holdout=args.holdout, replay_ratio=args.replay, min_rows=args.min_rows,
                          min_score=args.min_score, tolerance=args.tolerance, alias=args.alias,
-                         alias_file=alias_file, log=args.log, consensus=_consensus(args))
+                         alias_file=alias_file, log=args.log, consensus=_consensus(args), objective=args.objective)
     except TunesmithError:
         raise
     except Exception:  # noqa: BLE001 - exit 1 means "refused": a crash must not look like one
@@ -331,9 +331,11 @@ def cmd_feedback_export(args) -> int:
     if not path.is_file():
         raise TunesmithError(f"{path}: no feedback store here; give --store")
     left_out: dict[str, int] = {}
-    n = feedback.export(store.connect(path), Path(args.out), _consensus(args), left_out)
+    n = feedback.export(store.connect(path), Path(args.out), _consensus(args), left_out, args.kind, args.adapter,
+                        args.min_score)
     why = ", ".join(f"{count} {reason}" for reason, count in left_out.items())
-    print(f"wrote {n} preference pairs to {args.out}" + (f" (items left out: {why})" if why else ""))
+    what = "answers marked good or bad" if args.kind == "kto" else "preference pairs"
+    print(f"wrote {n} {what} to {args.out}" + (f" (items left out: {why})" if why else ""))
     return 0
 
 
@@ -517,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: runs/aliases.json)")
     p.add_argument("--log", default="runs/retrain_decisions.jsonl", help="every decision is appended here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the child's config")
+    p.add_argument("--objective", choices=["kto"], help="kto: train on the thumbs themselves, up and down, as "
+                   "KTO (a run that writes answers; the default: the run's own objective)")
     _consensus_arguments(p, "an input")
     p.set_defaults(func=cmd_retrain)
 
@@ -543,10 +547,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-new-tokens", type=int, default=128)
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(func=cmd_feedback_collect)
-    q = feedback_sub.add_parser("export", help="write the choices as prompt/chosen/rejected JSONL")
+    q = feedback_sub.add_parser("export", help="write the choices as prompt/chosen/rejected JSONL, or the thumbs "
+                                "on served answers as prompt/completion/label (--as kto)")
     q.add_argument("--store", help="the SQLite store (default: $TUNESMITH_STORE, else runs/store.sqlite)")
     q.add_argument("--out", required=True)
-    _consensus_arguments(q, "a prompt and its two models")
+    q.add_argument("--as", dest="kind", choices=["pairs", "kto"], default="pairs",
+                   help="pairs: the choices between two answers; kto: each served answer rated thumbs up or down")
+    q.add_argument("--adapter", help="--as kto: only the answers of this served adapter (default: every one)")
+    q.add_argument("--min-score", type=float, default=1.0, help="--as kto: a score at least this is good, a lower "
+                   "one bad (thumbs up is 1.0, down 0.0)")
+    _consensus_arguments(q, "a prompt and its two models (--as kto: a prompt and an answer)")
     q.set_defaults(func=cmd_feedback_export)
 
     p = sub.add_parser("runs", help="runs and their lineage")

@@ -3,7 +3,9 @@ records which one a person preferred (or how they rated one) in the SQLite store
 ``tunesmith feedback export`` writes the choices as preference pairs, the
 ``{"prompt", "chosen", "rejected"}`` JSONL that the reward-model and DPO objectives read: each
 rater's latest choice on an item, and with ``--min-raters`` / ``--agreement`` only the items that
-enough raters agreed on (``store.consensus``).
+enough raters agreed on (``store.consensus``). ``export --as kto`` writes the served answers that
+people marked with thumbs up or down (``/v1/feedback``, looked up in the request log) as unpaired
+``{"prompt", "completion", "label"}`` rows, which the KTO objective reads (``store.db.rated_answers``).
 
 Where the two answers come from: two runs (``RUN RUN2``), one run's tuned and base model (``RUN``),
 or two samples of one run (``RUN --samples``). They are shown as 1 and 2 in a seeded random order,
@@ -18,7 +20,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Literal, TextIO
 
 import torch
 
@@ -153,12 +155,18 @@ def _ask(question: str, valid: set[str], stdin: TextIO, out: TextIO) -> str:
         print(f"  please answer one of: {', '.join(sorted(valid))}", file=out)
 
 
-def export(db, out: Path, consensus: Consensus = Consensus(), left_out: dict[str, int] | None = None) -> int:
-    """Write the choices ``consensus`` keeps as preference pairs to ``out`` (JSONL); returns how many.
-    ``left_out`` counts the items left out, by reason (``store.db.preference_pairs``)."""
+def export(db, out: Path, consensus: Consensus = Consensus(), left_out: dict[str, int] | None = None,
+           kind: Literal["pairs", "kto"] = "pairs", adapter: str | None = None, min_score: float = 1.0) -> int:
+    """Write to ``out`` (JSONL) the choices ``consensus`` keeps as preference pairs, or (``kind``
+    ``kto``) the served answers of ``adapter`` (of every adapter: None) marked good or bad, a score of
+    at least ``min_score`` being good; returns how many rows. ``left_out`` counts the items left out,
+    by reason (``store.db.preference_pairs``, ``store.db.rated_answers``)."""
     if out.exists():
         raise TunesmithError(f"{out}: already exists; give another --out (nothing is overwritten)")
-    rows = store.preference_pairs(db, consensus, left_out)
+    if kind == "kto":
+        rows = store.rated_answers(store.served_ratings(db, adapter), consensus, min_score, left_out)
+    else:
+        rows = store.preference_pairs(db, consensus, left_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
     return len(rows)

@@ -137,8 +137,9 @@ class PrecomputedReference:
     """Reference log-probabilities of pairs, by their token ids, for methods with no adapter to disable.
 
     ``base`` is the model as ``load_model`` returned it. While it is unchanged it scores every pair
-    the run knows of, at once (before full fine-tuning's first step changes it); afterwards a pair
-    not yet scored is scored by a fresh copy of the base, loaded by ``reload``.
+    the run knows of, at once (before full fine-tuning's first step changes it, or while it is kept
+    unchanged beside another model); afterwards a pair not yet scored is scored by a fresh copy of the
+    base, loaded by ``reload``.
     """
 
     def __init__(self, base, reload, known):
@@ -154,8 +155,11 @@ class PrecomputedReference:
     def __call__(self, model, items: list[dict], pad_id: int, batch_tokens: int) -> torch.Tensor:
         missing = [item for item in items if _key(item) not in self.logps]
         if missing:
-            if self.base_unchanged(model):
-                self._score(model, [*missing, *self.known()], pad_id, batch_tokens)
+            base = self.base()
+            if base is not None and _snapshot(base) == self.snapshot:
+                # The base as loaded and unchanged: the model asking (before full fine-tuning's first
+                # step), or one kept beside a tuned model that is scored against it (retrain's gate).
+                self._score(base, [*missing, *self.known()], pad_id, batch_tokens)
             else:
                 fresh = self.reload()
                 self._score(fresh.to(next(model.parameters()).device), missing, pad_id, batch_tokens)

@@ -13,6 +13,12 @@ Everything else is counted by reason and left out. Replay mixes in original trai
 
 Rows are written in one canonical schema, whatever the user's columns were: ``{"text", "label"}``
 for label data, ``{"messages"}`` otherwise.
+
+With ``--objective kto`` the thumbs themselves are the data: every served answer marked good or bad
+(``store.db.rated_answers``), a thumbs down as much as a thumbs up, each prompt and answer once, as
+``{"prompt", "completion", "label"}`` rows; the parent's own examples are replayed and scored as such
+rows too (``kto_rows``: an imitated answer is a good one; a pair gives its chosen answer good and its
+rejected one bad).
 """
 
 from __future__ import annotations
@@ -25,15 +31,6 @@ from pathlib import Path
 
 from tunesmith.errors import TunesmithError
 from tunesmith.store.consensus import Consensus, latest
-
-
-def served_ratings(db: sqlite3.Connection, adapter: str, since: float | None = None) -> list[sqlite3.Row]:
-    """Every rating of one served answer of ``adapter`` (not pairwise choices), oldest first, with its rater."""
-    return db.execute("""
-        SELECT a.id, a.prompt, a.answer, r.rater, r.score, r.label
-        FROM answers a JOIN ratings r ON r.answer_id = a.id
-        WHERE a.source = 'served' AND a.run = ? AND a.created_at >= ? AND r.other_id IS NULL
-        ORDER BY r.id""", (adapter, since if since is not None else float("-inf"))).fetchall()
 
 
 def row_of(rating, labels: list[str], min_score: float) -> tuple[dict | None, str | None]:
@@ -78,20 +75,28 @@ def rated_rows(ratings, labels: list[str], min_score: float = 1.0,
 
 
 def input_of(row: dict) -> str:
-    """What the model reads of a canonical row: its text, or its non-assistant messages."""
+    """What the model reads of a canonical row: its text, its prompt, or its non-assistant messages."""
     if "text" in row:
         return row["text"]
+    if "prompt" in row:
+        return row["prompt"] if isinstance(row["prompt"], str) else input_of({"messages": row["prompt"]})
     return "\n".join(m["content"] for m in row["messages"] if m["role"] != "assistant")
 
 
+def item_of(row: dict) -> tuple:
+    """What counts once: a row's input; for a KTO row, its input and its answer (every answer to a
+    prompt is marked on its own)."""
+    return (input_of(row), json.dumps(row["completion"])) if "completion" in row else (input_of(row),)
+
+
 def unseen(rows: list[dict], known: list[dict]) -> tuple[list[dict], int]:
-    """``rows`` without repeated inputs, and without inputs of ``known`` (the original test set,
+    """``rows`` without repeats (``item_of``), and without inputs of ``known`` (the original test set,
     which the gate scores on: training on its rows would flatter the child). Returns the number dropped."""
-    seen = {input_of(r) for r in known}
-    kept = []
+    tested = {input_of(r) for r in known}
+    seen, kept = set(), []
     for row in rows:
-        if input_of(row) not in seen:
-            seen.add(input_of(row))
+        if input_of(row) not in tested and item_of(row) not in seen:
+            seen.add(item_of(row))
             kept.append(row)
     return kept, len(rows) - len(kept)
 
@@ -104,6 +109,21 @@ def canonical(example: dict) -> dict:
         return {"messages": example["messages"]}
     raise TunesmithError("retrain: the run trained on plain text (continued pre-training); there is no "
                          "prompt to rate, so there is nothing to re-train on")
+
+
+def kto_rows(example: dict) -> list[dict]:
+    """A prepared example (``data.format.to_examples``) as canonical KTO rows: an answer marked good
+    or bad as it is; a pair's chosen answer good and its rejected one bad; an answer to imitate good."""
+    messages = example.get("messages")
+    if "desirable" in example:
+        return [{"prompt": messages, "completion": example["completion"], "label": example["desirable"]}]
+    if "chosen" in example:
+        return [{"prompt": messages, "completion": example["chosen"], "label": True},
+                {"prompt": messages, "completion": example["rejected"], "label": False}]
+    if messages and messages[-1]["role"] == "assistant" and "label" not in example:
+        return [{"prompt": messages[:-1], "completion": messages[-1]["content"], "label": True}]
+    raise TunesmithError("retrain --objective kto: the run trained on label data or plain text; KTO needs "
+                         "answers to prompts")
 
 
 def hold_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

@@ -244,3 +244,41 @@ def preference_pairs(db: sqlite3.Connection, consensus: Consensus = Consensus(),
                     "rater": row["rater"], "rated_at": row["created_at"], "raters": raters,
                     "agreement": round(share, 4)})
     return out
+
+
+def served_ratings(db: sqlite3.Connection, adapter: str | None = None, since: float | None = None) -> list[sqlite3.Row]:
+    """Every rating of one served answer (not pairwise choices), oldest first, with its rater: of the
+    answers of ``adapter`` (every adapter's when None) logged at or after ``since``."""
+    return db.execute("""
+        SELECT a.id, a.prompt, a.answer, a.run, r.rater, r.score, r.label, r.created_at
+        FROM answers a JOIN ratings r ON r.answer_id = a.id
+        WHERE a.source = 'served' AND (? IS NULL OR a.run = ?) AND a.created_at >= ? AND r.other_id IS NULL
+        ORDER BY r.id""", (adapter, adapter, since if since is not None else float("-inf"))).fetchall()
+
+
+def rated_answers(ratings: list[sqlite3.Row], consensus: Consensus = Consensus(), min_score: float = 1.0,
+                  left_out: dict[str, int] | None = None) -> list[dict]:
+    """Served answers marked good or bad, as ``{prompt, completion, label, ...}`` rows (the unpaired
+    preference data that KTO trains on), from ``served_ratings``: a score of at least ``min_score``
+    (thumbs up is 1.0) marks an answer good, a lower one (thumbs down is 0.0) bad; a rating with a
+    label and no score marks nothing (``no_score``). An item is a prompt and an answer to it, whichever
+    of its logged copies was rated: each rater's latest mark counts once, and the item gives the mark
+    ``consensus`` supports (``store.consensus``), in the order the items were first rated.
+    ``left_out`` counts the items that give no row, by reason."""
+    marks = [((row["prompt"], row["answer"]), row["rater"], None if row["score"] is None else row["score"] >= min_score)
+             for row in ratings]
+    runs = {}
+    for row in ratings:
+        runs.setdefault((row["prompt"], row["answer"]), row["run"])
+    out = []
+    for (prompt, answer), by_rater in latest(marks).items():
+        support = consensus.support(by_rater)
+        reason = support.left_out or ("no_score" if support.verdict is None else None)
+        if reason is not None:
+            if left_out is not None:
+                left_out[reason] = left_out.get(reason, 0) + 1
+            continue
+        out.append({"prompt": prompt, "completion": answer, "label": support.verdict,
+                    "run": runs[(prompt, answer)], "raters": support.raters,
+                    "agreement": round(support.shares[support.verdict], 4)})
+    return out

@@ -11,12 +11,14 @@ from pathlib import Path
 
 from tunesmith.errors import TunesmithError
 from tunesmith.model import resolve_model
+from tunesmith.objectives import GENERATIVE
 from tunesmith.store.run import Run
 
 
 def check_parent(path: str | Path, config) -> Run:
     """The finished run at ``path``, if ``config`` (a ``RunConfig``) can continue it: same base
-    model, method and objective. One line naming the difference otherwise."""
+    model, method and objective (or two objectives that tune a causal LM's answers). One line naming
+    the difference otherwise."""
     parent = Run(path, writer=False)
     where = f"--from {parent.path}"
     if not (parent.path / "config.yaml").is_file():
@@ -38,9 +40,13 @@ def check_parent(path: str | Path, config) -> Run:
         if field != "dropout" and mine[field] != their_options.get(field):
             raise TunesmithError(f"{where}: method.{field} is {mine[field]!r} here but {their_options.get(field)!r} "
                                  "in the run; a continued run keeps its parent's method options")
-    if theirs.objective.name != config.objective.name:
+    # The objectives that tune a causal LM's answers train the same model: one may continue another
+    # (an SFT run tuned on thumbs by kto, say).
+    same_model = {theirs.objective.name, config.objective.name} <= set(GENERATIVE)
+    if theirs.objective.name != config.objective.name and not same_model:
         raise TunesmithError(f"{where}: the run trained objective {theirs.objective.name}, not "
-                             f"{config.objective.name}; a continued run keeps its parent's objective")
+                             f"{config.objective.name}; a continued run keeps its parent's objective "
+                             f"(or moves between {', '.join(GENERATIVE)})")
     return parent
 
 

@@ -292,3 +292,21 @@ def test_a_model_scored_beside_its_unchanged_base_gets_the_bases_reference(tmp_p
                          for item in items], dtype=torch.float32)
     torch.testing.assert_close(reference, want, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(policy, want, atol=1e-2)
+
+
+@pytest.mark.parametrize("objective", ["kto", "dpo"])
+def test_eval_data_scores_a_full_fine_tuned_run_against_its_base(objective, tmp_path, tiny_model_dir, capsys):
+    """`tunesmith eval RUN --data FILE` on full fine-tuning: a new file's answers are scored against the
+    base model (loaded once, beside the tuned one), as the run's own held-out answers were."""
+    rows, more = (unpaired_rows(30), unpaired_rows(8, seed=5)) if objective == "kto" else \
+        (preference_rows(30), preference_rows(8, seed=5))
+    data = {"path": str(write_jsonl(tmp_path / "rows.jsonl", rows)), "max_length": 96,
+            "split": {"validation": 0.1, "test": 0.1}}
+    config = write_config(tmp_path / "c.yaml", tiny_model_dir, data, objective={"name": objective},
+                          method={"name": "full"}, train={"max_steps": 2, "lr": 0.001, "eval_every": 100})
+    assert main(["train", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--data", str(write_jsonl(tmp_path / "new.jsonl", more))]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["base"]["loss"] == pytest.approx(0.5 if objective == "kto" else math.log(2), abs=1e-6)
+    assert scores["tuned"]["loss"] != scores["base"]["loss"]

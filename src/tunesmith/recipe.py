@@ -265,7 +265,12 @@ def evaluate_run(run_dir: Path, data_file: str | None = None) -> tuple[dict, dic
     data = session.prepare(run.labels() or None)
     if data_file:
         data.examples["test"], data.encoded["test"] = data.examples["train"], data.encoded["train"]
+    # A new session's objective has not loaded the base: one scored against it (its ``reference``:
+    # dpo, kto) gets it, kept unchanged beside a tuned model that has no adapter to disable.
+    kept = session.load_model(data.labels) if data_file and hasattr(session.objective, "reference") and \
+        not hasattr(model, "disable_adapter") else None
     tuned = session.score(model)
+    del kept
     with base_model(session, model, data.labels) as base:
         return session.score(base), tuned
 

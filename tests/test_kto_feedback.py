@@ -82,6 +82,10 @@ def test_exported_thumbs_are_kto_data_that_trains(tmp_path, tiny_model_dir, caps
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["objective"] == "kto" and metrics["tuned"]["loss"] < metrics["base"]["loss"]
     assert metrics["tuned"]["reward_margin"] > 0
+    # The tuned run can be served, and rated again: a KTO run tunes the same causal LM.
+    from tunesmith.serve.adapters import read_run
+
+    assert read_run(tmp_path / "run").weights.is_dir()
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,7 @@ def _writer(run_dir: str):
     run, session, model = load_run(run_dir)
     if not hasattr(session.objective, "encoder"):
         raise TunesmithError(f"{run_dir}: a run of objective {session.config.objective.name} writes no answers; "
-                             "feedback needs a causal or dpo run")
+                             "feedback needs a causal, dpo or kto run")
     return run, session, model
 
 

@@ -3,11 +3,11 @@ request's headers before any route runs. ``build_app`` adds them."""
 
 from __future__ import annotations
 
-import ipaddress
 import json
 
 from tunesmith.serve.access import Access
 from tunesmith.serve.errors import error_body
+from tunesmith.serve.keys import is_loopback
 
 BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 
@@ -54,17 +54,6 @@ class BodyLimit:
         await send_error(send, 413, f"request body over {self.limit} bytes")
 
 
-def is_local_name(host: str) -> bool:
-    """Whether a Host header's name (no port) is this machine by a name no web page can re-point:
-    ``localhost`` or a loopback address, never a DNS name an attacker controls."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def host_name(host: str) -> str:
     """The name of a Host header, without its port: ``[::1]:8000`` -> ``::1``, ``localhost:8000`` -> ``localhost``."""
     host = host.strip().lower()
@@ -90,7 +79,8 @@ def browser_problem(scope, open_server: bool) -> tuple[int, str] | None:
         host = headers.get("host", "")
         name = host_name(host)
         bound = (scope.get("server") or ("",))[0]
-        if not (is_local_name(name) or name == bound):
+        # localhost or a loopback address: a name no web page can re-point at another machine.
+        if not (is_loopback(name) or name == bound):
             return 403, (f"Host {host!r} is not this server: a server without keys answers only requests to "
                          "localhost, 127.0.0.1, [::1] or the address it is bound to (so a web page cannot reach "
                          "it through a DNS name pointed at this machine)")

@@ -54,20 +54,8 @@ def write_report(run_dir: Path, summary: dict, base: dict, tuned: dict, has_plot
         "| | base | tuned |",
         "|---|---:|---:|",
         f"| mean reward | {m['base']['mean_reward']:.4f} | {m['tuned']['mean_reward']:.4f} |",
-        f"| KL to the reference (per answer) | {m['base']['kl']:.4f} | {m['tuned']['kl']:.4f} |",
-        f"| answers that ended | {m['base']['ended']:.2f} | {m['tuned']['ended']:.2f} |",
-        "",
-        f"Win-rate of tuned over base, judged by the reward: {100 * m['win_rate']:.1f}% (ties count half).",
-        "",
-        "Reward distribution: " + spread("base", base["rewards"]) + "; " + spread("tuned", tuned["rewards"]) + ".",
-        "",
     ]
-    if has_plot:
-        out += ["## Curves", "", "![reward, KL and losses](curves.png)", ""]
-    out += ["## Samples", "", *side_by_side(base, tuned, samples)]
-    path = run_dir / "report.md"
-    path.write_text("\n".join(out))
-    return path
+    return _write(run_dir, out, m, base, tuned, has_plot, samples, "reward, KL and losses")
 
 
 def write_grpo_report(run_dir: Path, summary: dict, base: dict, tuned: dict, has_plot: bool,
@@ -92,20 +80,8 @@ def write_grpo_report(run_dir: Path, summary: dict, base: dict, tuned: dict, has
         f"| mean reward (weighted sum) | {m['base']['mean_reward']:.4f} | {m['tuned']['mean_reward']:.4f} |",
         *(f"| `{n}` (mean score) | {m['base']['reward_means'][n]:.4f} | {m['tuned']['reward_means'][n]:.4f} |"
           for n in names),
-        f"| KL to the reference (per answer) | {m['base']['kl']:.4f} | {m['tuned']['kl']:.4f} |",
-        f"| answers that ended | {m['base']['ended']:.2f} | {m['tuned']['ended']:.2f} |",
-        "",
-        f"Win-rate of tuned over base, judged by the reward: {100 * m['win_rate']:.1f}% (ties count half).",
-        "",
-        "Reward distribution: " + spread("base", base["rewards"]) + "; " + spread("tuned", tuned["rewards"]) + ".",
-        "",
     ]
-    if has_plot:
-        out += ["## Curves", "", "![reward, loss, KL and answer length](curves.png)", ""]
-    out += ["## Samples", "", *side_by_side(base, tuned, samples)]
-    path = run_dir / "report.md"
-    path.write_text("\n".join(out))
-    return path
+    return _write(run_dir, out, m, base, tuned, has_plot, samples, "reward, loss, KL and answer length")
 
 
 def side_by_side(base: dict, tuned: dict, n: int) -> list[str]:
@@ -130,3 +106,25 @@ def short(text: str, limit: int = 300) -> str:
     """``text`` on one line, safe inside backticks, cut to ``limit`` characters."""
     text = text.replace("\n", " ⏎ ").replace("`", "'")
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _write(run_dir: Path, out: list[str], m: dict, base: dict, tuned: dict, has_plot: bool, samples: int,
+           curves: str) -> Path:
+    """The rows every alignment report ends with (KL, answers that ended, win-rate, reward
+    distributions, the curves, samples side by side), after ``out``; writes report.md."""
+    out = [
+        *out,
+        f"| KL to the reference (per answer) | {m['base']['kl']:.4f} | {m['tuned']['kl']:.4f} |",
+        f"| answers that ended | {m['base']['ended']:.2f} | {m['tuned']['ended']:.2f} |",
+        "",
+        f"Win-rate of tuned over base, judged by the reward: {100 * m['win_rate']:.1f}% (ties count half).",
+        "",
+        "Reward distribution: " + spread("base", base["rewards"]) + "; " + spread("tuned", tuned["rewards"]) + ".",
+        "",
+    ]
+    if has_plot:
+        out += ["## Curves", "", f"![{curves}](curves.png)", ""]
+    out += ["## Samples", "", *side_by_side(base, tuned, samples)]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(out))
+    return path

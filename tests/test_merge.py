@@ -87,3 +87,23 @@ def test_merging_what_cannot_merge_is_one_clear_line(tmp_path, two_runs, capsys)
     Run(other).set_status("interrupted")
     cli_fails(capsys, ["merge", *runs, "--how", "svd", "--out", str(tmp_path / "x")], "not complete (status: interrupted)")
     assert not (tmp_path / "x").exists()
+
+
+def test_dpo_adapters_merge_like_causal_ones(tmp_path, tiny_model_dir, capsys):
+    # A DPO run tunes the same causal LM with a LoRA adapter: what served feedback aligns can merge.
+    from conftest import preference_rows
+
+    runs = []
+    for name, seed in (("p", 0), ("q", 1)):
+        data = {"path": str(write_jsonl(tmp_path / f"{name}.jsonl", preference_rows(24, seed=seed))), "max_length": 96,
+                "split": {"validation": 0.2, "test": 0.2}}
+        config = write_config(tmp_path / f"{name}.yaml", tiny_model_dir, data, objective={"name": "dpo"},
+                              output={"dir": str(tmp_path / name)},
+                              train={"max_steps": 4, "eval_every": 4, "save_every": 100}, eval={"samples": 0})
+        run_training(load_config(config))
+        runs.append(str(tmp_path / name))
+    assert main(["merge", *runs, "--out", str(tmp_path / "merged")]) == 0
+    merged = Run(tmp_path / "merged")
+    assert merged.status() == "complete" and merged.load_config().objective.name == "dpo"
+    tests = merged.load_json("metrics")["tests"]
+    assert set(tests) == set(runs) and all("accuracy" in figures["merged"] for figures in tests.values())

@@ -50,6 +50,22 @@ def test_status_records_the_process_and_reads_crashed_when_it_is_gone(tmp_path):
     assert run.status() == "complete" and run.parent is None
 
 
+def test_a_killed_child_not_yet_reaped_reads_crashed(tmp_path):
+    # A search worker killed while its parent waits on another worker stays a zombie until reaped;
+    # its trial's run must read as crashed, so that the retry resumes it.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    run = Run(tmp_path / "r")
+    run.set_status("running")
+    (run.path / "status.json").write_text(json.dumps({**run.record(), "pid": child.pid}))
+    assert run.status() == "running"
+    child.kill()
+    deadline = time.monotonic() + 10
+    while run.status() == "running" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert run.status() == "crashed" and child.returncode is None  # crashed before the wait() reaps it
+    child.wait()
+
+
 def test_a_run_remembers_its_parent(tmp_path):
     run = Run(tmp_path / "child")
     run.set_status("running", parent=str(tmp_path / "parent"))

@@ -610,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=_at_least_one, required=True,
                    help="trials the study ends with (run again, the command continues the study)")
     p.add_argument("--workers", type=_at_least_one, default=1, help="worker processes on this machine")
-    p.add_argument("--storage", help="an Optuna RDB URL (postgresql://...), for workers on several machines; "
+    p.add_argument("--storage", help="an Optuna RDB URL (postgresql+psycopg://...), for workers on several machines; "
                    "default: OUTPUT_DIR/study.sqlite")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_search)

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
-from tunesmith.search.report import write_best, write_plots, write_report
+from tunesmith.search.report import BEST_RUN, write_best, write_plots, write_report
 from tunesmith.search.study import load_plan, open_study, work
 from tunesmith.stopping import on_sigterm
 
@@ -28,7 +28,7 @@ def search(config_path: str, trials: int, workers: int = 1, storage: str | None 
         work(plan, trials)
     else:
         _work_in_processes(plan, trials, workers)
-    write_best(study, plan.dir)
+    write_best(study, plan.dir, lambda params: plan.trial_config(params, plan.dir / BEST_RUN).model_dump(mode="json"))
     write_plots(study, plan.dir)
     return write_report(study, plan.dir, plan.search.objective)
 

@@ -5,6 +5,7 @@ history and the parameters' importance (PED-ANOVA, which needs no scikit-learn).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -12,12 +13,19 @@ import yaml
 BEST_RUN = "best"  # where best.yaml trains to, inside the search directory
 
 
-def write_best(study, search_dir: Path) -> Path | None:
-    """The best trial's resolved config, its output.dir set beside the trials; None before any trial completes."""
+def write_best(study, search_dir: Path, resolve: Callable[[dict], dict] | None = None) -> Path | None:
+    """The best trial's resolved config, its output.dir set beside the trials; None before any trial completes.
+
+    The config is the one the trial's run saved. A trial that ran on another machine (workers sharing
+    a database) has no run directory here: ``resolve`` makes its config from the trial's parameters."""
     best = _best(study)
     if best is None:
         return None
-    config = yaml.safe_load((Path(best.user_attrs["run_dir"]) / "config.yaml").read_text())
+    saved = Path(best.user_attrs["run_dir"]) / "config.yaml"
+    if saved.is_file() or resolve is None:
+        config = yaml.safe_load(saved.read_text())
+    else:
+        config = resolve(best.params)
     config["output"]["dir"] = str(search_dir / BEST_RUN)
     path = search_dir / "best.yaml"
     header = (f"# tunesmith train {path}\n#\n# The best trial of the search in {search_dir}: trial {best.number}, "

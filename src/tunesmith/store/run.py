@@ -70,7 +70,13 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True  # another user's process
-    return True
+    # A killed process that its parent has not reaped yet (a search worker, while the parent waits
+    # on another) is a zombie: it still answers signal 0, but it is gone.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 class Run:

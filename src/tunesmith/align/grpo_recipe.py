@@ -28,10 +28,9 @@ from tunesmith.align.loop import (
     Policy,
     base_evaluation,
     evaluate,
+    finish_policy,
     run_recipe,
     run_steps,
-    save_policy,
-    win_rate,
 )
 from tunesmith.align.options import GRPOConfig, GRPOOptions
 from tunesmith.align.prompts import prompt_columns, prompts_of_step
@@ -163,28 +162,11 @@ def grpo_step(parts: Parts, optimizer, scheduler, chosen: list[tuple[str, dict]]
 
 def finish(parts: Parts, run: Run, base: dict, steps: int, seconds: float, trainable: int, total: int) -> Path:
     """Score the tuned model's answers, save the adapter, write metrics.json and the report."""
-    print("scoring the tuned model's answers to held-out prompts ...")
-    tuned = parts.evaluate()
-    print(f"tuned: mean reward {tuned['mean_reward']:.4f} (base {base['mean_reward']:.4f}), KL {tuned['kl']:.4f}")
-    save_policy(parts.policy, run)
-    cfg = parts.config.grpo
     kept = ("mean_reward", "reward_means", "kl", "ended")
-    summary = {
-        "model": parts.config.model.name,
-        "method": parts.policy.method.name,
-        "rewards": parts.rewards.names,
-        "loss_type": cfg.loss_type,
-        "importance": cfg.importance,
-        "group": cfg.samples_per_prompt,
-        "trainable_params": trainable,
-        "total_params": total,
-        "steps": steps,
-        "train_seconds": seconds,
-        "eval_prompts": len(parts.policy.eval_prompts),
-        "base": {k: base[k] for k in kept},
-        "tuned": {k: tuned[k] for k in kept},
-        "win_rate": win_rate(tuned["rewards"], base["rewards"]),
-    }
+    summary, tuned = finish_policy(run, parts.policy, parts.evaluate, base, kept, steps, seconds, trainable, total)
+    cfg = parts.config.grpo
+    summary |= {"rewards": parts.rewards.names, "loss_type": cfg.loss_type, "importance": cfg.importance,
+                "group": cfg.samples_per_prompt}
     has_plot = plot_curves(run.metrics_log, run.path / "curves.png", GRPO_CURVES)
     run.save_json("metrics", summary)  # metrics.json and report.md last: their presence means the run finished
     return write_grpo_report(run.path, summary, base, tuned, has_plot)

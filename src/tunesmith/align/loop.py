@@ -214,6 +214,30 @@ def save_policy(policy: Policy, run: Run) -> None:
     make_portable(run, saved, model_origin(policy.config.model.name), policy.method.name)
 
 
+def finish_policy(run: Run, policy: Policy, evaluate_tuned: Callable[[], dict], base: dict, kept: tuple[str, ...],
+                  steps: int, seconds: float, trainable: int, total: int) -> tuple[dict, dict]:
+    """What every alignment recipe does once its steps are done: score the tuned policy's answers to
+    the held-out prompts, save it, and the summary fields every run's metrics.json has (``kept``: the
+    held-out figures of base and tuned). Returns ``(summary, tuned)``; the recipe adds its own fields."""
+    print("scoring the tuned model's answers to held-out prompts ...")
+    tuned = evaluate_tuned()
+    print(f"tuned: mean reward {tuned['mean_reward']:.4f} (base {base['mean_reward']:.4f}), KL {tuned['kl']:.4f}")
+    save_policy(policy, run)
+    summary = {
+        "model": policy.config.model.name,
+        "method": policy.method.name,
+        "trainable_params": trainable,
+        "total_params": total,
+        "steps": steps,
+        "train_seconds": seconds,
+        "eval_prompts": len(policy.eval_prompts),
+        "base": {k: base[k] for k in kept},
+        "tuned": {k: tuned[k] for k in kept},
+        "win_rate": win_rate(tuned["rewards"], base["rewards"]),
+    }
+    return summary, tuned
+
+
 def win_rate(tuned: list[float], base: list[float]) -> float:
     """Tuned answers against base answers to the same prompts: a win 1, a tie 1/2, a loss 0; the mean."""
     wins = [1.0 if t > b else 0.5 if t == b else 0.0 for t, b in zip(tuned, base)]

@@ -25,10 +25,9 @@ from tunesmith.align.loop import (
     Policy,
     base_evaluation,
     evaluate,
+    finish_policy,
     run_recipe,
     run_steps,
-    save_policy,
-    win_rate,
 )
 from tunesmith.align.options import PPOConfig
 from tunesmith.align.prompts import prompts_of_step
@@ -181,24 +180,10 @@ def finish(parts: Parts, run: Run, base: dict, steps: int, seconds: float, train
     """Score the tuned model's answers, save adapter and value head, write metrics.json and the report."""
     from safetensors.torch import save_file
 
-    print("scoring the tuned model's answers to held-out prompts ...")
-    tuned = parts.evaluate()
-    print(f"tuned: mean reward {tuned['mean_reward']:.4f} (base {base['mean_reward']:.4f}), KL {tuned['kl']:.4f}")
-    save_policy(parts.actor, run)
+    summary, tuned = finish_policy(run, parts.actor, parts.evaluate, base, ("mean_reward", "kl", "ended"), steps,
+                                   seconds, trainable, total)
     save_file({k: v.contiguous() for k, v in parts.policy.value_head.state_dict().items()}, run.path / VALUE_HEAD)
-    summary = {
-        "model": parts.config.model.name,
-        "method": parts.actor.method.name,
-        "reward_run": parts.config.ppo.reward,
-        "trainable_params": trainable,
-        "total_params": total,
-        "steps": steps,
-        "train_seconds": seconds,
-        "eval_prompts": len(parts.actor.eval_prompts),
-        "base": {k: base[k] for k in ("mean_reward", "kl", "ended")},
-        "tuned": {k: tuned[k] for k in ("mean_reward", "kl", "ended")},
-        "win_rate": win_rate(tuned["rewards"], base["rewards"]),
-    }
+    summary["reward_run"] = parts.config.ppo.reward
     has_plot = plot_curves(run.metrics_log, run.path / "curves.png", PPO_CURVES)
     run.save_json("metrics", summary)  # metrics.json and report.md last: their presence means the run finished
     return write_report(run.path, summary, base, tuned, has_plot)

@@ -367,24 +367,23 @@ def cmd_ppo(args) -> int:
     from tunesmith.align.options import load_ppo_config
     from tunesmith.align.recipe import run_ppo
 
-    config = load_ppo_config(args.config, args.set)
-    try:
-        report = run_ppo(config, resume=args.resume)
-    except KeyboardInterrupt as interrupt:
-        return _interrupted(interrupt, config.output.dir, f"tunesmith ppo {args.config}", args.set)
-    print(f"report: {report}")
-    return 0
+    return _align(args, "ppo", load_ppo_config, run_ppo)
 
 
 def cmd_grpo(args) -> int:
     from tunesmith.align.grpo_recipe import run_grpo
     from tunesmith.align.options import load_grpo_config
 
-    config = load_grpo_config(args.config, args.set)
+    return _align(args, "grpo", load_grpo_config, run_grpo)
+
+
+def _align(args, command: str, load, run) -> int:
+    """``tunesmith ppo|grpo CONFIG``: load the config, run the recipe, say what a stop left."""
+    config = load(args.config, args.set)
     try:
-        report = run_grpo(config, resume=args.resume)
+        report = run(config, resume=args.resume)
     except KeyboardInterrupt as interrupt:
-        return _interrupted(interrupt, config.output.dir, f"tunesmith grpo {args.config}", args.set)
+        return _interrupted(interrupt, config.output.dir, f"tunesmith {command} {args.config}", args.set)
     print(f"report: {report}")
     return 0
 

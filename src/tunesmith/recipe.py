@@ -37,6 +37,7 @@ from tunesmith.privacy.training import PrivateTraining, prepare_private
 from tunesmith.session import Session, base_model
 from tunesmith.stopping import StopRequest, on_sigterm
 from tunesmith.store import Run, load_run
+from tunesmith.train.balance import balanced_batches, check_balance, item_labels
 from tunesmith.train.curriculum import curriculum_batches, difficulty
 from tunesmith.train.loop import TrainState, fit
 
@@ -72,6 +73,7 @@ def run_training(config: RunConfig, resume: bool = False, on_step=None, parent: 
         setup_threads(config.train.threads)
         session = Session(config)
         session.prepare()  # all input problems surface here, before anything is written
+        check_balance(config, session.data.labels)
         judge = open_judge(session) if main else None  # the judge's too
         continual.add_replay(session)
         private = None
@@ -127,6 +129,11 @@ def _run(session: Session, run: Run, resume: bool, on_step, stop: StopRequest,
         if curriculum:
             batches = curriculum_batches(session.data.encoded["train"], session.objective.batches, scores,
                                          config.train, accelerator.num_processes)
+        elif config.data.balance != "none":
+            train = session.data.encoded["train"]
+            batches = balanced_batches(train, session.objective.batches,
+                                       item_labels(session.data.examples["train"], len(train)),
+                                       config.data.balance, config.train.seed)
     else:
         batches = private.batches
         private_parts = {"make_step": private.make_step, "validation_figures": private.validation_figures}

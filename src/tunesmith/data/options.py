@@ -99,6 +99,10 @@ class DataConfig(Section):
     max_rows: int | None = Field(None, ge=1, description="Keep at most this many rows after cleaning (with "
                                  "data.sources: of each source that sets no max_rows of its own).")
     split: SplitConfig = SplitConfig()
+    balance: Literal["none", "class", "sqrt"] = Field(
+        "none", description="Label data: how training draws its rows. none: as they come; class: every label "
+        "equally often (class-balanced sampling); sqrt: each label in proportion to the square root of its count."
+    )
     seed: int = 0
     near_duplicate_threshold: float = Field(0.8, gt=0, le=1)
     pii: Literal["redact", "drop", "report"] | None = Field(
@@ -147,4 +151,6 @@ class DataConfig(Section):
                 raise ValueError(f"data.sources: the instruction of {s.label} must contain {{text}}")
         if self.canaries:
             raise ValueError("data.canaries: not available with data.sources")
+        if self.balance != "none":
+            raise ValueError("data.balance: not available with data.sources (balance one labelled file)")
         return self

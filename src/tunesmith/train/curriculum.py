@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from tunesmith.objectives.base import Batches, to_device
+from tunesmith.train.drawn import DrawnBatches
 from tunesmith.train.loop import planned_steps, steps_per_epoch
 from tunesmith.train.options import CurriculumConfig, TrainConfig
 
@@ -49,23 +50,17 @@ def loss_scores(model, batches: Batches) -> list[float]:
     return [sums[i] / max(counts[i], 1) for i in range(len(sums))]
 
 
-class CurriculumBatches:
-    """The objective's batches, each epoch's plan drawn easy first by the pacing schedule.
-
-    A plan entry is ``(stage view, micro-batch)``: ``view`` (the objective's ``batches``) lays out
-    each stage's examples. Losses, token counts and validation go to the view of all the items.
-    """
+class CurriculumBatches(DrawnBatches):
+    """The objective's batches, each epoch's plan drawn easy first by the pacing schedule, one stage
+    of the epoch at a time (``DrawnBatches``)."""
 
     def __init__(self, items: list[dict], view: Callable[[list[dict]], Batches], scores: list[float],
                  cfg: CurriculumConfig, seed: int, epochs_planned: float):
-        self.items = items
-        self.view = view
-        self.full = view(items)
+        super().__init__(items, view, self.draw)
         self.easy_first = sorted(range(len(items)), key=lambda i: (scores[i], i))
         self.cfg = cfg
         self.seed = seed
         self.epochs_planned = epochs_planned
-        self._views: dict[int, list[Batches]] = {}
 
     def draw(self, epoch: int) -> list[list[int]]:
         """The item indices of each stage of ``epoch``, seeded by the run's seed and the epoch."""
@@ -82,36 +77,6 @@ class CurriculumBatches:
             used.update(take)
             drawn.append(take)
         return drawn
-
-    def epoch(self, epoch: int):
-        if epoch < 0:
-            return [(self.full, rows) for rows in self.full.epoch(-1)]
-        plan = []
-        for k, stage in enumerate(self.draw(epoch)):
-            view = self.view([self.items[i] for i in stage])
-            plan += [(view, rows) for rows in view.epoch(epoch * 1_000 + k)]
-        return plan
-
-    def tensors(self, entry):
-        view, rows = entry
-        return view.tensors(rows)
-
-    def loss(self, model, batch):
-        return self.full.loss(model, batch)
-
-    def example_losses(self, model, batch):
-        return self.full.example_losses(model, batch)
-
-    def trained_tokens(self, batch) -> int:
-        return self.full.trained_tokens(batch)
-
-    def input_tokens(self, batch) -> int:
-        # With a shared prefix, a stage may share a longer one than all the items do: tokens/s then
-        # undercounts a little. Nothing trained depends on it.
-        return self.full.input_tokens(batch)
-
-    def loss_totals(self, model, items: list[dict]) -> tuple[float, int]:
-        return self.full.loss_totals(model, items)
 
 
 def difficulty(cfg: CurriculumConfig, items: list[dict], view: Callable[[list[dict]], Batches], model,

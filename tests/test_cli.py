@@ -52,7 +52,10 @@ def test_eval_on_another_file(trained_run, tmp_path, capsys):
     other = write_jsonl(tmp_path / "more.jsonl", review_rows(10, seed=9))
     assert main(["eval", str(trained_run / "run"), "--data", str(other)]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(result) == {"base", "tuned"} and "accuracy" in result["tuned"]
+    assert set(result) == {"base", "tuned", "classification"} and "accuracy" in result["tuned"]
+    # Every row of the file scored, its figures from the same predictions as the accuracy.
+    classes = result["classification"]
+    assert sum(map(sum, classes["confusion"])) == 10 and classes["accuracy"] == result["tuned"]["accuracy"]
 
 
 def test_generate_streams_text(trained_run, capsys):

@@ -65,17 +65,30 @@ def _interrupted(interrupt: KeyboardInterrupt, run_dir: str, command: str, overr
 
 
 def cmd_eval(args) -> int:
-    from tunesmith.recipe import evaluate_run
+    from tunesmith.recipe import evaluate_run_report
 
     if args.bias:
         return cmd_bias(args)
 
-    base, tuned = evaluate_run(Path(args.run_dir), args.data)
+    base, tuned, classes = evaluate_run_report(Path(args.run_dir), args.data)
+    from tunesmith.eval.classification import format_console
     from tunesmith.eval.report import metrics_table
 
     print(metrics_table(base, tuned))
-    print(json.dumps({"base": base, "tuned": tuned}))
+    if classes:
+        print(format_console(classes))
+    print(json.dumps({"base": base, "tuned": tuned} | ({"classification": classes} if classes else {})))
     return 0
+
+
+def cmd_predict(args) -> int:
+    from tunesmith.predict import predict_file
+
+    summary = predict_file(args.run_dir, args.data, args.out, args.batch_size)
+    resumed = f", continuing after the {summary['resumed_after']} rows written before" if summary["resumed_after"] else ""
+    print(f"predictions: {summary['out']}: {summary['rows']} rows{resumed}; "
+          f"{summary['errors']} rows could not be read (their error is in the file)")
+    return 1 if summary["errors"] else 0
 
 
 def cmd_bias(args) -> int:
@@ -107,6 +120,7 @@ def cmd_inspect(args) -> int:
     from tunesmith.config import load_config, read_config_file
     from tunesmith.data.pipeline import format_stats
     from tunesmith.session import Session
+    from tunesmith.train.loop import describe_plan
 
     raw = read_config_file(args.config)
     if ACCELERATE_KEYS & raw.keys():
@@ -117,8 +131,12 @@ def cmd_inspect(args) -> int:
         return _inspect_prompts(args, raw, aligned[0])
     config = load_config(args.config, args.set, raw=raw)
     print(f"{args.config} ({_data_command(raw)}): data {_data_names(config.data)}")
-    data = Session(config).prepare()
+    session = Session(config)
+    data = session.prepare()
     print(format_stats(data.stats))
+    if data.encoded["train"]:
+        print(describe_plan(session.objective.batches(data.encoded["train"]), config.train, processes=1)
+              + " (one process)")
     leak = data.stats["leakage"]
     for ex in leak.get("examples", []):
         print(f"{ex['kind']} duplicate in {ex['split']} (similarity {ex['similarity']:.2f}): "

@@ -26,6 +26,9 @@ from tunesmith.data.canaries import canary_record
 from tunesmith.data.options import SplitConfig
 from tunesmith.data.pipeline import format_stats
 from tunesmith.errors import TunesmithError
+from tunesmith.eval.baselines import baselines, compare_line, format_baselines
+from tunesmith.eval.classification import format_console, format_report, plot_confusion, plot_reliability
+from tunesmith.eval.curve import training_length, validations
 from tunesmith.eval.report import plot_losses, privacy_line, replace_section, write_report
 from tunesmith.export.portable import make_portable
 from tunesmith.files import write_atomic
@@ -192,7 +195,7 @@ def finish(session: Session, run: Run, model, base: dict, state: TrainState, sec
     and the report."""
     config, method = session.config, session.method
     print("evaluating the tuned model on held-out data ...")
-    tuned = session.score(model)
+    tuned, classes = session.score_report(model)
     print("tuned: " + _fmt(tuned))
     tuned_samples = session.samples(model)
 
@@ -228,9 +231,20 @@ def finish(session: Session, run: Run, model, base: dict, state: TrainState, sec
         summary["privacy"] = private.budget.summary(state.step)
         print(privacy_line(summary["privacy"]))
     sections = []
+    if classes:
+        summary["classification"] = classes
+        summary["baselines"] = baselines(session.data.examples, session.test_set()[0], session.data.labels)
+        sections += classification_sections(run, classes, summary["baselines"], tuned)
+    # The loop restores the best validation's weights when train.patience is set.
+    length = training_length(validations(run.metrics_records()), best_kept=bool(config.train.patience))
+    if length:
+        summary["training_length"] = length
+        sections += ["## Training length", "", length["line"] + ".", ""]
+        print(length["line"])
     if continual:
-        extra, sections = continual.finish(session, run, model)
+        extra, parent = continual.finish(session, run, model)
         summary |= extra
+        sections = [*parent, *sections]
     if judge:
         summary["judged"], judged = judge_trained(session, run, model, judge)
         sections = [*sections, *judged]
@@ -239,6 +253,19 @@ def finish(session: Session, run: Run, model, base: dict, state: TrainState, sec
     # metrics.json and report.md last: their presence means the run finished.
     run.save_json("metrics", summary)
     return write_report(run.path, summary, session.data.stats, samples, has_plot, sections)
+
+
+def classification_sections(run: Run, classes: dict, found: dict, tuned: dict) -> list[str]:
+    """The report's classification report and baselines (printed too), with their two plots."""
+    plot_confusion(classes, run.confusion_plot)
+    plot_reliability(classes, run.reliability_plot)
+    print(format_console(classes))
+    print(compare_line(found, tuned))
+    return ["## Classification report (tuned model, test split)", "", *format_report(classes), "",
+            f"![confusion matrix]({run.confusion_plot.name}) ![reliability diagram]({run.reliability_plot.name})", "",
+            "## Against two baselines on the same splits", "",
+            "Trained on this run's training split, scored on the same test rows as the tuned model.", "",
+            *format_baselines(found, tuned), ""]
 
 
 def peak_memory_mb() -> float:
@@ -259,6 +286,13 @@ def _fmt(metrics: dict) -> str:
 
 def evaluate_run(run_dir: Path, data_file: str | None = None) -> tuple[dict, dict]:
     """Base and tuned metrics on the run's test split, or on every row of ``data_file``."""
+    base, tuned, _ = evaluate_run_report(run_dir, data_file)
+    return base, tuned
+
+
+def evaluate_run_report(run_dir: Path, data_file: str | None = None) -> tuple[dict, dict, dict | None]:
+    """``evaluate_run``'s metrics, and the tuned model's classification report where it scores labels
+    (``Session.score_report``)."""
     run, session, model = load_run(run_dir)
     if data_file:
         if not Path(data_file).is_file():
@@ -276,10 +310,10 @@ def evaluate_run(run_dir: Path, data_file: str | None = None) -> tuple[dict, dic
     # dpo, kto) gets it, kept unchanged beside a tuned model that has no adapter to disable.
     kept = session.load_model(data.labels) if data_file and hasattr(session.objective, "reference") and \
         not hasattr(model, "disable_adapter") else None
-    tuned = session.score(model)
+    tuned, classes = session.score_report(model)
     del kept
     with base_model(session, model, data.labels) as base:
-        return session.score(base), tuned
+        return session.score(base), tuned, classes
 
 
 def audit_run(run_dir: Path, candidates: int = 1000, max_examples: int = 1000,

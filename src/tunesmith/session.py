@@ -61,13 +61,26 @@ class Session:
         split = "test" if self.data.examples["test"] else "validation"
         return self.data.examples[split][:n], self.data.encoded[split][:n]
 
-    def score(self, model) -> dict:
-        if self.config.data.sources:
-            return self.score_sources(model)
+    def _held_out(self) -> tuple[list[dict], list[dict]]:
         examples, encoded = self.test_set()
         if not examples:
             raise TunesmithError("data: no test or validation rows to evaluate on")
+        return examples, encoded
+
+    def score(self, model) -> dict:
+        if self.config.data.sources:
+            return self.score_sources(model)
+        examples, encoded = self._held_out()
         return self.objective.evaluate(model, examples, encoded, self.data.labels)
+
+    def score_report(self, model) -> tuple[dict, dict | None]:
+        """``score``'s metrics and, for an objective that scores labels on label data, the
+        classification report (``eval.classification``) from the same forward passes; else None."""
+        if self.config.data.sources or not self.data.labels or not hasattr(self.objective, "label_scores"):
+            return self.score(model), None
+        examples, encoded = self._held_out()
+        scores = self.objective.label_scores(model, examples, encoded, self.data.labels)
+        return scores.metrics(examples, self.data.labels), scores.report(examples, self.data.labels)
 
     def samples(self, model) -> list[dict]:
         examples = self.test_set()[0]

@@ -9,11 +9,37 @@ probabilities themselves, so it reads their most probable label.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from tunesmith.eval.metrics import label_metrics
+
 ECE_BINS = 10
+
+
+@dataclass(frozen=True)
+class LabelScores:
+    """A label objective's scoring of held-out examples: the loss, and each label's probability."""
+
+    loss: float
+    probabilities: np.ndarray  # [examples, labels]
+
+    def predictions(self) -> np.ndarray:
+        """The label each example is given: the most probable one."""
+        return self.probabilities.argmax(axis=1)
+
+    def metrics(self, examples: list[dict], labels: list[str]) -> dict[str, float]:
+        """Loss, perplexity, accuracy and macro-F1 (``eval.metrics.label_metrics``)."""
+        return label_metrics(self.loss, [e["label"] for e in examples],
+                             [labels[i] for i in self.predictions()], labels)
+
+    def report(self, examples: list[dict], labels: list[str]) -> dict:
+        """The classification report (``classification_report``) of these predictions."""
+        index = {label: i for i, label in enumerate(labels)}
+        return classification_report([index[e["label"]] for e in examples], self.probabilities,
+                                     self.predictions(), labels)
 
 
 def confusion_matrix(gold: np.ndarray, pred: np.ndarray, n_labels: int) -> np.ndarray:

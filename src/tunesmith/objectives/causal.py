@@ -20,7 +20,8 @@ from tunesmith.data.options import DataConfig
 from tunesmith.data.pipeline import SPLITS, PreparedData, label_order, load_splits
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.choices import score_choices
-from tunesmith.eval.metrics import label_metrics, loss_metrics
+from tunesmith.eval.classification import LabelScores
+from tunesmith.eval.metrics import loss_metrics
 from tunesmith.model import load_model
 from tunesmith.objectives.base import Layout, to_device
 from tunesmith.objectives.lm_loss import example_losses, loss_sum, row_loss
@@ -129,18 +130,20 @@ class Causal:
         return PackedBatches(items, self.layout)
 
     def evaluate(self, model, examples: list[dict], encoded: list[dict], labels: list[str]) -> dict:
-        """``loss`` and ``perplexity`` always; ``accuracy`` and ``macro_f1`` when there are labels.
-
-        With labels, the model's choice is the label string with the highest log-likelihood, and the
-        loss comes from the same forward passes (the gold label's answer), not from a second pass.
-        """
+        """``loss`` and ``perplexity`` always; ``accuracy`` and ``macro_f1`` when there are labels
+        (``label_scores``)."""
         if not labels:
             return loss_metrics(self.batches(encoded).mean_loss(model, encoded))
+        return self.label_scores(model, examples, encoded, labels).metrics(examples, labels)
+
+    def label_scores(self, model, examples: list[dict], encoded: list[dict], labels: list[str]) -> LabelScores:
+        """Each label string's share of the labels' total likelihood as the answer to each example; the
+        model's choice is the most likely. The loss comes from the same forward passes (the gold
+        label's answer), not from a second pass."""
         sums, counts = score_labels(model, self.encoder, examples, labels, self.layout)
         gold_index = torch.tensor([labels.index(e["label"]) for e in examples]).unsqueeze(1)
         loss = float(sums.gather(1, gold_index).sum() / counts.gather(1, gold_index).sum())
-        pred = [labels[i] for i in sums.argmin(dim=1).tolist()]
-        return label_metrics(loss, [e["label"] for e in examples], pred, labels)
+        return LabelScores(loss, torch.softmax(-sums.double(), dim=1).numpy())
 
     def label_logits(self, model, texts: list[str], labels: list[str]) -> torch.Tensor:
         """[texts, labels]: each label's log-likelihood as the answer to the instruction the run

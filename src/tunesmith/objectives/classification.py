@@ -9,13 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from tunesmith.data.options import DataConfig
 from tunesmith.data.pipeline import SPLITS, PreparedData, label_order, load_splits
 from tunesmith.errors import TunesmithError
-from tunesmith.eval.metrics import label_metrics
+from tunesmith.eval.classification import LabelScores
 from tunesmith.model import load_model
 from tunesmith.objectives.base import Layout, to_device
 from tunesmith.objectives.padded import (
@@ -81,20 +82,23 @@ class Classification:
     def batches(self, items: list[dict]) -> PaddedBatches:
         return PaddedBatches(items, self.layout, example_loss)
 
-    @torch.no_grad()
     def evaluate(self, model, examples: list[dict], encoded: list[dict], labels: list[str]) -> dict:
+        return self.label_scores(model, examples, encoded, labels).metrics(examples, labels)
+
+    @torch.no_grad()
+    def label_scores(self, model, examples: list[dict], encoded: list[dict], labels: list[str]) -> LabelScores:
+        """The head's softmax for each example, and the mean loss."""
         was_training = model.training
         model.eval()
         batches = self.batches(encoded)
-        predictions = {}
+        probabilities = np.zeros((len(encoded), len(labels)))
         for rows in batches.epoch(-1):
             batch = to_device(batches.tensors(rows), model)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            predictions.update(zip(rows, logits.argmax(-1).tolist()))
+            probabilities[rows] = torch.softmax(logits.double(), dim=-1).cpu().numpy()
         loss = batches.mean_loss(model, encoded)
         model.train(was_training)
-        pred = [labels[predictions[i]] for i in range(len(examples))]
-        return label_metrics(loss, [e["label"] for e in examples], pred, labels)
+        return LabelScores(loss, probabilities)
 
     @torch.no_grad()
     def label_logits(self, model, texts: list[str], labels: list[str]) -> torch.Tensor:

@@ -102,6 +102,14 @@ class Run:
         return self.path / "loss.png"
 
     @property
+    def confusion_plot(self) -> Path:
+        return self.path / "confusion.png"
+
+    @property
+    def reliability_plot(self) -> Path:
+        return self.path / "reliability.png"
+
+    @property
     def curriculum_scores(self) -> Path:
         return self.path / "curriculum_scores.json"
 
@@ -219,6 +227,18 @@ class Run:
     def load_json(self, name: str, default=None):
         path = self.path / f"{name}.json"
         return json.loads(path.read_text()) if path.is_file() else default
+
+    def metrics_records(self) -> list[dict]:
+        """The records of metrics.jsonl (a last line torn by a crash left out)."""
+        if not self.metrics_log.is_file():
+            return []
+        records = []
+        for line in self.metrics_log.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+        return records
 
     def labels(self) -> list[str]:
         """The class labels the run trained on ([] for a run without labels)."""

@@ -26,7 +26,7 @@ from tunesmith.objectives.base import Batches
 from tunesmith.stopping import Interrupted, StopRequest, UpdateHold
 from tunesmith.train import distributed
 from tunesmith.train.checkpoint import load_checkpoint, save_checkpoint
-from tunesmith.train.options import TrainConfig
+from tunesmith.train.options import VALIDATIONS, TrainConfig
 from tunesmith.train.precision import autocast
 from tunesmith.train.step import DefaultStep, LossForward, Step
 
@@ -107,6 +107,19 @@ def planned_steps(batches: Batches, cfg: TrainConfig, processes: int) -> int:
     return cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch(batches, cfg, processes)))
 
 
+def validation_interval(cfg: TrainConfig, total_steps: int) -> int:
+    """Steps between validations: ``eval_every``, or about ``VALIDATIONS`` a run."""
+    return cfg.eval_every or max(1, round(total_steps / VALIDATIONS))
+
+
+def describe_plan(batches: Batches, cfg: TrainConfig, processes: int) -> str:
+    """How many epochs of the training split the planned steps cover, in one line."""
+    per_epoch = steps_per_epoch(batches, cfg, processes)
+    total = planned_steps(batches, cfg, processes)
+    return (f"planned {total} steps cover {total / per_epoch:.2f} epochs of the training split "
+            f"({per_epoch} steps per epoch)")
+
+
 MakeStep = Callable[..., Step]
 
 
@@ -148,6 +161,7 @@ def fit(model, accelerator, batches: Batches, validation: list[dict], cfg: Train
     update_hold = UpdateHold(stop, optimizer) if stop is not None and not several else None
     micro_per_step = cfg.grad_accum * accelerator.num_processes
     total_steps = planned_steps(batches, cfg, accelerator.num_processes)
+    eval_every = validation_interval(cfg, total_steps)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     forward, optimizer, scheduler = accelerator.prepare(LossForward(model, batches), optimizer, scheduler)
     step = make_step(forward, optimizer, scheduler, accelerator, batches, cfg)
@@ -191,6 +205,11 @@ def fit(model, accelerator, batches: Batches, validation: list[dict], cfg: Train
     order = batches.epoch(state.epoch)
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not main,
                dynamic_ncols=True)
+    if main and sharded:
+        bar.write(f"parameters and optimizer state sharded over {accelerator.num_processes} processes (FSDP2)")
+    if main:
+        bar.write(describe_plan(batches, cfg, accelerator.num_processes)
+                  + (f"; validation every {eval_every} steps" if val_set else ""))
     rng_at_step_start, state_at_step_start, in_step = distributed.random_state(), asdict(state), False
     forward.train()
     # Several processes must agree on the step they stop at: a SIGTERM waits for the next boundary.
@@ -227,7 +246,7 @@ def fit(model, accelerator, batches: Batches, validation: list[dict], cfg: Train
                 accelerator.log({"train/loss": loss, "train/lr": record["lr"]}, step=state.step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                if val_set and (state.step % cfg.eval_every == 0 or state.step == total_steps):
+                if val_set and (state.step % eval_every == 0 or state.step == total_steps):
                     val = validate()
                     best = " (best)" if state.best_step == state.step else ""
                     bar.write(f"step {state.step}: val_loss {val:.4f}{best}")

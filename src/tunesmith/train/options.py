@@ -27,6 +27,9 @@ class CurriculumConfig(Section):
     stages: int = Field(10, ge=1, description="Pool sizes per epoch: each stage draws from a wider pool.")
 
 
+VALIDATIONS = 10  # validations per run when train.eval_every is unset
+
+
 class TrainConfig(Section):
     epochs: float = Field(1, gt=0)
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
@@ -42,7 +45,10 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     dropout: float | None = Field(None, ge=0, lt=1, description="Override the model's dropout rates.")
     seed: int = 0
-    eval_every: int = Field(50, ge=1, description="Validate every N optimizer steps.")
+    eval_every: int | None = Field(
+        None, ge=1, description="Validate every N optimizer steps; unset: about ten times a run "
+        f"(every planned steps / {VALIDATIONS}), so the report can tell an under-trained run from an over-fitted one."
+    )
     eval_max_examples: int | None = Field(200, ge=1)
     patience: int | None = Field(None, ge=1, description="Stop after N validations without improvement.")
     save_every: int = Field(100, ge=1)

@@ -76,5 +76,5 @@ def test_a_continued_run_reports_forgetting_of_base_parent_and_tuned(tmp_path, t
 def test_general_probes_need_a_language_model_head(tmp_path, tiny_bert_dir, review_data, capsys):
     config = write_config(tmp_path / "c.yaml", tiny_bert_dir, review_data, objective={"name": "classification"},
                           eval={"general": {}})
-    cli_fails(capsys, ["train", str(config)], "eval.general", "objective classification has no language-model head")
+    cli_fails(capsys, ["train", str(config)], "eval.general: objective classification lacks the ability causal_answers")
     assert not (tmp_path / "run").exists()

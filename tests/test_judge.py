@@ -190,8 +190,7 @@ def test_eval_judge_problems_stop_training_before_it_starts(tmp_path, tiny_model
     assert not (tmp_path / "a").exists()  # nothing written
     wrong = write_config(tmp_path / "b.yaml", tiny_model_dir, preference_data, objective={"name": "reward"},
                          eval={"judge": "no_such_run"})
-    cli_fails(capsys, ["train", str(wrong)], "eval.judge: judged evaluation needs a run that writes answers "
-              "(objective causal or dpo or kto), not reward")
+    cli_fails(capsys, ["train", str(wrong)], "eval.judge: objective reward lacks the ability causal_answers")
 
 
 def test_eval_judge_is_read_from_the_config_files_folder_and_can_be_set(tmp_path, tiny_model_dir, preference_data):

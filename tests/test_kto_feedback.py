@@ -135,4 +135,5 @@ def test_retrain_with_kto_refuses_a_run_with_labels(tmp_path, tiny_model_dir, re
     assert main(["train", str(config)]) == 0
     db.connect(tmp_path / "s.sqlite").close()
     cli_fails(capsys, ["retrain", str(tmp_path / "run"), "--objective", "kto", "--store", str(tmp_path / "s.sqlite")],
-              "trained objective causal on labels; KTO tunes a run that writes answers (causal, dpo, kto)")
+              "--objective kto: objective kto trains on unpaired_preference data; re-training builds "
+              "classification rows (the run has labels)")

@@ -96,10 +96,11 @@ def test_bad_sources_are_one_clear_line(tmp_path, tiny_model_dir, capsys, change
     assert len(err.strip().splitlines()) == 1
 
 
-def test_sources_need_the_causal_objective(tmp_path, tiny_bert_dir, capsys):
+def test_sources_need_an_objective_that_mixes_them(tmp_path, tiny_bert_dir, capsys):
     config = write_config(tmp_path / "c.yaml", tiny_bert_dir, sources_data(tmp_path),
                           objective={"name": "classification"}, method={"name": "full"})
-    cli_fails(capsys, ["train", str(config)], "data.sources: mixing sources needs objective causal")
+    cli_fails(capsys, ["train", str(config)], "data.sources: objective classification lacks the ability "
+              "mixes_sources", "(objectives that have it: causal)")
 
 
 def test_data_max_rows_caps_each_source_that_sets_none_of_its_own():

@@ -18,8 +18,8 @@ from tunesmith.data.options import DataConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.general import GeneralConfig
 from tunesmith.methods import REGISTRY as METHODS
-from tunesmith.objectives import GENERATIVE
 from tunesmith.objectives import REGISTRY as OBJECTIVES
+from tunesmith.objectives import lacks
 from tunesmith.options import Section
 from tunesmith.privacy.options import PrivacyConfig
 from tunesmith.privacy.options import check as check_privacy
@@ -177,6 +177,14 @@ def format_validation_error(err: ValidationError, source: str, tagged: dict | No
         lines.append(f"{source}: {path}: {msg}")
     return lines
 
+# The features of a run that need an ability of its objective (``objectives.ABILITIES``): checked
+# here, once, for every command that loads a config.
+NEEDS = (
+    ("eval.judge", lambda c: c.eval.judge, "causal_answers"),
+    ("eval.general", lambda c: c.eval.general, "causal_answers"),
+    ("data.sources", lambda c: c.data.sources, "mixes_sources"),
+)
+
 
 def validate_config(raw: dict, source: str = "config") -> RunConfig:
     problems = []
@@ -198,9 +206,9 @@ def validate_config(raw: dict, source: str = "config") -> RunConfig:
         _section_value(raw.get("privacy"), PrivacyConfig), _section_value(raw.get("train") or {}, TrainConfig))
     if privacy is not None and train is not None and method is not None:
         problems += [f"{source}: {p}" for p in check_privacy(privacy, train, METHODS[method.name])]
-    if config and config.eval.judge and config.objective.name not in GENERATIVE:
-        problems.append(f"{source}: eval.judge: judged evaluation needs a run that writes answers (objective "
-                        f"{' or '.join(GENERATIVE)}), not {config.objective.name}")
+    if config:
+        problems += [f"{source}: {field}: {why}" for field, wanted, ability in NEEDS
+                     if wanted(config) and (why := lacks(config.objective.name, ability))]
     if problems:
         raise TunesmithError(*problems)
     return config

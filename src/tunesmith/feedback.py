@@ -27,6 +27,7 @@ import torch
 from tunesmith.data.io import read_records
 from tunesmith.errors import TunesmithError
 from tunesmith.files import write_atomic
+from tunesmith.objectives import lacks
 from tunesmith.store import db as store
 from tunesmith.store import load_run
 from tunesmith.store.consensus import Consensus
@@ -75,9 +76,8 @@ def run_sources(runs: list[str], samples: bool, max_new_tokens: int, seed: int =
 
 def _writer(run_dir: str):
     run, session, model = load_run(run_dir)
-    if not hasattr(session.objective, "encoder"):
-        raise TunesmithError(f"{run_dir}: a run of objective {session.config.objective.name} writes no answers; "
-                             "feedback needs a causal, dpo or kto run")
+    if why := lacks(session.config.objective.name, "causal_answers"):
+        raise TunesmithError(f"{run_dir}: feedback needs a run that writes answers; {why}")
     return run, session, model
 
 

@@ -306,9 +306,9 @@ def evaluate_run_report(run_dir: Path, data_file: str | None = None) -> tuple[di
     data = session.prepare(run.labels() or None)
     if data_file:
         data.examples["test"], data.encoded["test"] = data.examples["train"], data.encoded["train"]
-    # A new session's objective has not loaded the base: one scored against it (its ``reference``:
-    # dpo, kto) gets it, kept unchanged beside a tuned model that has no adapter to disable.
-    kept = session.load_model(data.labels) if data_file and hasattr(session.objective, "reference") and \
+    # A new session's objective has not loaded the base: one scored against it (``Abilities.reference``)
+    # gets it, kept unchanged beside a tuned model that has no adapter to disable.
+    kept = session.load_model(data.labels) if data_file and session.objective.abilities.reference and \
         not hasattr(model, "disable_adapter") else None
     tuned, classes = session.score_report(model)
     del kept

@@ -1,12 +1,13 @@
 """Scores of texts by a saved run: the one place where a run becomes a scorer. ``tunesmith score``
 prints its scores; PPO (``align.rewards``) takes its rewards from the same scorers.
 
-Each kind of run that can score is one entry of ``READERS``, by objective name:
+A run scores texts the way its objective declares (``Abilities.scores``); ``READERS`` has one entry
+per way:
 
 - ``reward``: a reward model's scalar head, on prompt and answer framed as it was trained;
-- ``classification``: a classifier's head, on the answer alone (it was trained on raw texts);
-- ``causal`` on label data: the log-likelihood of each label string as the answer to the run's own
-  instruction around the answer.
+- ``label``: the objective's ``label_logits`` over the run's labels: a classifier's head on the
+  answer alone (it was trained on raw texts), or a causal run's log-likelihood of each label string
+  as the answer to the run's own instruction around the answer.
 
 A labelled run's score is the probability of one of its labels, and its reward (for PPO) that
 label's log-odds; a reward model's score and reward are both its scalar.
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from tunesmith.errors import TunesmithError, prefixed
+from tunesmith.objectives import abilities, lacks
 from tunesmith.objectives.reward import score_texts
 from tunesmith.store import Run, load_run
 
@@ -72,8 +74,7 @@ class Reader:
 
 
 READERS = {
-    "classification": Reader(label_scorer, labelled=True),
-    "causal": Reader(label_scorer, labelled=True),
+    "label": Reader(label_scorer, labelled=True),
     "reward": Reader(reward_model_scorer, labelled=False),
 }
 
@@ -89,12 +90,12 @@ def scoring_run(path: str | Path) -> tuple[Run, Reader]:
     if kind := run.alignment():
         raise TunesmithError(f"{run.path} is a {kind.upper()} run, not a classifier or reward model")
     name = run.load_config().objective.name
-    if name not in READERS:
-        raise TunesmithError(f"{run.path} is a {name} run, not a classifier or reward model "
-                             f"(objective one of: {', '.join(READERS)})")
-    if READERS[name].labelled and not run.labels():
+    if why := lacks(name, "scores"):
+        raise TunesmithError(f"{run.path} is a {name} run, not a classifier or reward model ({why})")
+    reader = READERS[abilities(name).scores]
+    if reader.labelled and not run.labels():
         raise TunesmithError(f"{run.path} is a {name} run without labels, not a classifier or reward model")
-    return run, READERS[name]
+    return run, reader
 
 
 def check_label(run: Run, label: str) -> None:

@@ -19,12 +19,8 @@ class Session:
     def __init__(self, config: RunConfig):
         self.config = config
         self.method = get_method(config.method.name)
+        # The method and the objective were checked together by config validation (``validate_config``).
         objective = get_objective(config.objective.name)
-        problems = objective.check_method(self.method)
-        if config.data.sources and config.objective.name != "causal":
-            problems.append(f"data.sources: mixing sources needs objective causal, not {config.objective.name}")
-        if problems:
-            raise TunesmithError(*problems)
         self.origin = model_origin(config.model.name)
         self.model_source = self.origin.loaded_from
         self.tokenizer = load_tokenizer(self.model_source)

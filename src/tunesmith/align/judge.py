@@ -33,7 +33,7 @@ from tunesmith.align.rewards import RewardFn, check_reward, load_reward
 from tunesmith.align.rollout import Rollout, answer_texts, model_logprobs, sample
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.report import replace_section
-from tunesmith.objectives import GENERATIVE
+from tunesmith.objectives import lacks
 from tunesmith.session import Session, base_model
 from tunesmith.store import Run, load_run
 
@@ -173,9 +173,8 @@ def _finished_generative_run(path: Path) -> Run:
     if status != "complete":
         raise TunesmithError(f"{path}: the run is not complete (status: {status}); judge a finished run")
     objective = run.load_config().objective.name
-    if objective not in GENERATIVE:
-        raise TunesmithError(f"{path} is a {objective} run: judged evaluation needs a run that writes answers "
-                             f"(objective {' or '.join(GENERATIVE)})")
+    if why := lacks(objective, "causal_answers"):
+        raise TunesmithError(f"{path} is a {objective} run: judged evaluation needs a run that writes answers ({why})")
     return run
 
 

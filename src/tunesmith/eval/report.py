@@ -6,12 +6,8 @@ import json
 from pathlib import Path
 
 from tunesmith.data.pipeline import format_stats
+from tunesmith.eval.metrics import METRICS
 
-METRIC_NAMES = {"loss": "loss", "perplexity": "perplexity", "accuracy": "accuracy", "macro_f1": "macro-F1"}
-HIGHER_IS_BETTER = {"accuracy", "macro_f1"}
-# Preference objectives (dpo, reward): the mean reward of the chosen answer minus the rejected one's.
-METRIC_NAMES["reward_margin"] = "reward margin"
-HIGHER_IS_BETTER.add("reward_margin")
 
 
 def plot_losses(metrics_log: Path, out: Path) -> bool:
@@ -42,14 +38,14 @@ def plot_losses(metrics_log: Path, out: Path) -> bool:
 
 def metrics_table(base: dict, tuned: dict, names: tuple[str, str] = ("base", "tuned")) -> str:
     lines = [f"| metric | {names[0]} | {names[1]} | change |", "|---|---:|---:|---:|"]
-    for key, name in METRIC_NAMES.items():
+    for key, metric in METRICS.items():
         if key in base and key in tuned:
             delta = tuned[key] - base[key]
-            lines.append(f"| {name} | {base[key]:.4f} | {tuned[key]:.4f} | {delta:+.4f} |")
+            lines.append(f"| {metric.label} | {base[key]:.4f} | {tuned[key]:.4f} | {delta:+.4f} |")
     # Mixed data (data.sources): SOURCE/metric, one row each.
     for key in (k for k in tuned if "/" in k and k in base):
         source, metric = key.rsplit("/", 1)
-        name = f"{source}: {METRIC_NAMES.get(metric, metric)}"
+        name = f"{source}: {METRICS[metric].label if metric in METRICS else metric}"
         lines.append(f"| {name} | {base[key]:.4f} | {tuned[key]:.4f} | {tuned[key] - base[key]:+.4f} |")
     return "\n".join(lines)
 

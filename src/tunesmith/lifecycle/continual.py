@@ -19,9 +19,54 @@ from tunesmith.config import RunConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.general import forgetting_table, plot_forgetting, score_general
 from tunesmith.eval.report import metrics_table
+from tunesmith.model import resolve_model
+from tunesmith.objectives import SEQUENCE_CLASSIFIER, abilities, lacks
 from tunesmith.session import Session
 from tunesmith.store import Run
-from tunesmith.store.lineage import check_parent
+
+
+def check_parent(path: str | Path, config) -> Run:
+    """The finished run at ``path``, if ``config`` (a ``RunConfig``) can continue it: same base
+    model, method and objective (or two objectives that tune a causal LM's answers). One line naming
+    the difference otherwise."""
+    parent = Run(path, writer=False)
+    where = f"--from {parent.path}"
+    if not (parent.path / "config.yaml").is_file():
+        raise TunesmithError(f"{where}: not a tunesmith run directory (no config.yaml)")
+    status = parent.status()
+    if status != "complete":
+        raise TunesmithError(f"{where}: the run is not complete (status: {status}); "
+                             "continue only from a finished run")
+    theirs = parent.load_config()
+    if _model_of(theirs.model.name) != _model_of(config.model.name):
+        raise TunesmithError(f"{where}: the run tuned model {theirs.model.name!r}, not {config.model.name!r}; "
+                             "a continued run keeps its parent's base model")
+    if theirs.method.name != config.method.name:
+        raise TunesmithError(f"{where}: the run used method {theirs.method.name}, not {config.method.name}; "
+                             "a continued run keeps its parent's method")
+    # Options that shape the trained parameters must match; dropout only acts while training.
+    mine, their_options = config.method.model_dump(), theirs.method.model_dump()
+    for field in mine:
+        if field != "dropout" and mine[field] != their_options.get(field):
+            raise TunesmithError(f"{where}: method.{field} is {mine[field]!r} here but {their_options.get(field)!r} "
+                                 "in the run; a continued run keeps its parent's method options")
+    # The objectives that tune a causal LM's answers train the same model: one may continue another
+    # (an SFT run tuned on thumbs by kto, say).
+    if theirs.objective.name != config.objective.name:
+        why = lacks(theirs.objective.name, "causal_answers") or lacks(config.objective.name, "causal_answers")
+        if why:
+            raise TunesmithError(f"{where}: the run trained objective {theirs.objective.name}, not "
+                                 f"{config.objective.name}; a continued run keeps its parent's objective, or "
+                                 f"moves between two that write a causal LM's answers ({why})")
+    return parent
+
+
+def _model_of(name: str) -> str:
+    # An alias and the directory it names are the same model.
+    try:
+        return str(Path(resolve_model(name)).resolve())
+    except TunesmithError:
+        return name
 
 
 class Continual:
@@ -32,9 +77,6 @@ class Continual:
         self.replayed = 0
         if config.train.replay and parent is None:
             raise TunesmithError("train.replay: replay draws from a parent run's data; give the parent with --from RUN")
-        if config.eval.general and config.objective.name != "causal":
-            raise TunesmithError(f"eval.general: the general probes score a causal LM's text; objective "
-                                 f"{config.objective.name} has no language-model head")
 
     @classmethod
     def open(cls, config: RunConfig, parent: str | Path | None) -> Continual:
@@ -58,7 +100,8 @@ class Continual:
         if self.parent is None:
             return 0
         labels = self.parent.labels()
-        if self.config.objective.name == "classification" and session.data.labels != labels:
+        # A classifier's head has one output per label, in the parent's order.
+        if abilities(self.config.objective.name).head == SEQUENCE_CLASSIFIER and session.data.labels != labels:
             raise TunesmithError(f"--from {self.parent.path}: the parent's classifier has labels "
                                  f"{', '.join(labels)}; this data has {', '.join(session.data.labels)}")
         fraction = self.config.train.replay

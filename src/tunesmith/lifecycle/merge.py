@@ -21,7 +21,7 @@ import torch
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.report import metrics_table
 from tunesmith.export.portable import make_portable
-from tunesmith.objectives import GENERATIVE
+from tunesmith.objectives import lacks
 from tunesmith.session import Session
 from tunesmith.store import Run
 from tunesmith.store.lineage import describe
@@ -49,10 +49,9 @@ def check_runs(paths: list[str | Path], how: str, weights: list[float]) -> list[
         if config.method.name != "lora" or config.method.use_dora:
             what = "lora with DoRA" if config.method.name == "lora" else config.method.name
             raise TunesmithError(f"merge: {run.path} used method {what}; only plain LoRA adapters merge")
-        if config.objective.name not in GENERATIVE:
-            raise TunesmithError(f"merge: {run.path} trained objective {config.objective.name}; only adapters of a "
-                                 f"causal LM ({', '.join(GENERATIVE)}) merge (a classifier's head is trained whole, "
-                                 "not as an adapter)")
+        if why := lacks(config.objective.name, "causal_answers"):
+            raise TunesmithError(f"merge: {run.path}: {why}; only adapters of a causal LM merge (another "
+                                 "head is trained whole, not as an adapter)")
         configs.append(config)
     first = describe(runs[0])["model"]
     for run, config in zip(runs[1:], configs[1:]):

@@ -7,7 +7,7 @@ line in ``objectives.REGISTRY``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -27,6 +27,36 @@ class Layout:
     one_per_row: bool = False  # no packing: the config turned it off, or the method cannot pack
     direct: bool = True  # the method lets the decoder run without the model's own forward
     shared_prefix: bool = False  # packed rows hold the examples' common first tokens once
+
+
+# The heads an objective trains. Runs whose objectives share a head train the same kind of model:
+# one may continue another (``tunesmith train --from``).
+CAUSAL_LM = "causal_lm"  # a decoder-only language model
+SEQUENCE_CLASSIFIER = "sequence_classifier"  # one logit per label
+SEQ2SEQ = "seq2seq"  # an encoder and a decoder
+REWARD = "reward"  # one scalar per text
+HEADS = (CAUSAL_LM, SEQUENCE_CLASSIFIER, SEQ2SEQ, REWARD)
+
+
+@dataclass(frozen=True)
+class Abilities:
+    """What an objective can do, declared once on its class (``Objective.abilities``). Code outside
+    ``objectives/`` asks these, never an objective's name (``objectives.lacks``)."""
+
+    head: str  # one of HEADS
+    data: tuple[str, ...]  # the data kinds it trains on (``data.format.Schema.kind``)
+    metrics: tuple[str, ...]  # what ``evaluate`` returns of ``eval.metrics.METRICS``
+    writes_answers: bool = False  # its model answers prompts (``answer``, ``samples`` as text)
+    scores: str | None = None  # how its runs score texts (``score.READERS``): "label" or "reward"
+    reference: bool = False  # trained and scored against its base model (an adapter disabled, or a copy)
+    mixes_sources: bool = False  # scores each source of ``data.sources`` on its own
+    # Options a child trained on rated traffic takes (``tunesmith retrain --objective``).
+    traffic_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def causal_answers(self) -> bool:
+        """Answers written by a causal LM: what is served, merged, judged, probed and rated."""
+        return self.writes_answers and self.head == CAUSAL_LM
 
 
 @runtime_checkable
@@ -70,6 +100,7 @@ class Objective(Protocol):
 
     name: ClassVar[str]
     Options: ClassVar[type[Section]]  # the typed ``objective:`` options, with ``name: Literal[...]``
+    abilities: ClassVar[Abilities]
 
     @classmethod
     def check_method(cls, method) -> list[str]:

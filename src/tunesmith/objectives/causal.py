@@ -23,7 +23,7 @@ from tunesmith.eval.choices import score_choices
 from tunesmith.eval.classification import LabelScores
 from tunesmith.eval.metrics import loss_metrics
 from tunesmith.model import load_model
-from tunesmith.objectives.base import Layout, to_device
+from tunesmith.objectives.base import CAUSAL_LM, Abilities, Layout, to_device
 from tunesmith.objectives.lm_loss import example_losses, loss_sum, row_loss
 from tunesmith.options import Section
 
@@ -98,6 +98,9 @@ class PackedBatches:
 class Causal:
     name: ClassVar[str] = "causal"
     Options: ClassVar[type[Section]] = Options
+    abilities: ClassVar[Abilities] = Abilities(
+        head=CAUSAL_LM, data=("prompt_completion", "chat", "text", "classification"),
+        metrics=("loss", "perplexity", "accuracy", "macro_f1"), writes_answers=True, scores="label", mixes_sources=True)
     options: Options
     data: DataConfig
     tokenizer: Any

@@ -18,7 +18,7 @@ from tunesmith.data.pipeline import SPLITS, PreparedData, label_order, load_spli
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.classification import LabelScores
 from tunesmith.model import load_model
-from tunesmith.objectives.base import Layout, to_device
+from tunesmith.objectives.base import SEQUENCE_CLASSIFIER, Abilities, Layout, to_device
 from tunesmith.objectives.padded import (
     PaddedBatches,
     prompt_learning_is_causal_only,
@@ -42,6 +42,9 @@ def example_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 class Classification:
     name: ClassVar[str] = "classification"
     Options: ClassVar[type[Section]] = Options
+    abilities: ClassVar[Abilities] = Abilities(
+        head=SEQUENCE_CLASSIFIER, data=("classification",),
+        metrics=("loss", "perplexity", "accuracy", "macro_f1"), scores="label")
     options: Options
     data: DataConfig
     tokenizer: Any

@@ -30,7 +30,7 @@ from tunesmith.data.options import DataConfig
 from tunesmith.data.pipeline import SPLITS, PreparedData, load_splits
 from tunesmith.errors import TunesmithError
 from tunesmith.model import load_model
-from tunesmith.objectives.base import Layout, to_device
+from tunesmith.objectives.base import CAUSAL_LM, Abilities, Layout, to_device
 from tunesmith.objectives.causal import Causal, _token_summary
 from tunesmith.objectives.causal import Options as CausalOptions
 from tunesmith.objectives.lm_loss import example_losses
@@ -284,21 +284,65 @@ class PairBatches:
                 f"rejected_{kind}": float(ratio[:, 1].mean())}
 
 
+class Policy:
+    """What dpo and kto share: a causal LM trained against its base as the reference. The prompt
+    encoder, the reference for methods with no adapter to disable (``PrecomputedReference``, over
+    the pairs ``known`` gives), and the causal objective's generation for samples and answers."""
+
+    def __init__(self, data: DataConfig, tokenizer, layout: Layout):
+        self.encoder = Encoder(tokenizer, data.template, data.system_prompt, data.max_length)
+        # Generation (samples, `tunesmith generate`) is the causal LM's.
+        self.causal = Causal(CausalOptions(), data, tokenizer, layout)
+        self.reference: PrecomputedReference | None = None
+
+    def load_model(self, source: str, dtype: str, known, **kwargs):
+        def load() -> torch.nn.Module:
+            return load_model(source, "AutoModelForCausalLM", dtype, **kwargs)
+
+        model = load()
+        self.reference = PrecomputedReference(model, load, known)
+        return model
+
+    @torch.no_grad()
+    def samples(self, model, examples: list[dict], expected, max_new_tokens: int) -> list[dict]:
+        """Greedy answers to held-out prompts, beside ``expected(example)``."""
+        was_training = model.training
+        model.eval()
+        out = [{"prompt": ex["messages"][-1]["content"], "expected": expected(ex),
+                "output": self.causal._generate(model, self.encoder.prompt_text(ex), max_new_tokens).strip()}
+               for ex in examples]
+        model.train(was_training)
+        return out
+
+    def answer(self, model, prompt: str, max_new_tokens: int, stream: bool = False) -> str:
+        return self.causal.answer(model, prompt, [], max_new_tokens, stream)
+
+
+def encoded_items(prepared: PreparedData | None) -> list[dict]:
+    """Every encoded item of every split (what a precomputed reference may be asked about)."""
+    return [i for name in SPLITS for i in prepared.encoded[name]] if prepared else []
+
+
 @dataclass
 class DPO:
     name: ClassVar[str] = "dpo"
     Options: ClassVar[type[Section]] = Options
+    abilities: ClassVar[Abilities] = Abilities(
+        head=CAUSAL_LM, data=("preference",), metrics=("loss", "accuracy", "reward_margin"),
+        writes_answers=True, reference=True)
     options: Options
     data: DataConfig
     tokenizer: Any
     layout: Layout
 
     def __post_init__(self):
-        self.encoder = Encoder(self.tokenizer, self.data.template, self.data.system_prompt, self.data.max_length)
-        # Generation (samples, `tunesmith generate`) is the causal LM's.
-        self.causal = Causal(CausalOptions(), self.data, self.tokenizer, self.layout)
+        self.policy = Policy(self.data, self.tokenizer, self.layout)
+        self.encoder = self.policy.encoder
         self.prepared: PreparedData | None = None
-        self.reference: PrecomputedReference | None = None
+
+    @property
+    def reference(self) -> PrecomputedReference | None:
+        return self.policy.reference
 
     @classmethod
     def check_method(cls, method) -> list[str]:
@@ -321,14 +365,7 @@ class DPO:
         return self.prepared
 
     def load_model(self, source: str, dtype: str, labels: list[str], **kwargs):
-        model = load_model(source, "AutoModelForCausalLM", dtype, **kwargs)
-
-        def known() -> list[dict]:
-            return [i for name in SPLITS for i in self.prepared.encoded[name]] if self.prepared else []
-
-        self.reference = PrecomputedReference(model, lambda: load_model(source, "AutoModelForCausalLM", dtype, **kwargs),
-                                              known)
-        return model
+        return self.policy.load_model(source, dtype, lambda: encoded_items(self.prepared), **kwargs)
 
     def batches(self, items: list[dict]) -> PairBatches:
         return PairBatches(items, self.layout, self.reference, self.options)
@@ -338,16 +375,9 @@ class DPO:
         ``reward_margin``; the mean log-ratios of policy to reference, chosen and rejected."""
         return self.batches(encoded).figures(model, encoded)
 
-    @torch.no_grad()
     def samples(self, model, examples: list[dict], labels: list[str], max_new_tokens: int) -> list[dict]:
-        was_training = model.training
-        model.eval()
-        out = [{"prompt": ex["messages"][-1]["content"], "expected": ex["chosen"],
-                "output": self.causal._generate(model, self.encoder.prompt_text(ex), max_new_tokens).strip()}
-               for ex in examples]
-        model.train(was_training)
-        return out
+        return self.policy.samples(model, examples, lambda ex: ex["chosen"], max_new_tokens)
 
     def answer(self, model, prompt: str, labels: list[str], max_new_tokens: int, stream: bool = False) -> str:
-        return self.causal.answer(model, prompt, [], max_new_tokens, stream)
+        return self.policy.answer(model, prompt, max_new_tokens, stream)
 

@@ -34,11 +34,17 @@ from tunesmith.data.format import IGNORE, Encoder, EncodeStats
 from tunesmith.data.options import DataConfig
 from tunesmith.data.pipeline import SPLITS, PreparedData, answer_counts, load_splits
 from tunesmith.errors import TunesmithError
-from tunesmith.model import load_model
-from tunesmith.objectives.base import Layout, to_device
-from tunesmith.objectives.causal import Causal, _token_summary
-from tunesmith.objectives.causal import Options as CausalOptions
-from tunesmith.objectives.dpo import PrecomputedReference, pair_logps, pair_row, reference_logps, stack_rows
+from tunesmith.objectives.base import CAUSAL_LM, Abilities, Layout, to_device
+from tunesmith.objectives.causal import _token_summary
+from tunesmith.objectives.dpo import (
+    Policy,
+    PrecomputedReference,
+    encoded_items,
+    pair_logps,
+    pair_row,
+    reference_logps,
+    stack_rows,
+)
 from tunesmith.objectives.padded import refuse_canaries
 from tunesmith.objectives.preference_losses import kto_loss, kto_reference_point
 from tunesmith.options import Section
@@ -242,18 +248,23 @@ class AnswerBatches:
 class KTO:
     name: ClassVar[str] = "kto"
     Options: ClassVar[type[Section]] = Options
+    abilities: ClassVar[Abilities] = Abilities(
+        head=CAUSAL_LM, data=("unpaired_preference",), metrics=("loss", "accuracy", "reward_margin"),
+        writes_answers=True, reference=True, traffic_options={"balance": "auto"})
     options: Options
     data: DataConfig
     tokenizer: Any
     layout: Layout
 
     def __post_init__(self):
-        self.encoder = Encoder(self.tokenizer, self.data.template, self.data.system_prompt, self.data.max_length)
-        # Generation (samples, `tunesmith generate`) is the causal LM's.
-        self.causal = Causal(CausalOptions(), self.data, self.tokenizer, self.layout)
+        self.policy = Policy(self.data, self.tokenizer, self.layout)
+        self.encoder = self.policy.encoder
         self.prepared: PreparedData | None = None
-        self.reference: PrecomputedReference | None = None
         self.weights = (self.options.desirable_weight, self.options.undesirable_weight)
+
+    @property
+    def reference(self) -> PrecomputedReference | None:
+        return self.policy.reference
 
     @classmethod
     def check_method(cls, method) -> list[str]:
@@ -292,14 +303,8 @@ class KTO:
         return weights, [line + (f"; warning: {advice}" if advice else "")]
 
     def load_model(self, source: str, dtype: str, labels: list[str], **kwargs):
-        model = load_model(source, "AutoModelForCausalLM", dtype, **kwargs)
-
-        def known() -> list[dict]:
-            return [as_pair(i) for name in SPLITS for i in self.prepared.encoded[name]] if self.prepared else []
-
-        self.reference = PrecomputedReference(model, lambda: load_model(source, "AutoModelForCausalLM", dtype, **kwargs),
-                                              known)
-        return model
+        return self.policy.load_model(source, dtype, lambda: [as_pair(i) for i in encoded_items(self.prepared)],
+                                      **kwargs)
 
     def batches(self, items: list[dict]) -> AnswerBatches:
         return AnswerBatches(items, self.layout, self.reference, self.options, self.weights)
@@ -309,16 +314,11 @@ class KTO:
         ``reward_margin`` (``AnswerBatches.figures``)."""
         return self.batches(encoded).figures(model, encoded)
 
-    @torch.no_grad()
     def samples(self, model, examples: list[dict], labels: list[str], max_new_tokens: int) -> list[dict]:
-        was_training = model.training
-        model.eval()
-        out = [{"prompt": ex["messages"][-1]["content"],
-                "expected": f"[{'good' if ex['desirable'] else 'bad'}] {ex['completion']}",
-                "output": self.causal._generate(model, self.encoder.prompt_text(ex), max_new_tokens).strip()}
-               for ex in examples]
-        model.train(was_training)
-        return out
+        def expected(ex: dict) -> str:
+            return f"[{'good' if ex['desirable'] else 'bad'}] {ex['completion']}"
+
+        return self.policy.samples(model, examples, expected, max_new_tokens)
 
     def answer(self, model, prompt: str, labels: list[str], max_new_tokens: int, stream: bool = False) -> str:
-        return self.causal.answer(model, prompt, [], max_new_tokens, stream)
+        return self.policy.answer(model, prompt, max_new_tokens, stream)

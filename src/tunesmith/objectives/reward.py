@@ -26,7 +26,7 @@ from tunesmith.data.options import DataConfig
 from tunesmith.data.pipeline import SPLITS, PreparedData, load_splits
 from tunesmith.errors import TunesmithError
 from tunesmith.model import load_model, unwrap
-from tunesmith.objectives.base import Layout, to_device
+from tunesmith.objectives.base import REWARD, Abilities, Layout, to_device
 from tunesmith.objectives.causal import _token_summary
 from tunesmith.objectives.padded import prompt_learning_is_causal_only, refuse_canaries
 from tunesmith.options import Section
@@ -153,6 +153,9 @@ class RewardBatches:
 class Reward:
     name: ClassVar[str] = "reward"
     Options: ClassVar[type[Section]] = Options
+    abilities: ClassVar[Abilities] = Abilities(
+        head=REWARD, data=("preference",), metrics=("loss", "accuracy", "reward_margin"),
+        scores="reward")
     options: Options
     data: DataConfig
     tokenizer: Any

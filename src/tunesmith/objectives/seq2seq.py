@@ -18,7 +18,7 @@ from tunesmith.data.pipeline import SPLITS, PreparedData, label_order, load_spli
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.metrics import label_metrics, loss_metrics
 from tunesmith.model import load_model
-from tunesmith.objectives.base import Layout, to_device
+from tunesmith.objectives.base import SEQ2SEQ, Abilities, Layout, to_device
 from tunesmith.objectives.padded import (
     PaddedBatches,
     prompt_learning_is_causal_only,
@@ -43,6 +43,9 @@ def example_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 class Seq2Seq:
     name: ClassVar[str] = "seq2seq"
     Options: ClassVar[type[Section]] = Options
+    abilities: ClassVar[Abilities] = Abilities(
+        head=SEQ2SEQ, data=("prompt_completion", "chat", "classification"),
+        metrics=("loss", "perplexity", "accuracy", "macro_f1"), writes_answers=True)
     options: Options
     data: DataConfig
     tokenizer: Any

@@ -14,6 +14,11 @@ Everything else is counted by reason and left out. Replay mixes in original trai
 Rows are written in one canonical schema, whatever the user's columns were: ``{"text", "label"}``
 for label data, ``{"messages"}`` otherwise.
 
+With ``--objective dpo`` (or reward) the child trains on pairs: each thumbs-up answer to a prompt
+preferred to each thumbs-down answer to it (``rated_pairs``), and the rate page's choices between
+two answers, one of them the adapter's (``store.db.preference_pairs``), as ``{"prompt", "chosen",
+"rejected"}`` rows; a parent's pairs are replayed (``pair_rows``), an answer to imitate is not.
+
 With ``--objective kto`` the thumbs themselves are the data: every served answer marked good or bad
 (``store.db.rated_answers``), a thumbs down as much as a thumbs up, each prompt and answer once, as
 ``{"prompt", "completion", "label"}`` rows; the parent's own examples are replayed and scored as such
@@ -85,8 +90,9 @@ def input_of(row: dict) -> str:
 
 def item_of(row: dict) -> tuple:
     """What counts once: a row's input; for a KTO row, its input and its answer (every answer to a
-    prompt is marked on its own)."""
-    return (input_of(row), json.dumps(row["completion"])) if "completion" in row else (input_of(row),)
+    prompt is marked on its own); for a pair, its input and both answers."""
+    answers = [row[k] for k in ("completion", "chosen", "rejected") if k in row]
+    return (input_of(row), *map(json.dumps, answers))
 
 
 def unseen(rows: list[dict], known: list[dict]) -> tuple[list[dict], int]:
@@ -124,6 +130,30 @@ def kto_rows(example: dict) -> list[dict]:
         return [{"prompt": messages[:-1], "completion": messages[-1]["content"], "label": True}]
     raise TunesmithError("retrain --objective kto: the run trained on label data or plain text; KTO needs "
                          "answers to prompts")
+
+
+def pair_rows(example: dict) -> list[dict]:
+    """A prepared example as a canonical pair: a pair as it is; an answer to imitate, or a mark, has no
+    second answer to prefer it to, and gives none."""
+    if "chosen" in example:
+        return [{"prompt": example["messages"], "chosen": example["chosen"], "rejected": example["rejected"]}]
+    return []
+
+
+def rated_pairs(marked: list[dict]) -> tuple[list[dict], Counter]:
+    """Pairs from answers marked good or bad (``store.db.rated_answers``): each good answer to a prompt
+    preferred to each bad answer to it, and the prompts that give none (``one_sided``: all their
+    answers marked alike)."""
+    by_prompt: dict[str, dict[bool, list[str]]] = {}
+    for row in marked:
+        by_prompt.setdefault(row["prompt"], {True: [], False: []})[row["label"]].append(row["completion"])
+    pairs, skipped = [], Counter()
+    for prompt, answers in by_prompt.items():
+        if not (answers[True] and answers[False]):
+            skipped["one_sided"] += 1
+        pairs += [{"prompt": prompt, "chosen": good, "rejected": bad}
+                  for good in answers[True] for bad in answers[False]]
+    return pairs, skipped
 
 
 def hold_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

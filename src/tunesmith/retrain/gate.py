@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from tunesmith.eval.metrics import METRICS
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -24,8 +26,8 @@ class Decision:
 
 def decide(parent: dict[str, dict], child: dict[str, dict], metric: str, tolerance: float) -> Decision:
     """``parent`` and ``child``: metrics on ``"original"`` (the parent's test set) and ``"new"``
-    (held-out rated traffic). ``metric``: ``accuracy`` or ``macro_f1`` (higher is better) or ``loss``."""
-    higher = metric != "loss"
+    (held-out rated traffic). ``metric``: a name in ``eval.metrics.METRICS``, which says which way is better."""
+    higher = METRICS[metric].higher_is_better
     sign = 1 if higher else -1
     po, co = parent["original"][metric], child["original"][metric]
     pn, cn = parent["new"][metric], child["new"][metric]

@@ -12,11 +12,15 @@
 5. The decision and its figures go to the child's ``retrain_decision.json`` and are appended to a
    decisions log; a promotion with ``--alias`` points that alias at the child in the alias file.
 
-``--objective kto`` (and the re-training of a KTO run) trains on the thumbs themselves: every served
-answer marked good or bad, each prompt and answer once (``store.db.rated_answers``), the parent's
-examples replayed as such rows (``data.kto_rows``); the child is a KTO run with
-``objective.balance: auto`` (thumbs are rarely even), and parent and child are both scored by KTO's
-held-out loss against the base model.
+``--objective NAME`` trains a child of another objective that writes a causal LM's answers (dpo, kto
+from a causal run), on the rows its data kind takes (``Abilities.data``, ``data_kind``): pairs for
+dpo (thumbs up preferred to thumbs down on one prompt, and the rate page's choices), the thumbs
+themselves for kto (every served answer marked good or bad, each prompt and answer once,
+``store.db.rated_answers``), with the options its objective declares for rated traffic
+(``Abilities.traffic_options``: KTO balances its weights). The parent's examples are replayed as
+such rows where they can be (``data.kto_rows``, ``data.pair_rows``). The held-out new rows are
+scored the child's way for parent and child; the original test set too, or, where the parent's
+examples give no such rows (answers to imitate are no pairs), the parent's way.
 """
 
 from __future__ import annotations
@@ -29,14 +33,17 @@ from pathlib import Path
 
 from tunesmith.config import apply_overrides, load_config
 from tunesmith.data.options import ColumnsConfig, SplitConfig
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, prefixed
 from tunesmith.monitor.traffic import parse_since
 from tunesmith.recipe import run_training
-from tunesmith.objectives import GENERATIVE
+from tunesmith.objectives import REGISTRY as OBJECTIVES
+from tunesmith.objectives import abilities, lacks
 from tunesmith.retrain.data import (
     canonical,
     hold_out,
     kto_rows,
+    pair_rows,
+    rated_pairs,
     rated_rows,
     replay,
     unseen,
@@ -50,51 +57,87 @@ from tunesmith.store.consensus import Consensus
 from tunesmith.store.aliases import DEFAULT_PATH as DEFAULT_ALIAS_FILE
 from tunesmith.store.aliases import write_alias
 
-LABEL_COLUMNS = {"text": "text", "label": "label"}
-CHAT_COLUMNS = {"messages": "messages"}
-KTO_COLUMNS = {"prompt": "prompt", "completion": "completion", "desirable": "label"}
+# The rows a child trains and is scored on, by the data kind its objective takes (``Abilities.data``):
+# their canonical columns, and the parent's prepared examples as such rows.
+COLUMNS = {
+    "classification": {"text": "text", "label": "label"},
+    "chat": {"messages": "messages"},
+    "preference": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"},
+    "unpaired_preference": {"prompt": "prompt", "completion": "completion", "desirable": "label"},
+}
+PARENT_ROWS = {"classification": lambda e: [canonical(e)], "chat": lambda e: [canonical(e)],
+               "preference": pair_rows, "unpaired_preference": kto_rows}
 
 
-def canonical_data(data, files: dict[str, Path], labels: list[str], kto: bool = False):
-    """The parent's ``data:`` section pointed at canonical files, with its cleaning and template kept."""
-    kind, columns = ("unpaired_preference", KTO_COLUMNS) if kto else \
-        ("classification", LABEL_COLUMNS) if labels else ("chat", CHAT_COLUMNS)
+def data_kind(objective: str, labels: list[str]) -> str:
+    """The kind of rows a run of ``objective`` trains and is scored on here: label rows for a run with
+    labels; else the first of chat rows, pairs and marked answers that the objective takes."""
+    wanted = ("classification",) if labels else ("chat", "preference", "unpaired_preference")
+    kind = next((k for k in wanted if k in abilities(objective).data), None)
+    if kind is None:
+        has_labels = " (the run has labels)" if labels else ""
+        raise TunesmithError(f"objective {objective} trains on {', '.join(abilities(objective).data)} data; "
+                             f"re-training builds {' or '.join(wanted)} rows{has_labels}")
+    return kind
+
+
+def canonical_data(data, files: dict[str, Path], kind: str):
+    """The parent's ``data:`` section pointed at canonical files of ``kind``, with its cleaning and
+    template kept."""
     return data.model_copy(update={
-        "path": None, "train": str(files["train"]), "validation": None, "test": str(files.get("test")) if files.get("test") else None,
-        "format": kind, "columns": ColumnsConfig(**columns),
+        "path": None, "train": str(files["train"]), "validation": None,
+        "test": str(files.get("test")) if files.get("test") else None,
+        "format": kind, "columns": ColumnsConfig(**COLUMNS[kind]),
         "label_map": None, "max_rows": None, "canaries": None,
-        "split": SplitConfig(validation=data.split.validation, test=0.0, stratify=bool(labels))})
+        "split": SplitConfig(validation=data.split.validation, test=0.0, stratify=kind == "classification")})
 
 
-def parent_rows(run: Run, kto: bool = False) -> tuple[list[dict], list[dict]]:
+def parent_rows(run: Run, kind: str) -> tuple[list[dict], list[dict]]:
     """The parent's training and test examples (validation where it had no test), as canonical rows
-    (``kto``: as KTO rows)."""
+    of ``kind``."""
     config = run.load_config()
     config.data = config.data.model_copy(update={"canaries": None})
     data = Session(config).prepare()
     test = data.examples["test"] or data.examples["validation"]
-    rows = kto_rows if kto else lambda e: [canonical(e)]
+    rows = PARENT_ROWS[kind]
     return [r for e in data.examples["train"] for r in rows(e)], [r for e in test for r in rows(e)]
 
 
-def score_files(run_dir: Path, files: dict[str, Path], config=None) -> dict[str, dict]:
+def new_rows(kind: str, connection, ratings, adapter: str, labels: list[str], min_score: float,
+             consensus: Consensus) -> tuple[list[dict], Counter]:
+    """The rated traffic as canonical rows of ``kind``, and what was left out, by reason."""
+    if kind in ("classification", "chat"):
+        return rated_rows(ratings, labels, min_score, consensus)
+    left_out: dict[str, int] = {}
+    marked = [{"prompt": r["prompt"], "completion": r["completion"], "label": r["label"]}
+              for r in store_db.rated_answers(ratings, consensus, min_score, left_out)]
+    if kind == "unpaired_preference":
+        return marked, Counter(left_out)
+    rows, skipped = rated_pairs(marked)
+    chosen = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
+              for p in store_db.preference_pairs(connection, consensus, left_out)
+              if adapter in (p["chosen_run"], p["rejected_run"])]
+    return rows + chosen, skipped + Counter(left_out)
+
+
+def score_files(run_dir: Path, files: dict[str, Path], by: dict[str, object] | None = None) -> dict[str, dict]:
     """The run's tuned model's metrics on every row of each canonical file, by its own objective or by
-    ``config``'s (a KTO child's: its parent is scored as a KTO policy too)."""
+    the config ``by`` names for that file (a child's: its parent is scored as the child's objective)."""
     run, session, model = load_run(run_dir)
     labels = run.labels()
-    config = config or session.config
     scores = {}
     for name, path in files.items():
+        config = (by or {}).get(name) or session.config
         scoring_config = config.model_copy(deep=True)
-        scoring_config.data = canonical_data(config.data, {"train": path}, labels,
-                                             config.objective.name == "kto").model_copy(
+        scoring_config.data = canonical_data(config.data, {"train": path},
+                                             data_kind(config.objective.name, labels)).model_copy(
             update={"split": SplitConfig(validation=0.0, test=0.0, stratify=False)})
         scoring = Session(scoring_config)
         data = scoring.prepare(labels or None)  # the model's label order (a held-out slice may lack a label)
         data.examples["test"], data.encoded["test"] = data.examples["train"], data.encoded["train"]
-        # An objective scored against the base model (its ``reference``), for a model with no adapter
-        # to disable: the base, loaded once and kept unchanged beside it while it is scored.
-        base = scoring.load_model(labels) if hasattr(scoring.objective, "reference") and \
+        # An objective scored against the base model (``Abilities.reference``), for a model with no
+        # adapter to disable: the base, loaded once and kept unchanged beside it while it is scored.
+        base = scoring.load_model(labels) if abilities(config.objective.name).reference and \
             not hasattr(model, "disable_adapter") else None
         scores[name] = scoring.score(model)
         del base
@@ -123,11 +166,13 @@ def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str
             tolerance: float = 0.01, alias: str | None = None, alias_file: str | Path = DEFAULT_ALIAS_FILE,
             log: str | Path = "runs/retrain_decisions.jsonl", seed: int = 0,
             consensus: Consensus = Consensus(), objective: str | None = None) -> dict:
-    """Re-train RUN on its rated traffic and promote the child only if the gate says so; ``objective``
-    ``kto``: on the thumbs themselves, good and bad (the module docstring)."""
+    """Re-train RUN on its rated traffic and promote the child only if the gate says so; ``objective``:
+    the child's, when not its parent's (the module docstring)."""
     problems = [f"--holdout {holdout}: expected a share between 0 and 1"] if not 0 < holdout < 1 else []
     problems += [f"--replay {replay_ratio}: expected 0 or more"] if replay_ratio < 0 else []
     problems += [f"--tolerance {tolerance}: expected 0 or more"] if tolerance < 0 else []
+    if objective is not None and objective not in OBJECTIVES:
+        problems.append(f"--objective {objective}: unknown objective; known: {', '.join(OBJECTIVES)}")
     if problems:
         raise TunesmithError(*problems)
     run_dir = Path(run_dir)
@@ -139,33 +184,35 @@ def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str
     check_child_dir(child_dir, sets or [])
     labels = parent.labels()
     parent_config = parent.load_config()
-    kto = (objective or parent_config.objective.name) == "kto"
-    if objective not in (None, "kto"):
-        raise TunesmithError(f"--objective {objective}: a child trains its parent's objective, or kto")
-    if kto and (labels or parent_config.objective.name not in GENERATIVE):
-        raise TunesmithError(f"--objective kto: {run_dir} trained objective {parent_config.objective.name}"
-                             f"{' on labels' if labels else ''}; KTO tunes a run that writes answers "
-                             f"({', '.join(GENERATIVE)})")
+    objective = objective or parent_config.objective.name
+    if objective != parent_config.objective.name:
+        # The child continues its parent (train --from): another objective must train the same model.
+        if why := lacks(parent_config.objective.name, "causal_answers") or lacks(objective, "causal_answers"):
+            raise TunesmithError(f"--objective {objective}: {run_dir} trained objective "
+                                 f"{parent_config.objective.name}; a child of another objective needs a parent "
+                                 f"and a child that write a causal LM's answers ({why})")
+    with prefixed(f"--objective {objective}: "):
+        kind = data_kind(objective, labels)
     adapter = adapter or run_dir.resolve().name
     store = Path(store) if store else store_db.default_path()
     if not store.is_file():
         raise TunesmithError(f"--store {store}: no store there (the server writes it; see --store)")
     with closing(store_db.connect(store)) as connection:
         ratings = store_db.served_ratings(connection, adapter, parse_since(since))
-    if kto:
-        left_out: dict[str, int] = {}
-        rows = [{"prompt": r["prompt"], "completion": r["completion"], "label": r["label"]}
-                for r in store_db.rated_answers(ratings, consensus, min_score, left_out)]
-        skipped = Counter(left_out)
-    else:
-        rows, skipped = rated_rows(ratings, labels, min_score, consensus)
-    original_train, original_test = parent_rows(parent, kto)
+        rows, skipped = new_rows(kind, connection, ratings, adapter, labels, min_score, consensus)
+    original_train, original_test = parent_rows(parent, kind)
+    # The original test set in the child's rows, scored the child's way for both; where the parent's
+    # examples give no such rows (answers to imitate are no pairs), its own rows, scored its own way.
+    test_config = None
+    if not original_test:
+        test_config = parent_config
+        original_test = parent_rows(parent, data_kind(parent_config.objective.name, labels))[1]
     rows, repeated = unseen(rows, original_test)
     if repeated:
         skipped["repeated_or_in_original_test"] = repeated
     if len(rows) < min_rows:
         why = ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "none left out"
-        raise TunesmithError(f"adapter {adapter!r}: {len(rows)} usable rated answers in {store} ({why}); "
+        raise TunesmithError(f"adapter {adapter!r}: {len(rows)} usable rated answers ({kind} rows) in {store} ({why}); "
                              f"re-training needs at least {min_rows} (--min-rows)")
     Run(child_dir).check_new(resume=False)
     new_train, held = hold_out(rows, holdout, seed)
@@ -179,15 +226,16 @@ def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str
         "new": write_rows(data_dir / "new_heldout.jsonl", held),
     }
     raw = parent_config.model_dump(mode="json")
-    raw["data"] = canonical_data(parent_config.data, files, labels, kto).model_dump(mode="json")
+    raw["data"] = canonical_data(parent_config.data, files if test_config is None else {"train": files["train"]},
+                                 kind).model_dump(mode="json")
     raw["output"]["dir"] = str(child_dir)
-    if kto and parent_config.objective.name != "kto":
-        raw["objective"] = {"name": "kto", "balance": "auto"}
+    if objective != parent_config.objective.name:
+        raw["objective"] = {"name": objective, **abilities(objective).traffic_options}
     config = load_config(run_dir / "config.yaml", sets, raw=raw)
     train_child(config, run_dir)
 
     evaluation = {"original": files["test"], "new": files["new"]}
-    scored_by = config if kto else None
+    scored_by = {"original": test_config or config, "new": config}
     parent_scores, child_scores = score_files(run_dir, evaluation, scored_by), score_files(child_dir, evaluation,
                                                                                             scored_by)
     decision = decide(parent_scores, child_scores, "accuracy" if labels else "loss", tolerance)
@@ -197,7 +245,7 @@ def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str
         "objective": config.objective.name,
         "rated_rows": len(rows), "left_out": dict(skipped), "new_train_rows": len(new_train),
         "consensus": {"min_raters": consensus.min_raters, "agreement": consensus.agreement},
-        "held_out_rows": len(held), "replay_rows": len(replayed),
+        "held_out_rows": len(held), "replay_rows": len(replayed), "data_kind": kind,
         "original_test_rows": len(original_test), "decision": decision.record(),
         "parent_metrics": parent_scores, "child_metrics": child_scores,
         "alias": alias if decision.promote else None,

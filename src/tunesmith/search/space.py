@@ -15,14 +15,11 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from tunesmith.config import apply_overrides, read_config_file, validate_config
 from tunesmith.errors import TunesmithError
+from tunesmith.eval.metrics import METRICS
 from tunesmith.options import Section
 
 Scalar = bool | int | float | str
 Integer = int  # inside Param, `int` names the field
-# The objectives a search can optimise: the loop's best validation loss, or a metric that the
-# objectives' ``evaluate`` returns, scored on the validation split.
-LOWER_IS_BETTER = ("val_loss", "loss", "perplexity")
-HIGHER_IS_BETTER = ("accuracy", "macro_f1")
 
 
 class Param(Section):
@@ -75,7 +72,8 @@ class SearchConfig(Section):
     space: dict[str, Param] = Field(min_length=1, description="Dotted config path -> its range.")
     objective: str = Field(
         "val_loss", description="val_loss (the best validation loss the loop reached), or a metric of the "
-        "tuned model on the validation split: loss, perplexity, accuracy, macro_f1. Never the test split."
+        "tuned model on the validation split (eval.metrics.METRICS: loss, perplexity, accuracy, macro_f1, "
+        "reward_margin). Never the test split."
     )
     sampler: Literal["tpe", "random"] = "tpe"
     random_trials: int = Field(
@@ -95,16 +93,17 @@ class SearchConfig(Section):
     @field_validator("objective")
     @classmethod
     def _known_objective(cls, objective: str) -> str:
-        metric = objective.rsplit("/", 1)[-1]  # SOURCE/metric with data.sources
-        if metric not in (*LOWER_IS_BETTER, *HIGHER_IS_BETTER) or (objective == "val_loss") != (metric == "val_loss"):
+        # The loop's best validation loss, or a metric of the objectives (``eval.metrics.METRICS``)
+        # scored on the validation split; SOURCE/metric with data.sources.
+        if objective != "val_loss" and objective.rsplit("/", 1)[-1] not in METRICS:
             raise ValueError(f"unknown objective {objective!r}; give val_loss, or a validation metric: "
-                             f"{', '.join(m for m in (*LOWER_IS_BETTER, *HIGHER_IS_BETTER) if m != 'val_loss')} "
-                             "(SOURCE/metric with data.sources)")
+                             f"{', '.join(METRICS)} (SOURCE/metric with data.sources)")
         return objective
 
     @property
     def direction(self) -> str:
-        return "minimize" if self.objective.rsplit("/", 1)[-1] in LOWER_IS_BETTER else "maximize"
+        metric = self.objective.rsplit("/", 1)[-1]
+        return "maximize" if metric in METRICS and METRICS[metric].higher_is_better else "minimize"
 
 
 def set_path(raw: dict, path: str, value) -> bool:

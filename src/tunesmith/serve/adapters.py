@@ -2,7 +2,7 @@
 
 Runs are read through ``store.Run`` (their config, their saved adapter, their parent), not through
 ``store.load_run``: that builds a whole model per run, and the point here is one base for all.
-Every run must have trained LoRA on a causal LM (``objectives.GENERATIVE``: causal, dpo, kto) on the
+Every run must have trained LoRA on a causal LM (its objective's ability ``causal_answers``) on the
 same base model and dtype; anything else is refused with the reason. Adapters loaded at run time
 come only from the configured directories, and at most ``max_adapters`` stay in memory.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import get_method
 from tunesmith.model import lay_out_for_decoding, load_model, load_tokenizer, resolve_model
-from tunesmith.objectives import GENERATIVE
+from tunesmith.objectives import lacks
 from tunesmith.serve.engine import BASE, Event, Job, decode_batch
 from tunesmith.store import Run
 
@@ -55,9 +55,8 @@ def read_run(path: str | Path) -> RunAdapter:
         what = "DoRA" if config.method.name == "lora" else config.method.name
         raise TunesmithError(f"{run.path}: trained with {what}; only LoRA adapters can share a "
                              "base model in one batch (merge the run and serve it on its own)")
-    if config.objective.name not in GENERATIVE:
-        raise TunesmithError(f"{run.path}: objective {config.objective.name!r} has its own head; only runs "
-                             f"that tune a causal LM ({', '.join(GENERATIVE)}) can be served")
+    if why := lacks(config.objective.name, "causal_answers"):
+        raise TunesmithError(f"{run.path}: {why}; only runs that tune a causal LM's answers share its base")
     weights = run.saved(get_method("lora"))
     if not (weights / "adapter_config.json").is_file():
         raise TunesmithError(f"{run.path}: the run has no saved adapter/ (status: {run.status()})")

@@ -1,8 +1,9 @@
 """Runs that continue runs: a run's parent is recorded in its status (``Run.parent``) when it starts,
 so the chain survives a child that crashes or is interrupted.
 
-``check_parent`` says whether a run can be continued by a config (``tunesmith train --from``);
-``chain`` and ``runs_table`` are what ``tunesmith runs show`` and ``tunesmith runs list`` print.
+``chain`` and ``runs_table`` are what ``tunesmith runs show`` and ``tunesmith runs list`` print
+(whether a run can be continued by a config is ``lifecycle.continual.check_parent``'s: it asks the
+objectives). Reading runs needs no model.
 """
 
 from __future__ import annotations
@@ -10,52 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
-from tunesmith.model import resolve_model
-from tunesmith.objectives import GENERATIVE
+from tunesmith.eval.metrics import METRICS
 from tunesmith.store.run import Run
-
-
-def check_parent(path: str | Path, config) -> Run:
-    """The finished run at ``path``, if ``config`` (a ``RunConfig``) can continue it: same base
-    model, method and objective (or two objectives that tune a causal LM's answers). One line naming
-    the difference otherwise."""
-    parent = Run(path, writer=False)
-    where = f"--from {parent.path}"
-    if not (parent.path / "config.yaml").is_file():
-        raise TunesmithError(f"{where}: not a tunesmith run directory (no config.yaml)")
-    status = parent.status()
-    if status != "complete":
-        raise TunesmithError(f"{where}: the run is not complete (status: {status}); "
-                             "continue only from a finished run")
-    theirs = parent.load_config()
-    if _model_of(theirs.model.name) != _model_of(config.model.name):
-        raise TunesmithError(f"{where}: the run tuned model {theirs.model.name!r}, not {config.model.name!r}; "
-                             "a continued run keeps its parent's base model")
-    if theirs.method.name != config.method.name:
-        raise TunesmithError(f"{where}: the run used method {theirs.method.name}, not {config.method.name}; "
-                             "a continued run keeps its parent's method")
-    # Options that shape the trained parameters must match; dropout only acts while training.
-    mine, their_options = config.method.model_dump(), theirs.method.model_dump()
-    for field in mine:
-        if field != "dropout" and mine[field] != their_options.get(field):
-            raise TunesmithError(f"{where}: method.{field} is {mine[field]!r} here but {their_options.get(field)!r} "
-                                 "in the run; a continued run keeps its parent's method options")
-    # The objectives that tune a causal LM's answers train the same model: one may continue another
-    # (an SFT run tuned on thumbs by kto, say).
-    same_model = {theirs.objective.name, config.objective.name} <= set(GENERATIVE)
-    if theirs.objective.name != config.objective.name and not same_model:
-        raise TunesmithError(f"{where}: the run trained objective {theirs.objective.name}, not "
-                             f"{config.objective.name}; a continued run keeps its parent's objective "
-                             f"(or moves between {', '.join(GENERATIVE)})")
-    return parent
-
-
-def _model_of(name: str) -> str:
-    # An alias and the directory it names are the same model.
-    try:
-        return str(Path(resolve_model(name)).resolve())
-    except TunesmithError:
-        return name
 
 
 def chain(path: str | Path) -> list[Run]:
@@ -111,7 +68,7 @@ def format_chain(path: str | Path) -> str:
     return "\n".join(lines)
 
 
-KEY_METRICS = ("loss", "accuracy", "macro_f1")
+KEY_METRICS = tuple(name for name, metric in METRICS.items() if metric.key)
 
 
 def runs_table(root: str | Path) -> str:

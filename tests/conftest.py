@@ -183,6 +183,15 @@ def review_data(tmp_path) -> dict:
             "split": {"validation": 0.15, "test": 0.15}}
 
 
+def free_port() -> int:
+    """A port free on this machine now, for the main process of a multi-process test."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def cli_fails(capsys, argv, *fragments) -> str:
     """Run the CLI; it must exit 2 with every fragment in its error output and no traceback."""
     from tunesmith.cli import main

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,17 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_config
+from conftest import free_port, write_config
 from tunesmith.config import load_config
 from tunesmith.recipe import run_training
 
 STEPS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _adapter(run) -> dict[str, torch.Tensor]:
@@ -42,7 +35,7 @@ def test_two_processes_match_one_process_with_both_shares(tmp_path, config_file)
     two = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-              "--master_port", str(_free_port()), "-m", "tunesmith.cli", "train", str(config_file),
+              "--master_port", str(free_port()), "-m", "tunesmith.cli", "train", str(config_file),
               "--set", f"output.dir={two}"]
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -40,6 +40,7 @@ from tunesmith.privacy.training import PrivateTraining, prepare_private
 from tunesmith.session import Session, base_model
 from tunesmith.stopping import StopRequest, on_sigterm
 from tunesmith.store import Run, load_run
+from tunesmith.train import distributed
 from tunesmith.train.balance import balanced_batches, check_balance, item_labels
 from tunesmith.train.curriculum import curriculum_batches, difficulty
 from tunesmith.train.loop import TrainState, fit
@@ -144,11 +145,24 @@ def _run(session: Session, run: Run, resume: bool, on_step, stop: StopRequest,
     state = fit(model, accelerator, batches, session.data.encoded["validation"], config.train, run.checkpoints,
                 run.metrics_log, resume=resume and run.has_checkpoint(), on_step=on_step, stop=stop, **private_parts)
     seconds = time.perf_counter() - started
+    sharded = distributed.sharded(accelerator)
+    weights = distributed.trainable_weights(model) if sharded else None  # gathered: every process takes part
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the trackers, and the process group: no collective after it
     if not accelerator.is_main_process:
         return run.report
+    if sharded:
+        model = unsharded(session, weights, accelerator.device)
     return finish(session, run, model, base, state, seconds, trainable, total, private, continual, judge)
+
+
+def unsharded(session: Session, weights: dict, device) -> torch.nn.Module:
+    """The tuned model whole on this process: the method applied to the base again, with the trained
+    weights gathered from every process. Sharded training leaves each process a slice of the model it
+    trained, which evaluation, saving and merging need whole."""
+    model = session.method.apply(session.load_model(session.data.labels), session.config.method)
+    distributed.load_weights(model, weights)
+    return model.to(device)
 
 
 def evaluate_base(session: Session, run: Run, model, resume: bool, main: bool,

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from tunesmith.errors import TunesmithError
 from tunesmith.files import fsync_path, write_atomic
+from tunesmith.train import distributed
 
 LAST, TMP, OLD = "last", "last.tmp", "last.old"
 # Newest first. A complete last.tmp is newer than last and last.old: a save removes last.tmp before
@@ -66,17 +67,21 @@ def _tidy(checkpoints: Path) -> None:
     _discard(checkpoints / OLD)
 
 
-def save_checkpoint(checkpoints: Path, model, optimizer, scheduler, state: dict, random_states: list[dict]) -> None:
+def save_checkpoint(checkpoints: Path, model, optimizer, scheduler, state: dict, random_states: list[dict], *,
+                    weights: dict | None = None, optimizer_state: dict | None = None) -> None:
     """Save into ``checkpoints/last``, crash-proof (see the module docstring). ``random_states``: one
-    per process, by rank."""
+    per process, by rank. ``weights`` and ``optimizer_state``: the model's trainable weights and the
+    optimizer's state already gathered whole (sharded training, ``distributed.trainable_weights``);
+    read from ``model`` and ``optimizer`` when not given."""
     checkpoints.mkdir(parents=True, exist_ok=True)
     _tidy(checkpoints)
     tmp, last, old = checkpoints / TMP, checkpoints / LAST, checkpoints / OLD
     tmp.mkdir()
-    weights = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    if weights is None:
+        weights = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     save_file(weights, tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": random_states},
-               tmp / "optimizer.pt")
+    torch.save({"optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+                "scheduler": scheduler.state_dict(), "rng": random_states}, tmp / "optimizer.pt")
     fsync_path(tmp / "trainable.safetensors")
     fsync_path(tmp / "optimizer.pt")
     write_atomic(tmp / "state.json", json.dumps(state, indent=1))  # last: it marks the rest complete
@@ -113,10 +118,9 @@ def load_checkpoint(checkpoints: Path, model, optimizer, scheduler, rank: int = 
     missing = [n for n in weights if n not in params]
     if missing:
         raise TunesmithError(f"--resume: checkpoint {path} does not match this model (e.g. {missing[0]})")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(extra["optimizer"])
+    # Whole tensors, sliced as each process holds its parameters when training is sharded.
+    distributed.load_weights(model, weights)
+    distributed.load_optimizer_state(optimizer, extra["optimizer"])
     scheduler.load_state_dict(extra["scheduler"])
     states = extra["rng"]
     # Resumed on another number of processes, a rank without a saved state takes the first one's.

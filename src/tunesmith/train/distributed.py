@@ -8,6 +8,8 @@ model is prepared by it), not ours.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 
@@ -50,3 +52,82 @@ def gather_random_states(state: dict, accelerator) -> list[dict]:
     states = [None] * accelerator.num_processes
     torch.distributed.all_gather_object(states, state)
     return states
+
+
+# Sharded training (FSDP2): each process holds a slice of every parameter (a DTensor) and of its
+# optimizer state. Checkpoints and saved weights hold them whole, in the same form as one process's,
+# so a run resumes on any number of processes, sharded or not. Gathering a tensor is a collective:
+# every process calls these functions in the same order, and each gets the whole tensors.
+
+
+def sharded(accelerator) -> bool:
+    """Whether the model's parameters are split across processes (FSDP2)."""
+    return bool(getattr(accelerator, "is_fsdp2", False)) and accelerator.num_processes > 1
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole, on the CPU: a DTensor's slices gathered from every process (a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor, DTensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().cpu().clone().contiguous()
+
+
+def like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """A whole ``value`` laid out as ``param`` is: sliced as its DTensor is (every process passes the
+    same ``value``), or as it is for a plain parameter."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor) and value.shape == param.shape:
+        return distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements)
+    return value
+
+
+def trainable_weights(model) -> dict[str, torch.Tensor]:
+    """The trainable parameters, whole, by their unsharded names."""
+    return {n: whole(p) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_weights(model, weights: dict[str, torch.Tensor]) -> None:
+    """Set ``model``'s parameters named in ``weights`` (whole tensors) on every process."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(like(params[name], value))
+
+
+def optimizer_state(optimizer) -> dict:
+    """The optimizer's state dict with every state tensor whole."""
+    state = optimizer.state_dict()
+    return {**state, "state": {i: {k: whole(v) if torch.is_tensor(v) else v for k, v in s.items()}
+                               for i, s in state["state"].items()}}
+
+
+def load_optimizer_state(optimizer, state: dict) -> None:
+    """Load a state dict of whole tensors (``optimizer_state``), each sliced as its parameter is."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    sliced = {int(i): {k: like(params[int(i)], v) if torch.is_tensor(v) else v for k, v in s.items()}
+              for i, s in state["state"].items()}
+    optimizer.load_state_dict({**state, "state": sliced})
+
+
+@contextmanager
+def whole_parameters(root, accelerator):
+    """Every process holds the whole parameters while inside: its forwards need no collective, so
+    each process can score its own share of rows, however many batches that takes. Sharded again
+    on the way out (FSDP2; nothing to do otherwise)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in root.modules() if isinstance(m, FSDPModule)] if sharded(accelerator) else []
+    for module in modules:
+        module.unshard()
+        module.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        if modules:
+            root.set_reshard_after_forward(accelerator.state.fsdp_plugin.reshard_after_forward)
+            root.set_reshard_after_forward(False, recurse=False)  # FSDP's own choice for the root
+            for module in modules:
+                module.reshard()

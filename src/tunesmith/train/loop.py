@@ -76,13 +76,6 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable(model, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
-
-
 def apply_speed_options(model, cfg: TrainConfig) -> None:
     """Activation checkpointing and torch.compile of the decoder layers, as ``cfg`` asks (in place)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -155,6 +148,7 @@ def fit(model, accelerator, batches: Batches, validation: list[dict], cfg: Train
     process writes files.
     """
     main = accelerator.is_main_process
+    sharded = distributed.sharded(accelerator)
     apply_speed_options(model, cfg)
     optimizer = make_optimizer(model, cfg)
     several = accelerator.num_processes > 1
@@ -181,17 +175,29 @@ def fit(model, accelerator, batches: Batches, validation: list[dict], cfg: Train
             log.flush()
 
     def save(at: dict, rng: dict, collective: bool = True) -> None:
+        if sharded and not collective:
+            # Sharded weights are whole only once gathered, a collective the processes are not at.
+            bar.write("no checkpoint saved: a resumed run starts from the last one")
+            return
         states = distributed.gather_random_states(rng, accelerator) if collective else [rng]
+        gathered = {"weights": distributed.trainable_weights(model),
+                    "optimizer_state": distributed.optimizer_state(optimizer)} if sharded else {}
         if main:
-            save_checkpoint(checkpoints, model, optimizer, scheduler, at, states)
+            save_checkpoint(checkpoints, model, optimizer, scheduler, at, states, **gathered)
 
     def validate() -> float:
-        with autocast(cfg.mixed_precision, accelerator.device):
-            total, count = batches.loss_totals(model, distributed.share(val_set, accelerator))
-        val = distributed.total(total, accelerator) / max(distributed.total(count, accelerator), 1)
+        # Sharded, each process holds the whole weights meanwhile: their shares may differ in batches.
+        with distributed.whole_parameters(forward, accelerator):
+            val = _validate()
         write({"step": state.step, "val_loss": val,
                **(validation_figures(state.step) if main and validation_figures else {})})
         accelerator.log({"val/loss": val}, step=state.step)
+        return val
+
+    def _validate() -> float:
+        with autocast(cfg.mixed_precision, accelerator.device):
+            total, count = batches.loss_totals(model, distributed.share(val_set, accelerator))
+        val = distributed.total(total, accelerator) / max(distributed.total(count, accelerator), 1)
         state.val_loss, state.val_step = val, state.step
         if val < state.best_val:
             state.best_val, state.best_step, state.bad_evals = val, state.step, 0
@@ -282,6 +288,6 @@ def fit(model, accelerator, batches: Batches, validation: list[dict], cfg: Train
             log.close()
     if cfg.patience and (checkpoints / "best.safetensors").is_file() and state.best_step != state.step:
         accelerator.wait_for_everyone()
-        load_trainable(model, load_file(checkpoints / "best.safetensors"))
+        distributed.load_weights(model, load_file(checkpoints / "best.safetensors"))
         bar.write(f"restored the best checkpoint (step {state.best_step}, val_loss {state.best_val:.4f})")
     return state

@@ -1,0 +1,98 @@
+"""Sharded training (FSDP2) that finishes: two CPU processes over gloo, with the FSDP settings of
+examples/accelerate/fsdp.yaml, stopped by SIGTERM and resumed from the checkpoint they gathered, give
+the losses, saved adapter and test metrics of one process that trains on both shares of every step.
+
+accelerate switches FSDP on only for GPU-like devices, so the processes run through
+tests/fsdp_on_cpu.py, which turns accelerate's CPU state to FSDP (see its docstring).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.utils import launch as accelerate_launch
+from safetensors.torch import load_file
+from test_accelerate_configs import CONFIG_DIR, ROOT, launch_args
+
+from conftest import free_port, write_config
+from tunesmith.config import load_config
+from tunesmith.recipe import run_training
+
+STEPS = 4
+LAUNCHER = Path(__file__).parent / "fsdp_on_cpu.py"
+
+
+def fsdp_env(monkeypatch) -> dict[str, str]:
+    """The FSDP part of the environment `accelerate launch` gives each process for examples/accelerate/fsdp.yaml."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(accelerate_launch, "is_port_in_use", lambda port: False)
+    env = accelerate_launch.prepare_multi_gpu_env(launch_args(CONFIG_DIR / "fsdp.yaml"))
+    return {k: v for k, v in env.items() if k.startswith("FSDP_") or k == "ACCELERATE_USE_FSDP"}
+
+
+def two_processes(config: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+              "--master_port", str(free_port()), str(LAUNCHER), "train", str(config), *args]
+    return subprocess.run(launch, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True,
+                          text=True, timeout=300)
+
+
+def _log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def config_file(tmp_path, tiny_model_dir, review_data):
+    # No dropout: both runs draw nothing random.
+    return write_config(tmp_path / "c.yaml", tiny_model_dir, review_data,
+                        train={"max_steps": STEPS, "batch_tokens": 64, "eval_every": 2, "save_every": 2,
+                               "threads": 1, "mixed_precision": "no", "lr": 0.05})
+
+
+def test_fsdp_two_processes_stopped_and_resumed_match_one_process(tmp_path, config_file, monkeypatch):
+    env = fsdp_env(monkeypatch)
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    sharded = tmp_path / "sharded"
+    out = f"output.dir={sharded}"
+
+    stopped = two_processes(config_file, {**env, "SIGTERM_AT_STEP": "2"}, "--set", out)
+    assert stopped.returncode != 0, stopped.stdout[-2000:]
+    assert "sharded over 2 processes (FSDP2)" in stopped.stdout, stopped.stdout[-3000:] + stopped.stderr[-3000:]
+    assert json.loads((sharded / "status.json").read_text())["status"] == "interrupted"
+    assert json.loads((sharded / "checkpoints" / "last" / "state.json").read_text())["step"] == 2
+    assert not (sharded / "metrics.json").exists()
+
+    resumed = two_processes(config_file, env, "--set", out, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert json.loads((sharded / "status.json").read_text())["status"] == "complete"
+
+    one = tmp_path / "one"
+    run_training(load_config(config_file, [f"output.dir={one}", "train.grad_accum=2"]))
+
+    log_sharded, log_one = _log(sharded), _log(one)
+    assert [sorted(r) for r in log_sharded] == [sorted(r) for r in log_one]
+    assert [r["step"] for r in log_sharded if "loss" in r] == list(range(1, STEPS + 1))
+    for a, b in zip(log_sharded, log_one):
+        for key in ("loss", "val_loss", "trained_tokens", "grad_norm", "lr"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4), (key, a, b)
+    losses = [r["loss"] for r in log_one if "loss" in r]
+    assert losses[-1] < losses[0]
+
+    metrics_sharded = json.loads((sharded / "metrics.json").read_text())
+    metrics_one = json.loads((one / "metrics.json").read_text())
+    assert metrics_sharded["tuned"] == pytest.approx(metrics_one["tuned"], rel=1e-4)
+    assert metrics_sharded["base"] == pytest.approx(metrics_one["base"], rel=1e-4)
+
+    trained = load_file(sharded / "adapter" / "adapter_model.safetensors")
+    reference = load_file(one / "adapter" / "adapter_model.safetensors")
+    assert trained.keys() == reference.keys()
+    for name, weight in reference.items():
+        torch.testing.assert_close(trained[name], weight, rtol=1e-4, atol=1e-5, msg=name)
+    assert all(w.abs().sum() > 0 for name, w in trained.items() if "lora_B" in name)  # B starts at zero

@@ -22,7 +22,12 @@ def test_compare_writes_markdown_and_csv(tmp_path, tiny_model_dir, review_data, 
     assert int(lora["trainable_params"]) < int(full["trainable_params"])
     assert float(lora["stored_mb"]) < float(full["stored_mb"])
     assert all(float(r["peak_memory_mb"]) > 0 and r["test_metric"].startswith("accuracy") for r in rows)
-    assert "| method |" in (out / "compare.md").read_text()
+    # Label data: each method's classification figures, and the baselines of their shared splits, once.
+    assert all(0 <= float(r["macro_f1"]) <= 1 and 0 <= float(r["roc_auc"]) <= 1 and r["ece"] for r in rows)
+    table = (out / "compare.md").read_text()
+    assert "| method |" in table and "| macro-F1 | ROC-AUC | PR-AUC | ECE |" in table
+    assert table.count("Baselines on the same splits: majority class accuracy") == 1
+    assert "TF-IDF + logistic regression accuracy" in table
 
 
 def test_compare_rejects_unknown_methods_before_training(tmp_path, tiny_model_dir, review_data, capsys):

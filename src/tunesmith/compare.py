@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tunesmith.config import apply_overrides, load_config, read_config_file, save_config, with_method
 from tunesmith.errors import TunesmithError
+from tunesmith.eval.baselines import summary_line
 from tunesmith.methods import REGISTRY
 from tunesmith.store import Run
 
@@ -31,6 +32,11 @@ COLUMNS = [  # (key, title, markdown format)
     ("train_seconds", "wall time (s)", "{:,.0f}"),
     ("val_loss", "validation loss", "{:.4f}"),
     ("test_metric", "test metric", "{}"),
+    # A classifier's figures (eval.classification), blank for other runs.
+    ("macro_f1", "macro-F1", "{:.4f}"),
+    ("roc_auc", "ROC-AUC", "{:.4f}"),
+    ("pr_auc", "PR-AUC", "{:.4f}"),
+    ("ece", "ECE", "{:.4f}"),
 ]
 
 
@@ -54,6 +60,8 @@ def run_row(method: str, run: Path, lr: float) -> dict:
         "train_seconds": summary["train_seconds"],
         "val_loss": summary.get("best_val_loss"),
         "test_metric": f"{metric} {tuned[metric]:.4f}",
+        "macro_f1": tuned.get("macro_f1"),
+        **{key: summary.get("classification", {}).get(key) for key in ("roc_auc", "pr_auc", "ece")},
     }
 
 
@@ -61,11 +69,15 @@ def fmt_cell(value, spec: str) -> str:
     return "-" if value is None else spec.format(value)
 
 
-def write_tables(rows: list[dict], out: Path) -> tuple[Path, Path]:
+def write_tables(rows: list[dict], out: Path, found: dict | None = None) -> tuple[Path, Path]:
+    """compare.md and compare.csv; ``found``: the baselines of the runs' shared splits (metrics.json's
+    ``baselines``), in a line under the table."""
     md = out / "compare.md"
     lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |",
              "|" + "---|" + "---:|" * (len(COLUMNS) - 2) + "---|"]
     lines += ["| " + " | ".join(fmt_cell(r[key], spec) for key, _, spec in COLUMNS) + " |" for r in rows]
+    if found:
+        lines += ["", f"Baselines on the same splits: {summary_line(found)}."]
     md.write_text("\n".join(lines) + "\n")
     path = out / "compare.csv"
     with path.open("w", newline="") as f:
@@ -104,7 +116,7 @@ def compare(config_path: str, methods: list[str], overrides: list[str], out: Pat
     if out.exists() and any(out.iterdir()):
         raise TunesmithError(f"{out} already holds files; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, found = [], None
     for method in methods:
         print(f"== {method} ==", flush=True)
         # Each run reads its resolved config, as compare validated it.
@@ -114,6 +126,7 @@ def compare(config_path: str, methods: list[str], overrides: list[str], out: Pat
         if subprocess.run(argv).returncode != 0:
             raise TunesmithError(f"compare: training with method {method} failed; see the output above")
         rows.append(run_row(method, out / method, configs[method].train.lr))
-        write_tables(rows, out)  # after every method, so an interrupted comparison keeps what it has
-    md, _ = write_tables(rows, out)
+        found = Run(out / method).load_json("metrics").get("baselines")  # every run's splits are the same
+        write_tables(rows, out, found)  # after every method, so an interrupted comparison keeps what it has
+    md, _ = write_tables(rows, out, found)
     return md

@@ -95,10 +95,13 @@ def verdict(name: str, baseline: dict, tuned: dict) -> str:
             f"test split; the tuned model {tuned['accuracy']:.3f} and {tuned['macro_f1']:.3f}: {how}.")
 
 
+def summary_line(found: dict) -> str:
+    """Both baselines' accuracy and macro-F1, in one line."""
+    return "; ".join(f"{name} accuracy {found[key]['accuracy']:.4f}, macro-F1 {found[key]['macro_f1']:.4f}"
+                     for key, name in BASELINE_NAMES.items())
+
+
 def compare_line(found: dict, tuned: dict) -> str:
     """One line for the terminal."""
-    parts = [f"{name} accuracy {found[k]['accuracy']:.4f} macro-F1 {found[k]['macro_f1']:.4f}"
-             for k, name in BASELINE_NAMES.items()]
-    return (f"baselines on the same test rows: {'; '.join(parts)}; tuned accuracy {tuned['accuracy']:.4f} "
+    return (f"baselines on the same test rows: {summary_line(found)}; tuned accuracy {tuned['accuracy']:.4f}, "
             f"macro-F1 {tuned['macro_f1']:.4f}")
-

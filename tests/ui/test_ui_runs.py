@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 
 
@@ -33,6 +35,14 @@ def test_a_run_page_shows_its_curve_report_and_config(ui_server, ui_env, page, s
     assert "lora" in page.locator("#config").inner_text()
     assert page.locator("#data-stats table").count() >= 1
     assert page.locator("#metrics td").count() > 0
+    # Label data: the classifier's report and the baselines, from metrics.json.
+    metrics = json.loads((ui_env.runs["alpha"] / "metrics.json").read_text())
+    page.wait_for_selector("#classes #per-class")
+    assert page.locator("#per-class tr").count() == 1 + len(metrics["classification"]["labels"])
+    cells = page.locator("#confusion td.num").all_inner_texts()
+    assert sum(int(c) for c in cells) == metrics["test_examples"]
+    assert "ROC-AUC" in page.locator("#class-figures").inner_text()
+    assert "TF-IDF + logistic regression" in page.locator("#baselines").inner_text()
     shot(page, "run")
 
 

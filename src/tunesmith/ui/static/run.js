@@ -30,6 +30,36 @@ function metricsTable(summary) {
                         el("td", { class: "num" }, fmt(summary.tuned[m])))));
 }
 
+// A classifier's report (metrics.json's classification and baselines): per-class figures, the
+// averages, AUCs and calibration, the confusion matrix, and the two baselines beside the tuned model.
+function classesView(summary) {
+  const c = summary && summary.classification;
+  if (!c) return null;
+  const num = (v) => el("td", { class: "num" }, fmt(v));
+  const perClass = el("table", { id: "per-class" },
+    el("tr", {}, el("th", {}, "label"), ["precision", "recall", "F1", "support"].map((h) => el("th", { class: "num" }, h))),
+    Object.entries(c.per_class).map(([label, v]) => el("tr", {}, el("td", {}, label),
+      num(v.precision), num(v.recall), num(v.f1), num(v.support))));
+  const figures = el("dl", { class: "kv", id: "class-figures" },
+    [["macro-F1", c.macro_f1], ["weighted F1", c.weighted_f1], ["ROC-AUC", c.roc_auc], ["PR-AUC", c.pr_auc],
+     ["AUCs of", c.auc_of], [`ECE (${c.ece_bins} bins)`, c.ece]].flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, fmt(v))]));
+  const confusion = el("table", { id: "confusion" },
+    el("tr", {}, el("th", {}, "true \\ predicted"), c.labels.map((l) => el("th", { class: "num" }, l))),
+    c.confusion.map((row, i) => el("tr", {}, el("td", {}, c.labels[i]), row.map(num))));
+  const parts = [el("div", { class: "table-wrap" }, perClass), figures, el("h3", {}, "Confusion matrix"),
+                 el("div", { class: "table-wrap" }, confusion)];
+  const b = summary.baselines;
+  if (b) {
+    const rows = [["tuned model", summary.tuned], [`majority class (${b.majority.label})`, b.majority],
+                  ["TF-IDF + logistic regression", b.tfidf_logistic]];
+    parts.push(el("h3", {}, "Against baselines on the same splits"), el("div", { class: "table-wrap" },
+      el("table", { id: "baselines" },
+        el("tr", {}, el("th", {}, "model"), el("th", { class: "num" }, "accuracy"), el("th", { class: "num" }, "macro-F1")),
+        rows.map(([name, v]) => el("tr", {}, el("td", {}, name), num(v.accuracy), num(v.macro_f1))))));
+  }
+  return el("div", {}, parts);
+}
+
 // Data statistics: a table for each per-split section, key/value pairs for the rest.
 function statsView(stats) {
   if (!stats) return el("p", { class: "muted" }, "none yet");
@@ -89,6 +119,7 @@ function facts(run) {
   const items = [["directory", run.path], ["model", run.model], ["started", run.started_at], ["updated", run.updated_at]];
   if (run.parent_name) items.push(["parent", runLink(run.parent_name)]);
   if (run.error) items.push(["error", run.error]);
+  if (run.metrics && run.metrics.training_length) items.push(["training length", run.metrics.training_length.line]);
   if (run.process) items.push(["process", `pid ${run.process.pid}` +
                                            (run.process.exit_code === null ? ", running" : `, exit ${run.process.exit_code}`)]);
   document.getElementById("facts").replaceChildren(...items.filter(([, v]) => v).flatMap(([k, v]) =>
@@ -104,6 +135,9 @@ async function loadRun() {
   facts(run);
   actions(run);
   document.getElementById("metrics").replaceChildren(metricsTable(run.metrics));
+  const classes = classesView(run.metrics);
+  document.getElementById("classes-card").hidden = !classes;
+  document.getElementById("classes").replaceChildren(...(classes ? [classes] : []));
   document.getElementById("report").replaceChildren(run.report
     ? renderMarkdown(run.report, { image: () => null }) : el("p", { class: "muted" }, "when the run finishes"));
   document.getElementById("data-stats").replaceChildren(statsView(run.data_stats));

@@ -28,7 +28,8 @@ test: $(STAMP)
 # catches what CPUs with and without native bf16 would. CI runs it after `make test`.
 NUMERICS := tests/test_continual.py tests/test_privacy_dp.py tests/test_shared_prefix.py tests/test_dpo.py \
 	tests/test_align_ppo.py tests/test_align_ppo_run.py tests/test_align_grpo.py tests/test_align_grpo_run.py \
-	tests/test_reward.py tests/test_tasks.py \
+	tests/test_reward.py tests/test_tasks.py tests/test_eval_classification.py tests/test_eval_curve.py \
+	tests/test_classification_report.py \
 	tests/test_perf_invariants.py tests/test_objectives.py tests/test_packing_loss.py tests/test_perf_packing.py \
 	tests/test_methods_matrix.py tests/test_train.py tests/test_curriculum.py tests/test_distributed.py \
 	tests/test_checkpoint.py tests/test_store.py

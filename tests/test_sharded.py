@@ -20,7 +20,7 @@ from accelerate.utils import launch as accelerate_launch
 from safetensors.torch import load_file
 from test_accelerate_configs import CONFIG_DIR, ROOT, launch_args
 
-from conftest import free_port, write_config
+from conftest import cli_fails, free_port, write_config
 from tunesmith.config import load_config
 from tunesmith.recipe import run_training
 
@@ -96,3 +96,31 @@ def test_fsdp_two_processes_stopped_and_resumed_match_one_process(tmp_path, conf
     for name, weight in reference.items():
         torch.testing.assert_close(trained[name], weight, rtol=1e-4, atol=1e-5, msg=name)
     assert all(w.abs().sum() > 0 for name, w in trained.items() if "lora_B" in name)  # B starts at zero
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"FSDP_VERSION": "2"}, "privacy: DP-SGD takes per-example gradients (torch.func) of the whole parameters, "
+                            "which FSDP2 splits"),
+    ({"FSDP_VERSION": "1"}, "launched with FSDP1 (fsdp_version: 1): tunesmith gathers sharded weights from FSDP2 only"),
+])
+def test_what_cannot_train_sharded_is_refused_by_config_validation(tmp_path, tiny_model_dir, review_data,
+                                                                   monkeypatch, capsys, env, fragment):
+    config = write_config(tmp_path / "c.yaml", tiny_model_dir, review_data, train={"packing": False},
+                          privacy={"noise_multiplier": 1.0, "expected_batch_size": 8})
+    load_config(config)  # valid when nothing is sharded
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    cli_fails(capsys, ["train", str(config)], fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_deepspeed_zero3_and_resume_under_deepspeed_are_refused(tmp_path, tiny_model_dir, review_data,
+                                                                monkeypatch, capsys):
+    config = write_config(tmp_path / "c.yaml", tiny_model_dir, review_data)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    cli_fails(capsys, ["train", str(config)], "launched with DeepSpeed ZeRO-3, which partitions the parameters")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    cli_fails(capsys, ["train", str(config), "--resume"], "--resume: not under DeepSpeed yet")
+    assert not (tmp_path / "run").exists()

@@ -18,11 +18,13 @@ from tunesmith.data.options import DataConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.general import GeneralConfig
 from tunesmith.methods import REGISTRY as METHODS
+from tunesmith.methods.base import no_load_kwargs
 from tunesmith.objectives import REGISTRY as OBJECTIVES
 from tunesmith.objectives import lacks
 from tunesmith.options import Section
 from tunesmith.privacy.options import PrivacyConfig
 from tunesmith.privacy.options import check as check_privacy
+from tunesmith.train.distributed import launched_sharding, sharding_problems
 from tunesmith.train.options import TrainConfig
 
 DEFAULT_METHOD = "lora"
@@ -207,6 +209,10 @@ def validate_config(raw: dict, source: str = "config") -> RunConfig:
     if privacy is not None and train is not None and method is not None:
         problems += [f"{source}: {p}" for p in check_privacy(privacy, train, METHODS[method.name])]
     if config:
+        # Under `accelerate launch` with FSDP or DeepSpeed, what cannot train sharded is refused here.
+        method = METHODS[config.method.name]
+        problems += [f"{source}: {p}" for p in sharding_problems(
+            launched_sharding(), method.name, method.load_kwargs is not no_load_kwargs, config.privacy is not None)]
         problems += [f"{source}: {field}: {why}" for field, wanted, ability in NEEDS
                      if wanted(config) and (why := lacks(config.objective.name, ability))]
     if problems:

@@ -72,6 +72,9 @@ def run_training(config: RunConfig, resume: bool = False, on_step=None, parent: 
         processes = PartialState(cpu=cpu_only())
         main = processes.is_main_process
         run = Run(config.output.dir, writer=main)
+        if resume and (distributed.launched_sharding() or "").startswith("DeepSpeed"):
+            raise TunesmithError("--resume: not under DeepSpeed yet: its ZeRO optimizer state is one slice per "
+                                 "process, and tunesmith's checkpoints hold the main process's slice only")
         run.check_new(resume)
         continual = Continual.open(config, parent or (run.parent if resume else None))
         setup_threads(config.train.threads)

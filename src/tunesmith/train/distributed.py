@@ -8,6 +8,8 @@ model is prepared by it), not ours.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from contextlib import contextmanager
 
 import torch
@@ -131,3 +133,33 @@ def whole_parameters(root, accelerator):
             root.set_reshard_after_forward(False, recurse=False)  # FSDP's own choice for the root
             for module in modules:
                 module.reshard()
+
+
+def launched_sharding(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The sharding that `accelerate launch` asked this process for, from the environment it sets
+    (``FSDP2``, ``FSDP1``, ``DeepSpeed ZeRO-2`` ...), or None."""
+    if environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return f"FSDP{environ.get('FSDP_VERSION', '1')}"  # accelerate's default version is 1
+    if environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return f"DeepSpeed ZeRO-{environ.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '2')}"
+    return None
+
+
+def sharding_problems(sharding: str | None, method: str, quantised: bool, private: bool) -> list[str]:
+    """Why a run cannot train under ``sharding`` (``launched_sharding``); empty when it can."""
+    if sharding is None:
+        return []
+    problems = []
+    if sharding == "FSDP1":
+        problems.append("launched with FSDP1 (fsdp_version: 1): tunesmith gathers sharded weights from FSDP2 only; "
+                        "set fsdp_version: 2 (examples/accelerate/fsdp.yaml)")
+    elif sharding == "DeepSpeed ZeRO-3":
+        problems.append("launched with DeepSpeed ZeRO-3, which partitions the parameters: tunesmith does not gather "
+                        "them yet for evaluation and saving; use FSDP2 (examples/accelerate/fsdp.yaml)")
+    if quantised:
+        problems.append(f"method.name: {method} loads the base model quantised and placed by its loader, which "
+                        f"{sharding} cannot shard; shard lora instead, or train {method} without sharding")
+    if private:
+        problems.append(f"privacy: DP-SGD takes per-example gradients (torch.func) of the whole parameters, which "
+                        f"{sharding} splits across processes; train privately without sharding (DDP)")
+    return problems

@@ -21,7 +21,7 @@ LAYERS = [
     ["tunesmith.session"],
     ["tunesmith.store"],
     ["tunesmith.export", "tunesmith.monitor", "tunesmith.lifecycle", "tunesmith.score"],
-    ["tunesmith.recipe", "tunesmith.compare", "tunesmith.align", "tunesmith.search"],
+    ["tunesmith.recipe", "tunesmith.compare", "tunesmith.align", "tunesmith.search", "tunesmith.predict"],
     ["tunesmith.feedback"],
     ["tunesmith.serve"],
     ["tunesmith.retrain"],

@@ -445,6 +445,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "base vs tuned gaps")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("predict", help="every row's prediction (and each label's probability) into a CSV, JSONL "
+                       "or Parquet file; continues an interrupted output")
+    p.add_argument("run_dir")
+    p.add_argument("--data", required=True, help="the rows to predict, in any format training reads")
+    p.add_argument("--out", required=True, help="where to write them: .csv, .jsonl or .parquet")
+    p.add_argument("--batch-size", type=_at_least_one, default=32, help="rows scored together")
+    p.set_defaults(func=cmd_predict)
+
     p = sub.add_parser("generate", help="stream a tuned model's answer to a prompt")
     p.add_argument("run_dir")
     p.add_argument("prompt")

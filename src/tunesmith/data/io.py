@@ -11,6 +11,8 @@ import gzip
 import io
 import json
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -79,6 +81,68 @@ def read_records(path: str | Path, header: bool = True, tsv_quoting: bool = Fals
     return records
 
 
+@dataclass(frozen=True)
+class Problem:
+    """A row that cannot be read, in place of its record: where it starts and what is wrong."""
+
+    line: int
+    text: str
+
+
+def stream_records(path: str | Path, header: bool = True, tsv_quoting: bool = False) -> Iterator[dict | Problem]:
+    """The records of a data file one at a time, as ``read_records`` reads them, with a ``Problem`` in
+    place of each row that cannot be read (``tunesmith predict`` reports those and goes on).
+
+    CSV, TSV and JSONL (compressed or not) and plain Parquet are read as they stream, so a large file
+    never sits in memory; JSON, text and compressed Parquet are read whole first.
+
+    Raises:
+        TunesmithError: the file is missing, of an unsupported type, or not UTF-8.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TunesmithError(f"{path}: file not found" if not path.exists() else f"{path}: is not a file")
+    fmt, compression = _detect_format(path)
+    if fmt == ".parquet" and compression is None:
+        yield from _stream_parquet(path)
+    elif fmt in _DELIMITERS or fmt == ".jsonl":
+        try:
+            with _open_text(path, compression) as stream:
+                if fmt == ".jsonl":
+                    yield from _jsonl(path, (line.rstrip("\n") for line in stream))
+                else:
+                    yield from _delimited(path, stream, _DELIMITERS[fmt], fmt == ".csv" or tsv_quoting, header)
+        except UnicodeDecodeError:
+            raise TunesmithError(f"{path}: not valid UTF-8; save the file as UTF-8") from None
+        except (OSError, EOFError, zstandard.ZstdError) as error:
+            raise TunesmithError(f"{path}: cannot read as {compression or fmt} ({error})") from None
+    else:
+        yield from read_records(path, header, tsv_quoting)
+
+
+def _open_text(path: Path, compression: str | None):
+    raw = {".gz": gzip.open, ".bz2": bz2.open}.get(compression, open)(path, "rb")
+    if compression in (".zst", ".zstd"):
+        raw = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
+    # newline=None: Windows line ends are read as "\n", as read_records reads them.
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", newline=None)
+
+
+PARQUET_BATCH_ROWS = 1024
+
+
+def _stream_parquet(path: Path) -> Iterator[dict]:
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=PARQUET_BATCH_ROWS)
+        number = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                number += 1
+                yield {**row, "_line": number}
+    except (pa.ArrowException, OSError) as error:
+        raise TunesmithError(f"{path}: not a valid Parquet file ({error})") from None
+
+
 def location(source: str | Path | None, record: dict) -> str:
     """Where ``record`` came from, for messages: ``file:line``, or ``line N`` when the file is unknown."""
     line = record.get("_line")
@@ -137,16 +201,34 @@ def _decode(path: Path, raw: bytes) -> str:
     return text.replace("\r\n", "\n")
 
 
+def _collect(path: Path, items) -> list[dict]:
+    """The records of ``items``; every ``Problem`` among them raised at once."""
+    records, problems = [], []
+    for item in items:
+        if isinstance(item, Problem):
+            problems.append(item.text)
+        else:
+            records.append(item)
+    raise_problems(problems, path)
+    return records
+
+
 def _parse_delimited(path: Path, text: str, delimiter: str, quoting: bool, header: bool) -> list[dict]:
+    records = _collect(path, _delimited(path, io.StringIO(text, newline=""), delimiter, quoting, header))
+    if not records and header:
+        raise TunesmithError(f"{path}: no data rows below the header")
+    return records
+
+
+def _delimited(path: Path, stream, delimiter: str, quoting: bool, header: bool):
+    """Each record of a CSV/TSV text stream, or a ``Problem`` where a row cannot be read; a malformed
+    quote ends the stream (the rest of the file cannot be told apart)."""
     csv.field_size_limit(_CSV_FIELD_LIMIT)
     kind = "TSV" if delimiter == "\t" else "CSV"
     # strict: an unclosed quote must be an error, not a field that silently swallows the rest of the file.
-    reader = csv.reader(
-        io.StringIO(text, newline=""), delimiter=delimiter, strict=True,
-        quoting=csv.QUOTE_MINIMAL if quoting else csv.QUOTE_NONE,
-    )
+    reader = csv.reader(stream, delimiter=delimiter, strict=True,
+                        quoting=csv.QUOTE_MINIMAL if quoting else csv.QUOTE_NONE)
     names: list[str] | None = None
-    records, problems = [], []
     row_start = 1
     try:
         for row in reader:
@@ -156,15 +238,16 @@ def _parse_delimited(path: Path, text: str, delimiter: str, quoting: bool, heade
             if names is None and header:
                 # Stray spaces around column names would make "no column 'text'" errors baffling.
                 names = [name.strip() for name in row]
-                problems += _header_problems(path, line, names)
+                for problem in _header_problems(path, line, names):
+                    yield Problem(line, problem)
                 continue
             if names is None:
                 names = [str(i) for i in range(1, len(row) + 1)]
             if len(row) != len(names):
                 first = "the header" if header else "the first row"
-                problems.append(f"{path}:{line}: expected {len(names)} fields as in {first}, found {len(row)}")
+                yield Problem(line, f"{path}:{line}: expected {len(names)} fields as in {first}, found {len(row)}")
                 continue
-            records.append({**dict(zip(names, row)), "_line": line})
+            yield {**dict(zip(names, row)), "_line": line}
     except csv.Error as error:
         # TSV is quoted only on request, and then a failure most often means a text holding a stray
         # quote, which reading the file unquoted keeps as it is.
@@ -172,15 +255,11 @@ def _parse_delimited(path: Path, text: str, delimiter: str, quoting: bool, heade
         if kind == "TSV" and quoting:
             hint = "; if the quotes are part of the text, set data.tsv_quoting: false"
         if "unexpected end of data" in str(error):
-            problems.append(f"{path}:{row_start}: a quoted field starting in this row is never closed{hint}")
+            yield Problem(row_start, f"{path}:{row_start}: a quoted field starting in this row is never closed{hint}")
         else:
             # The csv module names the delimiter itself; a raw tab would read as blank space.
             reason = str(error).replace("\t", "\\t")
-            problems.append(f"{path}:{reader.line_num}: malformed {kind} ({reason}){hint}")
-    raise_problems(problems, path)
-    if names is not None and not records:
-        raise TunesmithError(f"{path}: no data rows below the header")
-    return records
+            yield Problem(reader.line_num, f"{path}:{reader.line_num}: malformed {kind} ({reason}){hint}")
 
 
 def _header_problems(path: Path, line: int, header: list[str]) -> list[str]:
@@ -194,24 +273,26 @@ def _header_problems(path: Path, line: int, header: list[str]) -> list[str]:
 
 
 def _parse_jsonl(path: Path, text: str) -> list[dict]:
-    records, problems = [], []
     # Split on "\n" only: str.splitlines would also split on characters such as U+2028 that JSON
     # strings may contain raw, and line numbers would drift from what an editor shows.
-    for number, line in enumerate(text.split("\n"), 1):
+    return _collect(path, _jsonl(path, text.split("\n")))
+
+
+def _jsonl(path: Path, lines):
+    """Each record of JSONL ``lines`` (without their line ends), or a ``Problem`` where a line is not an object."""
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as error:
-            problems.append(f"{path}:{number}: malformed JSON ({error.msg})")
+            yield Problem(number, f"{path}:{number}: malformed JSON ({error.msg})")
             continue
         if not isinstance(value, dict):
-            problems.append(f"{path}:{number}: expected a JSON object, found {_json_type(value)}")
+            yield Problem(number, f"{path}:{number}: expected a JSON object, found {_json_type(value)}")
             continue
         value["_line"] = number
-        records.append(value)
-    raise_problems(problems, path)
-    return records
+        yield value
 
 
 def _parse_json(path: Path, text: str) -> list[dict]:

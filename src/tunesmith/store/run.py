@@ -9,6 +9,7 @@ Layout (every later feature reads runs through ``Run``, never by file name)::
     labels.json       the class labels, in the order the model's outputs use
     data_stats.json   rows read, dropped and kept, personal data found, token lengths, leakage
     canaries.json     with data.canaries: the template and every secret put into the training split
+    decision.json     with eval.decision: the decision rule chosen on the validation split after training
     base_eval.json    the base model's metrics and samples (kept so that a resumed run skips them)
     curriculum_scores.json  with train.curriculum by base_loss: each training item's base-model loss
     metrics.jsonl     one line per step and per validation
@@ -43,6 +44,7 @@ import yaml
 
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
+from tunesmith.eval.decision import Decision
 from tunesmith.files import write_atomic
 from tunesmith.session import Session
 from tunesmith.train.checkpoint import latest_checkpoint
@@ -243,6 +245,11 @@ class Run:
     def labels(self) -> list[str]:
         """The class labels the run trained on ([] for a run without labels)."""
         return self.load_json("labels", [])
+
+    def decision(self) -> Decision | None:
+        """The decision rule chosen on validation after training (``eval.decision``); None: argmax."""
+        record = self.load_json("decision")
+        return Decision.from_json(record) if record else None
 
     @property
     def parent(self) -> Path | None:

@@ -1,7 +1,8 @@
 """Every objective, one row each, on a tiny model: its protocol contract, a short training run, and
 every command that reads a run (eval, generate, data inspect).
 
-Adding an objective: its module under objectives/, its line in objectives.REGISTRY, a row here.
+Adding an objective: its module under objectives/, its line in objectives.REGISTRY, a row here
+(tests/test_objective_abilities.py registers a throwaway one that way).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from conftest import write_config
 from tunesmith.cli import main
 from tunesmith.config import load_config
+from tunesmith.eval.metrics import METRICS
 from tunesmith.objectives import REGISTRY
 from tunesmith.objectives.base import Batches, Objective
 from tunesmith.recipe import evaluate_run, run_training
@@ -75,6 +77,8 @@ def test_objective_trains_and_every_command_reads_its_run(case, tmp_path, capsys
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["objective"] == name and metrics["tuned"]["loss"] < metrics["base"]["loss"]
     assert metrics["tuned"]["accuracy"] >= 0  # label data: every objective scores labels
+    # The metrics an objective declares are the ones of the shared table that its evaluation returns.
+    assert {k for k in metrics["tuned"] if k in METRICS} == set(REGISTRY[name].abilities.metrics)
 
     _, _, model = load_run(run)
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]  # they start at zero

@@ -364,6 +364,13 @@ def cmd_runs_show(args) -> int:
     return 0
 
 
+def cmd_objectives(args) -> int:
+    from tunesmith.objectives import table
+
+    print(table())
+    return 0
+
+
 def cmd_runs_list(args) -> int:
     from tunesmith.store.lineage import runs_table
 
@@ -584,6 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "one bad (thumbs up is 1.0, down 0.0)")
     _consensus_arguments(q, "a prompt and its two models (--as kto: a prompt and an answer)")
     q.set_defaults(func=cmd_feedback_export)
+
+    p = sub.add_parser("objectives", help="the objectives and what each can do: head, data, metrics, answers, scores")
+    p.set_defaults(func=cmd_objectives)
 
     p = sub.add_parser("runs", help="runs and their lineage")
     runs_sub = p.add_subparsers(dest="runs_command", required=True)

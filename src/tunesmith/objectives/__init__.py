@@ -12,6 +12,7 @@ other packages ask those through ``lacks`` and ``abilities``, never the objectiv
 from __future__ import annotations
 
 from tunesmith.errors import TunesmithError
+from tunesmith.eval.metrics import METRICS
 from tunesmith.objectives.base import CAUSAL_LM, HEADS, REWARD, SEQ2SEQ, SEQUENCE_CLASSIFIER, Abilities
 from tunesmith.objectives.causal import Causal
 from tunesmith.objectives.classification import Classification
@@ -21,7 +22,7 @@ from tunesmith.objectives.reward import Reward
 from tunesmith.objectives.seq2seq import Seq2Seq
 
 __all__ = ["ABILITIES", "CAUSAL_LM", "HEADS", "REGISTRY", "REWARD", "SEQ2SEQ", "SEQUENCE_CLASSIFIER", "Abilities",
-           "abilities", "get_objective", "lacks", "metrics"]
+           "abilities", "get_objective", "lacks", "metrics", "table"]
 
 REGISTRY = {
     "causal": Causal,
@@ -59,6 +60,18 @@ def lacks(name: str, ability: str) -> str | None:
     have = [n for n, cls in REGISTRY.items() if getattr(cls.abilities, ability)]
     return (f"objective {name} lacks the ability {ability}: {ABILITIES[ability]} "
             f"(objectives that have it: {', '.join(have) or 'none'})")
+
+
+def table() -> str:
+    """Every objective and its abilities, one row each (``tunesmith objectives``): a metric with the
+    direction that is better (``eval.metrics.METRICS``)."""
+    lines = ["| objective | head | data | metrics | writes answers | scores texts |", "|---|---|---|---|---|---|"]
+    for name, cls in REGISTRY.items():
+        a = cls.abilities
+        shown = " ".join(f"{m}{'↑' if METRICS[m].higher_is_better else '↓'}" for m in a.metrics)
+        lines.append(f"| {name} | {a.head} | {', '.join(a.data)} | {shown} | {'yes' if a.writes_answers else 'no'} "
+                     f"| {a.scores or 'no'} |")
+    return "\n".join(lines)
 
 
 def metrics() -> dict[str, list[str]]:

@@ -12,6 +12,7 @@ import yaml
 from fastapi import APIRouter, Request
 
 from tunesmith.compare import COLUMNS, fmt_cell, run_row
+from tunesmith.eval.metrics import METRICS
 from tunesmith.serve.access import Caller
 from tunesmith.serve.errors import ApiError
 from tunesmith.store import Run
@@ -82,6 +83,7 @@ def list_runs(request: Request):
         if path not in paths:
             paths.append(path)
     return {"runs_dir": str(ctx.runs_dir), "key_metrics": list(KEY_METRICS),
+            "metrics": {name: {"label": m.label, "higher_is_better": m.higher_is_better} for name, m in METRICS.items()},
             "runs": [summary(ctx, path) for path in paths]}
 
 

@@ -85,3 +85,14 @@ def test_eval_prints_the_classification_figures(label_run, capsys):
     printed = json.loads(out.strip().splitlines()[-1])
     metrics = json.loads((run / "metrics.json").read_text())
     assert printed["classification"]["confusion"] == metrics["classification"]["confusion"]
+
+
+def test_data_inspect_says_how_many_epochs_the_planned_steps_cover(label_run, capsys):
+    config, _ = label_run
+    assert main(["data", "inspect", str(config)]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("planned "))
+    # 20 steps of 256-token micro-batches over 84 training examples of ~60 tokens (~4 a row).
+    per_epoch = int(line.split("(")[1].split()[0])
+    assert line == f"planned 20 steps cover {20 / per_epoch:.2f} epochs of the training split ({per_epoch} steps " \
+                   "per epoch) (one process)" and 10 <= per_epoch <= 30

@@ -65,3 +65,52 @@ def test_threshold_of_two_labels_is_a_cut_on_the_second_probability():
     p = np.stack([1 - p_spam, p_spam], axis=1)
     assert again.choose(p, labels).tolist() == decision.choose(p, labels).tolist() == [0, 0, 1, 1, 1, 1]
     assert "threshold 0.2" in again.describe() and "accuracy 0.6667 with argmax, 1.0000 with it" in again.describe()
+
+
+def test_a_run_records_its_rule_and_eval_and_predict_apply_it_after_reloading(tmp_path, tiny_model_dir, capsys):
+    import csv
+    import json
+
+    from conftest import write_config, write_jsonl
+    from test_balance import imbalanced_data, imbalanced_reviews
+
+    from tunesmith.cli import main
+
+    config = write_config(tmp_path / "c.yaml", tiny_model_dir, imbalanced_data(tmp_path),
+                          train={"max_steps": 6, "eval_every": 6}, eval={"decision": "threshold"})
+    assert main(["train", str(config)]) == 0
+    run = tmp_path / "run"
+    recorded = json.loads((run / "decision.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert recorded["rule"] == "threshold" and recorded["metric"] == "macro_f1" == metrics["decision"]["metric"]
+    assert recorded["validation"]["threshold"] >= recorded["validation"]["argmax"]
+    assert "## Decision rule" in (run / "report.md").read_text()
+    capsys.readouterr()
+
+    assert main(["eval", str(run)]) == 0
+    tuned = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tuned"]
+    assert tuned["macro_f1"] == pytest.approx(metrics["tuned"]["macro_f1"], abs=1e-9)
+    assert tuned["accuracy"] == pytest.approx(metrics["tuned"]["accuracy"], abs=1e-9)
+
+    write_jsonl(tmp_path / "new.jsonl", [{"review": r["review"]} for r in imbalanced_reviews(40)])
+    assert main(["predict", str(run), "--data", str(tmp_path / "new.jsonl"), "--out", str(tmp_path / "p.csv")]) == 0
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    labels = json.loads((run / "labels.json").read_text())
+    p = np.array([[float(r[f"p_{label}"]) for label in labels] for r in rows])
+    chosen = Decision.from_json(recorded).choose(p, labels)
+    assert [r["prediction"] for r in rows] == [labels[i] for i in chosen]
+
+
+def test_a_rule_needs_label_data_and_a_validation_split(tmp_path, tiny_model_dir, capsys):
+    from conftest import cli_fails, write_config, write_jsonl
+    from test_balance import imbalanced_data
+
+    texts = write_jsonl(tmp_path / "texts.jsonl", [{"text": f"plain text number {i}"} for i in range(40)])
+    config = write_config(tmp_path / "c.yaml", tiny_model_dir, {"path": str(texts)}, eval={"decision": "prior"})
+    cli_fails(capsys, ["train", str(config)], "eval.decision: prior chooses among labels")
+    data = {**imbalanced_data(tmp_path), "split": {"validation": 0.0, "test": 0.3}}
+    config = write_config(tmp_path / "c.yaml", tiny_model_dir, data, eval={"decision": "threshold"})
+    cli_fails(capsys, ["train", str(config)], "eval.decision: threshold is chosen on the validation split")
+    config = write_config(tmp_path / "c.yaml", tiny_model_dir, data, eval={"decision_metric": "f2"})
+    cli_fails(capsys, ["train", str(config)], "eval.decision_metric")
+    assert not (tmp_path / "run").exists()

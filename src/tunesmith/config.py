@@ -16,6 +16,8 @@ from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
 from tunesmith.data.options import DataConfig
 from tunesmith.errors import TunesmithError
+from tunesmith.eval.decision import METRICS as DECISION_METRICS
+from tunesmith.eval.decision import RULES
 from tunesmith.eval.general import GeneralConfig
 from tunesmith.methods import REGISTRY as METHODS
 from tunesmith.methods.base import no_load_kwargs
@@ -58,6 +60,15 @@ class EvalConfig(Section):
         "classifier that scores answers of the tuned and the base model. Relative to the config file."
     )
     judge_label: str = Field("positive", description="With a classifier judge: the label whose log-odds is the score.")
+    decision: Literal[RULES] = Field(
+        "argmax", description="Label data: how a label is chosen from the probabilities. argmax: the most probable; "
+        "prior: divided by the training prior to a strength chosen on validation; threshold: the threshold (two "
+        "labels) or per-label offsets that maximise eval.decision_metric on validation. Chosen after training, "
+        "kept in the run (decision.json), applied by eval and predict."
+    )
+    decision_metric: Literal[tuple(DECISION_METRICS)] = Field(
+        "macro_f1", description="What eval.decision maximises on the validation split."
+    )
 
 
 class OutputConfig(Section):

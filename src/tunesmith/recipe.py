@@ -81,6 +81,7 @@ def run_training(config: RunConfig, resume: bool = False, on_step=None, parent: 
         session = Session(config)
         session.prepare()  # all input problems surface here, before anything is written
         check_balance(config, session.data.labels)
+        session.check_decision()
         judge = open_judge(session) if main else None  # the judge's too
         continual.add_replay(session)
         private = None
@@ -211,6 +212,10 @@ def finish(session: Session, run: Run, model, base: dict, state: TrainState, sec
     """Evaluate the tuned model, save it, judge its answers (``eval.judge``), and write metrics.json
     and the report."""
     config, method = session.config, session.method
+    decision = session.choose_decision(model)
+    if decision:
+        run.save_json("decision", decision.to_json())
+        print(decision.describe())
     print("evaluating the tuned model on held-out data ...")
     tuned, classes = session.score_report(model)
     print("tuned: " + _fmt(tuned))
@@ -248,6 +253,9 @@ def finish(session: Session, run: Run, model, base: dict, state: TrainState, sec
         summary["privacy"] = private.budget.summary(state.step)
         print(privacy_line(summary["privacy"]))
     sections = []
+    if decision:
+        summary["decision"] = decision.to_json()
+        sections += ["## Decision rule", "", decision.describe() + "; the tuned figures use it.", ""]
     if classes:
         summary["classification"] = classes
         summary["baselines"] = baselines(session.data.examples, session.test_set()[0], session.data.labels)
@@ -321,6 +329,7 @@ def evaluate_run_report(run_dir: Path, data_file: str | None = None) -> tuple[di
         session = Session(config)
     # Encoded by the labels the model was trained on, in its output order, whatever the data holds.
     data = session.prepare(run.labels() or None)
+    session.decision = run.decision()  # the tuned model's rule, chosen on validation after training
     if data_file:
         data.examples["test"], data.encoded["test"] = data.examples["train"], data.encoded["train"]
     # A new session's objective has not loaded the base: one scored against it (``Abilities.reference``)

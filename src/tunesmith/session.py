@@ -4,11 +4,13 @@ the objective with its batch layout, and (after ``prepare``) the data."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import replace
 from itertools import zip_longest
 
 from tunesmith.config import RunConfig
 from tunesmith.data.pipeline import PreparedData
 from tunesmith.errors import TunesmithError
+from tunesmith.eval.decision import Decision, fit_decision
 from tunesmith.methods import get_method
 from tunesmith.model import load_tokenizer, model_origin
 from tunesmith.objectives import get_objective
@@ -36,6 +38,7 @@ class Session:
         )
         self.objective = objective(config.objective, config.data, self.tokenizer, self.layout)
         self.data: PreparedData | None = None
+        self.decision: Decision | None = None  # the tuned model's rule (eval.decision); None: argmax
 
     def prepare(self, labels: list[str] | None = None) -> PreparedData:
         """Read, split and encode the data (all input problems surface here).
@@ -76,7 +79,36 @@ class Session:
             return self.score(model), None
         examples, encoded = self._held_out()
         scores = self.objective.label_scores(model, examples, encoded, self.data.labels)
+        if self.decision is not None:
+            labels, decision = self.data.labels, self.decision
+            scores = replace(scores, decide=lambda p: decision.choose(p, labels))
         return scores.metrics(examples, self.data.labels), scores.report(examples, self.data.labels)
+
+    def check_decision(self) -> None:
+        """Whether ``eval.decision`` can be chosen on this data, said before anything is written."""
+        rule = self.config.eval.decision
+        if rule == "argmax":
+            return
+        if self.config.data.sources or not self.data.labels or not hasattr(self.objective, "label_scores"):
+            raise TunesmithError(f"eval.decision: {rule} chooses among labels: it needs label data (data.format "
+                                 "classification) and an objective that scores labels")
+        if not self.data.examples["validation"]:
+            raise TunesmithError(f"eval.decision: {rule} is chosen on the validation split, which is empty "
+                                 "(give data.split.validation or data.validation)")
+
+    def choose_decision(self, model) -> Decision | None:
+        """``eval.decision`` chosen on the validation split (at most ``eval.max_examples`` rows) with the
+        tuned ``model``'s label probabilities; kept for ``score_report``. None for argmax."""
+        rule = self.config.eval.decision
+        if rule == "argmax":
+            return None
+        n = self.config.eval.max_examples
+        examples, encoded = self.data.examples["validation"][:n], self.data.encoded["validation"][:n]
+        scores = self.objective.label_scores(model, examples, encoded, self.data.labels)
+        self.decision = fit_decision(rule, self.config.eval.decision_metric, scores.probabilities,
+                                     [e["label"] for e in examples], self.data.labels,
+                                     self.data.stats["labels"]["train"])
+        return self.decision
 
     def samples(self, model) -> list[dict]:
         examples = self.test_set()[0]

@@ -9,6 +9,7 @@ probabilities themselves, so it reads their most probable label.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +26,12 @@ class LabelScores:
 
     loss: float
     probabilities: np.ndarray  # [examples, labels]
+    # The run's decision rule (``eval.decision``: probabilities -> label indices); None: the most probable.
+    decide: Callable[[np.ndarray], np.ndarray] | None = None
 
     def predictions(self) -> np.ndarray:
-        """The label each example is given: the most probable one."""
-        return self.probabilities.argmax(axis=1)
+        """The label each example is given: the most probable one, or the decision rule's."""
+        return self.decide(self.probabilities) if self.decide else self.probabilities.argmax(axis=1)
 
     def metrics(self, examples: list[dict], labels: list[str]) -> dict[str, float]:
         """Loss, perplexity, accuracy and macro-F1 (``eval.metrics.label_metrics``)."""

@@ -71,12 +71,18 @@ def cmd_eval(args) -> int:
         return cmd_bias(args)
 
     base, tuned, classes = evaluate_run_report(Path(args.run_dir), args.data)
+    from tunesmith.eval.baselines import compare_line
     from tunesmith.eval.classification import format_console
     from tunesmith.eval.report import metrics_table
+    from tunesmith.store import Run
 
     print(metrics_table(base, tuned))
     if classes:
         print(format_console(classes))
+        # The baselines the run scored on its own test split (another file's rows have no training split).
+        found = None if args.data else Run(args.run_dir, writer=False).load_json("metrics", {}).get("baselines")
+        if found:
+            print(compare_line(found, tuned))
     print(json.dumps({"base": base, "tuned": tuned} | ({"classification": classes} if classes else {})))
     return 0
 

@@ -82,6 +82,7 @@ def test_eval_prints_the_classification_figures(label_run, capsys):
     assert main(["eval", str(run)]) == 0
     out = capsys.readouterr().out
     assert "precision" in out and "ROC-AUC" in out and "ECE" in out
+    assert "baselines on the same test rows: majority class accuracy" in out
     printed = json.loads(out.strip().splitlines()[-1])
     metrics = json.loads((run / "metrics.json").read_text())
     assert printed["classification"]["confusion"] == metrics["classification"]["confusion"]

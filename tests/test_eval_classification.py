@@ -133,6 +133,14 @@ def test_baselines_learn_words_and_count_the_majority():
     assert "0.30 macro-F1 below it" in text
 
 
+def test_without_a_test_split_c_is_not_chosen_on_the_rows_scored():
+    rows = _rows([(f"good {i}", "pos") for i in range(6)] + [(f"bad {i}", "neg") for i in range(6)])
+    found = baselines({"train": rows, "validation": rows[:4], "test": []}, rows[:4], ["neg", "pos"])
+    assert found["tfidf_logistic"]["C"] == 1.0 and found["tfidf_logistic"]["validation_macro_f1"] is None
+    chosen = baselines({"train": rows, "validation": rows[:4], "test": rows[4:8]}, rows[4:8], ["neg", "pos"])
+    assert chosen["tfidf_logistic"]["validation_macro_f1"] is not None
+
+
 def test_tfidf_baseline_with_one_training_label_answers_it():
     train = _rows([("a b", "x"), ("c d", "x")])  # nothing to fit: the one label is the answer
     found = tfidf_logistic(train, [], _rows([("a", "x"), ("e", "y")]), ["x", "y"])

@@ -63,9 +63,11 @@ def tfidf_logistic(train: list[dict], validation: list[dict], test: list[dict], 
 
 
 def baselines(splits: dict[str, list[dict]], test: list[dict], labels: list[str]) -> dict:
-    """Both baselines, scored on ``test`` (the held-out rows the tuned model was scored on)."""
+    """Both baselines, scored on ``test`` (the held-out rows the tuned model was scored on). Where the
+    run has no test split and ``test`` is its validation rows, C is not chosen on them (C 1)."""
+    validation = splits["validation"] if splits["test"] else []
     return {"majority": majority(splits["train"], test, labels),
-            "tfidf_logistic": tfidf_logistic(splits["train"], splits["validation"], test, labels)}
+            "tfidf_logistic": tfidf_logistic(splits["train"], validation, test, labels)}
 
 
 BASELINE_NAMES = {"majority": "majority class", "tfidf_logistic": "TF-IDF + logistic regression"}

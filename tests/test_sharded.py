@@ -36,9 +36,10 @@ def fsdp_env(monkeypatch) -> dict[str, str]:
     return {k: v for k, v in env.items() if k.startswith("FSDP_") or k == "ACCELERATE_USE_FSDP"}
 
 
-def two_processes(config: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+def two_processes(config: Path, env: dict[str, str], *args: str, launcher: tuple[str, ...] = (str(LAUNCHER),)
+                  ) -> subprocess.CompletedProcess:
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-              "--master_port", str(free_port()), str(LAUNCHER), "train", str(config), *args]
+              "--master_port", str(free_port()), *launcher, "train", str(config), *args]
     return subprocess.run(launch, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, capture_output=True,
                           text=True, timeout=300)
 
@@ -96,6 +97,15 @@ def test_fsdp_two_processes_stopped_and_resumed_match_one_process(tmp_path, conf
     for name, weight in reference.items():
         torch.testing.assert_close(trained[name], weight, rtol=1e-4, atol=1e-5, msg=name)
     assert all(w.abs().sum() > 0 for name, w in trained.items() if "lora_B" in name)  # B starts at zero
+
+
+def test_fsdp_asked_for_on_cpus_without_the_launcher_says_it_runs_ddp(tmp_path, config_file, monkeypatch):
+    # What accelerate does today with ACCELERATE_USE_FSDP on CPU processes: if it starts to shard
+    # there, this fails, and tests/fsdp_on_cpu.py can go.
+    done = two_processes(config_file, fsdp_env(monkeypatch), "--set", f"output.dir={tmp_path / 'ddp'}",
+                         launcher=("-m", "tunesmith.cli"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "FSDP2 was asked for, but accelerate shards on GPUs only" in done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("env, fragment", [

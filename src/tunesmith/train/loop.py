@@ -213,6 +213,9 @@ def fit(model, accelerator, batches: Batches, validation: list[dict], cfg: Train
                dynamic_ncols=True)
     if main and sharded:
         bar.write(f"parameters and optimizer state sharded over {accelerator.num_processes} processes (FSDP2)")
+    elif main and several and distributed.launched_sharding():
+        bar.write(f"{distributed.launched_sharding()} was asked for, but accelerate shards on GPUs only: these "
+                  "CPU processes run DDP, each with the whole model")
     if main:
         bar.write(describe_plan(batches, cfg, accelerator.num_processes)
                   + (f"; validation every {eval_every} steps" if val_set else ""))

@@ -1,7 +1,8 @@
 """Every accelerate config in examples/accelerate/ is one that `accelerate launch` accepts.
 
-FSDP and DeepSpeed through accelerate cannot run on a CPU, so the configs are validated, not run,
-and nothing is launched. Each config goes through:
+accelerate turns FSDP and DeepSpeed on only for GPU-like devices, so here the configs are validated,
+and nothing is launched (tests/test_sharded.py runs fsdp.yaml's settings on CPUs through a launcher
+that turns accelerate's FSDP on). Each config goes through:
 - accelerate's own loader (``load_config_from_file``), which rejects an unknown top-level key;
 - a check that every key of ``fsdp_config`` and ``deepspeed_config`` is an option of its group in
   `accelerate launch`: accelerate copies these keys onto its arguments unchecked, so a misspelt one

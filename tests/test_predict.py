@@ -184,4 +184,5 @@ def test_memory_stays_flat_from_1k_to_10k_rows(classifier_run, tmp_path):
                               env={"OMP_NUM_THREADS": "1", "PATH": "", "TQDM_DISABLE": "1"})
         peaks[n] = int(done.stdout.split()[-1]) / 1024  # MiB
         assert sum(1 for _ in (tmp_path / f"o{n}.csv").open()) == n + 1
+    print(f"predict peak RSS: 1,000 rows {peaks[1_000]:.0f} MiB, 10,000 rows {peaks[10_000]:.0f} MiB")
     assert peaks[10_000] < peaks[1_000] + 20, peaks

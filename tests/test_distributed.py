@@ -28,7 +28,8 @@ def config_file(tmp_path, tiny_model_dir, review_data):
     # Small micro-batches, so that every step has several; no dropout, so both runs draw nothing random.
     return write_config(tmp_path / "c.yaml", tiny_model_dir, review_data,
                         train={"max_steps": STEPS, "batch_tokens": 64, "eval_every": 2, "save_every": 2,
-                               "threads": 1, "mixed_precision": "no", "lr": 0.05})
+                               "threads": 1, "mixed_precision": "no", "lr": 0.05},
+                        eval={"samples": 2, "max_new_tokens": 4})
 
 
 def test_two_processes_match_one_process_with_both_shares(tmp_path, config_file):
@@ -61,3 +62,15 @@ def test_two_processes_match_one_process_with_both_shares(tmp_path, config_file)
         torch.testing.assert_close(trained[name], weight, rtol=1e-4, atol=1e-5, msg=name)
     # LoRA's B matrices start at zero: non-zero, they trained.
     assert all(w.abs().sum() > 0 for name, w in trained.items() if "lora_B" in name)
+
+    # Evaluation on every process: each scored its share of the held-out rows and wrote its share of
+    # the samples; gathered, the figures, the classification report and the samples of one process.
+    assert "held-out data (2 processes, a share of the rows each)" in done.stdout
+    metrics_two, metrics_one = (json.loads((run / "metrics.json").read_text()) for run in (two, one))
+    for key in ("base", "tuned"):
+        assert metrics_two[key] == pytest.approx(metrics_one[key], rel=1e-5), key
+    assert metrics_two["test_examples"] == metrics_one["test_examples"] > 2
+    report_two, report_one = metrics_two["classification"], metrics_one["classification"]
+    assert report_two["confusion"] == report_one["confusion"]
+    samples_two, samples_one = (json.loads((run / "base_eval.json").read_text())["samples"] for run in (two, one))
+    assert samples_two == samples_one and len(samples_one) == 2

@@ -122,7 +122,7 @@ def _run(session: Session, run: Run, resume: bool, on_step, stop: StopRequest,
     if config.train.dropout is not None:
         set_dropout(model, config.train.dropout)
 
-    base = evaluate_base(session, run, model, resume, accelerator.is_main_process, base_cache)
+    base = evaluate_base(session, run, model, resume, accelerator, base_cache)
     curriculum = config.train.curriculum
     if curriculum:  # scored by the base model, before the method changes it
         scores = difficulty(curriculum, session.data.encoded["train"], session.objective.batches, model,
@@ -150,14 +150,14 @@ def _run(session: Session, run: Run, resume: bool, on_step, stop: StopRequest,
                 run.metrics_log, resume=resume and run.has_checkpoint(), on_step=on_step, stop=stop, **private_parts)
     seconds = time.perf_counter() - started
     sharded = distributed.sharded(accelerator)
-    weights = distributed.trainable_weights(model) if sharded else None  # gathered: every process takes part
+    if sharded:  # the weights are gathered (every process takes part) and the model rebuilt whole on each
+        model = unsharded(session, distributed.trainable_weights(model), accelerator.device)
+    tuned = evaluate_tuned(session, model, accelerator)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the trackers, and the process group: no collective after it
     if not accelerator.is_main_process:
         return run.report
-    if sharded:
-        model = unsharded(session, weights, accelerator.device)
-    return finish(session, run, model, base, state, seconds, trainable, total, private, continual, judge)
+    return finish(session, run, model, base, tuned, state, seconds, trainable, total, private, continual, judge)
 
 
 def unsharded(session: Session, weights: dict, device) -> torch.nn.Module:
@@ -169,22 +169,28 @@ def unsharded(session: Session, weights: dict, device) -> torch.nn.Module:
     return model.to(device)
 
 
-def evaluate_base(session: Session, run: Run, model, resume: bool, main: bool,
+def evaluate_base(session: Session, run: Run, model, resume: bool, processes,
                   cache: Path | None = None) -> dict | None:
-    """The base model's metrics and samples (main process only; kept for a resumed run, and read
-    from ``cache`` when a run before this one evaluated the same base on the same held-out data)."""
+    """The base model's metrics and samples, for the main process (the others get None): kept for a
+    resumed run, read from ``cache`` when a run before this one evaluated the same base on the same
+    held-out data, or else scored by every process (``Session.score``, ``Session.samples``)."""
+    main = processes.is_main_process
+    base = run.load_json("base_eval") if resume and main else None
+    shared = cache / f"{base_eval_key(session.config)}.json" if cache is not None else None
+    if base is None and main and shared is not None and shared.is_file():
+        base = json.loads(shared.read_text())
+        print(f"base model's evaluation read from {shared}")
+        run.save_json("base_eval", base)
+    # The main process says whether to score, so that every process takes part or none does.
+    if distributed.main_says(base is None, processes):
+        if main:
+            print("evaluating the base model on held-out data" + _by(session, processes) + " ...")
+        metrics, samples = session.score(model, processes), session.samples(model, processes)
+        if main:
+            base = {"metrics": metrics, "samples": samples}
+            run.save_json("base_eval", base)
     if not main:
         return None
-    base = run.load_json("base_eval") if resume else None
-    shared = cache / f"{base_eval_key(session.config)}.json" if cache is not None else None
-    if base is None:
-        if shared is not None and shared.is_file():
-            base = json.loads(shared.read_text())
-            print(f"base model's evaluation read from {shared}")
-        else:
-            print("evaluating the base model on held-out data ...")
-            base = {"metrics": session.score(model), "samples": session.samples(model)}
-        run.save_json("base_eval", base)  # a resumed run's is already there
     if shared is not None and not shared.is_file():
         shared.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(shared, json.dumps(base))  # a worker beside this one reads it whole or not at all
@@ -206,20 +212,30 @@ def base_eval_key(config: RunConfig) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def finish(session: Session, run: Run, model, base: dict, state: TrainState, seconds: float,
+def evaluate_tuned(session: Session, model, processes) -> dict | None:
+    """The tuned model's decision rule (``eval.decision``), metrics, classification report and
+    samples, scored by every process; the main process gets them, the others None."""
+    decision = session.choose_decision(model, processes)
+    if processes.is_main_process:
+        print("evaluating the tuned model on held-out data" + _by(session, processes) + " ...")
+    metrics, classes = session.score_report(model, processes)
+    samples = session.samples(model, processes)
+    return {"decision": decision, "metrics": metrics, "classes": classes, "samples": samples} \
+        if processes.is_main_process else None
+
+
+def finish(session: Session, run: Run, model, base: dict, evaluated: dict, state: TrainState, seconds: float,
            trainable: int, total: int, private: PrivateTraining | None = None,
            continual: Continual | None = None, judge: Judge | None = None) -> Path:
-    """Evaluate the tuned model, save it, judge its answers (``eval.judge``), and write metrics.json
-    and the report."""
+    """Save the tuned model (``evaluated``: its ``evaluate_tuned``), judge its answers
+    (``eval.judge``), and write metrics.json and the report."""
     config, method = session.config, session.method
-    decision = session.choose_decision(model)
+    decision, tuned, classes = evaluated["decision"], evaluated["metrics"], evaluated["classes"]
     if decision:
         run.save_json("decision", decision.to_json())
         print(decision.describe())
-    print("evaluating the tuned model on held-out data ...")
-    tuned, classes = session.score_report(model)
     print("tuned: " + _fmt(tuned))
-    tuned_samples = session.samples(model)
+    tuned_samples = evaluated["samples"]
 
     saved = run.saved(method)
     method.save(model, saved)
@@ -303,6 +319,11 @@ def _has_tensorboard() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+
+
+def _by(session: Session, processes) -> str:
+    n = session.scoring_processes(processes)
+    return f" ({n} processes, a share of the rows each)" if n > 1 else ""
 
 
 def _fmt(metrics: dict) -> str:

@@ -10,11 +10,13 @@ from itertools import zip_longest
 from tunesmith.config import RunConfig
 from tunesmith.data.pipeline import PreparedData
 from tunesmith.errors import TunesmithError
+from tunesmith.eval.classification import LabelScores
 from tunesmith.eval.decision import Decision, fit_decision
 from tunesmith.methods import get_method
 from tunesmith.model import load_tokenizer, model_origin
 from tunesmith.objectives import get_objective
 from tunesmith.objectives.base import Layout
+from tunesmith.train import distributed
 
 
 class Session:
@@ -66,19 +68,50 @@ class Session:
             raise TunesmithError("data: no test or validation rows to evaluate on")
         return examples, encoded
 
-    def score(self, model) -> dict:
+    # Several processes: every process calls ``score``, ``score_report``, ``choose_decision`` and
+    # ``samples`` with ``processes`` (accelerate's state). Samples, and the scores of an objective that
+    # scores labels, are computed a share of the rows on each process and gathered in order, giving
+    # the figures of one process; other scores are the main process's alone. The main process gets
+    # the results, the others None.
+
+    def scoring_processes(self, processes=None) -> int:
+        """How many processes score the held-out rows (``score``): all of them for an objective that
+        scores labels, else the main process alone."""
+        return processes.num_processes if processes is not None and self._scores_labels() else 1
+
+    def _scores_labels(self) -> bool:
+        return not self.config.data.sources and bool(self.data.labels) and hasattr(self.objective, "label_scores")
+
+    def _label_scores(self, model, examples: list[dict], encoded: list[dict], processes=None) -> LabelScores:
+        """``label_scores`` of these rows, each process scoring its share when there are several."""
+        if processes is None or processes.num_processes == 1:
+            return self.objective.label_scores(model, examples, encoded, self.data.labels)
+        parts = distributed.scored_in_shares(
+            lambda rows: self.objective.label_scores(model, [examples[i] for i in rows], [encoded[i] for i in rows],
+                                                     self.data.labels), list(range(len(examples))), processes)
+        return LabelScores.joined([p for p in parts if p is not None])
+
+    def score(self, model, processes=None) -> dict | None:
+        if self._scores_labels() and processes is not None:
+            examples, encoded = self._held_out()
+            scores = self._label_scores(model, examples, encoded, processes)
+            return scores.metrics(examples, self.data.labels) if processes.is_main_process else None
+        if processes is not None and not processes.is_main_process:
+            return None
         if self.config.data.sources:
             return self.score_sources(model)
         examples, encoded = self._held_out()
         return self.objective.evaluate(model, examples, encoded, self.data.labels)
 
-    def score_report(self, model) -> tuple[dict, dict | None]:
+    def score_report(self, model, processes=None) -> tuple[dict | None, dict | None]:
         """``score``'s metrics and, for an objective that scores labels on label data, the
         classification report (``eval.classification``) from the same forward passes; else None."""
-        if self.config.data.sources or not self.data.labels or not hasattr(self.objective, "label_scores"):
-            return self.score(model), None
+        if not self._scores_labels():
+            return self.score(model, processes), None
         examples, encoded = self._held_out()
-        scores = self.objective.label_scores(model, examples, encoded, self.data.labels)
+        scores = self._label_scores(model, examples, encoded, processes)
+        if processes is not None and not processes.is_main_process:
+            return None, None
         if self.decision is not None:
             labels, decision = self.data.labels, self.decision
             scores = replace(scores, decide=lambda p: decision.choose(p, labels))
@@ -89,14 +122,14 @@ class Session:
         rule = self.config.eval.decision
         if rule == "argmax":
             return
-        if self.config.data.sources or not self.data.labels or not hasattr(self.objective, "label_scores"):
+        if not self._scores_labels():
             raise TunesmithError(f"eval.decision: {rule} chooses among labels: it needs label data (data.format "
                                  "classification) and an objective that scores labels")
         if not self.data.examples["validation"]:
             raise TunesmithError(f"eval.decision: {rule} is chosen on the validation split, which is empty "
                                  "(give data.split.validation or data.validation)")
 
-    def choose_decision(self, model) -> Decision | None:
+    def choose_decision(self, model, processes=None) -> Decision | None:
         """``eval.decision`` chosen on the validation split (at most ``eval.max_examples`` rows) with the
         tuned ``model``'s label probabilities; kept for ``score_report``. None for argmax."""
         rule = self.config.eval.decision
@@ -104,13 +137,13 @@ class Session:
             return None
         n = self.config.eval.max_examples
         examples, encoded = self.data.examples["validation"][:n], self.data.encoded["validation"][:n]
-        scores = self.objective.label_scores(model, examples, encoded, self.data.labels)
+        scores = self._label_scores(model, examples, encoded, processes)
         self.decision = fit_decision(rule, self.config.eval.decision_metric, scores.probabilities,
                                      [e["label"] for e in examples], self.data.labels,
                                      self.data.stats["labels"]["train"])
         return self.decision
 
-    def samples(self, model) -> list[dict]:
+    def samples(self, model, processes=None) -> list[dict] | None:
         examples = self.test_set()[0]
         if self.config.data.sources:
             # Taken in turn from each source's own held-out rows (as score_sources scores them): the
@@ -120,7 +153,14 @@ class Session:
             by_source = [[e for e in held_out if e["_source"] == name] for name in self.data.stats["sources"]]
             examples = [e for group in zip_longest(*by_source) for e in group if e is not None]
         examples = examples[: self.config.eval.samples]
-        return self.objective.samples(model, examples, self.data.labels, self.config.eval.max_new_tokens)
+
+        def answers(rows: list[dict]) -> list[dict]:
+            return self.objective.samples(model, rows, self.data.labels, self.config.eval.max_new_tokens)
+
+        if processes is None or processes.num_processes == 1:
+            return answers(examples)
+        parts = distributed.scored_in_shares(answers, examples, processes)
+        return [s for part in parts if part for s in part] if processes.is_main_process else None
 
     def score_sources(self, model, split: str | None = None) -> dict:
         """Mixed data: each source scored on its own held-out rows (``split``; default test, else

@@ -28,6 +28,14 @@ class LabelScores:
     probabilities: np.ndarray  # [examples, labels]
     # The run's decision rule (``eval.decision``: probabilities -> label indices); None: the most probable.
     decide: Callable[[np.ndarray], np.ndarray] | None = None
+    weight: float = 1.0  # what the loss is a mean over (its tokens or examples), for ``joined``
+
+    @classmethod
+    def joined(cls, parts: list[LabelScores]) -> LabelScores:
+        """The scores of consecutive shares of the examples (scored by several processes) as one."""
+        weight = sum(p.weight for p in parts)
+        return cls(sum(p.loss * p.weight for p in parts) / weight,
+                   np.concatenate([p.probabilities for p in parts]), weight=weight)
 
     def predictions(self) -> np.ndarray:
         """The label each example is given: the most probable one, or the decision rule's."""

@@ -145,8 +145,9 @@ class Causal:
         label's answer), not from a second pass."""
         sums, counts = score_labels(model, self.encoder, examples, labels, self.layout)
         gold_index = torch.tensor([labels.index(e["label"]) for e in examples]).unsqueeze(1)
-        loss = float(sums.gather(1, gold_index).sum() / counts.gather(1, gold_index).sum())
-        return LabelScores(loss, torch.softmax(-sums.double(), dim=1).numpy())
+        tokens = counts.gather(1, gold_index).sum()
+        loss = float(sums.gather(1, gold_index).sum() / tokens)
+        return LabelScores(loss, torch.softmax(-sums.double(), dim=1).numpy(), weight=float(tokens))
 
     def label_logits(self, model, texts: list[str], labels: list[str]) -> torch.Tensor:
         """[texts, labels]: each label's log-likelihood as the answer to the instruction the run

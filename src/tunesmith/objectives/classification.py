@@ -99,9 +99,9 @@ class Classification:
             batch = to_device(batches.tensors(rows), model)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             probabilities[rows] = torch.softmax(logits.double(), dim=-1).cpu().numpy()
-        loss = batches.mean_loss(model, encoded)
+        total, count = batches.loss_totals(model, encoded)
         model.train(was_training)
-        return LabelScores(loss, probabilities)
+        return LabelScores(total / max(count, 1), probabilities, weight=count)
 
     @torch.no_grad()
     def label_logits(self, model, texts: list[str], labels: list[str]) -> torch.Tensor:

@@ -47,13 +47,42 @@ def set_random_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def gather_objects(value, accelerator) -> list:
+    """Every process's ``value`` (any picklable object), by rank (a collective: every process must call it)."""
+    if accelerator.num_processes == 1:
+        return [value]
+    values = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def main_says(value, accelerator):
+    """The main process's ``value`` on every process (a collective), so that all act alike on what
+    only the main process knows (a file it read)."""
+    if accelerator.num_processes == 1:
+        return value
+    values = [value]
+    torch.distributed.broadcast_object_list(values, src=0)
+    return values[0]
+
+
 def gather_random_states(state: dict, accelerator) -> list[dict]:
     """Every process's random state, by rank (a collective: every process must call it)."""
-    if accelerator.num_processes == 1:
-        return [state]
-    states = [None] * accelerator.num_processes
-    torch.distributed.all_gather_object(states, state)
-    return states
+    return gather_objects(state, accelerator)
+
+
+def share_rows(n: int, accelerator) -> slice:
+    """This process's rows of ``n`` held-out rows to score: a contiguous share, by rank, so that the
+    shares gathered in rank order are the rows in their order."""
+    size = -(-n // accelerator.num_processes)
+    return slice(min(n, accelerator.process_index * size), min(n, (accelerator.process_index + 1) * size))
+
+
+def scored_in_shares(score, rows: list, accelerator) -> list:
+    """``score(share)`` of each process's share of ``rows`` (a collective), by rank; a process
+    without rows scores nothing (None)."""
+    share = rows[share_rows(len(rows), accelerator)]
+    return gather_objects(score(share) if share else None, accelerator)
 
 
 # Sharded training (FSDP2): each process holds a slice of every parameter (a DTensor) and of its

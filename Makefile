@@ -32,7 +32,7 @@ NUMERICS := tests/test_continual.py tests/test_privacy_dp.py tests/test_shared_p
 	tests/test_classification_report.py \
 	tests/test_perf_invariants.py tests/test_objectives.py tests/test_packing_loss.py tests/test_perf_packing.py \
 	tests/test_methods_matrix.py tests/test_train.py tests/test_curriculum.py tests/test_distributed.py \
-	tests/test_checkpoint.py tests/test_store.py tests/test_objective_abilities.py tests/test_balance.py \
+	tests/test_checkpoint.py tests/test_store.py tests/test_objective_abilities.py tests/test_loop.py tests/test_balance.py \
 	tests/test_predict.py tests/test_sharded.py tests/test_vllm_handoff.py
 
 test-numerics: $(STAMP)

@@ -157,11 +157,16 @@ def rated_pairs(marked: list[dict]) -> tuple[list[dict], Counter]:
 
 
 def hold_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """A seeded split of the new rows: (to train on, held out for the gate)."""
-    shuffled = rows[:]
+    """A seeded split of the new rows by input: (to train on, held out for the gate). The rows of one
+    input (pairs or marked answers to one prompt) fall on one side, so the gate scores inputs the
+    child never trained on."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(input_of(row), []).append(row)
+    shuffled = list(groups.values())
     random.Random(seed).shuffle(shuffled)
-    held = max(1, round(len(rows) * fraction))
-    return shuffled[held:], shuffled[:held]
+    held = max(1, round(len(shuffled) * fraction))
+    return [r for g in shuffled[held:] for r in g], [r for g in shuffled[:held] for r in g]
 
 
 def replay(original: list[dict], new_count: int, ratio: float, seed: int) -> list[dict]:

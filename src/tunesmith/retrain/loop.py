@@ -226,7 +226,9 @@ def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str
         "new": write_rows(data_dir / "new_heldout.jsonl", held),
     }
     raw = parent_config.model_dump(mode="json")
-    raw["data"] = canonical_data(parent_config.data, files if test_config is None else {"train": files["train"]},
+    # The child's own report scores its test set: the original one in its rows, or else the held-out new rows.
+    child_test = files["test"] if test_config is None else files["new"]
+    raw["data"] = canonical_data(parent_config.data, {"train": files["train"], "test": child_test},
                                  kind).model_dump(mode="json")
     raw["output"]["dir"] = str(child_dir)
     if objective != parent_config.objective.name:

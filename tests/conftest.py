@@ -173,14 +173,17 @@ def write_config(path: Path, model_dir: Path, data: dict, **sections) -> Path:
     return path
 
 
+def review_section(path: Path, n: int = 120, **extra) -> dict:
+    """A data section for ``n`` tiny labelled reviews (fresh or rotten), written to ``path`` as JSONL."""
+    return {"path": str(write_jsonl(path, review_rows(n))), "format": "classification",
+            "columns": {"text": "review", "label": "sentiment"}, "instruction": "classify sentiment: {text}",
+            "max_length": 64, "split": {"validation": 0.15, "test": 0.15}, **extra}
+
+
 @pytest.fixture
 def review_data(tmp_path) -> dict:
-    """A data section for 120 tiny labelled reviews in a JSONL file."""
-    path = write_jsonl(tmp_path / "reviews.jsonl", review_rows(120))
-    return {"path": str(path), "format": "classification", "columns": {"text": "review", "label": "sentiment"},
-            "label_map": {"fresh": "positive", "rotten": "negative"},
-            "instruction": "classify sentiment: {text}", "max_length": 64,
-            "split": {"validation": 0.15, "test": 0.15}}
+    """A data section for 120 tiny labelled reviews in a JSONL file, labelled positive or negative."""
+    return review_section(tmp_path / "reviews.jsonl", label_map={"fresh": "positive", "rotten": "negative"})
 
 
 def free_port() -> int:

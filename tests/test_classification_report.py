@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from conftest import write_config
+from conftest import review_section, write_config
 from tunesmith.cli import main
 from tunesmith.config import load_config
 from tunesmith.data.pipeline import load_splits
@@ -19,14 +19,9 @@ from tunesmith.store import load_run
 
 @pytest.fixture(scope="module")
 def label_run(tmp_path_factory, tiny_model_dir):
-    from conftest import review_rows, write_jsonl
-
     tmp = tmp_path_factory.mktemp("classes")
-    data = {"path": str(write_jsonl(tmp / "reviews.jsonl", review_rows(120))), "format": "classification",
-            "columns": {"text": "review", "label": "sentiment"}, "instruction": "classify sentiment: {text}",
-            "max_length": 64, "split": {"validation": 0.15, "test": 0.15}}
     # No train.eval_every: the default validates about ten times a run.
-    config = write_config(tmp / "c.yaml", tiny_model_dir, data,
+    config = write_config(tmp / "c.yaml", tiny_model_dir, review_section(tmp / "reviews.jsonl"),
                           train={"max_steps": 20, "save_every": 100, "mixed_precision": "no"})
     raw = yaml.safe_load(config.read_text())
     del raw["train"]["eval_every"]

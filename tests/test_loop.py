@@ -110,3 +110,38 @@ def test_serve_rate_retrain_gate_and_the_same_server_answers_with_the_child(pare
         assert server.pool.adapters["child"].run == child.resolve()
     assert before  # the parent answered before the promotion
 
+
+
+def test_a_reward_run_is_served_and_scores_texts_through_its_route(tmp_path, tiny_model_dir):
+    from tunesmith.score import load_scorer
+
+    data = {"path": str(write_jsonl(tmp_path / "pairs.jsonl", preference_rows(40))), "max_length": 64,
+            "split": {"validation": 0.15, "test": 0.15}}
+    config = write_config(tmp_path / "c.yaml", tiny_model_dir, data, objective={"name": "reward"},
+                          train={"max_steps": 4, "eval_every": 4, "mixed_precision": "no"},
+                          output={"dir": str(tmp_path / "judge")})
+    assert main(["train", str(config)]) == 0
+    texts, prompt = ["honestly the film is great", "honestly the film is dull"], "review the film"
+    expected = load_scorer(tmp_path / "judge")
+    server = build_server({"judge": tmp_path / "judge"}, access=Access({KEY: RATER_ID}), log_requests=False)
+    with server.in_thread() as url:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        models = httpx.get(url + "/v1/models", headers=headers, timeout=30).json()["data"]
+        assert {"id": "judge", "scores": "reward"}.items() <= next(m for m in models if m["id"] == "judge").items()
+
+        def score(body: dict) -> httpx.Response:
+            return httpx.post(url + "/v1/score", headers=headers, json=body, timeout=60)
+
+        scored = score({"model": "judge", "input": texts, "prompt": prompt})
+        assert scored.status_code == 200, scored.text
+        got = [d["score"] for d in scored.json()["data"]]
+        assert got == pytest.approx(expected.score([expected.frame(prompt, t) for t in texts]), abs=1e-5)
+        alone = [d["score"] for d in score({"model": "judge", "input": texts}).json()["data"]]
+        assert alone == pytest.approx(expected.score(texts), abs=1e-5) and alone != pytest.approx(got)
+        for body, field in (({"model": "judge", "input": []}, "input"), ({"model": "judge", "input": [""]}, "input"),
+                            ({"model": "judge", "input": ["x"], "temperature": 1}, "temperature"),
+                            ({"input": ["x"]}, "model"), ({"model": "judge", "input": ["x"], "prompt": 3}, "prompt")):
+            refused = score(body)
+            assert refused.status_code == 400 and field in refused.text, (body, refused.text)
+        unknown = score({"model": "served", "input": ["x"]})
+        assert unknown.status_code == 404 and "not a served scorer" in unknown.json()["error"]["message"]

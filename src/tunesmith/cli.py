@@ -225,8 +225,8 @@ def cmd_serve(args) -> int:
                           aliases=parse_aliases(args.alias), options=options, access=access,
                           store=Path(args.store) if args.store else None, redact_pii=args.redact_pii,
                           alias_file=Path(args.alias_file) if args.alias_file else DEFAULT_ALIAS_FILE)
-    print(f"serving {', '.join(m['id'] for m in server.pool.models())} on http://{args.host}:{args.port}/v1",
-          file=sys.stderr)
+    served = server.pool.models() + server.scorers.models()
+    print(f"serving {', '.join(m['id'] for m in served)} on http://{args.host}:{args.port}/v1", file=sys.stderr)
     server.run(args.host, args.port)
     return 0
 

@@ -113,7 +113,8 @@ def open_scorer(run: Run, reader: Reader, label: str | None, batch_size: int = 1
     return reader.build(run, session, model, label, batch_size)
 
 
-def load_scorer(run_dir: str | Path, label: str | None = None, batch_size: int = 16) -> Scorer:
+def load_scorer(run_dir: str | Path, label: str | None = None, batch_size: int = 16,
+                device: torch.device | str | None = None) -> Scorer:
     """The scorer of a reward-model run or a labelled run (``tunesmith score``).
 
     A labelled run scores the probability of ``label``; by default the label named ``positive`` if
@@ -125,4 +126,4 @@ def load_scorer(run_dir: str | Path, label: str | None = None, batch_size: int =
         label = label or ("positive" if "positive" in labels else labels[0])
         with prefixed("--label: "):
             check_label(run, label)
-    return open_scorer(run, reader, label, batch_size)
+    return open_scorer(run, reader, label, batch_size, device)

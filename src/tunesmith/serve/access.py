@@ -53,6 +53,7 @@ ROUTES: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/chat/completions"): _rule("chat", *ROLES),
     ("POST", "/v1/completions"): _rule("text completion", ADMIN, USER),
     ("POST", "/v1/feedback"): _rule("rating a logged answer (a user: only its own answers)", ADMIN, USER),
+    ("POST", "/v1/score"): _rule("scoring texts by a served reward model or classifier", ADMIN, USER),
     ("POST", "/v1/load_lora_adapter"): _rule("loading an adapter", ADMIN),
     ("POST", "/v1/unload_lora_adapter"): _rule("unloading an adapter", ADMIN),
     ("POST", "/v1/aliases"): _rule("moving an alias", ADMIN),

@@ -8,7 +8,7 @@ functions that a test can call on any app carrying a context, and the key check 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -20,6 +20,7 @@ from tunesmith.serve.aliases import AliasFile
 from tunesmith.serve.engine import Scheduler
 from tunesmith.serve.options import ServeOptions
 from tunesmith.serve.requestlog import RequestLog
+from tunesmith.serve.scorers import ScorerPool
 
 
 @dataclass
@@ -30,6 +31,7 @@ class ServeContext:
     access: Access  # the server's own, so a key added to it applies at once
     request_log: RequestLog | None
     alias_file: AliasFile | None = None
+    scorers: ScorerPool = field(default_factory=ScorerPool)  # runs served to score texts (/v1/score)
     inflight: int = 0  # requests between their submission and their last token (429 past the cap)
 
     async def follow_alias_file(self) -> None:

@@ -188,6 +188,19 @@ class SetAlias(BaseModel):
     model: str = Field(min_length=1)
 
 
+MAX_SCORED_TEXTS = 64
+
+
+class ScoreRequest(BaseModel):
+    """Texts for a served scorer (``/v1/score``), read as answers to ``prompt`` when it is given."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(min_length=1, max_length=256)
+    input: list[Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]] = Field(
+        min_length=1, max_length=MAX_SCORED_TEXTS)
+    prompt: str | None = Field(None, min_length=1, max_length=MAX_TEXT_CHARS)
+
+
 class Feedback(BaseModel):
     """A rating of a logged answer, by its completion id: a score, thumbs or the right label, and a comment."""
 

@@ -20,6 +20,8 @@ from tunesmith.serve.engine import Scheduler
 from tunesmith.serve.keys import check_binding
 from tunesmith.serve.options import ServeOptions
 from tunesmith.serve.requestlog import RequestLog
+from tunesmith.serve.scorers import ScorerPool, split_runs
+from tunesmith.store import Run
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +34,14 @@ class Server:
     options: ServeOptions
     access: Access = field(default_factory=Access)  # no keys: open, on this machine only
     alias_file: AliasFile | None = None
+    scorers: ScorerPool = field(default_factory=ScorerPool)
     # Called with the app before it serves: how ``tunesmith ui`` adds its pages to the same app.
     extensions: list[Callable] = field(default_factory=list)
 
     def asgi(self):
         """The ASGI application: ``build_app``'s, with the extensions' routes added."""
-        app = build_app(self.pool, self.scheduler, self.options, self.access, self.request_log, self.alias_file)
+        app = build_app(self.pool, self.scheduler, self.options, self.access, self.request_log, self.alias_file,
+                        self.scorers)
         for extend in self.extensions:
             extend(app)
         return app
@@ -111,7 +115,9 @@ def build_server(runs: dict[str, Path], base: str | None = None, adapter_dirs: l
                  aliases: dict[str, str] | None = None, options: ServeOptions | None = None,
                  access: Access | None = None, store: Path | None = None,
                  redact_pii: bool = False, log_requests: bool = True, alias_file: Path | None = None) -> Server:
-    """A server on the runs' shared base model; nothing listens until ``run`` or ``in_thread``.
+    """A server on the runs' shared base model; nothing listens until ``run`` or ``in_thread``. Runs that
+score texts rather than write answers (``scorers.split_runs``) are served as scorers, each on its own
+model; with no other run, the base is a scorer's own base model.
 
     ``alias_file`` (``store.aliases``: ``{alias: run directory}``) is applied now, after ``aliases``,
     and followed while the server runs.
@@ -122,8 +128,12 @@ def build_server(runs: dict[str, Path], base: str | None = None, adapter_dirs: l
     for directory in adapter_dirs:
         if not Path(directory).is_dir():
             raise TunesmithError(f"--adapter-dir {directory}: no such directory")
+    runs, scoring = split_runs(runs)
+    if base is None and not runs and scoring:
+        base = Run(next(iter(scoring.values())), writer=False).load_config().model.name
     pool = AdapterPool.from_runs(runs, base=base, max_adapters=options.max_adapters, adapter_dirs=adapter_dirs,
                                  device=options.torch_device())
+    scorers = ScorerPool.from_runs(scoring, device=options.torch_device())
     for alias, name in (aliases or {}).items():
         pool.set_alias(alias, name)
     watch = AliasFile(pool, alias_file) if alias_file is not None else None
@@ -131,4 +141,4 @@ def build_server(runs: dict[str, Path], base: str | None = None, adapter_dirs: l
         watch.refresh()
     scheduler = Scheduler(pool.run, window_s=options.batch_window_ms / 1000, max_batch=options.max_batch)
     request_log = RequestLog(store or default_path(), redact_pii) if log_requests else None
-    return Server(pool, scheduler, request_log, options, access or Access(), watch)
+    return Server(pool, scheduler, request_log, options, access or Access(), watch, scorers)

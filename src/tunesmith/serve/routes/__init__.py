@@ -5,4 +5,5 @@ scheduler, the caller's key) from ``serve.context``'s dependencies; ``serve.app.
 - ``adapters``: ``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``
 - ``aliases``: ``/v1/aliases``
 - ``feedback``: ``/v1/feedback``
+- ``scores``: ``/v1/score``
 """

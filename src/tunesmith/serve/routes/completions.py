@@ -39,7 +39,7 @@ async def health(ctx: Ctx):
 @router.get("/v1/models")
 async def models(ctx: Ctx):
     await ctx.follow_alias_file()
-    return {"object": "list", "data": ctx.pool.models()}
+    return {"object": "list", "data": ctx.pool.models() + ctx.scorers.models()}
 
 
 @router.post("/v1/chat/completions")

@@ -1,0 +1,23 @@
+"""``/v1/score``: texts scored by a served run that scores (a reward model's scalar, a classifier's
+probability of a label; ``serve.scorers``), each field checked at the edge (``schemas.ScoreRequest``)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+
+from tunesmith.serve.context import Ctx
+from tunesmith.serve.errors import ApiError
+from tunesmith.serve.schemas import ScoreRequest
+
+router = APIRouter(prefix="/v1")
+
+
+@router.post("/score")
+async def score(body: ScoreRequest, ctx: Ctx):
+    if body.model not in ctx.scorers.scorers:
+        raise ApiError(404, f"the model {body.model!r} is not a served scorer (see /v1/models: those with "
+                       "'scores')", "model")
+    scores = await run_in_threadpool(ctx.scorers.score, body.model, body.input, body.prompt)
+    return {"object": "list", "model": body.model, "scores": ctx.scorers.scorers[body.model].what,
+            "data": [{"object": "score", "index": i, "score": s} for i, s in enumerate(scores)]}

@@ -7,14 +7,17 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
-from conftest import free_port, write_config
+from conftest import free_port, review_rows, write_config, write_jsonl
 from tunesmith.config import load_config
 from tunesmith.recipe import run_training
+from tunesmith.session import Session
 
 STEPS = 4
 
@@ -74,3 +77,38 @@ def test_two_processes_match_one_process_with_both_shares(tmp_path, config_file)
     assert report_two["confusion"] == report_one["confusion"]
     samples_two, samples_one = (json.loads((run / "base_eval.json").read_text())["samples"] for run in (two, one))
     assert samples_two == samples_one and len(samples_one) == 2
+
+
+def _no_labels(tmp_path, review_data) -> dict:
+    rows = [{"prompt": r["review"], "completion": r["sentiment"]} for r in review_rows(60)]
+    return {"path": str(write_jsonl(tmp_path / "pc.jsonl", rows)), "format": "prompt_completion",
+            "max_length": 64, "split": review_data["split"]}
+
+
+@pytest.mark.parametrize("case", ["causal, no labels", "causal, labels", "classification head"])
+def test_scores_and_samples_split_over_two_processes_match_one_process(request, tmp_path, review_data, case):
+    model_dir = request.getfixturevalue("tiny_bert_dir" if case == "classification head" else "tiny_model_dir")
+    data = _no_labels(tmp_path, review_data) if case == "causal, no labels" else review_data
+    sections = {"model": {"task": "classification"}} if case == "classification head" else {}
+    config = write_config(tmp_path / "c.yaml", model_dir, data, eval={"samples": 3, "max_new_tokens": 4},
+                          train={"mixed_precision": "no", "batch_tokens": 64}, **sections)
+    out = tmp_path / "scored.json"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+              "--master_port", str(free_port()), str(Path(__file__).parent / "score_in_shares.py"), str(config),
+              str(out)]
+    done = subprocess.run(launch, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    two = json.loads(out.read_text())
+    assert two["processes"] == 2  # each process scored a share of the rows
+
+    session = Session(load_config(config))
+    session.prepare()
+    set_seed(session.config.train.seed)
+    model = session.load_model(session.data.labels)
+    assert two["metrics"] == pytest.approx(session.score(model), rel=1e-6)
+    report = session.score_report(model)[1]
+    assert (two["report"] is None) == (report is None) == (case == "causal, no labels")
+    if report:
+        assert two["report"]["confusion"] == report["confusion"]
+    assert two["samples"] == session.samples(model) and len(two["samples"]) == 3

@@ -12,6 +12,7 @@ from tunesmith.data.pipeline import PreparedData
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.classification import LabelScores
 from tunesmith.eval.decision import Decision, fit_decision
+from tunesmith.eval.metrics import loss_metrics
 from tunesmith.methods import get_method
 from tunesmith.model import load_tokenizer, model_origin
 from tunesmith.objectives import get_objective
@@ -77,10 +78,14 @@ class Session:
     def scoring_processes(self, processes=None) -> int:
         """How many processes score the held-out rows (``score``): all of them for an objective that
         scores labels, else the main process alone."""
-        return processes.num_processes if processes is not None and self._scores_labels() else 1
+        return processes.num_processes if processes is not None and (self._scores_labels() or self._scores_loss()) \
+            else 1
 
     def _scores_labels(self) -> bool:
         return not self.config.data.sources and bool(self.data.labels) and hasattr(self.objective, "label_scores")
+
+    def _scores_loss(self) -> bool:
+        return not self.config.data.sources and not self.data.labels and self.objective.abilities.loss_scored
 
     def _label_scores(self, model, examples: list[dict], encoded: list[dict], processes=None) -> LabelScores:
         """``label_scores`` of these rows, each process scoring its share when there are several."""
@@ -96,6 +101,11 @@ class Session:
             examples, encoded = self._held_out()
             scores = self._label_scores(model, examples, encoded, processes)
             return scores.metrics(examples, self.data.labels) if processes.is_main_process else None
+        if self._scores_loss() and processes is not None:
+            parts = distributed.scored_in_shares(lambda rows: self.objective.batches(rows).loss_totals(model, rows),
+                                                 self._held_out()[1], processes)
+            total, count = (sum(values) for values in zip(*(p for p in parts if p is not None)))
+            return loss_metrics(total / max(count, 1)) if processes.is_main_process else None
         if processes is not None and not processes.is_main_process:
             return None
         if self.config.data.sources:

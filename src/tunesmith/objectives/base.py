@@ -50,6 +50,9 @@ class Abilities:
     scores: str | None = None  # how its runs score texts (``score.READERS``): "label" or "reward"
     reference: bool = False  # trained and scored against its base model (an adapter disabled, or a copy)
     mixes_sources: bool = False  # scores each source of ``data.sources`` on its own
+    # Without labels, ``evaluate`` is the held-out loss alone (``loss_metrics`` of ``Batches.loss_totals``),
+    # which several processes can sum share by share.
+    loss_scored: bool = False
     # Options a child trained on rated traffic takes (``tunesmith retrain --objective``).
     traffic_options: dict[str, Any] = field(default_factory=dict)
 

@@ -100,7 +100,8 @@ class Causal:
     Options: ClassVar[type[Section]] = Options
     abilities: ClassVar[Abilities] = Abilities(
         head=CAUSAL_LM, data=("prompt_completion", "chat", "text", "classification"),
-        metrics=("loss", "perplexity", "accuracy", "macro_f1"), writes_answers=True, scores="label", mixes_sources=True)
+        metrics=("loss", "perplexity", "accuracy", "macro_f1"), writes_answers=True, scores="label", mixes_sources=True,
+        loss_scored=True)
     options: Options
     data: DataConfig
     tokenizer: Any

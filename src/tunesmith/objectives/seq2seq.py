@@ -45,7 +45,7 @@ class Seq2Seq:
     Options: ClassVar[type[Section]] = Options
     abilities: ClassVar[Abilities] = Abilities(
         head=SEQ2SEQ, data=("prompt_completion", "chat", "classification"),
-        metrics=("loss", "perplexity", "accuracy", "macro_f1"), writes_answers=True)
+        metrics=("loss", "perplexity", "accuracy", "macro_f1"), writes_answers=True, loss_scored=True)
     options: Options
     data: DataConfig
     tokenizer: Any

@@ -1,0 +1,27 @@
+"""Score a config's held-out rows and samples with the base model on every process (run by torchrun,
+one per process, for tests/test_distributed.py); the main process writes them to a JSON file."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from accelerate import PartialState
+from accelerate.utils import set_seed
+
+from tunesmith.config import load_config
+from tunesmith.recipe import cpu_only
+from tunesmith.session import Session
+
+if __name__ == "__main__":
+    config_file, out = sys.argv[1:3]
+    processes = PartialState(cpu=cpu_only())
+    session = Session(load_config(config_file))
+    session.prepare()
+    set_seed(session.config.train.seed)  # a new head is drawn alike on every process, as the recipe does
+    model = session.load_model(session.data.labels)
+    scored = {"processes": session.scoring_processes(processes), "metrics": session.score(model, processes),
+              "report": session.score_report(model, processes)[1], "samples": session.samples(model, processes)}
+    if processes.is_main_process:
+        with open(out, "w") as f:
+            json.dump(scored, f)

@@ -5,7 +5,7 @@ One readable function per phase, wired by ``run_training``. A run directory only
 then its status says ``running``, ``interrupted``, ``failed`` or (its process gone) ``crashed``.
 
 Several processes (``accelerate launch``, ``torchrun``) run the same recipe: each trains on its
-share of every step, and only the main process evaluates and writes.
+share of every step and evaluates its share of the held-out rows; only the main process writes.
 """
 
 from __future__ import annotations

@@ -99,6 +99,28 @@ def test_fsdp_two_processes_stopped_and_resumed_match_one_process(tmp_path, conf
     assert all(w.abs().sum() > 0 for name, w in trained.items() if "lora_B" in name)  # B starts at zero
 
 
+def test_full_fine_tuning_sharded_matches_one_process(tmp_path, tiny_model_dir, review_data, monkeypatch):
+    # Every parameter sharded and trained, the tied embeddings included; saved whole under model/.
+    config = write_config(tmp_path / "full.yaml", tiny_model_dir, review_data, method={"name": "full"},
+                          train={"max_steps": 2, "batch_tokens": 64, "eval_every": 2, "save_every": 2,
+                                 "threads": 1, "mixed_precision": "no", "lr": 0.001})
+    sharded, one = tmp_path / "sharded", tmp_path / "one"
+    done = two_processes(config, fsdp_env(monkeypatch), "--set", f"output.dir={sharded}")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_training(load_config(config, [f"output.dir={one}", "train.grad_accum=2"]))
+
+    for a, b in zip(_log(sharded), _log(one), strict=True):
+        assert a.get("loss", a.get("val_loss")) == pytest.approx(b.get("loss", b.get("val_loss")), rel=1e-4)
+    metrics = [json.loads((run / "metrics.json").read_text())["tuned"] for run in (sharded, one)]
+    assert metrics[0] == pytest.approx(metrics[1], rel=1e-4)
+    trained, reference = (load_file(run / "model" / "model.safetensors") for run in (sharded, one))
+    base = load_file(tiny_model_dir / "model.safetensors")
+    assert trained.keys() == reference.keys()
+    for name, weight in reference.items():
+        torch.testing.assert_close(trained[name], weight, rtol=1e-4, atol=1e-5, msg=name)
+    assert any(not torch.equal(trained[name], base[name]) for name in base if name in trained)
+
+
 def test_fsdp_asked_for_on_cpus_without_the_launcher_says_it_runs_ddp(tmp_path, config_file, monkeypatch):
     # What accelerate does today with ACCELERATE_USE_FSDP on CPU processes: if it starts to shard
     # there, this fails, and tests/fsdp_on_cpu.py can go.

@@ -473,12 +473,10 @@ def test_promotions_unload_the_old_adapter_once_its_queued_requests_are_answered
     assert set(pool.adapters) == {"alpha"}
 
 
-def test_runs_on_another_base_or_method_are_refused(runs, tiny_model_dir, tmp_path):
+def test_runs_on_another_base_are_refused(runs, tiny_model_dir, tmp_path):
+    """(A method not served on a shared base: tests/test_serve_methods.py.)"""
     from conftest import make_model_dir
 
-    dora = make_run(tmp_path, tiny_model_dir, "dora", seed=1, use_dora=True)
-    with pytest.raises(TunesmithError, match="only LoRA adapters"):
-        build_server({"alpha": runs["alpha"], "dora": dora}, log_requests=False)
     other = make_run(tmp_path, make_model_dir(tmp_path / "other-base"), "other", seed=1)
     with pytest.raises(TunesmithError, match="all adapters must share one base model"):
         build_server({"alpha": runs["alpha"], "other": other}, log_requests=False)

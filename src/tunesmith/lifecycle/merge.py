@@ -21,6 +21,7 @@ import torch
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.report import metrics_table
 from tunesmith.export.portable import make_portable
+from tunesmith.methods import get_method
 from tunesmith.objectives import lacks
 from tunesmith.session import Session
 from tunesmith.store import Run
@@ -46,9 +47,9 @@ def check_runs(paths: list[str | Path], how: str, weights: list[float]) -> list[
         if run.status() != "complete":
             raise TunesmithError(f"merge: {run.path}: the run is not complete (status: {run.status()})")
         config = run.load_config()
-        if config.method.name != "lora" or config.method.use_dora:
-            what = "lora with DoRA" if config.method.name == "lora" else config.method.name
-            raise TunesmithError(f"merge: {run.path} used method {what}; only plain LoRA adapters merge")
+        if not get_method(config.method.name).combines(config.method):
+            raise TunesmithError(f"merge: {run.path} used method {config.method.name} with options its adapters "
+                                 "cannot be combined with (only plain LoRA adapters merge)")
         if why := lacks(config.objective.name, "causal_answers"):
             raise TunesmithError(f"merge: {run.path}: {why}; only adapters of a causal LM merge (another "
                                  "head is trained whole, not as an adapter)")

@@ -19,6 +19,19 @@ def no_load_kwargs(options: Section) -> dict:
     return {}
 
 
+def not_served(options: Section) -> str | None:
+    return None
+
+
+def not_combined(options: Section) -> bool:
+    return False
+
+
+# How a run's saved weights are served on a shared base model (``Method.serves``).
+MIXED = "mixed"  # a named adapter that shares batches with other such adapters and the base
+ALONE = "alone"  # a named adapter of the shared base, decoded in batches of its own
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -45,6 +58,11 @@ class Method:
     load_kwargs: Callable[[Section], dict] = no_load_kwargs
     # The run directory's folder for what ``save`` writes: the whole model, or the method's weights.
     saved_as: str = "adapter"
+    # How ``tunesmith serve`` serves a run of these options on a shared base: MIXED, ALONE, or None
+    # (not on a shared base: merge and export it, and serve that on its own).
+    serves: Callable[[Section], str | None] = not_served
+    # Whether ``tunesmith merge`` can combine several runs of these options (PEFT's add_weighted_adapter).
+    combines: Callable[[Section], bool] = not_combined
     # Whether torch.func can take per-example gradients through the method's layers (private
     # training, ``privacy.dp``): not through an autograd.Function written without ``setup_context``.
     per_example_grads: bool = True

@@ -1,7 +1,9 @@
 """LoRA through PEFT: low-rank updates on the chosen linear layers; the base stays frozen.
 
 ``use_dora`` learns each weight's magnitude apart from its direction (DoRA); ``use_rslora`` scales
-the update by alpha/sqrt(r), which keeps high ranks learning (rsLoRA). Both merge like plain LoRA.
+the update by alpha/sqrt(r), which keeps high ranks learning (rsLoRA). Both merge into the base like
+plain LoRA. A DoRA adapter is served in batches of its own and is not combined with others by
+``tunesmith merge`` (``serves``, ``combines``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Literal
 from pydantic import Field
 
 from tunesmith.methods import _peft
-from tunesmith.methods.base import Method
+from tunesmith.methods.base import ALONE, MIXED, Method
 from tunesmith.options import Section
 
 
@@ -44,4 +46,15 @@ def apply(model, cfg):
     return _peft.wrap(model, config)
 
 
-METHOD = Method(name="lora", options=Options, apply=apply, save=_peft.save, load=_peft.load, merge=_peft.merge)
+def serves(cfg) -> str:
+    # PEFT routes rows to adapters in one batch (``adapter_names``) for plain LoRA only, not DoRA.
+    return ALONE if cfg.use_dora else MIXED
+
+
+def combines(cfg) -> bool:
+    # add_weighted_adapter sums the A and B matrices; a DoRA adapter's magnitudes would be lost.
+    return not cfg.use_dora
+
+
+METHOD = Method(name="lora", options=Options, apply=apply, save=_peft.save, load=_peft.load, merge=_peft.merge,
+                serves=serves, combines=combines)

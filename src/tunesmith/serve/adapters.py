@@ -1,5 +1,9 @@
 """One base model and the LoRA adapters of many runs, loaded as named adapters of one PEFT model.
 
+Which runs serve, and how, is their method's to say (``Method.serves``): plain LoRA adapters share
+batches with each other and the base (PEFT's ``adapter_names`` routing); DoRA adapters, which PEFT
+cannot route so, are decoded in batches of their own (``batches``), one adapter active at a time.
+
 Runs are read through ``store.Run`` (their config, their saved adapter, their parent), not through
 ``store.load_run``: that builds a whole model per run, and the point here is one base for all.
 Every run must have trained LoRA on a causal LM (its objective's ability ``causal_answers``) on the
@@ -22,6 +26,7 @@ from pathlib import Path
 
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import get_method
+from tunesmith.methods.base import MIXED
 from tunesmith.model import lay_out_for_decoding, load_model, load_tokenizer, resolve_model
 from tunesmith.objectives import lacks
 from tunesmith.serve.engine import BASE, Event, Job, decode_batch
@@ -34,6 +39,7 @@ class Adapter:
     run: Path
     parent: Path | None
     created: int
+    mixes: bool = True  # shares batches with the base and other such adapters (``Method.serves``)
 
 
 @dataclass
@@ -45,22 +51,26 @@ class RunAdapter:
     source: str  # where that name resolves to
     dtype: str
     weights: Path
+    mixes: bool = True
 
 
 def read_run(path: str | Path) -> RunAdapter:
     """A run's adapter, or the reason it cannot be served as one."""
     run = Run(path, writer=False)
     config = run.load_config()
-    if config.method.name != "lora" or config.method.use_dora:
-        what = "DoRA" if config.method.name == "lora" else config.method.name
-        raise TunesmithError(f"{run.path}: trained with {what}; only LoRA adapters can share a "
-                             "base model in one batch (merge the run and serve it on its own)")
+    method = get_method(config.method.name)
+    how = method.serves(config.method)
+    if how is None:
+        raise TunesmithError(f"{run.path}: trained with method {config.method.name}, which is not served on a "
+                             "shared base model (LoRA and DoRA adapters are); export the merged run and serve "
+                             "that on its own")
     if why := lacks(config.objective.name, "causal_answers"):
         raise TunesmithError(f"{run.path}: {why}; only runs that tune a causal LM's answers share its base")
-    weights = run.saved(get_method("lora"))
+    weights = run.saved(method)
     if not (weights / "adapter_config.json").is_file():
         raise TunesmithError(f"{run.path}: the run has no saved adapter/ (status: {run.status()})")
-    return RunAdapter(run, config.model.name, resolve_model(config.model.name), config.model.dtype, weights)
+    return RunAdapter(run, config.model.name, resolve_model(config.model.name), config.model.dtype, weights,
+                      mixes=how == MIXED)
 
 
 class AdapterPool:
@@ -212,9 +222,20 @@ class AdapterPool:
                 self.model.load_adapter(run.weights, adapter_name=name)
             else:
                 self.model = PeftModel.from_pretrained(self.model, run.weights, adapter_name=name).eval()
-            self.adapters[name] = Adapter(name, run.run.path, run.run.parent, int(time.time()))
+            self.adapters[name] = Adapter(name, run.run.path, run.run.parent, int(time.time()), run.mixes)
 
     # Generation.
+    def batches(self, jobs: list[Job]) -> list[list[Job]]:
+        """The jobs as batches the model can decode together: the base's and those of every adapter
+        that mixes in one, each other adapter's (DoRA: ``Method.serves``) in one of its own."""
+        shared, alone = [], {}
+        for job in jobs:
+            if job.adapter == BASE or self.adapters[job.adapter].mixes:
+                shared.append(job)
+            else:
+                alone.setdefault(job.adapter, []).append(job)
+        return [batch for batch in (shared, *alone.values()) if batch]
+
     def run(self, jobs: list[Job]) -> None:
         """Decode a batch (the scheduler's ``run_batch``); a job whose adapter has gone fails alone."""
         from peft import PeftModel
@@ -227,8 +248,8 @@ class AdapterPool:
                 else:
                     job.emit(Event("error", text=f"adapter {job.adapter!r} was unloaded"))
             try:
-                if live:
-                    decode_batch(self.model, self.tokenizer, live, mixed=isinstance(self.model, PeftModel))
+                for batch in self.batches(live):
+                    decode_batch(self.model, self.tokenizer, batch, mixed=isinstance(self.model, PeftModel))
             finally:
                 with self._claims:
                     for job in jobs:

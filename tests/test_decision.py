@@ -88,7 +88,9 @@ def test_a_run_records_its_rule_and_eval_and_predict_apply_it_after_reloading(tm
     capsys.readouterr()
 
     assert main(["eval", str(run)]) == 0
-    tuned = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tuned"]
+    printed = capsys.readouterr().out
+    assert "tuned labels by the decision rule threshold" in printed
+    tuned = json.loads(printed.strip().splitlines()[-1])["tuned"]
     assert tuned["macro_f1"] == pytest.approx(metrics["tuned"]["macro_f1"], abs=1e-9)
     assert tuned["accuracy"] == pytest.approx(metrics["tuned"]["accuracy"], abs=1e-9)
 

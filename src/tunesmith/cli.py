@@ -77,6 +77,9 @@ def cmd_eval(args) -> int:
     from tunesmith.store import Run
 
     print(metrics_table(base, tuned))
+    decision = Run(args.run_dir, writer=False).decision()
+    if decision:
+        print(f"tuned labels by the {decision.describe()}")
     if classes:
         print(format_console(classes))
         # The baselines the run scored on its own test split (another file's rows have no training split).

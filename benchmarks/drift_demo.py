@@ -20,8 +20,8 @@ import random
 from pathlib import Path
 
 from tunesmith.data.pipeline import resolve_data_path
-from tunesmith.session import Session
-from tunesmith.store import db, load_run
+from tunesmith.session import Session, load_run
+from tunesmith.store import db
 
 
 def hamlet_lines(n: int, seed: int) -> list[str]:

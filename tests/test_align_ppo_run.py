@@ -149,7 +149,7 @@ def test_a_causal_run_on_label_data_scores_answers_by_label_log_odds(tmp_path, t
 
     from tunesmith.align.rewards import load_reward
     from tunesmith.objectives.causal import score_labels
-    from tunesmith.store import load_run
+    from tunesmith.session import load_run
 
     run_dir = _train(tmp_path, tiny_model_dir, review_data, "labeller")
     answers = ["the film is great", "the plot is dull and boring"]

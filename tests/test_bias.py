@@ -70,7 +70,7 @@ def test_a_classifier_probe_matches_a_slow_reference(tmp_path, tiny_bert_dir, ca
     result = json.loads((tmp_path / "run" / "bias.json").read_text())["attributes"]
     assert set(result) == set(SWAPS)
 
-    from tunesmith.store import load_run
+    from tunesmith.session import load_run
 
     run, _, model = load_run(tmp_path / "run")
     from transformers import AutoTokenizer

@@ -14,7 +14,7 @@ from tunesmith.config import load_config
 from tunesmith.data.pipeline import load_splits
 from tunesmith.eval.baselines import baselines
 from tunesmith.recipe import run_training
-from tunesmith.store import load_run
+from tunesmith.session import load_run
 
 
 @pytest.fixture(scope="module")

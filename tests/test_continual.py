@@ -14,8 +14,8 @@ from conftest import cli_fails, review_rows, write_config, write_jsonl
 from tunesmith.cli import main
 from tunesmith.config import load_config
 from tunesmith.recipe import run_training
-from tunesmith.session import Session
-from tunesmith.store import Run, load_run
+from tunesmith.session import Session, load_run
+from tunesmith.store import Run
 from tunesmith.train.precision import autocast
 
 TRAIN = {"max_steps": 12, "eval_every": 6, "save_every": 100}

@@ -11,7 +11,7 @@ from tunesmith.cli import main
 from tunesmith.errors import TunesmithError
 from tunesmith.export.gguf_file import check_exportable
 from tunesmith.export.output import merged_model
-from tunesmith.store import load_run
+from tunesmith.session import load_run
 
 TEXTS = ["honestly the film is great, unlike the plot", "a dull movie with many parts"]
 

@@ -264,7 +264,7 @@ def test_a_run_learns_and_every_trainable_parameter_changes(tmp_path, tiny_model
 
 def model_after(run) -> dict[str, torch.Tensor]:
     """The trained run's parameters, by the names they had in training."""
-    from tunesmith.store import load_run
+    from tunesmith.session import load_run
 
     return {n: p.detach() for n, p in load_run(run)[2].named_parameters()}
 

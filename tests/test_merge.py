@@ -12,7 +12,8 @@ from conftest import cli_fails, review_rows, write_config, write_jsonl
 from tunesmith.cli import main
 from tunesmith.config import load_config
 from tunesmith.recipe import run_training
-from tunesmith.store import Run, load_run
+from tunesmith.session import load_run
+from tunesmith.store import Run
 
 
 @pytest.fixture(scope="module")

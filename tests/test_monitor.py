@@ -12,7 +12,8 @@ import torch
 from conftest import cli_fails, review_rows, write_config, write_jsonl
 from tunesmith.cli import main
 from tunesmith.monitor.embed import embed, last_hidden
-from tunesmith.store import db, load_run
+from tunesmith.session import load_run
+from tunesmith.store import db
 
 OTHER = ["to be or not to be that is the question", "the lady doth protest too much methinks",
          "something is rotten in the state of denmark", "there are more things in heaven and earth horatio",

@@ -19,8 +19,7 @@ from tunesmith.eval.metrics import METRICS
 from tunesmith.objectives import REGISTRY
 from tunesmith.objectives.base import Batches, Objective
 from tunesmith.recipe import evaluate_run, run_training
-from tunesmith.session import Session
-from tunesmith.store import load_run
+from tunesmith.session import Session, load_run
 
 # objective -> (model fixture, learning rate[, data fixture: review_data unless named])
 CASES = {

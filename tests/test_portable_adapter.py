@@ -19,7 +19,7 @@ from tunesmith.config import load_config
 from tunesmith.model import base_name, model_origin
 from tunesmith.packages import package_dir
 from tunesmith.recipe import run_training
-from tunesmith.store import load_run
+from tunesmith.session import load_run
 
 HUB_ID = "tunesmith-test/tiny-llama"
 TEXTS = ["honestly the film is great, unlike the plot", "a dull movie with many parts"]

@@ -45,7 +45,7 @@ def eval_probabilities(run_dir, data_file) -> dict[int, np.ndarray]:
     """Each row's label probabilities as `tunesmith eval --data` scores them, by input line."""
     from tunesmith.data.options import SplitConfig
     from tunesmith.session import Session
-    from tunesmith.store import load_run
+    from tunesmith.session import load_run
 
     run, session, model = load_run(run_dir)
     config = session.config

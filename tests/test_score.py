@@ -13,7 +13,7 @@ from tunesmith.config import load_config
 from tunesmith.objectives.reward import score_texts
 from tunesmith.recipe import run_training
 from tunesmith.score import load_scorer
-from tunesmith.store import load_run
+from tunesmith.session import load_run
 
 TRAIN = {"max_steps": 2, "eval_every": 2, "save_every": 2}
 

@@ -191,7 +191,7 @@ def test_a_validation_metric_objective_is_maximised_on_the_validation_split(tmp_
     import optuna
 
     from tunesmith.search import search
-    from tunesmith.store import load_run
+    from tunesmith.session import load_run
 
     config = search_config(tmp_path, tiny_model_dir, review_data, space={"train.lr": {"choice": [0.05]}},
                            objective="accuracy")

@@ -76,7 +76,7 @@ def test_eval_on_a_file_with_some_of_the_labels_scores_them_by_the_runs_labels(t
     import torch
     import torch.nn.functional as F
 
-    from tunesmith.store import load_run
+    from tunesmith.session import load_run
 
     config = load_config(write_config(tmp_path / "c.yaml", tiny_bert_dir, review_data,
                                       model={"task": "classification"}, train={"max_steps": 2}))

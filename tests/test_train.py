@@ -106,7 +106,7 @@ def test_early_stopping_restores_the_best_checkpoint(tmp_path, tiny_model_dir, r
     best = min(vals, key=lambda r: r["val_loss"])
     assert metrics["best_step"] == best["step"] < metrics["steps"]
     # The restored weights are the best step's: evaluating them gives the best validation loss.
-    from tunesmith.store import load_run
+    from tunesmith.session import load_run
     from tunesmith.train.precision import autocast
 
     _, session, model = load_run(tmp_path / "run")

@@ -29,7 +29,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.files import write_atomic
 from tunesmith.objectives import lacks
 from tunesmith.store import db as store
-from tunesmith.store import load_run
+from tunesmith.session import load_run
 from tunesmith.store.consensus import Consensus
 
 CHOICES = {"1": "first", "2": "second", "t": "tie"}

@@ -31,7 +31,8 @@ from tunesmith.data.format import GUESSES
 from tunesmith.data.io import Problem, stream_records
 from tunesmith.errors import TunesmithError
 from tunesmith.files import write_atomic
-from tunesmith.store import Run, load_run
+from tunesmith.session import load_run
+from tunesmith.store import Run
 
 OUTPUTS = (".csv", ".jsonl", ".parquet")
 SHOWN_PROBLEMS = 20  # on stderr; the summary counts them all

@@ -37,9 +37,9 @@ from tunesmith.methods import count_parameters
 from tunesmith.model import set_dropout
 from tunesmith.privacy.audit import audit, format_audit, format_comparison
 from tunesmith.privacy.training import PrivateTraining, prepare_private
-from tunesmith.session import Session, base_model
+from tunesmith.session import Session, base_model, load_run
 from tunesmith.stopping import StopRequest, on_sigterm
-from tunesmith.store import Run, load_run
+from tunesmith.store import Run
 from tunesmith.train import distributed
 from tunesmith.train.balance import balanced_batches, check_balance, item_labels
 from tunesmith.train.curriculum import curriculum_batches, difficulty

@@ -24,7 +24,8 @@ import torch
 from tunesmith.errors import TunesmithError, prefixed
 from tunesmith.objectives import abilities, lacks
 from tunesmith.objectives.reward import score_texts
-from tunesmith.store import Run, load_run
+from tunesmith.session import load_run
+from tunesmith.store import Run
 
 
 @dataclass

@@ -4,6 +4,7 @@ the objective with its batch layout, and (after ``prepare``) the data."""
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import replace
 from itertools import zip_longest
 
@@ -17,6 +18,7 @@ from tunesmith.methods import get_method
 from tunesmith.model import load_tokenizer, model_origin
 from tunesmith.objectives import get_objective
 from tunesmith.objectives.base import Layout
+from tunesmith.store.run import Run
 from tunesmith.train import distributed
 
 
@@ -200,3 +202,19 @@ def base_model(session: Session, model, labels: list[str]):
             yield model
     else:
         yield session.load_model(labels)
+
+
+def load_run(path: str | Path):
+    """The tuned model of a saved run, in eval mode: ``(run, session, model)``.
+
+    The session is built from the run's own config; its data is not read (``session.prepare()``).
+    """
+    run = Run(path, writer=False)
+    config = run.load_config()
+    session = Session(config)
+    saved = run.saved(session.method)
+    if not saved.is_dir():
+        raise TunesmithError(f"{run.path}: the run has no saved {saved.name}/ (status: {run.status()})")
+    model = session.method.load(session.load_model(run.labels()), saved)
+    model.eval()
+    return run, session, model

@@ -34,8 +34,8 @@ from tunesmith.align.rollout import Rollout, answer_texts, model_logprobs, sampl
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.report import replace_section
 from tunesmith.objectives import lacks
-from tunesmith.session import Session, base_model
-from tunesmith.store import Run, load_run
+from tunesmith.session import Session, base_model, load_run
+from tunesmith.store import Run
 
 # Prompts sampled together: bounds the KV cache and the logits held at once.
 CHUNK = 8

@@ -12,7 +12,7 @@ from pathlib import Path
 from tunesmith.errors import TunesmithError
 from tunesmith.export.gguf_file import write_gguf
 from tunesmith.model import unwrap
-from tunesmith.store import load_run
+from tunesmith.session import load_run
 
 FORMATS = ("hf", "gguf")
 

@@ -128,7 +128,7 @@ def merge_runs(paths: list[str | Path], how: str, weights: list[float], out: str
 
 def score_on_parents(runs: list[Run], merged) -> dict:
     """Each parent's test set: the parent alone and the merged adapter."""
-    from tunesmith.store import load_run
+    from tunesmith.session import load_run
 
     tests = {}
     for run in runs:

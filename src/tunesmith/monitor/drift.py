@@ -21,9 +21,8 @@ from tunesmith.monitor.embed import embed
 from tunesmith.monitor.report import write_report
 from tunesmith.monitor.stats import domain_auc, mmd_test
 from tunesmith.monitor.traffic import label_shares, parse_since, served, text_stats
-from tunesmith.session import Session
+from tunesmith.session import Session, load_run
 from tunesmith.store import db as store_db
-from tunesmith.store import load_run
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,8 @@ from tunesmith.retrain.data import (
     write_rows,
 )
 from tunesmith.retrain.gate import decide
-from tunesmith.session import Session
-from tunesmith.store import Run, load_run
+from tunesmith.session import Session, load_run
+from tunesmith.store import Run
 from tunesmith.store import db as store_db
 from tunesmith.store.consensus import Consensus
 from tunesmith.store.aliases import DEFAULT_PATH as DEFAULT_ALIAS_FILE

@@ -24,7 +24,8 @@ from pathlib import Path
 from tunesmith.config import RunConfig, load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.search.space import SearchConfig, read_search_config, with_values
-from tunesmith.store import Run, load_run
+from tunesmith.session import load_run
+from tunesmith.store import Run
 
 STUDY_FILE = "study.sqlite"
 TRIAL_DIR = "trial_{:04d}"

@@ -5,7 +5,7 @@ batches with each other and the base (PEFT's ``adapter_names`` routing); DoRA ad
 cannot route so, are decoded in batches of their own (``batches``), one adapter active at a time.
 
 Runs are read through ``store.Run`` (their config, their saved adapter, their parent), not through
-``store.load_run``: that builds a whole model per run, and the point here is one base for all.
+``session.load_run``: that builds a whole model per run, and the point here is one base for all.
 Every run must have trained LoRA on a causal LM (its objective's ability ``causal_answers``) on the
 same base model and dtype; anything else is refused with the reason. Adapters loaded at run time
 come only from the configured directories, and at most ``max_adapters`` stay in memory.

@@ -14,7 +14,7 @@ Layout (every later feature reads runs through ``Run``, never by file name)::
     curriculum_scores.json  with train.curriculum by base_loss: each training item's base-model loss
     metrics.jsonl     one line per step and per validation
     checkpoints/      last/ (resume; after a crash while saving, last.tmp/ or last.old/ may hold the newest,
-                      ``train.checkpoint.latest_checkpoint``) and best.safetensors (early stopping)
+                      ``train.checkpoint_names.latest_checkpoint``) and best.safetensors (early stopping)
     adapter/ | model/ the saved method weights, or the whole model (``Method.saved_as``)
     merged/           the merged model, with output.merge
     model_source.json where the base model came from here (a local directory, a GGUF file), beside the
@@ -28,7 +28,8 @@ Layout (every later feature reads runs through ``Run``, never by file name)::
 
 A run whose status says ``running`` but whose process is gone (killed, out of memory, machine
 rebooted) reads as ``crashed``. Only one process writes: a ``Run`` made with ``writer=False`` (the
-other processes of a multi-process run) reads but never writes.
+other processes of a multi-process run) reads but never writes. Reading a run imports no model stack
+(torch, transformers, the session): its tuned model is ``session.load_run``'s.
 """
 
 from __future__ import annotations
@@ -42,12 +43,10 @@ from pathlib import Path
 
 import yaml
 
-from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.decision import Decision
 from tunesmith.files import write_atomic
-from tunesmith.session import Session
-from tunesmith.train.checkpoint import latest_checkpoint
+from tunesmith.train.checkpoint_names import latest_checkpoint
 
 UNFINISHED = ("running", "interrupted", "failed", "crashed", "pruned")
 # The sections that mark an alignment run's config in place of data: the keys of
@@ -219,6 +218,10 @@ class Run:
                                  "does not read: "
                                  "its evaluation is in its report.md and metrics.json, and `tunesmith generate "
                                  f"{self.path} PROMPT` answers with its policy")
+        # The config's option classes are the registries' (methods, objectives): the model stack, which
+        # only a reader of the config needs; a reader of the status, metrics or labels does not.
+        from tunesmith.config import load_config
+
         return load_config(self.path / "config.yaml")
 
     def save_json(self, name: str, value) -> None:
@@ -263,18 +266,3 @@ class Run:
         self.path.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path / name, text)
 
-
-def load_run(path: str | Path):
-    """The tuned model of a saved run, in eval mode: ``(run, session, model)``.
-
-    The session is built from the run's own config; its data is not read (``session.prepare()``).
-    """
-    run = Run(path, writer=False)
-    config = run.load_config()
-    session = Session(config)
-    saved = run.saved(session.method)
-    if not saved.is_dir():
-        raise TunesmithError(f"{run.path}: the run has no saved {saved.name}/ (status: {run.status()})")
-    model = session.method.load(session.load_model(run.labels()), saved)
-    model.eval()
-    return run, session, model

@@ -5,8 +5,9 @@ A run's ``checkpoints/`` holds ``last/``. A save writes ``last.tmp/``, renames `
 ``last.old`` and ``last.tmp`` to ``last``, then removes ``last.old``. A checkpoint is complete once
 its ``state.json`` exists: it is written last, after the other files are fsynced, and removed first
 when a checkpoint is thrown away. So a crash or a power loss at any point leaves at least one complete
-checkpoint, and ``latest_checkpoint`` finds the newest. It is the one place that knows these names:
-resume, ``Run.has_checkpoint`` and the next save (which tidies what a crash left) all go through it.
+checkpoint, and ``latest_checkpoint`` (``train.checkpoint_names``, which holds these names without
+importing torch) finds the newest: resume, ``Run.has_checkpoint`` and the next save (which tidies
+what a crash left) all go through it.
 
 ``optimizer.pt`` is unpickled with ``weights_only``, tensors and plain data only: a run directory
 copied from elsewhere must not run code on ``--resume``. Every process's random state is kept (CPU
@@ -27,21 +28,7 @@ from safetensors.torch import load_file, save_file
 from tunesmith.errors import TunesmithError
 from tunesmith.files import fsync_path, write_atomic
 from tunesmith.train import distributed
-
-LAST, TMP, OLD = "last", "last.tmp", "last.old"
-# Newest first. A complete last.tmp is newer than last and last.old: a save removes last.tmp before
-# writing it and its rename consumes it, so only a crash before that rename leaves it complete.
-_NEWEST_FIRST = (TMP, LAST, OLD)
-
-
-def _is_complete(path: Path) -> bool:
-    return (path / "state.json").is_file()
-
-
-def latest_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest complete checkpoint in a run's ``checkpoints/`` directory, or None if it has none."""
-    return next((checkpoints / name for name in _NEWEST_FIRST if _is_complete(checkpoints / name)), None)
-
+from tunesmith.train.checkpoint_names import LAST, OLD, TMP, latest_checkpoint
 
 def _discard(path: Path) -> None:
     """Remove a checkpoint, its state.json first and durably: a crash part-way through the removal

@@ -157,13 +157,18 @@ def test_a_generative_run_writes_its_answers(tmp_path, tiny_model_dir):
     config = write_config(tmp_path / "c.yaml", tiny_model_dir, {"path": str(write_jsonl(tmp_path / "d.jsonl", rows))},
                           train={"max_steps": 2, "eval_every": 2})
     assert main(["train", str(config)]) == 0
-    write_jsonl(tmp_path / "new.jsonl", [{"prompt": "say the fun word"}, {"prompt": "say the dull word"}])
+    write_jsonl(tmp_path / "new.jsonl", [{"prompt": "say the fun word"}, {"prompt": "say the dull word"},
+                                         {"prompt": "and now, please, say the great word"}])
     assert main(["predict", str(tmp_path / "run"), "--data", str(tmp_path / "new.jsonl"),
                  "--out", str(tmp_path / "p.csv")]) == 0
     out = list(csv.DictReader((tmp_path / "p.csv").open()))
     assert list(out[0]) == ["line", "input", "prediction", "error"]
-    assert [r["input"] for r in out] == ["say the fun word", "say the dull word"]
-    assert all(isinstance(r["prediction"], str) and r["error"] == "" for r in out)
+    assert [r["input"] for r in out] == ["say the fun word", "say the dull word", "and now, please, say the great word"]
+    assert all(r["error"] == "" and r["prediction"] for r in out)
+    from tunesmith.predict import Predictor
+
+    one = Predictor(tmp_path / "run")  # the batch answers as generate answers each prompt alone
+    assert [r["prediction"] for r in out] == [one.objective.answer(one.model, r["input"], [], 4).strip() for r in out]
 
 
 PEAK = """

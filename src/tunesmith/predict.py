@@ -91,8 +91,11 @@ class Predictor:
     def _predict(self, texts: list[str]) -> list[dict]:
         if not self.classifies:
             new_tokens = self.session.config.eval.max_new_tokens
-            return [{"prediction": self.objective.answer(self.model, t, self.labels, new_tokens).strip()}
-                    for t in texts]
+            if hasattr(self.objective, "answers"):  # a batch at once
+                answers = self.objective.answers(self.model, texts, self.labels, new_tokens)
+            else:
+                answers = [self.objective.answer(self.model, t, self.labels, new_tokens) for t in texts]
+            return [{"prediction": a.strip()} for a in answers]
         # Scored exactly as eval scores held-out rows (the gold label is a stand-in: only the loss reads it).
         examples = [label_example(self.session.config.data.instruction, t, self.labels[0]) for t in texts]
         encoded = self.objective.encode(examples, self.labels) if hasattr(self.objective, "encode") else []

@@ -184,10 +184,16 @@ class Causal:
         return samples
 
     def answer(self, model, prompt: str, labels: list[str], max_new_tokens: int, stream: bool = False) -> str:
+        return self._generate(model, self._framed(prompt, labels), max_new_tokens, stream)
+
+    def answers(self, model, prompts: list[str], labels: list[str], max_new_tokens: int) -> list[str]:
+        """``answer`` to several prompts at once, as one greedy batch (``tunesmith predict``)."""
+        return greedy_answers(model, self.tokenizer, [self._framed(p, labels) for p in prompts], max_new_tokens)
+
+    def _framed(self, prompt: str, labels: list[str]) -> str:
         # A model tuned on label data answers the instruction it was trained with.
         text = self.data.instruction.format(text=prompt) if labels else prompt
-        framed = self.encoder.prompt_text({"messages": [{"role": "user", "content": text}]})
-        return self._generate(model, framed, max_new_tokens, stream)
+        return self.encoder.prompt_text({"messages": [{"role": "user", "content": text}]})
 
     def _generate(self, model, text: str, max_new_tokens: int, stream: bool = False) -> str:
         return greedy_answer(model, self.tokenizer, text, max_new_tokens, stream)
@@ -203,6 +209,20 @@ def greedy_answer(model, tokenizer, text: str, max_new_tokens: int, stream: bool
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=tokenizer.pad_token_id, streamer=streamer)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, texts: list[str], max_new_tokens: int) -> list[str]:
+    """The greedy continuation of each of ``texts`` (prompts already framed), decoded together: the rows
+    are padded on the left, and generate takes each row's positions from its attention mask."""
+    rows = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=pad)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
 
 
 def encode_splits(splits: dict[str, list[dict]], encoder: Encoder) -> tuple[dict[str, list[dict]], dict]:

@@ -1,17 +1,20 @@
-"""Score a config's held-out rows and samples with the base model on every process (run by torchrun,
+"""Score a config's held-out rows, samples and general probes with the base model on every process (run by torchrun,
 one per process, for tests/test_distributed.py); the main process writes them to a JSON file."""
 
 from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 
 from accelerate import PartialState
 from accelerate.utils import set_seed
 
 from tunesmith.config import load_config
+from tunesmith.eval.general import score_general
 from tunesmith.recipe import cpu_only
 from tunesmith.session import Session
+from tunesmith.train.distributed import scored_in_shares
 
 if __name__ == "__main__":
     config_file, out = sys.argv[1:3]
@@ -22,6 +25,9 @@ if __name__ == "__main__":
     model = session.load_model(session.data.labels)
     scored = {"processes": session.scoring_processes(processes), "metrics": session.score(model, processes),
               "report": session.score_report(model, processes)[1], "samples": session.samples(model, processes)}
+    if session.config.eval.general:
+        scored["general"] = score_general(model, session.tokenizer, session.config.eval.general,
+                                          partial(scored_in_shares, accelerator=processes))
     if processes.is_main_process:
         with open(out, "w") as f:
             json.dump(scored, f)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from conftest import free_port, review_rows, write_config, write_jsonl
 from tunesmith.config import load_config
+from tunesmith.eval.general import score_general
 from tunesmith.recipe import run_training
 from tunesmith.session import Session
 
@@ -85,12 +86,14 @@ def _no_labels(tmp_path, review_data) -> dict:
             "max_length": 64, "split": review_data["split"]}
 
 
-@pytest.mark.parametrize("case", ["causal, no labels", "causal, labels", "classification head"])
-def test_scores_and_samples_split_over_two_processes_match_one_process(request, tmp_path, review_data, case):
-    model_dir = request.getfixturevalue("tiny_bert_dir" if case == "classification head" else "tiny_model_dir")
-    data = _no_labels(tmp_path, review_data) if case == "causal, no labels" else review_data
-    sections = {"model": {"task": "classification"}} if case == "classification head" else {}
-    config = write_config(tmp_path / "c.yaml", model_dir, data, eval={"samples": 3, "max_new_tokens": 4},
+@pytest.mark.parametrize("case", ["causal_no_labels", "causal_labels", "classification_head"])
+def test_scores_samples_and_probes_split_over_two_processes_match_one_process(request, tmp_path, review_data,
+                                                                              case):
+    model_dir = request.getfixturevalue("tiny_bert_dir" if case == "classification_head" else "tiny_model_dir")
+    data = _no_labels(tmp_path, review_data) if case == "causal_no_labels" else review_data
+    sections = {"model": {"task": "classification"}} if case == "classification_head" else {}
+    probes = {"general": {"text_chars": 800, "window": 16, "word_topics": 9}} if case == "causal_no_labels" else {}
+    config = write_config(tmp_path / "c.yaml", model_dir, data, eval={"samples": 3, "max_new_tokens": 4, **probes},
                           train={"mixed_precision": "no", "batch_tokens": 64}, **sections)
     out = tmp_path / "scored.json"
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -108,7 +111,10 @@ def test_scores_and_samples_split_over_two_processes_match_one_process(request, 
     model = session.load_model(session.data.labels)
     assert two["metrics"] == pytest.approx(session.score(model), rel=1e-6)
     report = session.score_report(model)[1]
-    assert (two["report"] is None) == (report is None) == (case == "causal, no labels")
+    assert (two["report"] is None) == (report is None) == (case == "causal_no_labels")
     if report:
         assert two["report"]["confusion"] == report["confusion"]
     assert two["samples"] == session.samples(model) and len(two["samples"]) == 3
+    if probes:
+        assert two["general"] == pytest.approx(score_general(model, session.tokenizer, session.config.eval.general),
+                                               rel=1e-6)

@@ -127,7 +127,7 @@ def _run(session: Session, run: Run, resume: bool, on_step, stop: StopRequest,
     if curriculum:  # scored by the base model, before the method changes it
         scores = difficulty(curriculum, session.data.encoded["train"], session.objective.batches, model,
                             run.curriculum_scores, write=accelerator.is_main_process)
-    model = continual.start(session, run, model, resume, accelerator.is_main_process)
+    model = continual.start(session, run, model, resume, accelerator)
     trainable, total = count_parameters(model)
     if accelerator.is_main_process:
         print(f"method {config.method.name}: {trainable:,} trainable parameters of {total:,} "
@@ -152,7 +152,7 @@ def _run(session: Session, run: Run, resume: bool, on_step, stop: StopRequest,
     sharded = distributed.sharded(accelerator)
     if sharded:  # the weights are gathered (every process takes part) and the model rebuilt whole on each
         model = unsharded(session, distributed.trainable_weights(model), accelerator.device)
-    tuned = evaluate_tuned(session, model, accelerator)
+    tuned = evaluate_tuned(session, model, accelerator, continual)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the trackers, and the process group: no collective after it
     if not accelerator.is_main_process:
@@ -212,14 +212,16 @@ def base_eval_key(config: RunConfig) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def evaluate_tuned(session: Session, model, processes) -> dict | None:
-    """The tuned model's decision rule (``eval.decision``), metrics, classification report and
-    samples, scored by every process; the main process gets them, the others None."""
+def evaluate_tuned(session: Session, model, processes, continual: Continual) -> dict | None:
+    """The tuned model's decision rule (``eval.decision``), metrics, classification report, samples
+    and general probes (``eval.general``), scored by every process; the main process gets them, the
+    others None."""
     decision = session.choose_decision(model, processes)
     if processes.is_main_process:
         print("evaluating the tuned model on held-out data" + _by(session, processes) + " ...")
     metrics, classes = session.score_report(model, processes)
     samples = session.samples(model, processes)
+    continual.score_tuned(session, model, processes)
     return {"decision": decision, "metrics": metrics, "classes": classes, "samples": samples} \
         if processes.is_main_process else None
 

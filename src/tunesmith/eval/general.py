@@ -77,25 +77,43 @@ def question(word: str) -> str:
     return f'Question: Is the word "{word}" about {", ".join(topics[:-1])} or {topics[-1]}?\nAnswer:'
 
 
+def _one_process(score, rows: list) -> list:
+    """``in_shares`` for one process: its one share is every row."""
+    return [score(rows)]
+
+
 @torch.no_grad()
-def perplexity(model, tokenizer, text: str, window: int) -> float:
-    """exp of the mean next-token loss over ``text``, in non-overlapping windows."""
+def perplexity(model, tokenizer, text: str, window: int, in_shares=_one_process) -> float:
+    """exp of the mean next-token loss over ``text``, in non-overlapping windows. ``in_shares(score,
+    rows)``: ``score`` of each process's share of the windows, by rank (``train.distributed.scored_in_shares``);
+    one process scores them all by default."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    windows = [ids[start: start + window] for start in range(0, max(len(ids) - 1, 1), window)]
+    windows = [w for w in windows if len(w) >= 2]
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, max(len(ids) - 1, 1), window):
-        chunk = torch.tensor([ids[start: start + window]], device=device)
-        if chunk.shape[1] < 2:
-            break
-        logits = model(input_ids=chunk).logits[0, :-1].float()
-        total += F.cross_entropy(logits, chunk[0, 1:], reduction="sum").item()
-        count += chunk.shape[1] - 1
-    return math.exp(total / max(count, 1))
+
+    def totals(share: list[list[int]]) -> tuple[float, int]:
+        total, count = 0.0, 0
+        for chunk in share:
+            chunk = torch.tensor([chunk], device=device)
+            logits = model(input_ids=chunk).logits[0, :-1].float()
+            total += F.cross_entropy(logits, chunk[0, 1:], reduction="sum").item()
+            count += chunk.shape[1] - 1
+        return total, count
+
+    parts = [p for p in in_shares(totals, windows) if p is not None]
+    return math.exp(sum(t for t, _ in parts) / max(sum(c for _, c in parts), 1))
 
 
 @torch.no_grad()
-def choice_accuracy(model, tokenizer, questions: list[tuple[str, int]]) -> float:
-    """The share of questions whose gold topic has the lowest summed loss after the question."""
+def choice_accuracy(model, tokenizer, questions: list[tuple[str, int]], in_shares=_one_process) -> float:
+    """The share of questions whose gold topic has the lowest summed loss after the question
+    (``in_shares``: as ``perplexity``'s, over the questions)."""
+    parts = [p for p in in_shares(lambda share: _right(model, tokenizer, share), questions) if p is not None]
+    return sum(parts) / max(len(questions), 1)
+
+
+def _right(model, tokenizer, questions: list[tuple[str, int]]) -> int:
     device = next(model.parameters()).device
     answers = [tokenizer(" " + t, add_special_tokens=False)["input_ids"] for t in TOPICS.values()]
     right = 0
@@ -107,16 +125,18 @@ def choice_accuracy(model, tokenizer, questions: list[tuple[str, int]]) -> float
             logits = model(input_ids=ids).logits[0, len(prompt) - 1: -1].float()
             losses.append(F.cross_entropy(logits, ids[0, len(prompt):], reduction="sum").item())
         right += int(min(range(len(losses)), key=losses.__getitem__) == gold)
-    return right / max(len(questions), 1)
+    return right
 
 
-def score_general(model, tokenizer, cfg: GeneralConfig) -> dict[str, float]:
-    """The probes' figures for ``model``: ``perplexity`` and, unless turned off, ``word_topics_accuracy``."""
+def score_general(model, tokenizer, cfg: GeneralConfig, in_shares=_one_process) -> dict[str, float]:
+    """The probes' figures for ``model``: ``perplexity`` and, unless turned off, ``word_topics_accuracy``
+    (``in_shares``: several processes score a share each, as ``perplexity`` says)."""
     was_training = model.training
     model.eval()
-    scores = {"perplexity": perplexity(model, tokenizer, probe_text(cfg), cfg.window)}
+    scores = {"perplexity": perplexity(model, tokenizer, probe_text(cfg), cfg.window, in_shares)}
     if cfg.word_topics:
-        scores["word_topics_accuracy"] = choice_accuracy(model, tokenizer, word_topic_questions(cfg.word_topics))
+        scores["word_topics_accuracy"] = choice_accuracy(model, tokenizer, word_topic_questions(cfg.word_topics),
+                                                         in_shares)
     model.train(was_training)
     return scores
 

@@ -11,6 +11,7 @@ through the same calls, which then only apply the method.
 from __future__ import annotations
 
 import random
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ from tunesmith.model import resolve_model
 from tunesmith.objectives import SEQUENCE_CLASSIFIER, abilities, lacks
 from tunesmith.session import Session
 from tunesmith.store import Run
+from tunesmith.train import distributed
 
 
 def check_parent(path: str | Path, config) -> Run:
@@ -75,6 +77,7 @@ class Continual:
         self.parent = parent
         self.parent_session: Session | None = None
         self.replayed = 0
+        self.tuned_general: dict | None = None  # the tuned model's probes (``score_tuned``)
         if config.train.replay and parent is None:
             raise TunesmithError("train.replay: replay draws from a parent run's data; give the parent with --from RUN")
 
@@ -118,32 +121,48 @@ class Continual:
         session.data.stats["replay"] = {"fraction": fraction, "examples": self.replayed, "parent": str(self.parent.path)}
         return self.replayed
 
-    def start(self, session: Session, run: Run, model, resume: bool, main: bool):
+    def start(self, session: Session, run: Run, model, resume: bool, processes):
         """The model training starts from: the method applied to the base, its trainable parameters
-        set to the parent's. The base and the starting model are scored first (main process; kept
-        in ``start_eval.json`` for a resumed run)."""
-        scores = run.load_json("start_eval") if resume else None
+        set to the parent's. The base and the starting model are scored first (kept in
+        ``start_eval.json`` for a resumed run): on the general probes by every process of
+        ``processes`` (accelerate's state), a share each; the rest by the main process."""
+        main = processes.is_main_process
+        in_shares = partial(distributed.scored_in_shares, accelerator=processes)
+        scores = run.load_json("start_eval") if resume and main else None
         general = self.config.eval.general
-        if scores is None and main:
+        # The main process says what is left to score, so that every process takes part in the probes.
+        if distributed.main_says(scores is None, processes):
             scores = {"general": {}}
             if general:
-                print("scoring the base model on the general probes ...")
-                scores["general"]["base"] = score_general(model, session.tokenizer, general)
+                if main:
+                    print("scoring the base model on the general probes ...")
+                scores["general"]["base"] = score_general(model, session.tokenizer, general, in_shares)
         model = session.method.apply(model, self.config.method)
         if self.parent is not None:
             load_parent_weights(model, session, self.parent)
-        if main and scores is not None and "new" not in scores:
+        if distributed.main_says(scores is not None and "new" not in scores, processes):
             if self.parent is not None:
-                print("scoring the parent on the new and the parent's test sets ...")
-                scores["new"] = session.score(model)
-                scores["parent_test"] = self.parent_session_scores(model)
+                if main:
+                    print("scoring the parent on the new and the parent's test sets ...")
+                    scores["new"] = session.score(model)
+                    scores["parent_test"] = self.parent_session_scores(model)
                 if general:
-                    scores["general"]["parent"] = score_general(model, session.tokenizer, general)
-            else:
+                    parent = score_general(model, session.tokenizer, general, in_shares)
+                    if main:
+                        scores["general"]["parent"] = parent
+            elif main:
                 scores["new"] = None
-            run.save_json("start_eval", scores)
+            if main:
+                run.save_json("start_eval", scores)
         self.start_scores = scores
         return model
+
+    def score_tuned(self, session: Session, model, processes) -> None:
+        """The tuned model on the general probes, by every process, a share each (for ``finish``)."""
+        general = self.config.eval.general
+        if general:
+            self.tuned_general = score_general(model, session.tokenizer, general,
+                                               partial(distributed.scored_in_shares, accelerator=processes))
 
     def parent_session_scores(self, model) -> dict:
         data = self.parent_data()
@@ -175,7 +194,7 @@ class Continual:
             ]
         general = self.config.eval.general
         if general:
-            points = {**scores["general"], "tuned": score_general(model, session.tokenizer, general)}
+            points = {**scores["general"], "tuned": self.tuned_general}
             summary["general"] = points
             plot_forgetting(points, run.path / "forgetting.png")
             sections += ["## Forgetting: general ability", "",

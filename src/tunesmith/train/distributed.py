@@ -3,7 +3,10 @@
 Each process takes its own share of every step's micro-batches; token counts and losses are summed
 over processes, so that N processes compute the gradient one process would compute on all the
 shares; only the main process writes files. The gradient all-reduce itself is accelerate's (the
-model is prepared by it), not ours.
+model is prepared by it), not ours. Evaluation gives each process a contiguous share of the rows
+(``scored_in_shares``), gathered in rank order. Under FSDP2 the parameters and optimizer state are
+gathered whole where a whole is needed (below), and ``sharding_problems`` says what cannot train
+sharded.
 """
 
 from __future__ import annotations

@@ -104,6 +104,8 @@ def test_bad_rows_are_reported_by_line_and_kept_and_an_interrupted_output_contin
     assert main(argv) == 130
     assert not (tmp_path / "p.jsonl").exists()  # an interrupted output never looks complete
     assert len((tmp_path / "p.jsonl.partial").read_text().splitlines()) == 8
+    with (tmp_path / "p.jsonl.partial").open("a") as partial:
+        partial.write('{"line": 9, "inp')  # a batch cut off mid-write: written again on resuming
     capsys.readouterr()
     monkeypatch.setattr(Output, "write", write)
     assert main(argv) == 1

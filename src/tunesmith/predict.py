@@ -55,7 +55,7 @@ class Predictor:
         self.labels = self.run.labels()
         self.decision = self.run.decision()
         self.objective = self.session.objective
-        self.classifies = bool(self.labels) and hasattr(self.objective, "label_scores")
+        self.classifies = bool(self.labels) and self.objective.abilities.scores == "label"
         data = self.session.config.data
         self.header, self.tsv_quoting = data.header, data.tsv_quoting
         self.column = data.columns.text if self.classifies else (data.columns.prompt or data.columns.text)

@@ -1,6 +1,7 @@
-"""Methods say how their runs are served (``Method.serves``) and merged (``Method.combines``): a DoRA
-adapter is served beside LoRA ones on one base, in a batch of its own, and answers as it does alone
-in PEFT; a method that is not served on a shared base is refused, naming it; DoRA does not merge."""
+"""Methods say how their runs are served (``Method.serves``) and merged (``Method.combines``): DoRA and
+IA3 adapters are served beside LoRA ones on one base, each in batches of its own (IA3 on its own copy
+of the base), and each answers as it does alone in PEFT; a method that is not served beside others is
+refused, naming it; DoRA does not merge."""
 
 from __future__ import annotations
 
@@ -14,31 +15,38 @@ from conftest import review_rows, write_config, write_jsonl
 from test_serve import wait_for_submitted
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import REGISTRY
-from tunesmith.methods.base import ALONE, MIXED
+from tunesmith.methods.base import ALONE, APART, MIXED
 from tunesmith.serve.engine import BASE
 from tunesmith.serve.options import ServeOptions
 from tunesmith.serve.server import build_server
 from tunesmith.store import Run
 
-PROMPTS = {"lora": "honestly the film is", "dora": "a dull boring story", BASE: "the plot"}
+PROMPTS = {"lora": "honestly the film is", "dora": "a dull boring story", "ia3": "a great cast", BASE: "the plot"}
 
 
 def adapter_run(root, model_dir, name: str, seed: int, use_dora: bool = False):
-    """A complete run whose adapter is LoRA (or DoRA) with random, non-zero weights saved by PEFT."""
-    from peft import LoraConfig, get_peft_model
+    """A complete run whose adapter is LoRA, DoRA or (``name`` ia3) IA3, with random weights saved by PEFT
+    (none of them the identity)."""
+    from peft import IA3Config, LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     run_dir = root / name
     data = write_jsonl(root / f"{name}.jsonl", review_rows(20))
+    method = {"name": "ia3"} if name == "ia3" else {"name": "lora", "use_dora": use_dora}
     config = write_config(root / f"{name}.yaml", model_dir, {"path": str(data), "format": "classification",
                           "columns": {"text": "review", "label": "sentiment"}},
-                          method={"name": "lora", "use_dora": use_dora}, output={"dir": str(run_dir)})
+                          method=method, output={"dir": str(run_dir)})
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(config.read_text())
     torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=4, lora_alpha=32, target_modules="all-linear", init_lora_weights=False,
-                                      use_dora=use_dora))
+    peft_config = IA3Config(init_ia3_weights=False) if name == "ia3" else \
+        LoraConfig(r=4, lora_alpha=32, target_modules="all-linear", init_lora_weights=False, use_dora=use_dora)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), peft_config)
+    if name == "ia3":  # PEFT's random vectors stay near 1: scale them well away from the base
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "ia3_l" in n:
+                    p.mul_(3.0)
     model.save_pretrained(run_dir / "adapter")
     Run(run_dir).set_status("complete")
     return run_dir
@@ -65,26 +73,30 @@ def test_each_method_says_how_it_is_served_and_merged():
     assert lora.serves(lora.options()) == MIXED and lora.combines(lora.options())
     dora = lora.options(use_dora=True)
     assert lora.serves(dora) == ALONE and not lora.combines(dora)
-    for name in ("full", "prefix", "prompt", "ptuning", "adapter", "qlora", "ia3"):
+    assert REGISTRY["ia3"].serves(REGISTRY["ia3"].options()) == APART
+    for name in ("full", "prefix", "prompt", "ptuning", "adapter", "qlora"):
         method = REGISTRY[name]
         assert method.serves(method.options()) is None and not method.combines(method.options())
 
 
-def test_a_dora_adapter_is_served_beside_lora_ones_in_a_batch_of_its_own(tmp_path, tiny_model_dir):
+def test_dora_and_ia3_adapters_are_served_beside_lora_ones_in_batches_of_their_own(tmp_path, tiny_model_dir):
     from openai import OpenAI
 
     runs = {"lora": adapter_run(tmp_path, tiny_model_dir, "lora", seed=1),
-            "dora": adapter_run(tmp_path, tiny_model_dir, "dora", seed=2, use_dora=True)}
+            "dora": adapter_run(tmp_path, tiny_model_dir, "dora", seed=2, use_dora=True),
+            "ia3": adapter_run(tmp_path, tiny_model_dir, "ia3", seed=3)}
     server = build_server(runs, options=ServeOptions(batch_window_ms=50, max_tokens=8), log_requests=False)
     pool = server.pool
-    jobs = [SimpleNamespace(adapter=a) for a in ("lora", "dora", BASE, "dora", "lora")]
-    assert [[j.adapter for j in batch] for batch in pool.batches(jobs)] == [["lora", BASE, "lora"], ["dora", "dora"]]
+    jobs = [SimpleNamespace(adapter=a) for a in ("lora", "dora", "ia3", BASE, "dora", "lora")]
+    batches = pool.batches(jobs)
+    assert [[j.adapter for j in batch] for _, batch in batches] == [["lora", BASE, "lora"], ["dora", "dora"], ["ia3"]]
+    assert [model for model, _ in batches] == [pool.model, pool.model, pool.apart["ia3"]]
     base = str(tiny_model_dir)
     expected = {name: alone_in_peft(runs.get(name), tiny_model_dir, PROMPTS[name], 6) for name in PROMPTS}
-    assert len(set(expected.values())) == 3  # three models, three answers
+    assert len(set(expected.values())) == 4  # four models, four answers
     with server.in_thread() as url:
         client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-        assert {m.id for m in client.models.list().data} == {"lora", "dora", base}
+        assert {m.id for m in client.models.list().data} == {"lora", "dora", "ia3", base}
 
         def ask(name: str) -> str:
             out = client.completions.create(model=base if name == BASE else name, prompt=PROMPTS[name],
@@ -99,15 +111,17 @@ def test_a_dora_adapter_is_served_beside_lora_ones_in_a_batch_of_its_own(tmp_pat
         for thread in threads:
             thread.join()
         assert together == expected
-        assert sorted(server.scheduler.batches[-1]) == sorted(["lora", "dora", BASE])
+        assert sorted(server.scheduler.batches[-1]) == sorted(["lora", "dora", "ia3", BASE])
+        pool.unload("ia3")  # its own model goes with it; the others still answer
+        assert "ia3" not in pool.apart and ask("lora") == expected["lora"]
 
 
-def test_a_method_not_served_on_a_shared_base_is_refused_naming_it(tmp_path, tiny_model_dir):
+def test_a_method_not_served_beside_others_is_refused_naming_it(tmp_path, tiny_model_dir):
     run = adapter_run(tmp_path, tiny_model_dir, "lora", seed=1)
-    config = (run / "config.yaml").read_text().replace("name: lora", "name: ia3")
-    ia3 = tmp_path / "ia3"
-    ia3.mkdir()
-    (ia3 / "config.yaml").write_text("\n".join(line for line in config.splitlines()
-                                               if not line.strip().startswith(("r:", "alpha:", "dropout:", "use_dora:"))))
-    with pytest.raises(TunesmithError, match="method ia3, which is not served on a shared base model"):
-        build_server({"lora": run, "ia3": ia3}, log_requests=False)
+    config = (run / "config.yaml").read_text().replace("name: lora", "name: full")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "config.yaml").write_text("\n".join(line for line in config.splitlines() if not line.strip().startswith(
+        ("r:", "alpha:", "dropout:", "use_dora:", "use_rslora:", "target_modules:"))))
+    with pytest.raises(TunesmithError, match="method full, which is not served beside other runs"):
+        build_server({"lora": run, "full": full}, log_requests=False)

@@ -30,6 +30,7 @@ def not_combined(options: Section) -> bool:
 # How a run's saved weights are served on a shared base model (``Method.serves``).
 MIXED = "mixed"  # a named adapter that shares batches with other such adapters and the base
 ALONE = "alone"  # a named adapter of the shared base, decoded in batches of its own
+APART = "apart"  # an adapter on a copy of the base of its own (PEFT holds one adapter type per model)
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,8 @@ class Method:
     load_kwargs: Callable[[Section], dict] = no_load_kwargs
     # The run directory's folder for what ``save`` writes: the whole model, or the method's weights.
     saved_as: str = "adapter"
-    # How ``tunesmith serve`` serves a run of these options on a shared base: MIXED, ALONE, or None
-    # (not on a shared base: merge and export it, and serve that on its own).
+    # How ``tunesmith serve`` serves a run of these options beside others on one base: MIXED, ALONE,
+    # APART, or None (not at all: merge and export it, and serve that on its own).
     serves: Callable[[Section], str | None] = not_served
     # Whether ``tunesmith merge`` can combine several runs of these options (PEFT's add_weighted_adapter).
     combines: Callable[[Section], bool] = not_combined

@@ -12,7 +12,7 @@ from pydantic import Field
 
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import _peft
-from tunesmith.methods.base import Method
+from tunesmith.methods.base import APART, Method
 from tunesmith.options import Section
 
 # Output projections of feed-forward blocks across architectures: (IA)³ scales their input.
@@ -42,4 +42,10 @@ def apply(model, cfg):
     return _peft.wrap(model, config)
 
 
-METHOD = Method(name="ia3", options=Options, apply=apply, save=_peft.save, load=_peft.load, merge=_peft.merge)
+def serves(cfg) -> str:
+    # A PEFT model holds adapters of one type: (IA)³ vectors cannot join the LoRA adapters' model.
+    return APART
+
+
+METHOD = Method(name="ia3", options=Options, apply=apply, save=_peft.save, load=_peft.load, merge=_peft.merge,
+                serves=serves)

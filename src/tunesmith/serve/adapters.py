@@ -2,7 +2,8 @@
 
 Which runs serve, and how, is their method's to say (``Method.serves``): plain LoRA adapters share
 batches with each other and the base (PEFT's ``adapter_names`` routing); DoRA adapters, which PEFT
-cannot route so, are decoded in batches of their own (``batches``), one adapter active at a time.
+cannot route so, are decoded in batches of their own (``batches``), one adapter active at a time;
+IA3 adapters, which a LoRA PEFT model cannot hold, each on a copy of the base of their own.
 
 Runs are read through ``store.Run`` (their config, their saved adapter, their parent), not through
 ``session.load_run``: that builds a whole model per run, and the point here is one base for all.
@@ -24,9 +25,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import get_method
-from tunesmith.methods.base import MIXED
+from tunesmith.methods.base import APART, MIXED
 from tunesmith.model import lay_out_for_decoding, load_model, load_tokenizer, resolve_model
 from tunesmith.objectives import lacks
 from tunesmith.serve.engine import BASE, Event, Job, decode_batch
@@ -39,7 +42,7 @@ class Adapter:
     run: Path
     parent: Path | None
     created: int
-    mixes: bool = True  # shares batches with the base and other such adapters (``Method.serves``)
+    how: str = MIXED  # how it is batched (``Method.serves``): MIXED, ALONE or APART
 
 
 @dataclass
@@ -51,7 +54,7 @@ class RunAdapter:
     source: str  # where that name resolves to
     dtype: str
     weights: Path
-    mixes: bool = True
+    how: str = MIXED  # ``Method.serves``
 
 
 def read_run(path: str | Path) -> RunAdapter:
@@ -61,16 +64,15 @@ def read_run(path: str | Path) -> RunAdapter:
     method = get_method(config.method.name)
     how = method.serves(config.method)
     if how is None:
-        raise TunesmithError(f"{run.path}: trained with method {config.method.name}, which is not served on a "
-                             "shared base model (LoRA and DoRA adapters are); export the merged run and serve "
-                             "that on its own")
+        raise TunesmithError(f"{run.path}: trained with method {config.method.name}, which is not served beside "
+                             "other runs on one base model (LoRA, DoRA and IA3 adapters are); export the merged "
+                             "run and serve that on its own")
     if why := lacks(config.objective.name, "causal_answers"):
         raise TunesmithError(f"{run.path}: {why}; only runs that tune a causal LM's answers share its base")
     weights = run.saved(method)
     if not (weights / "adapter_config.json").is_file():
         raise TunesmithError(f"{run.path}: the run has no saved adapter/ (status: {run.status()})")
-    return RunAdapter(run, config.model.name, resolve_model(config.model.name), config.model.dtype, weights,
-                      mixes=how == MIXED)
+    return RunAdapter(run, config.model.name, resolve_model(config.model.name), config.model.dtype, weights, how)
 
 
 class AdapterPool:
@@ -83,15 +85,22 @@ class AdapterPool:
         self.adapter_dirs = [Path(d).resolve() for d in adapter_dirs]
         self.tokenizer = load_tokenizer(self.source)
         # load_model never passes trust_remote_code: a served model runs no code from its directory.
-        self.model = load_model(self.source, dtype=dtype).to(device).eval().requires_grad_(False)
-        lay_out_for_decoding(self.model)  # batched decoding runs 1.6x faster on CPU (model.py says why)
+        self.device = device
+        self.model = self._base_model()
         self.adapters: dict[str, Adapter] = {}
+        self.apart: dict[str, torch.nn.Module] = {}  # APART adapters, each on its own copy of the base
         self.aliases: dict[str, str] = dict(aliases or {})
         self.lock = threading.Lock()
         self.created = int(time.time())
         self.pending: Counter[str] = Counter()  # per adapter: jobs claimed and not yet decoded
         self.retiring: set[str] = set()  # adapters to unload once nothing needs them
         self._claims = threading.Lock()  # guards pending (taken inside lock, never the other way)
+
+    def _base_model(self) -> torch.nn.Module:
+        # load_model never passes trust_remote_code: a served model runs no code from its directory.
+        model = load_model(self.source, dtype=self.dtype).to(self.device).eval().requires_grad_(False)
+        lay_out_for_decoding(model)  # batched decoding runs 1.6x faster on CPU (model.py says why)
+        return model
 
     @classmethod
     def from_runs(cls, runs: dict[str, Path], base: str | None = None, **kwargs) -> AdapterPool:
@@ -184,14 +193,17 @@ class AdapterPool:
                     self._drop(name)
 
     def _drop(self, name: str) -> None:
-        others = [other for other in self.adapters if other != name]
+        if self.apart.pop(name, None) is not None:  # its own model goes with it
+            del self.adapters[name]
+            return
+        others = [other for other in self.adapters if other != name and other not in self.apart]
         if others and name in self.model.active_adapters:
             # A batch of one adapter made it active (engine.only_adapter); hand that on first, or PEFT
             # warns that it picked another active adapter itself. Batches set theirs anyway.
             self.model.set_adapter(others[0])
         self.model.delete_adapter(name)
         del self.adapters[name]
-        if not self.adapters:
+        if not others:
             # A PEFT model with no adapter cannot run forward; go back to the plain base model.
             self.model = self.model.unload()
 
@@ -218,23 +230,27 @@ class AdapterPool:
             if len(self.adapters) >= self.max_adapters:
                 raise TunesmithError(f"at most {self.max_adapters} adapters stay in memory "
                                      f"(--max-adapters); unload one first")
-            if isinstance(self.model, PeftModel):
+            if run.how == APART:
+                self.apart[name] = PeftModel.from_pretrained(self._base_model(), run.weights, adapter_name=name).eval()
+            elif isinstance(self.model, PeftModel):
                 self.model.load_adapter(run.weights, adapter_name=name)
             else:
                 self.model = PeftModel.from_pretrained(self.model, run.weights, adapter_name=name).eval()
-            self.adapters[name] = Adapter(name, run.run.path, run.run.parent, int(time.time()), run.mixes)
+            self.adapters[name] = Adapter(name, run.run.path, run.run.parent, int(time.time()), run.how)
 
     # Generation.
-    def batches(self, jobs: list[Job]) -> list[list[Job]]:
-        """The jobs as batches the model can decode together: the base's and those of every adapter
-        that mixes in one, each other adapter's (DoRA: ``Method.serves``) in one of its own."""
+    def batches(self, jobs: list[Job]) -> list[tuple[torch.nn.Module, list[Job]]]:
+        """The jobs as batches a model can decode together, with that model: the base's and those of
+        every adapter that mixes in one; each other adapter's (``Method.serves``: DoRA ALONE, IA3
+        APART, on its own model) in one of its own."""
         shared, alone = [], {}
         for job in jobs:
-            if job.adapter == BASE or self.adapters[job.adapter].mixes:
+            if job.adapter == BASE or self.adapters[job.adapter].how == MIXED:
                 shared.append(job)
             else:
                 alone.setdefault(job.adapter, []).append(job)
-        return [batch for batch in (shared, *alone.values()) if batch]
+        batches = [(self.model, shared)] if shared else []
+        return batches + [(self.apart.get(name, self.model), batch) for name, batch in alone.items()]
 
     def run(self, jobs: list[Job]) -> None:
         """Decode a batch (the scheduler's ``run_batch``); a job whose adapter has gone fails alone."""
@@ -248,8 +264,8 @@ class AdapterPool:
                 else:
                     job.emit(Event("error", text=f"adapter {job.adapter!r} was unloaded"))
             try:
-                for batch in self.batches(live):
-                    decode_batch(self.model, self.tokenizer, batch, mixed=isinstance(self.model, PeftModel))
+                for model, batch in self.batches(live):
+                    decode_batch(model, self.tokenizer, batch, mixed=isinstance(model, PeftModel))
             finally:
                 with self._claims:
                     for job in jobs:

@@ -168,6 +168,8 @@ def test_pruning_ends_a_bad_trial_early_as_pruned(tmp_path, tiny_model_dir, revi
     ({"train.lr": {"uniform": [1e-2, 1e-5]}}, "search.space.train.lr: uniform: the lower bound 0.01 is above"),
     ({"output.dir": {"choice": ["a", "b"]}}, "search.space.output.dir: the search sets output itself"),
     ({"train.lr": {"log_uniform": [1e-5, 1e-2]}, "objective": "bleu"}, "search.objective: unknown objective 'bleu'"),
+    ({"train.lr": {"log_uniform": [1e-5, 1e-2]}, "objective": "reward_margin"},
+     "search.objective: objective causal reports loss, perplexity, accuracy, macro_f1 (or val_loss), not reward_margin"),
 ])
 def test_a_bad_search_space_is_one_clear_line(tmp_path, tiny_model_dir, review_data, capsys, space, fragment):
     space = dict(space)

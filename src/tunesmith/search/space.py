@@ -13,9 +13,11 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from tunesmith.config import apply_overrides, read_config_file, validate_config
+from tunesmith.config import DEFAULT_OBJECTIVE, apply_overrides, read_config_file, validate_config
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.metrics import METRICS
+from tunesmith.objectives import REGISTRY as OBJECTIVES
+from tunesmith.objectives import abilities
 from tunesmith.options import Section
 
 Scalar = bool | int | float | str
@@ -157,6 +159,7 @@ def read_search_config(path: str, overrides: list[str]) -> tuple[dict, SearchCon
         problems += _problems(err, path, ())
         search = None
     if search is not None:
+        problems += check_metric(raw, search, path)
         try:
             check_space(raw, search, path)
         except TunesmithError as err:
@@ -164,6 +167,17 @@ def read_search_config(path: str, overrides: list[str]) -> tuple[dict, SearchCon
     if problems:
         raise TunesmithError(*dict.fromkeys(problems))
     return raw, search
+
+
+def check_metric(raw: dict, search: SearchConfig, source: str) -> list[str]:
+    """The search's metric must be one the run's objective reports (``Abilities.metrics``)."""
+    section = raw.get("objective")
+    name = section.get("name", DEFAULT_OBJECTIVE) if isinstance(section, dict) else DEFAULT_OBJECTIVE
+    metric = search.objective.rsplit("/", 1)[-1]
+    if search.objective == "val_loss" or name not in OBJECTIVES or metric in abilities(name).metrics:
+        return []
+    return [f"{source}: search.objective: objective {name} reports {', '.join(abilities(name).metrics)} "
+            f"(or val_loss), not {metric}"]
 
 
 def _problems(err: ValidationError, path: str, prefix: tuple) -> list[str]:

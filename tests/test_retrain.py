@@ -10,7 +10,7 @@ import pytest
 from conftest import cli_fails, review_rows, write_config, write_jsonl
 from tunesmith.cli import main
 from tunesmith.errors import TunesmithError
-from tunesmith.retrain.data import hold_out, rated_rows, replay, unseen
+from tunesmith.retrain.data import hold_out, rated_pairs, rated_rows, replay, unseen
 from tunesmith.retrain.gate import decide
 from tunesmith.store import db
 from tunesmith.store.db import served_ratings
@@ -98,6 +98,22 @@ def test_hold_out_and_replay_are_seeded_and_sized():
     assert len(held) == 10 and len(train) == 40 and sorted(train + held, key=lambda r: int(r["text"])) == rows
     assert hold_out(rows, 0.2, seed=3) == (train, held)
     assert len(replay(rows, 20, 1.5, seed=0)) == 30 and len(replay(rows, 40, 2.0, seed=0)) == 50
+
+
+def test_rated_pairs_prefer_each_good_answer_to_each_bad_one_of_its_prompt():
+    marked = [{"prompt": "p", "completion": "a", "label": True}, {"prompt": "p", "completion": "b", "label": False},
+              {"prompt": "p", "completion": "c", "label": False}, {"prompt": "q", "completion": "d", "label": True},
+              {"prompt": "r", "completion": "e", "label": False}]
+    pairs, skipped = rated_pairs(marked)
+    assert pairs == [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a", "rejected": "c"}]
+    assert skipped == {"one_sided": 2}  # q has only a good answer, r only a bad one
+
+
+def test_hold_out_keeps_the_rows_of_one_prompt_on_one_side():
+    rows = [{"prompt": f"p{i // 3}", "chosen": str(i), "rejected": "x"} for i in range(30)]
+    train, held = hold_out(rows, 0.2, seed=1)
+    assert len(held) == 6 and len(train) == 24  # 2 of the 10 prompts, with their 3 pairs each
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
 
 
 @pytest.mark.parametrize("child_original,child_new,promote,reason", [

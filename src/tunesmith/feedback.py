@@ -28,6 +28,7 @@ from tunesmith.data.io import read_records
 from tunesmith.errors import TunesmithError
 from tunesmith.files import write_atomic
 from tunesmith.objectives import lacks
+from tunesmith.store import Run
 from tunesmith.store import db as store
 from tunesmith.session import load_run
 from tunesmith.store.consensus import Consensus
@@ -75,10 +76,10 @@ def run_sources(runs: list[str], samples: bool, max_new_tokens: int, seed: int =
 
 
 def _writer(run_dir: str):
-    run, session, model = load_run(run_dir)
-    if why := lacks(session.config.objective.name, "causal_answers"):
+    """The run's tuned model, once its config says it writes answers (before any model is loaded)."""
+    if why := lacks(Run(run_dir, writer=False).load_config().objective.name, "causal_answers"):
         raise TunesmithError(f"{run_dir}: feedback needs a run that writes answers; {why}")
-    return run, session, model
+    return load_run(run_dir)
 
 
 def _source(run_dir: str, max_new_tokens: int) -> Source:

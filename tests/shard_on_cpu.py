@@ -1,9 +1,11 @@
-"""`tunesmith` under FSDP2 on CPU processes, for tests/test_sharded.py (run by torchrun, one per process).
+"""`tunesmith` under FSDP2 or DeepSpeed on CPU processes, for tests/test_sharded.py (run by torchrun,
+one per process).
 
-accelerate (1.16) switches its FSDP plugin on only for GPU-like devices: launched on CPUs with
-ACCELERATE_USE_FSDP=true, it builds a MULTI_CPU (DDP over gloo) state and ignores the request. torch's
-FSDP2 itself shards over gloo on CPUs, so this launcher turns accelerate's state to FSDP before
-tunesmith builds its Accelerator; everything after that is accelerate's own FSDP2 path.
+accelerate (1.16) switches FSDP and DeepSpeed on only for GPU-like devices: launched on CPUs with
+ACCELERATE_USE_FSDP=true or ACCELERATE_USE_DEEPSPEED=true, it builds a MULTI_CPU (DDP over gloo)
+state and ignores the request. torch's FSDP2 shards over gloo on CPUs, and DeepSpeed (0.19) runs
+ZeRO on its CPU accelerator, so this launcher turns accelerate's state to FSDP or DeepSpeed before
+tunesmith builds its Accelerator; everything after that is accelerate's own path for that engine.
 
 With SIGTERM_AT_STEP=N in the environment, every process sends itself a SIGTERM once step N is done,
 as a scheduler stopping the job would.
@@ -21,15 +23,28 @@ from accelerate.utils import DistributedType
 _init = accelerate.state.AcceleratorState.__init__
 
 
-def _fsdp_on_cpu(self, *args, **kwargs):
+def _asked(name: str) -> bool:
+    return os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true"
+
+
+def _sharded_on_cpu(self, *args, **kwargs):
     _init(self, *args, **kwargs)
-    if self.distributed_type == DistributedType.MULTI_CPU and os.environ.get("ACCELERATE_USE_FSDP") == "true":
+    if self.distributed_type != DistributedType.MULTI_CPU:
+        return
+    if _asked("FSDP"):
         self.distributed_type = DistributedType.FSDP
         self.fsdp_plugin = kwargs["fsdp_plugin"]
-        accelerate.state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    elif _asked("DEEPSPEED"):
+        # What accelerate does for DeepSpeed off the CPU (AcceleratorState.__init__).
+        plugin = kwargs["deepspeed_plugin"]
+        plugin.set_mixed_precision(self._mixed_precision)
+        plugin.select(_from_accelerator_state=True)
+        self.deepspeed_plugins = plugin
+        self.distributed_type = DistributedType.DEEPSPEED
+    accelerate.state.PartialState._shared_state["distributed_type"] = self.distributed_type
 
 
-accelerate.state.AcceleratorState.__init__ = _fsdp_on_cpu
+accelerate.state.AcceleratorState.__init__ = _sharded_on_cpu
 
 
 def _sigterm_at(step: int):

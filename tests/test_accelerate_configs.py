@@ -1,8 +1,8 @@
 """Every accelerate config in examples/accelerate/ is one that `accelerate launch` accepts.
 
 accelerate turns FSDP and DeepSpeed on only for GPU-like devices, so here the configs are validated,
-and nothing is launched (tests/test_sharded.py runs fsdp.yaml's settings on CPUs through a launcher
-that turns accelerate's FSDP on). Each config goes through:
+and nothing is launched (tests/test_sharded.py runs fsdp.yaml's and deepspeed_zero2.yaml's settings
+on CPUs through a launcher that turns them on). Each config goes through:
 - accelerate's own loader (``load_config_from_file``), which rejects an unknown top-level key;
 - a check that every key of ``fsdp_config`` and ``deepspeed_config`` is an option of its group in
   `accelerate launch`: accelerate copies these keys onto its arguments unchecked, so a misspelt one
@@ -12,9 +12,9 @@ that turns accelerate's FSDP on). Each config goes through:
   would give each process (``prepare_multi_gpu_env``, ``prepare_deepspeed_cmd_env``), and from that
   environment the FSDP or DeepSpeed plugin that ``Accelerator`` builds in each process.
 
-Not validated: DeepSpeed itself. The ``deepspeed`` package is not installed, so the ZeRO settings are
-checked as far as accelerate's ``DeepSpeedPlugin`` turns them into a DeepSpeed config, which never
-reaches ``deepspeed.initialize``. Nor has any of these configs been run on GPUs here.
+Not validated here: DeepSpeed itself. The ZeRO settings are checked as far as accelerate's
+``DeepSpeedPlugin`` turns them into a DeepSpeed config; tests/test_sharded.py takes them through
+``deepspeed.initialize`` where DeepSpeed is installed. None of these configs has been run on GPUs here.
 """
 
 from __future__ import annotations

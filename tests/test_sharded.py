@@ -1,9 +1,11 @@
-"""Sharded training (FSDP2) that finishes: two CPU processes over gloo, with the FSDP settings of
-examples/accelerate/fsdp.yaml, stopped by SIGTERM and resumed from the checkpoint they gathered, give
-the losses, saved adapter and test metrics of one process that trains on both shares of every step.
+"""Sharded training that finishes: two CPU processes over gloo, with the FSDP settings of
+examples/accelerate/fsdp.yaml (stopped by SIGTERM and resumed from the checkpoint they gathered), or
+with DeepSpeed ZeRO-2 as examples/accelerate/deepspeed_zero2.yaml sets it (when DeepSpeed is
+installed), give the losses, saved weights and test metrics of one process that trains on both
+shares of every step.
 
-accelerate switches FSDP on only for GPU-like devices, so the processes run through
-tests/fsdp_on_cpu.py, which turns accelerate's CPU state to FSDP (see its docstring).
+accelerate switches FSDP and DeepSpeed on only for GPU-like devices, so the processes run through
+tests/shard_on_cpu.py, which turns accelerate's CPU state to the engine asked for (see its docstring).
 """
 
 from __future__ import annotations
@@ -25,15 +27,24 @@ from tunesmith.config import load_config
 from tunesmith.recipe import run_training
 
 STEPS = 4
-LAUNCHER = Path(__file__).parent / "fsdp_on_cpu.py"
+LAUNCHER = Path(__file__).parent / "shard_on_cpu.py"
+
+
+def launch_env(monkeypatch, name: str) -> dict[str, str]:
+    """The FSDP or DeepSpeed part of the environment `accelerate launch` gives each process for
+    examples/accelerate/NAME."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(accelerate_launch, "is_port_in_use", lambda port: False)
+    args = launch_args(CONFIG_DIR / name)
+    env = accelerate_launch.prepare_deepspeed_cmd_env(args)[1] if args.use_deepspeed else \
+        accelerate_launch.prepare_multi_gpu_env(args)
+    return {k: v for k, v in env.items()
+            if k.startswith(("FSDP_", "ACCELERATE_USE_", "ACCELERATE_DEEPSPEED_", "ACCELERATE_GRADIENT_"))
+            or k == "ACCELERATE_CONFIG_DS_FIELDS"}
 
 
 def fsdp_env(monkeypatch) -> dict[str, str]:
-    """The FSDP part of the environment `accelerate launch` gives each process for examples/accelerate/fsdp.yaml."""
-    monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(accelerate_launch, "is_port_in_use", lambda port: False)
-    env = accelerate_launch.prepare_multi_gpu_env(launch_args(CONFIG_DIR / "fsdp.yaml"))
-    return {k: v for k, v in env.items() if k.startswith("FSDP_") or k == "ACCELERATE_USE_FSDP"}
+    return launch_env(monkeypatch, "fsdp.yaml")
 
 
 def two_processes(config: Path, env: dict[str, str], *args: str, launcher: tuple[str, ...] = (str(LAUNCHER),)
@@ -75,28 +86,42 @@ def test_fsdp_two_processes_stopped_and_resumed_match_one_process(tmp_path, conf
 
     one = tmp_path / "one"
     run_training(load_config(config_file, [f"output.dir={one}", "train.grad_accum=2"]))
+    assert_same_as_one_process(sharded, one)
 
-    log_sharded, log_one = _log(sharded), _log(one)
-    assert [sorted(r) for r in log_sharded] == [sorted(r) for r in log_one]
-    assert [r["step"] for r in log_sharded if "loss" in r] == list(range(1, STEPS + 1))
-    for a, b in zip(log_sharded, log_one):
+
+def assert_same_as_one_process(split: Path, one: Path) -> None:
+    """A LoRA run on two processes logged, scored and saved what one process with both shares did."""
+    log_split, log_one = _log(split), _log(one)
+    assert [sorted(r) for r in log_split] == [sorted(r) for r in log_one]
+    assert [r["step"] for r in log_split if "loss" in r] == list(range(1, STEPS + 1))
+    for a, b in zip(log_split, log_one):
         for key in ("loss", "val_loss", "trained_tokens", "grad_norm", "lr"):
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-4), (key, a, b)
     losses = [r["loss"] for r in log_one if "loss" in r]
     assert losses[-1] < losses[0]
 
-    metrics_sharded = json.loads((sharded / "metrics.json").read_text())
-    metrics_one = json.loads((one / "metrics.json").read_text())
-    assert metrics_sharded["tuned"] == pytest.approx(metrics_one["tuned"], rel=1e-4)
-    assert metrics_sharded["base"] == pytest.approx(metrics_one["base"], rel=1e-4)
+    metrics_split, metrics_one = (json.loads((run / "metrics.json").read_text()) for run in (split, one))
+    assert metrics_split["tuned"] == pytest.approx(metrics_one["tuned"], rel=1e-4)
+    assert metrics_split["base"] == pytest.approx(metrics_one["base"], rel=1e-4)
 
-    trained = load_file(sharded / "adapter" / "adapter_model.safetensors")
-    reference = load_file(one / "adapter" / "adapter_model.safetensors")
+    trained, reference = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (split, one))
     assert trained.keys() == reference.keys()
     for name, weight in reference.items():
         torch.testing.assert_close(trained[name], weight, rtol=1e-4, atol=1e-5, msg=name)
     assert all(w.abs().sum() > 0 for name, w in trained.items() if "lora_B" in name)  # B starts at zero
+
+
+def test_deepspeed_zero2_two_processes_match_one_process(tmp_path, config_file, monkeypatch):
+    pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install 'tunesmith[deepspeed]'")
+    env = launch_env(monkeypatch, "deepspeed_zero2.yaml")
+    assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "2"
+    zero2, one = tmp_path / "zero2", tmp_path / "one"
+    done = two_processes(config_file, env, "--set", f"output.dir={zero2}")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "optimizer state and gradients sharded over 2 processes (DeepSpeed ZeRO-2)" in done.stdout
+    run_training(load_config(config_file, [f"output.dir={one}", "train.grad_accum=2"]))
+    assert_same_as_one_process(zero2, one)
 
 
 def test_full_fine_tuning_sharded_matches_one_process(tmp_path, tiny_model_dir, review_data, monkeypatch):
@@ -123,7 +148,7 @@ def test_full_fine_tuning_sharded_matches_one_process(tmp_path, tiny_model_dir, 
 
 def test_fsdp_asked_for_on_cpus_without_the_launcher_says_it_runs_ddp(tmp_path, config_file, monkeypatch):
     # What accelerate does today with ACCELERATE_USE_FSDP on CPU processes: if it starts to shard
-    # there, this fails, and tests/fsdp_on_cpu.py can go.
+    # there, this fails, and tests/shard_on_cpu.py can go.
     done = two_processes(config_file, fsdp_env(monkeypatch), "--set", f"output.dir={tmp_path / 'ddp'}",
                          launcher=("-m", "tunesmith.cli"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -94,6 +94,28 @@ def scored_in_shares(score, rows: list, accelerator) -> list:
 # every process calls these functions in the same order, and each gets the whole tensors.
 
 
+def set_deepspeed_batch(accelerator) -> None:
+    """Under DeepSpeed, give it the micro-batch size it asks for before it prepares a model.
+    tunesmith passes accelerate no dataloader and its batches are token budgets of no fixed size;
+    DeepSpeed only counts samples with the number, so 1 stands in for it."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
+
+
+def describe_sharding(accelerator) -> str:
+    """One line: what each of several processes holds, and whether the sharding asked for runs."""
+    n, asked = accelerator.num_processes, launched_sharding()
+    if sharded(accelerator):
+        return f"parameters and optimizer state sharded over {n} processes (FSDP2)"
+    if accelerator.distributed_type == "DEEPSPEED":  # accelerate's DistributedType, a str enum
+        return f"optimizer state and gradients sharded over {n} processes ({asked})"
+    if asked:
+        return f"{asked} was asked for, but accelerate shards on GPUs only: these CPU processes run DDP, each " \
+               "with the whole model"
+    return f"DDP over {n} processes, each with the whole model"
+
+
 def sharded(accelerator) -> bool:
     """Whether the model's parameters are split across processes (FSDP2)."""
     return bool(getattr(accelerator, "is_fsdp2", False)) and accelerator.num_processes > 1

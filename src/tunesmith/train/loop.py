@@ -157,6 +157,7 @@ def fit(model, accelerator, batches: Batches, validation: list[dict], cfg: Train
     total_steps = planned_steps(batches, cfg, accelerator.num_processes)
     eval_every = validation_interval(cfg, total_steps)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
+    distributed.set_deepspeed_batch(accelerator)
     forward, optimizer, scheduler = accelerator.prepare(LossForward(model, batches), optimizer, scheduler)
     step = make_step(forward, optimizer, scheduler, accelerator, batches, cfg)
     state = TrainState()
@@ -211,11 +212,8 @@ def fit(model, accelerator, batches: Batches, validation: list[dict], cfg: Train
     order = batches.epoch(state.epoch)
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=not main,
                dynamic_ncols=True)
-    if main and sharded:
-        bar.write(f"parameters and optimizer state sharded over {accelerator.num_processes} processes (FSDP2)")
-    elif main and several and distributed.launched_sharding():
-        bar.write(f"{distributed.launched_sharding()} was asked for, but accelerate shards on GPUs only: these "
-                  "CPU processes run DDP, each with the whole model")
+    if main and several:
+        bar.write(distributed.describe_sharding(accelerator))
     if main:
         bar.write(describe_plan(batches, cfg, accelerator.num_processes)
                   + (f"; validation every {eval_every} steps" if val_set else ""))

@@ -23,6 +23,7 @@ from tunesmith.serve.options import ServeOptions
 from tunesmith.serve.server import build_server
 from tunesmith.store import db
 from tunesmith.store.aliases import write_alias
+from tunesmith.ui.app import UiContext, add_ui
 
 KEY, RATER_ID = "rate-me", "rater-1"
 # Prompts of words drawn at random: distinct enough for the leakage audit to keep held-out ones.
@@ -61,6 +62,7 @@ def test_serve_rate_retrain_gate_and_the_same_server_answers_with_the_child(pare
     write_alias(aliases, "live", parent)
     server = build_server({"served": parent}, adapter_dirs=[root], alias_file=aliases, store=store,
                           options=ServeOptions(batch_window_ms=10, max_tokens=8), access=Access({KEY: RATER_ID}))
+    server.extensions.append(lambda app: add_ui(app, UiContext(root, store, tmp_path)))
     with server.in_thread() as url:
         assert _alias_of(url, "live") == "served"
         # Four sampled one-token answers to each prompt; a rater prefers some tokens to others,
@@ -107,6 +109,11 @@ def test_serve_rate_retrain_gate_and_the_same_server_answers_with_the_child(pare
                                                         temperature=0)["choices"][0]["text"]
         assert server.pool.adapters["child"].run == child.resolve()
         assert "served" in server.pool.adapters  # named at startup: it stays, and answers by its name
+        # The UI on the same server shows the child's lineage and the gate's decision.
+        page = httpx.get(url + "/ui/api/run", params={"name": "child"}, headers={"Authorization": f"Bearer {KEY}"},
+                         timeout=30).json()
+        assert page["parent_name"] == "served" and page["objective"] == "dpo"
+        assert page["retrain_decision"]["decision"] == decision
 
 
 

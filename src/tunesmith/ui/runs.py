@@ -105,6 +105,8 @@ def show_run(request: Request, name: str):
         "metrics": run.load_json("metrics"),
         "report": run.report.read_text() if run.report.is_file() else None,
         "labels": run.labels(),
+        # A child of ``tunesmith retrain``: the gate's decision and its figures.
+        "retrain_decision": run.load_json("retrain_decision"),
         "resumable": run.status() in UNFINISHED and run.has_checkpoint(),
         "log": log_tail(run),
     }

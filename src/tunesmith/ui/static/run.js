@@ -118,6 +118,9 @@ async function act(what) {
 function facts(run) {
   const items = [["directory", run.path], ["model", run.model], ["started", run.started_at], ["updated", run.updated_at]];
   if (run.parent_name) items.push(["parent", runLink(run.parent_name)]);
+  const gate = run.retrain_decision && run.retrain_decision.decision;
+  if (gate) items.push(["gate", `${gate.promote ? "promoted" : "refused"}: ${gate.reason}` +
+                                (run.retrain_decision.alias ? ` (alias ${run.retrain_decision.alias})` : "")]);
   if (run.error) items.push(["error", run.error]);
   if (run.metrics && run.metrics.training_length) items.push(["training length", run.metrics.training_length.line]);
   if (run.process) items.push(["process", `pid ${run.process.pid}` +

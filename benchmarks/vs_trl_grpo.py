@@ -136,12 +136,12 @@ def main(argv=None) -> None:
               f"peak RSS {r['peak_rss_mb']:6.0f} MB  held-out reward (step:seconds/reward) {curve}", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     ours, theirs = results["tunesmith"], results["trl"]
-    target = args.target if args.target is not None else max(p["reward"] for p in theirs["curve"])
+    target = args.target if args.target is not None else max(p["reward"] for p in theirs["curve"][1:])  # after training began
     reach = {side: time_to(r["curve"], "reward", target, higher=True) for side, r in results.items()}
     for side, seconds in reach.items():
         print(f"{side:<10} reaches held-out reward {target:.3f} "
               + (f"after {seconds:.0f} s of training" if seconds is not None else "not within the run"))
-    ratio = (f"{reach['trl'] / reach['tunesmith']:.2f}x" if reach["trl"] and reach["tunesmith"]
+    ratio = (f"{reach['trl'] / reach['tunesmith']:.2f}x" if reach["trl"] is not None and reach["tunesmith"]
              else "n/a (a side never reached the target)")
     print(f"time-to-reward {ratio}  memory {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x  "
           f"reward tunesmith {ours['curve'][-1]['reward']:.3f} trl {theirs['curve'][-1]['reward']:.3f}  "

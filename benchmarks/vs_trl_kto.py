@@ -113,12 +113,12 @@ def main(argv=None) -> None:
               f"  held-out loss (step:seconds/loss) {curve}", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     ours, theirs = results["tunesmith"], results["trl"]
-    target = args.target if args.target is not None else min(p["loss"] for p in theirs["curve"])
+    target = args.target if args.target is not None else min(p["loss"] for p in theirs["curve"][1:])  # after training began
     reach = {side: time_to(r["curve"], "loss", target, higher=False) for side, r in results.items()}
     for side, seconds in reach.items():
         print(f"{side:<10} reaches held-out loss {target:.4f} "
               + (f"after {seconds:.0f} s of training" if seconds is not None else "not within the run"))
-    ratio = (f"{reach['trl'] / reach['tunesmith']:.2f}x" if reach["trl"] and reach["tunesmith"]
+    ratio = (f"{reach['trl'] / reach['tunesmith']:.2f}x" if reach["trl"] is not None and reach["tunesmith"]
              else "n/a (a side never reached the target)")
     last = {side: r["curve"][-1] for side, r in results.items()}
     print(f"time-to-loss {ratio}  memory {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x  "

@@ -16,15 +16,15 @@ from tunesmith.stopping import Interrupted, StopRequest, UpdateHold, on_sigterm
 from tunesmith.store import Run
 
 # Runs `tunesmith train CONFIG` with one phase made long: the phase announces itself, then repeats
-# its real work until it is stopped. The base and the tuned evaluation are Session.score's first
-# and second calls.
+# its real work until it is stopped. The base and the tuned evaluation are the first and second
+# calls of Session._held_out, which score and score_report both take their rows from.
 SLOW_PHASE = """
 import sys, time
 from tunesmith import session
 from tunesmith.cli import main
 
 phase, calls = sys.argv[2], []
-real = getattr(session.Session, "prepare" if phase == "prepare" else "score")
+real = getattr(session.Session, "prepare" if phase == "prepare" else "_held_out")
 
 def slow(self, *args, **kwargs):
     calls.append(1)
@@ -35,7 +35,7 @@ def slow(self, *args, **kwargs):
             real(self, *args, **kwargs)
     return real(self, *args, **kwargs)
 
-setattr(session.Session, "prepare" if phase == "prepare" else "score", slow)
+setattr(session.Session, "prepare" if phase == "prepare" else "_held_out", slow)
 sys.exit(main(["train", sys.argv[1]]))
 """
 

@@ -3,9 +3,10 @@ replays part of that run's training data, and measures what the update made the 
 
 The recipe calls ``Continual`` at four points: ``open`` (before anything is written: the parent's
 checks), ``add_replay`` (after the data is prepared), ``start`` (in place of ``method.apply``: the
-method's trainable parameters, set to the parent's values) and ``finish`` (the tuned model's
-figures and the report's sections). A run without a parent and without ``eval.general`` goes
-through the same calls, which then only apply the method.
+method's trainable parameters, set to the parent's values; for an objective trained against a
+reference, dpo or kto, the parent made its reference) and ``finish`` (the tuned model's figures and
+the report's sections, and which reference the run used). A run without a parent and without
+``eval.general`` goes through the same calls, which then only apply the method.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tunesmith.objectives import SEQUENCE_CLASSIFIER, abilities, lacks
 from tunesmith.session import Session
 from tunesmith.store import Run
 from tunesmith.train import distributed
+from tunesmith.train.precision import autocast
 
 
 def check_parent(path: str | Path, config) -> Run:
@@ -86,6 +88,11 @@ class Continual:
         """Check the parent (complete, same base model, method and objective) before anything is written."""
         return cls(config, check_parent(parent, config) if parent else None)
 
+    def reference(self) -> str:
+        """What an objective trained against a reference (``Abilities.reference``) is trained against:
+        ``parent RUN`` for a child, the model it starts from; ``base`` otherwise."""
+        return f"parent {self.parent.path.resolve()}" if self.parent is not None else "base"
+
     def status(self) -> dict:
         """What the run's status records: its parent, so the lineage survives a crash of this run."""
         return {"parent": str(self.parent.path.resolve())} if self.parent else {}
@@ -140,6 +147,13 @@ class Continual:
         model = session.method.apply(model, self.config.method)
         if self.parent is not None:
             load_parent_weights(model, session, self.parent)
+            if session.objective.abilities.reference:
+                # Trained against the model it starts from, the parent (objectives/dpo.py says why),
+                # scored under the autocast the steps use. A resumed run gets here with the parent's
+                # weights again, before its checkpoint is loaded.
+                with autocast(self.config.train.mixed_precision, next(model.parameters()).device):
+                    session.objective.start_from(model, partial(parent_model, session, self.parent),
+                                                 self.reference())
         if distributed.main_says(scores is not None and "new" not in scores, processes):
             if self.parent is not None:
                 if main:
@@ -175,6 +189,10 @@ class Continual:
         """The tuned model's figures for metrics.json, and the report's sections."""
         summary, sections = {}, []
         scores = self.start_scores
+        if session.objective.abilities.reference:
+            summary["reference"] = self.reference()
+            sections += ["## Reference", "",
+                         f"Trained and scored against {self.reference_line()}.", ""]
         if self.parent is not None:
             on_parent_test = self.parent_session_scores(model)
             tuned_new = session.score(model)
@@ -203,6 +221,12 @@ class Continual:
                          forgetting_table(points), "", "![forgetting](forgetting.png)", ""]
         return summary, sections
 
+    def reference_line(self) -> str:
+        """``reference()`` as the report says it."""
+        if self.parent is None:
+            return "the base model"
+        return f"the parent run `{self.parent.path}`, the model training started from"
+
 
 def replay_count(new: int, fraction: float) -> int:
     """Replayed examples so that they are ``fraction`` of all: r / (new + r) = fraction."""
@@ -227,10 +251,7 @@ def load_parent_weights(model, session: Session, parent: Run) -> None:
     The parent is loaded the way ``tunesmith eval`` loads it, then copied parameter by parameter:
     a method whose options change the parameters' names or shapes (another rank, other target
     modules) is refused."""
-    saved = parent.saved(session.method)
-    if not saved.is_dir():
-        raise TunesmithError(f"--from {parent.path}: the run has no saved {saved.name}/")
-    theirs = dict(session.method.load(session.load_model(parent.labels()), saved).named_parameters())
+    theirs = dict(parent_model(session, parent).named_parameters())
     mine = dict(model.named_parameters())
     if set(theirs) != set(mine):
         name = min(set(theirs) ^ set(mine))
@@ -243,3 +264,11 @@ def load_parent_weights(model, session: Session, parent: Run) -> None:
                 raise TunesmithError(f"--from {parent.path}: parameter {name} has shape {tuple(theirs[name].shape)} "
                                      f"in the parent, {tuple(p.shape)} here; keep the parent's method options")
             p.copy_(theirs[name].to(p.device, p.dtype))
+
+
+def parent_model(session: Session, parent: Run):
+    """The parent's tuned model, loaded the way ``tunesmith eval`` loads it."""
+    saved = parent.saved(session.method)
+    if not saved.is_dir():
+        raise TunesmithError(f"--from {parent.path}: the run has no saved {saved.name}/")
+    return session.method.load(session.load_model(parent.labels()), saved)

@@ -38,7 +38,7 @@ ABILITIES = {
     "causal_answers": "its model writes answers with a causal LM head (served, merged, judged, rated, probed)",
     "mixes_sources": "it scores each source of data.sources on its own",
     "scores": "its runs score texts (a label's probability, or a reward)",
-    "reference": "it trains against its base model",
+    "reference": "it trains against a reference model (its base, or a child's parent)",
 }
 
 

@@ -48,7 +48,9 @@ class Abilities:
     metrics: tuple[str, ...]  # what ``evaluate`` returns of ``eval.metrics.METRICS``
     writes_answers: bool = False  # its model answers prompts (``answer``, ``samples`` as text)
     scores: str | None = None  # how its runs score texts (``score.READERS``): "label" or "reward"
-    reference: bool = False  # trained and scored against its base model (an adapter disabled, or a copy)
+    # Trained and scored against the model training starts from: the base (an adapter disabled, or a
+    # copy), or a child's parent, which the objective's ``start_from(model, reload, start)`` fixes.
+    reference: bool = False
     mixes_sources: bool = False  # scores each source of ``data.sources`` on its own
     # Without labels, ``evaluate`` is the held-out loss alone (``loss_metrics`` of ``Batches.loss_totals``),
     # which several processes can sum share by share.

@@ -7,12 +7,20 @@ Layout: one row per pair, ``[prompt][chosen][rejected]``, the prompt run once (`
 4D mask: each answer sees the prompt and itself, with position ids continuing from the prompt), so
 each answer's log-probability is exactly what ``prompt + answer`` alone would give.
 
-Reference: with a PEFT method (LoRA, QLoRA, IA3) the policy with its adapter disabled, under
-``no_grad``: no second copy of the model. Otherwise (full fine-tuning, our own adapters) reference
-log-probabilities taken once, before the first optimizer step, for every pair the run prepared,
-and kept by the pairs' token ids (``PrecomputedReference``). They can never go stale: a pair not yet
-scored is scored by the model as loaded only if no parameter of it changed since, and otherwise by
-a fresh copy of the base.
+Reference: the model training starts from. For a fresh run that is the base: with a PEFT method
+(LoRA, QLoRA, IA3) the policy with its adapter disabled, under ``no_grad``: no second copy of the
+model. Otherwise (full fine-tuning, our own adapters) reference log-probabilities taken once, before
+the first optimizer step, for every pair the run prepared, and kept by the pairs' token ids
+(``PrecomputedReference``). They can never go stale: a pair not yet scored is scored by the model as
+loaded only if no parameter of it changed since, and otherwise by a fresh copy of the base.
+
+A child that starts from a parent's tuned weights (``train --from``, ``retrain``) is trained against
+its parent, as TRL trains against the SFT model it starts from: against the base, the loss would
+pull the child back to the base and undo what the parent learned. Disabling the adapter gives the
+base, not the parent, so for every method the parent's log-probabilities are precomputed
+(``Policy.start_from``) once its weights are loaded, before the first step: every pair the run knows
+is scored then, so a resumed child, which loads its parent's weights again before its checkpoint,
+gets the same reference; a pair first seen later is scored by the parent loaded afresh.
 """
 
 from __future__ import annotations
@@ -134,20 +142,29 @@ def _snapshot(model) -> tuple:
 
 
 class PrecomputedReference:
-    """Reference log-probabilities of pairs, by their token ids, for methods with no adapter to disable.
+    """Reference log-probabilities of pairs, by their token ids: for methods with no adapter to
+    disable, and for a child's parent (``start``), which no disabled adapter gives.
 
-    ``base`` is the model as ``load_model`` returned it. While it is unchanged it scores every pair
-    the run knows of, at once (before full fine-tuning's first step changes it, or while it is kept
-    unchanged beside another model); afterwards a pair not yet scored is scored by a fresh copy of the
-    base, loaded by ``reload``.
+    ``base`` is the reference model as it is now: the model as ``load_model`` returned it, or a
+    child's model with its parent's weights. While it is unchanged it scores every pair the run knows
+    of, at once (before the first step changes it, or while it is kept unchanged beside another
+    model); afterwards a pair not yet scored is scored by a fresh copy of it, loaded by ``reload``.
+    ``start``: what the reference is, when it is not the base (``"parent RUN"``); such a reference is
+    used even where the policy has an adapter to disable.
     """
 
-    def __init__(self, base, reload, known):
+    def __init__(self, base, reload, known, start: str | None = None):
         self.base = weakref.ref(base)
         self.snapshot = _snapshot(base)
         self.reload = reload
         self.known = known  # () -> every pair item the run prepared
+        self.start = start
         self.logps: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def describe(self) -> str:
+        """What the reference is, as a run records it: ``base`` or ``parent RUN``."""
+        return self.start or "base"
 
     def base_unchanged(self, model) -> bool:
         return self.base() is model and _snapshot(model) == self.snapshot
@@ -166,6 +183,10 @@ class PrecomputedReference:
                 del fresh
         return torch.stack([self.logps[_key(item)] for item in items])
 
+    def score_known(self, pad_id: int, batch_tokens: int) -> None:
+        """Score every pair the run knows of now, by the reference model as it is."""
+        self._score(self.base(), self.known(), pad_id, batch_tokens)
+
     @torch.no_grad()
     def _score(self, model, items: list[dict], pad_id: int, batch_tokens: int) -> None:
         was_training = model.training
@@ -182,7 +203,7 @@ class PrecomputedReference:
 def reference_logps(model, batch: dict[str, torch.Tensor], items: list[dict], policy: torch.Tensor,
                     precomputed: PrecomputedReference | None, layout: Layout) -> torch.Tensor:
     """The reference's [pairs, 2] log-probabilities, without gradients."""
-    if hasattr(model, "disable_adapter"):
+    if hasattr(model, "disable_adapter") and not (precomputed and precomputed.start):
         was_training = model.training
         model.eval()  # the reference is deterministic: no dropout
         with torch.no_grad(), model.disable_adapter():
@@ -285,23 +306,37 @@ class PairBatches:
 
 
 class Policy:
-    """What dpo and kto share: a causal LM trained against its base as the reference. The prompt
-    encoder, the reference for methods with no adapter to disable (``PrecomputedReference``, over
-    the pairs ``known`` gives), and the causal objective's generation for samples and answers."""
+    """What dpo and kto share: a causal LM trained against a reference, the model training starts
+    from (the base, or a child's parent: ``start_from``). The prompt encoder, the reference where it
+    is precomputed (``PrecomputedReference``, over the pairs ``known`` gives), and the causal
+    objective's generation for samples and answers."""
 
     def __init__(self, data: DataConfig, tokenizer, layout: Layout):
         self.encoder = Encoder(tokenizer, data.template, data.system_prompt, data.max_length)
         # Generation (samples, `tunesmith generate`) is the causal LM's.
         self.causal = Causal(CausalOptions(), data, tokenizer, layout)
+        self.layout = layout
         self.reference: PrecomputedReference | None = None
+        self.known = list  # () -> every pair item the run prepared, once the model is loaded
 
     def load_model(self, source: str, dtype: str, known, **kwargs):
         def load() -> torch.nn.Module:
             return load_model(source, "AutoModelForCausalLM", dtype, **kwargs)
 
         model = load()
-        self.reference = PrecomputedReference(model, load, known)
+        self.known = known
+        # A child's reference is its parent's, whatever base models are loaded after it (the parent's
+        # own load, the model rebuilt whole after sharded training).
+        if self.reference is None or not self.reference.start:
+            self.reference = PrecomputedReference(model, load, known)
         return model
+
+    def start_from(self, model, reload, start: str) -> None:
+        """Make ``model`` as it is now (a child with its parent's weights, before the first step) the
+        reference, named ``start`` (``"parent RUN"``): every known pair is scored by it at once;
+        ``reload`` gives a fresh copy of it for pairs first seen later."""
+        self.reference = PrecomputedReference(model, reload, self.known, start)
+        self.reference.score_known(self.layout.pad_id, self.layout.batch_tokens)
 
     @torch.no_grad()
     def samples(self, model, examples: list[dict], expected, max_new_tokens: int) -> list[dict]:
@@ -343,6 +378,10 @@ class DPO:
     @property
     def reference(self) -> PrecomputedReference | None:
         return self.policy.reference
+
+    def start_from(self, model, reload, start: str) -> None:
+        """Train against ``model`` as it is now, a child's parent (``Policy.start_from``)."""
+        self.policy.start_from(model, reload, start)
 
     @classmethod
     def check_method(cls, method) -> list[str]:

@@ -10,9 +10,11 @@ pairs, detached and clamped at 0.
 
 Layout: one row per example, ``[prompt][answer][mismatched answer]``, laid out as dpo lays out a pair
 (``dpo.pair_row``: the prompt run once, each answer seeing the prompt and itself), so a step computes
-the answer and its mismatched pair in one forward pass. The reference is dpo's: the policy with its
-adapter disabled (LoRA, QLoRA, IA3), or log-probabilities computed once before training for methods
-with no adapter to disable (``dpo.PrecomputedReference``).
+the answer and its mismatched pair in one forward pass. The reference is dpo's, the model training
+starts from: the base (the policy with its adapter disabled for LoRA, QLoRA, IA3, or log-probabilities
+computed once before training for methods with no adapter to disable, ``dpo.PrecomputedReference``),
+or a child's parent, whose log-probabilities are computed once its weights are loaded
+(``dpo.Policy.start_from``).
 
 Imbalanced thumbs: the paper asks for ``desirable_weight * good / (undesirable_weight * bad)`` in
 ``[1, 4/3]`` (``RATIO``). With ``balance: warn`` the weights are used as given and the data statistics
@@ -265,6 +267,10 @@ class KTO:
     @property
     def reference(self) -> PrecomputedReference | None:
         return self.policy.reference
+
+    def start_from(self, model, reload, start: str) -> None:
+        """Train against ``model`` as it is now, a child's parent (``Policy.start_from``)."""
+        self.policy.start_from(model, reload, start)
 
     @classmethod
     def check_method(cls, method) -> list[str]:

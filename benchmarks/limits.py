@@ -2,8 +2,10 @@
 
     python benchmarks/limits.py            # ~15 min on 2 cores
     python benchmarks/limits.py --quick    # smoke run: smaller matmuls, fewer steps and sizes
+    python benchmarks/limits.py --only peak --only roofline   # the machine's limits and the decode roofline
 
-1. The matmul peak: the best of square matmuls, float32 and bfloat16, on all threads.
+1. The matmul peak: the best of square matmuls, float32 and bfloat16, on all threads; and the memory
+   bandwidth: the best of several reads (a sum) and copies of a tensor far larger than the caches.
 2. Model-FLOPs utilisation of tunesmith's loop on the demo data, for full fine-tuning and LoRA: model
    FLOPs per token (formulas below, printed with their terms) times steady tokens/s, over the matmul
    peak of the precision the matmuls run in.
@@ -22,6 +24,17 @@ is 4 L d c forward (scores and weighted sum), twice that backward. The output pr
 for labelled tokens, since that is all tunesmith computes (a loop projecting every token would spend
 d V more per token, forward, in each direction). Recomputation (activation checkpointing) is not
 model FLOPs.
+
+4. The decode roofline of the bundled model (``--model``): what one decoding step must do, and so the
+   most tokens/s a batch of B rows can reach on this machine. Each step reads every weight the step
+   multiplies by once (the decoder's linear layers N and the output projection d V; the input
+   embedding is a lookup, one row a token) and each row's KV cache (2 L d_kv c elements at context c):
+
+       bytes/step  = (N + d V) s + B 2 L d_kv c s        (s: bytes of an element, 4 float32, 2 bf16)
+       FLOPs/token = 2 N + 2 d V + 4 L d c
+       tokens/s   <= B / max(bytes/step / bandwidth, B FLOPs/token / matmul peak)
+
+   ``benchmarks/serve_load.py`` prints each of its tokens/s figures as a share of this bound.
 
 Steady tokens/s leaves out the first step: it allocates the process's memory, which on this machine
 costs more than the step's compute. Each measurement runs in its own process (benchmarks/harness.py).
@@ -44,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="Timed steps per measurement (after one warm-up step).")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="Override the demo config (e.g. model.dtype=float32); repeatable.")
-    p.add_argument("--only", choices=["peak", "mfu", "length", "size"], action="append",
+    p.add_argument("--model", default="smollm2-135m", help="The model of the decode roofline.")
+    p.add_argument("--only", choices=["peak", "mfu", "length", "size", "roofline"], action="append",
                    help="Run only these parts; repeatable.")
     args = p.parse_args(argv)
     if args.quick:
@@ -73,6 +87,68 @@ def matmul_peak(sizes: list[int], seconds: float = 1.0) -> dict[str, float]:
             rates.append(2 * n**3 * count / (time.perf_counter() - started) / 1e9)
         best[str(dtype).removeprefix("torch.")] = max(rates)
     return best
+
+
+def memory_bandwidth(megabytes: int = 512, runs: int = 5) -> dict[str, float]:
+    """GB/s of reading (a sum) and of copying (read and write counted) a float32 tensor of ``megabytes``,
+    far beyond the caches: the best of ``runs`` each, and the median."""
+    import statistics
+
+    import torch
+
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    size = src.numel() * 4
+    found = {}
+    for name, work, moved in (("read", lambda: src.sum(), size), ("copy", lambda: dst.copy_(src), 2 * size)):
+        work()  # the first touch of dst pays for its pages
+        rates = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            work()
+            rates.append(moved / (time.perf_counter() - started) / 1e9)
+        found[name], found[f"{name}_median"] = max(rates), statistics.median(rates)
+    return found
+
+
+def decode_terms(model_name: str) -> dict[str, int]:
+    """The sizes of the decode roofline (module docstring) of ``model_name``, from its config and its
+    weights: N, d, V, L, d_kv (the width of one token's keys, or values, in one layer)."""
+    import torch
+
+    from tunesmith.model import load_model, resolve_model, unwrap
+
+    inner = unwrap(load_model(resolve_model(model_name)))
+    config = inner.config.get_text_config()
+    layers = getattr(inner, inner.base_model_prefix).layers
+    n = sum(m.weight.numel() for m in layers.modules() if isinstance(m, torch.nn.Linear))
+    head = _head_dim(config)
+    return {"N": n, "d": config.hidden_size, "V": config.vocab_size, "L": config.num_hidden_layers,
+            "d_kv": head * getattr(config, "num_key_value_heads", config.num_attention_heads)}
+
+
+def decode_roofline(terms: dict[str, int], rows: int, context: float, bandwidth_gb_s: float, peak_gflop_s: float,
+                    element_bytes: int) -> dict[str, float]:
+    """The most tokens/s that ``rows`` rows decoding at mean ``context`` can reach, and what bounds it."""
+    n, d, v, layers, d_kv = terms["N"], terms["d"], terms["V"], terms["L"], terms["d_kv"]
+    step_bytes = (n + d * v) * element_bytes + rows * 2 * layers * d_kv * context * element_bytes
+    flops = 2 * n + 2 * d * v + 4 * layers * d * context
+    memory_s, compute_s = step_bytes / (bandwidth_gb_s * 1e9), rows * flops / (peak_gflop_s * 1e9)
+    return {"tokens_per_s": rows / max(memory_s, compute_s), "bytes_per_step": step_bytes,
+            "flops_per_token": flops, "bound": "memory" if memory_s >= compute_s else "compute"}
+
+
+def print_roofline(terms: dict[str, int], bandwidth: dict[str, float], peak: dict[str, float],
+                   rows: list[int], context: float) -> None:
+    t = terms
+    print(f"\n## decode roofline (N={t['N'] / 1e6:.1f}M d={t['d']} V={t['V']} L={t['L']} d_kv={t['d_kv']}, "
+          f"context {context:g}; read bandwidth {bandwidth['read']:.1f} GB/s)")
+    print(f"{'weights':<9} {'rows':>4} {'MB/step':>8} {'GFLOP/token':>12} {'tokens/s':>9}  bound")
+    for dtype, size in (("float32", 4), ("bfloat16", 2)):
+        for b in rows:
+            r = decode_roofline(terms, b, context, bandwidth["read"], peak[dtype], size)
+            print(f"{dtype:<9} {b:>4} {r['bytes_per_step'] / 1e6:>8.1f} {r['flops_per_token'] / 1e9:>12.3f} "
+                  f"{r['tokens_per_s']:>9.1f}  {r['bound']}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -176,7 +252,7 @@ def main(argv=None) -> None:
     if serve_child(CHILDREN):
         return
     args = parse_args(argv)
-    parts = args.only or ["peak", "mfu", "length", "size"]
+    parts = args.only or ["peak", "mfu", "length", "size", "roofline"]
     print(f"machine: {machine()}")
     base = {"overrides": args.overrides, "steps": args.steps}
 
@@ -185,6 +261,11 @@ def main(argv=None) -> None:
         print("\n## matmul peak (best of square matmuls, all threads)")
         for dtype, rate in peak.items():
             print(f"{dtype:<9} {rate:8.1f} GFLOP/s")
+    bandwidth = memory_bandwidth(128 if args.quick else 512)
+    if "peak" in parts:
+        print("\n## memory bandwidth (a float32 tensor far beyond the caches, all threads; best and median)")
+        for kind in ("read", "copy"):
+            print(f"{kind:<9} {bandwidth[kind]:8.1f} GB/s (median {bandwidth[kind + '_median']:.1f})")
 
     if "mfu" in parts:
         print("\n## model-FLOPs utilisation, demo data "
@@ -220,6 +301,9 @@ def main(argv=None) -> None:
         for size in sizes:
             r = measure(__file__, "train", {**base, "method": "lora", "examples": size})
             print(f"{size:>9} {r['plan_s']:>9.2f}s {r['tokens_per_s']:>7.0f} {r['peak_rss_mb']:>6.0f} MB", flush=True)
+    if "roofline" in parts:
+        # A chat prompt of ~40 tokens and half of a 32-token answer: serve_load.py's requests.
+        print_roofline(decode_terms(args.model), bandwidth, peak, [1, 4, 16], context=56)
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
 
 

@@ -10,7 +10,10 @@ is the obvious FastAPI route: one lock, ``set_adapter``, ``model.generate`` per 
 number of concurrent clients, each client sends greedy completions one after another, the requests
 alternating between the two adapters, until the level has sent ``--requests`` requests or run
 ``--seconds`` seconds. Printed per server and level: requests/s, generated tokens/s (from the
-responses' usage), p50/p95 latency; the last line is the ratio of the two servers at the highest level.
+responses' usage), p50/p95 latency, and tokens/s as a share of the decode roofline at that many rows
+(``benchmarks/limits.py``: this machine's read bandwidth and float32 matmul peak, measured first, the
+model's float32 weights, rows = clients up to the server's --max-batch of 16); the last line is the
+ratio of the two servers at the highest level.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 PROMPTS = ["honestly the film is", "the plot of this movie was", "to me the ending felt", "overall the cast is",
            "i think this story is", "as a whole the script was", "sadly the picture is", "the movie is a"]
 ADAPTERS = ("alpha", "beta")
+MAX_BATCH = 16
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -125,7 +129,7 @@ def serve(kind: str, runs_dir: Path, port: int) -> None:
     if kind == "naive":
         uvicorn.run(naive_app(runs), host="127.0.0.1", port=port, log_level="warning")
         return
-    options = ServeOptions(max_concurrent=256, max_batch=16)
+    options = ServeOptions(max_concurrent=256, max_batch=MAX_BATCH)
     build_server(runs, options=options, store=runs_dir / "store.sqlite").run("127.0.0.1", port)
 
 
@@ -184,6 +188,24 @@ async def load(url: str, clients: int, requests: int, seconds: float, max_tokens
             "p95_s": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))]}
 
 
+def roofline_per_level(model: str, levels: list[int], max_tokens: int) -> dict:
+    """The float32 decode roofline's tokens/s for each number of clients, and a line saying what it rests on."""
+    from limits import decode_roofline, decode_terms, matmul_peak, memory_bandwidth
+
+    from tunesmith.model import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(model))
+    prompt = statistics.mean(len(tokenizer(p).input_ids) for p in PROMPTS)
+    context = prompt + max_tokens / 2
+    bandwidth, peak, terms = memory_bandwidth()["read"], matmul_peak([512, 1024])["float32"], decode_terms(model)
+    found = {c: decode_roofline(terms, min(c, MAX_BATCH), context, bandwidth, peak, 4)["tokens_per_s"]
+             for c in levels}
+    found["line"] = (f"roofline (float32 weights, context {context:.0f}): read bandwidth {bandwidth:.1f} GB/s, "
+                     f"matmul peak {peak:.0f} GFLOP/s; "
+                     + ", ".join(f"{c} clients {found[c]:.0f} tokens/s" for c in levels))
+    return found
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.serve:
@@ -199,6 +221,7 @@ def main(argv=None) -> None:
 
             model = str(make_model_dir(root / "tiny-llama"))
         make_runs(root, model)
+        roofline = roofline_per_level(model, levels, args.max_tokens)
         results = {}
         for kind in ("tunesmith", "naive"):
             proc, url = start(kind, root)
@@ -211,11 +234,12 @@ def main(argv=None) -> None:
                 proc.wait(30)
     print(f"model: {'tiny Llama (2 layers, width 32)' if args.tiny else args.model}; two LoRA adapters; "
           f"max_tokens {args.max_tokens}, greedy; at most {args.requests} requests or {args.seconds:g} s per level")
-    print("| server | clients | requests | requests/s | tokens/s | p50 s | p95 s |")
-    print("|---|---|---|---|---|---|---|")
+    print(roofline["line"])
+    print("| server | clients | requests | requests/s | tokens/s | share of roofline | p50 s | p95 s |")
+    print("|---|---|---|---|---|---|---|---|")
     for (kind, clients), r in results.items():
         print(f"| {kind} | {clients} | {r['requests']} | {r['req_s']:.2f} | {r['tok_s']:.1f} | "
-              f"{r['p50_s']:.3f} | {r['p95_s']:.3f} |")
+              f"{r['tok_s'] / roofline[clients]:.1%} | {r['p50_s']:.3f} | {r['p95_s']:.3f} |")
     top = max(levels)
     ours, naive = results["tunesmith", top], results["naive", top]
     print(f"ratio tunesmith/naive at {top} clients: requests/s {ours['req_s'] / naive['req_s']:.2f}x, "

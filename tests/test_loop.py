@@ -76,6 +76,10 @@ def test_serve_rate_retrain_gate_and_the_same_server_answers_with_the_child(pare
                                json={"id": answer["id"], "thumbs": thumbs})
             assert rated.status_code == 200, rated.text
 
+        # The child trains against its parent (metrics.json's reference), yet DPO on one-token answers,
+        # with no pairs to replay from a causal parent, raises the parent's loss on its own test set:
+        # 6.05 -> 7.38 after 16 steps at lr 0.05, 6.05 -> 6.67 after 8 at lr 0.02 (7.48 and 6.63 against
+        # the base). Hence a short run and a wide tolerance on the original test set.
         code = main(["retrain", str(parent), "--objective", "dpo", "--store", str(store), "--out", str(child),
                      "--min-rows", "8", "--alias", "live", "--alias-file", str(aliases),
                      "--log", str(tmp_path / "decisions.jsonl"), "--tolerance", "1.0",
@@ -91,6 +95,7 @@ def test_serve_rate_retrain_gate_and_the_same_server_answers_with_the_child(pare
         assert json.loads(aliases.read_text()) == {"live": str(child.resolve())}
         metrics = json.loads((child / "metrics.json").read_text())  # the child trained on the pairs
         assert metrics["objective"] == "dpo" and metrics["tuned"]["loss"] < metrics["base"]["loss"]
+        assert metrics["reference"] == f"parent {parent.resolve()}"
         weights = [load_file(run / "adapter" / "adapter_model.safetensors") for run in (parent, child)]
         assert weights[0].keys() == weights[1].keys()
         assert all(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -98,7 +98,7 @@ def test_the_scheduler_counts_rows_not_requests():
     batches: list[list[int]] = []
     done = threading.Event()
 
-    def run_batch(jobs):
+    def run_batch(jobs, more):
         batches.append([job.sampling.n for job in jobs])
         if sum(len(b) for b in batches) == 3:
             done.set()

@@ -88,9 +88,10 @@ def test_dora_and_ia3_adapters_are_served_beside_lora_ones_in_batches_of_their_o
     server = build_server(runs, options=ServeOptions(batch_window_ms=50, max_tokens=8), log_requests=False)
     pool = server.pool
     jobs = [SimpleNamespace(adapter=a) for a in ("lora", "dora", "ia3", BASE, "dora", "lora")]
-    batches = pool.batches(jobs)
-    assert [[j.adapter for j in batch] for _, batch in batches] == [["lora", BASE, "lora"], ["dora", "dora"], ["ia3"]]
-    assert [model for model, _ in batches] == [pool.model, pool.model, pool.apart["ia3"]]
+    lanes = [pool.place(job) for job in jobs]
+    assert [key for key, _, _ in lanes] == [BASE, "dora", "ia3", BASE, "dora", BASE]
+    assert [model for _, model, _ in lanes] == [pool.model, pool.model, pool.apart["ia3"], pool.model, pool.model,
+                                                pool.model]
     base = str(tiny_model_dir)
     expected = {name: alone_in_peft(runs.get(name), tiny_model_dir, PROMPTS[name], 6) for name in PROMPTS}
     assert len(set(expected.values())) == 4  # four models, four answers

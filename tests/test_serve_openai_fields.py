@@ -247,9 +247,9 @@ def test_a_non_streamed_request_whose_client_left_is_dropped(served):
     seen: list[bool] = []
     run_batch = server.scheduler.run_batch
 
-    def recording(jobs):
+    def recording(jobs, more):
         seen.extend(job.cancelled.is_set() for job in jobs)
-        run_batch(jobs)
+        run_batch(jobs, more)
 
     server.scheduler.run_batch = recording
     try:

@@ -11,14 +11,17 @@ Every run must have trained LoRA on a causal LM (its objective's ability ``causa
 same base model and dtype; anything else is refused with the reason. Adapters loaded at run time
 come only from the configured directories, and at most ``max_adapters`` stay in memory.
 
-The pool's ``lock`` is held while a batch is decoded and while an adapter is loaded or unloaded,
-so a batch never sees the model change under it. Requests ``claim`` their adapter, which counts the
-jobs waiting for it: an adapter ``retire``d (the old target of a moved alias) is unloaded only once
-no alias points at it and no job waits for it, so a promotion fails no request already queued.
+The pool's ``lock`` is held while the engine decodes (from idle until every running request is
+done) and while an adapter is loaded or unloaded, so a batch never sees the model change under it;
+a load or unload waiting for it stops new requests joining, so the running ones finish and it gets
+in. Requests ``claim`` their adapter, which counts the jobs waiting for it: an adapter ``retire``d
+(the old target of a moved alias) is unloaded only once no alias points at it and no job waits for
+it, so a promotion fails no request already queued.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
@@ -32,7 +35,7 @@ from tunesmith.methods import get_method
 from tunesmith.methods.base import APART, MIXED
 from tunesmith.model import lay_out_for_decoding, load_model, load_tokenizer, resolve_model
 from tunesmith.objectives import lacks
-from tunesmith.serve.engine import BASE, Event, Job, decode_batch
+from tunesmith.serve.engine import BASE, Event, Job, decode
 from tunesmith.store import Run
 
 
@@ -95,6 +98,7 @@ class AdapterPool:
         self.pending: Counter[str] = Counter()  # per adapter: jobs claimed and not yet decoded
         self.retiring: set[str] = set()  # adapters to unload once nothing needs them
         self._claims = threading.Lock()  # guards pending (taken inside lock, never the other way)
+        self.changes_waiting = 0  # loads and unloads waiting for ``lock``: no request joins meanwhile
 
     def _base_model(self) -> torch.nn.Module:
         # load_model never passes trust_remote_code: a served model runs no code from its directory.
@@ -168,7 +172,7 @@ class AdapterPool:
 
     def unload(self, name: str) -> None:
         """Remove adapter ``name`` from memory (``/v1/unload_lora_adapter``); aliases to it go too."""
-        with self.lock:
+        with self._changing():
             if name not in self.adapters:
                 raise TunesmithError(f"lora_name {name!r}: no such adapter is loaded")
             self._drop(name)
@@ -177,7 +181,7 @@ class AdapterPool:
     def retire(self, name: str) -> None:
         """Unload adapter ``name`` as soon as no alias points at it and no claimed job waits for it
         (now, or after the batch that decodes its last job). An alias pointed back at it first keeps it."""
-        with self.lock:
+        with self._changing():
             self.retiring.add(name)
             self._unload_retired()
 
@@ -224,7 +228,7 @@ class AdapterPool:
     def _add(self, name: str, run: RunAdapter) -> None:
         from peft import PeftModel
 
-        with self.lock:
+        with self._changing():
             if name in self.adapters or name in self.aliases or name == self.base_name or name == BASE:
                 raise TunesmithError(f"lora_name {name!r}: already loaded (unload it first)")
             if len(self.adapters) >= self.max_adapters:
@@ -238,37 +242,57 @@ class AdapterPool:
                 self.model = PeftModel.from_pretrained(self.model, run.weights, adapter_name=name).eval()
             self.adapters[name] = Adapter(name, run.run.path, run.run.parent, int(time.time()), run.how)
 
-    # Generation.
-    def batches(self, jobs: list[Job]) -> list[tuple[torch.nn.Module, list[Job]]]:
-        """The jobs as batches a model can decode together, with that model: the base's and those of
-        every adapter that mixes in one; each other adapter's (``Method.serves``: DoRA ALONE, IA3
-        APART, on its own model) in one of its own."""
-        shared, alone = [], {}
-        for job in jobs:
-            if job.adapter == BASE or self.adapters[job.adapter].how == MIXED:
-                shared.append(job)
-            else:
-                alone.setdefault(job.adapter, []).append(job)
-        batches = [(self.model, shared)] if shared else []
-        return batches + [(self.apart.get(name, self.model), batch) for name, batch in alone.items()]
+    @contextlib.contextmanager
+    def _changing(self):
+        """``lock``, for a change of the model: the engine lets no new request join while this waits."""
+        with self._claims:
+            self.changes_waiting += 1
+        try:
+            with self.lock:
+                yield
+        finally:
+            with self._claims:
+                self.changes_waiting -= 1
 
-    def run(self, jobs: list[Job]) -> None:
-        """Decode a batch (the scheduler's ``run_batch``); a job whose adapter has gone fails alone."""
+    # Generation.
+    def place(self, job: Job) -> tuple[str, torch.nn.Module, bool]:
+        """Where ``job`` decodes (``engine.decode``'s lanes): the base's and the adapters that mix in
+        one share a lane on the shared model; each other adapter (``Method.serves``: DoRA ALONE, IA3
+        APART, on its own model) has a lane of its own."""
         from peft import PeftModel
 
-        with self.lock:
-            live = []
-            for job in jobs:
+        if job.adapter == BASE or self.adapters[job.adapter].how == MIXED:
+            return BASE, self.model, isinstance(self.model, PeftModel)
+        model = self.apart.get(job.adapter, self.model)
+        return job.adapter, model, isinstance(model, PeftModel)
+
+    def run(self, jobs: list[Job], more=None, max_rows: int = 16, prefill_tokens: int = 512) -> None:
+        """Decode ``jobs``, and those ``more(room)`` hands in while they decode (the scheduler's
+        ``run_batch``); a job whose adapter has gone fails alone."""
+        decoded = list(jobs)
+
+        def live(new: list[Job]) -> list[Job]:
+            kept = []
+            for job in new:
                 if job.adapter == BASE or job.adapter in self.adapters:
-                    live.append(job)
+                    kept.append(job)
                 else:
                     job.emit(Event("error", text=f"adapter {job.adapter!r} was unloaded"))
+            return kept
+
+        def joining(room: int) -> list[Job]:
+            if self.changes_waiting:  # let the running requests finish, so the change gets the lock
+                return []
+            new = more(room)
+            decoded.extend(new)
+            return live(new)
+
+        with self.lock:
             try:
-                for model, batch in self.batches(live):
-                    decode_batch(model, self.tokenizer, batch, mixed=isinstance(model, PeftModel))
+                decode(self.place, self.tokenizer, live(jobs), joining if more else None, max_rows, prefill_tokens)
             finally:
                 with self._claims:
-                    for job in jobs:
+                    for job in decoded:
                         self.pending[job.adapter] -= 1
                         if self.pending[job.adapter] <= 0:
                             del self.pending[job.adapter]  # (a job run without a claim: tests)

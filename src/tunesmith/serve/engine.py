@@ -1,10 +1,15 @@
-"""Generation for the server: requests for different adapters decoded together, one token per step.
+"""Generation for the server: continuous batching of requests for different adapters, one token per step.
 
-A batch is a list of ``Job``s, each with its own adapter, prompt and sampling settings. The rows
-are left-padded and run through one forward pass per step; PEFT's mixed-adapter batches
-(``adapter_names=``, one name per row, ``"__base__"`` for the base model) route each row through
-its own LoRA weights. Each row samples with its own temperature, top_p and random generator, stops
-on its own end-of-sequence token, stop string or token limit, and streams its text as it grows.
+A request is a ``Job``, with its own adapter, prompt and sampling settings. Jobs decode in a ``Lane``
+(one per model, and one per adapter that cannot share a batch), which they join at any step and leave
+the step they finish: their prompts are prefilled first, left-padded, a chunk of at most
+``prefill_tokens`` tokens a step so that a long prompt does not stall the rows decoding beside it;
+their rows then join the decoding batch, their KV cache (``DynamicCache``) joined to the running one
+along the batch, the shorter left-padded with positions the attention mask hides. Each step runs one
+forward pass for every decoding row; PEFT's mixed-adapter batches (``adapter_names``, one name per
+row, ``"__base__"`` for the base model) route each row through its own LoRA weights. Each row samples
+with its own temperature, top_p and random generator, stops on its own end-of-sequence token, stop
+string or token limit, and streams its text as it grows.
 
 A job with a ``grammar`` (``response_format``: ``serve/structured.py``) gives each of its rows its own
 ``Constraint``: the row's logits lose the tokens the grammar does not allow before it samples, and
@@ -17,14 +22,12 @@ event, and the other rows go on. A job cancelled (its client gone) leaves the ba
 
 Mixed routing has a price. PEFT's ``adapter_names=`` argument walks every module twice on each
 forward pass to hook the names into each LoRA layer (about 40 ms a step for SmolLM2-135M on CPU),
-and each LoRA layer then splits its batch by adapter. So ``routed`` puts those hooks in once a
-batch instead of once a step, and once every row left in a batch uses one adapter (a lone request,
-or the rows that outlive the others), the batch runs the plain way: that adapter made active with
-``set_adapter``, or all adapters off for the base. Before, a lone request decoded about 1.6x slower
-than ``generate`` with one active adapter.
+and each LoRA layer then splits its batch by adapter. So ``_Routing`` puts those hooks in once, and a
+forward pass whose rows all use one adapter (a lone request, or the rows that outlive the others)
+runs the plain way: that adapter made active with ``set_adapter``, or all adapters off for the base.
 
-``Scheduler`` is the micro-batching loop: it waits a few milliseconds for requests to arrive
-together, then decodes them as one batch on its own thread.
+``Scheduler`` feeds the engine: when it is idle, it waits a few milliseconds for requests that arrive
+together; while it decodes, it lets the requests that arrived into the running batch at every step.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -229,25 +232,6 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 @contextlib.contextmanager
-def routed(model, adapters: list[str]):
-    """Each LoRA layer of PEFT ``model`` gets ``adapters`` (one name per row) as its ``adapter_names``
-    inside the block. The list is read at every call, so the caller edits it in place as rows leave."""
-    from peft.tuners.lora import LoraLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
-
-    def hook(module, args, kwargs):
-        return args, {**kwargs, "adapter_names": adapters}
-
-    handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module in model.modules()
-               if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper))]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-@contextlib.contextmanager
 def only_adapter(model, name: str):
     """Run a PEFT model as adapter ``name`` alone (``BASE``: with its adapters off) inside the block."""
     if name == BASE:
@@ -258,88 +242,313 @@ def only_adapter(model, name: str):
         yield
 
 
-@torch.no_grad()
-def decode_batch(model, tokenizer, jobs: list[Job], mixed: bool) -> None:
-    """Decode ``jobs`` together until each has finished; events go to each job's ``emit``.
+class _Routing:
+    """Which adapter each row of a forward pass of a PEFT model goes through (``use``, before each pass).
 
-    ``mixed``: the model is a PEFT model, and each job names its adapter (or ``BASE``).
+    Rows of several adapters are routed by PEFT's ``adapter_names``, handed to each LoRA layer by hooks
+    put in once (PEFT's own argument walks every module twice a pass); rows of one adapter run the
+    plain way, that adapter active (or every adapter off for the base), which costs nothing per row.
     """
-    for job in jobs:
-        if job.cancelled.is_set():  # its client left while it queued
-            for index in range(job.sampling.n):
-                job.emit(Event("done", finish_reason="cancelled", index=index))
-    jobs = [job for job in jobs if not job.cancelled.is_set()]
-    if not jobs:
-        return
-    rows = [_Row(job, index, seed, tokenizer) for job in jobs
-            for index, seed in enumerate(choice_seeds(job.sampling.seed, job.sampling.n))]
-    # Each prompt is prefilled once, as one row; a job's n choices are copies of it from then on.
-    choices = torch.tensor([j for j, job in enumerate(jobs) for _ in range(job.sampling.n)])
-    eos = eos_ids(model, tokenizer)
-    width = max(len(job.prompt_ids) for job in jobs)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([[pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in jobs])
-    mask = torch.tensor([[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in jobs])
-    # Left padding: positions count real tokens only, so a padded row sees what it would alone.
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    adapters = [job.adapter for job in jobs]
-    device = next(model.parameters()).device
-    cache = None
-    with contextlib.ExitStack() as routing:
-        if mixed and len(set(adapters)) > 1:
-            routing.enter_context(routed(model, adapters))
-        while rows:
-            if mixed and len(set(adapters)) == 1:
-                # Rows only ever leave a batch, so from here on it stays one adapter's.
-                routing.close()
-                routing.enter_context(only_adapter(model, adapters[0]))
-                mixed = False
-            out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                        position_ids=positions.to(device), past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            logits = out.logits[:, -1].cpu()
-            if choices is not None:  # the prefill is done: each job's row becomes its n choices
-                if len(choices) > len(jobs):
-                    cache.batch_select_indices(choices.to(device))
-                    logits, mask, positions = logits[choices], mask[choices], positions[choices]
-                    adapters[:] = [adapters[j] for j in choices.tolist()]
-                choices = None
-            step = []
-            for i, row in enumerate(rows):
-                step.append(pad)
-                if row.job.cancelled.is_set():
-                    row.cancel()
-                    continue
+
+    def __init__(self, model, mixed: bool):
+        self.model, self.mixed = model, mixed
+        self.names: list[str] | None = None  # what the hooks hand on; None: the plain way
+        self.plain: str | None = None  # the adapter the model runs alone now, if any
+        self.state = contextlib.ExitStack()
+        self.handles: list = []
+
+    def use(self, adapters: list[str]) -> None:
+        if not self.mixed:
+            return
+        if len(set(adapters)) == 1:
+            self.names = None
+            if self.plain != adapters[0]:
+                self.state.close()
+                self.state.enter_context(only_adapter(self.model, adapters[0]))
+                self.plain = adapters[0]
+            return
+        if self.plain == BASE:  # disabled adapters would override the routing
+            self.state.close()
+            self.plain = None
+        if not self.handles:
+            self._hook()
+        self.names = list(adapters)
+
+    def _hook(self) -> None:
+        from peft.tuners.lora import LoraLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        def hook(module, args, kwargs):
+            return None if self.names is None else (args, {**kwargs, "adapter_names": self.names})
+
+        self.handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module in self.model.modules()
+                        if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper))]
+
+    def close(self) -> None:
+        self.state.close()
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.names, self.plain = [], None, None
+
+
+def _left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids, attention mask and position ids of ``prompts`` left-padded to the longest: positions
+    count real tokens only, so a padded row sees what it would alone."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _joinable(cache) -> bool:
+    """Whether rows of ``cache`` can be joined with others' (plain layers that keep every position)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _join(cache, other) -> None:
+    """Append ``other``'s rows to ``cache``'s, the shorter left-padded (the attention mask hides it)."""
+    for mine, theirs in zip(cache.layers, other.layers):
+        width = max(mine.keys.shape[-2], theirs.keys.shape[-2])
+        mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
+        mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
+
+
+def _pad_left(states: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(states, (0, 0, width - states.shape[-2], 0))
+
+
+def _pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(mask, (width - mask.shape[1], 0))
+
+
+def _crop_left(cache, columns: int) -> None:
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, columns:], layer.values[:, :, columns:]
+
+
+class _Prefill:
+    """New jobs' prompts, run as one left-padded batch, a chunk of columns at a time."""
+
+    def __init__(self, jobs: list[Job], adapters: list[str], pad: int):
+        self.jobs, self.adapters = jobs, adapters
+        self.ids, self.mask, self.positions = _left_padded([job.prompt_ids for job in jobs], pad)
+        self.done = 0  # columns prefilled
+        self.cache = None
+
+    @property
+    def rows(self) -> int:
+        return sum(job.sampling.n for job in self.jobs)
+
+
+class Lane:
+    """The running batch on one model. Jobs join at any step: their prompts are prefilled, at most
+    ``prefill_tokens`` a step so a long one does not stall the rows decoding, then their rows join the
+    decoding batch (the KV caches joined along the batch, left-padded). A row leaves at the step it
+    finishes, fails or is cancelled.
+
+    ``routing``: how rows go through their adapters on ``model``, shared by every lane on that model.
+    """
+
+    def __init__(self, model, tokenizer, routing: _Routing, prefill_tokens: int = 512):
+        self.model, self.tokenizer = model, tokenizer
+        self.prefill_tokens = prefill_tokens
+        self.routing = routing
+        self.eos = eos_ids(model, tokenizer)
+        self.pad = tokenizer.pad_token_id
+        self.device = next(model.parameters()).device
+        self.filling: list[_Prefill] = []
+        self.rows: list[_Row] = []
+        self.adapters: list[str] = []  # of each row
+        self.tokens: list[int] = []  # each row's next input token
+        self.cache = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long)  # over the cache's positions
+        self.positions = torch.zeros(0, 1, dtype=torch.long)  # each row's next position
+
+    @property
+    def size(self) -> int:
+        """Rows decoding and rows to come from the prompts being prefilled."""
+        return len(self.rows) + sum(p.rows for p in self.filling)
+
+    def add(self, jobs: list[Job]) -> None:
+        """Queue ``jobs`` (each names its adapter) to be prefilled together and join."""
+        for job in jobs:
+            if job.cancelled.is_set():  # its client left while it queued
+                for index in range(job.sampling.n):
+                    job.emit(Event("done", finish_reason="cancelled", index=index))
+        jobs = [job for job in jobs if not job.cancelled.is_set()]
+        if jobs:
+            self.filling.append(_Prefill(jobs, [job.adapter for job in jobs], self.pad))
+
+    def step(self) -> None:
+        """A chunk of the oldest prompt waiting, then one token for every decoding row."""
+        # Caches that drop positions (sliding windows) cannot be padded and joined: such prompts wait
+        # for the running rows to finish.
+        if self.filling and (not self.rows or _joinable(self.cache)):
+            self._prefill(self.filling[0])
+        if self.rows:
+            self._decode()
+
+    def fail(self, message: str) -> None:
+        """The model itself failed: every job in the lane gets ``message``, and the lane is empty."""
+        for prefill in self.filling:
+            for job in prefill.jobs:
+                job.emit(Event("error", text=message))
+        for row in self.rows:
+            row.fail(message)
+        self.filling, self.rows, self.adapters, self.tokens, self.cache = [], [], [], [], None
+
+    def _forward(self, ids, mask, positions, cache, adapters):
+        self.routing.use(adapters)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=positions.to(self.device), past_key_values=cache, use_cache=True)
+        return out.past_key_values, out.logits[:, -1].cpu()
+
+    def _prefill(self, prefill: _Prefill) -> None:
+        columns = max(1, self.prefill_tokens // len(prefill.jobs))
+        start, end = prefill.done, min(prefill.done + columns, prefill.ids.shape[1])
+        prefill.cache, logits = self._forward(prefill.ids[:, start:end], prefill.mask[:, :end],
+                                              prefill.positions[:, start:end], prefill.cache, prefill.adapters)
+        prefill.done = end
+        if end < prefill.ids.shape[1]:
+            return
+        self.filling.pop(0)
+        jobs = prefill.jobs
+        rows = [_Row(job, index, seed, self.tokenizer) for job in jobs
+                for index, seed in enumerate(choice_seeds(job.sampling.seed, job.sampling.n))]
+        # Each prompt was prefilled once, as one row; a job's n choices are copies of it from here on.
+        choices = torch.tensor([j for j, job in enumerate(jobs) for _ in range(job.sampling.n)])
+        cache, mask = prefill.cache, prefill.mask
+        if len(choices) > len(jobs):
+            cache.batch_select_indices(choices.to(self.device))
+            logits, mask = logits[choices], mask[choices]
+        tokens = self._sample(rows, logits)
+        live = [i for i, row in enumerate(rows) if not row.done]
+        if not live:
+            return
+        if len(live) < len(rows):
+            cache.batch_select_indices(torch.tensor(live, device=self.device))
+            mask = mask[live]
+        rows, tokens = [rows[i] for i in live], [tokens[i] for i in live]
+        positions = mask.sum(-1, keepdim=True)
+        if not self.rows:
+            self.cache, self.mask, self.positions = cache, mask, positions
+        else:
+            _join(self.cache, cache)
+            width = max(self.mask.shape[1], mask.shape[1])
+            self.mask = torch.cat([_pad_mask(self.mask, width), _pad_mask(mask, width)])
+            self.positions = torch.cat([self.positions, positions])
+        self.rows += rows
+        self.tokens += tokens
+        self.adapters += [row.job.adapter for row in rows]
+
+    def _decode(self) -> None:
+        mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=self.mask.dtype)], dim=1)
+        self.cache, logits = self._forward(torch.tensor(self.tokens)[:, None], mask, self.positions,
+                                           self.cache, self.adapters)
+        self.mask, self.positions = mask, self.positions + 1
+        self.tokens = self._sample(self.rows, logits)
+        live = [i for i, row in enumerate(self.rows) if not row.done]
+        if len(live) < len(self.rows):
+            # Finished rows leave the batch (and the cache) at once, so they cost nothing more.
+            index = torch.tensor(live, dtype=torch.long)
+            self.cache.batch_select_indices(index.to(self.device))
+            self.rows = [self.rows[i] for i in live]
+            self.tokens = [self.tokens[i] for i in live]
+            self.adapters = [self.adapters[i] for i in live]
+            self.mask, self.positions = self.mask[index], self.positions[index]
+            if not live:
+                self.cache = None
+                return
+            # Positions no row attends to any more (the padding of a longer prompt gone) are dropped.
+            unused = int(self.mask.any(0).int().argmax())
+            if unused:
+                _crop_left(self.cache, unused)
+                self.mask = self.mask[:, unused:]
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """Each row's next token from its logits; a row cancelled, finished or failed is marked done."""
+        step = []
+        for i, row in enumerate(rows):
+            step.append(self.pad)
+            if row.job.cancelled.is_set():
+                row.cancel()
+                continue
+            try:
+                step[-1] = row.step(logits[i], self.eos)
+            except Exception as err:  # this request's own failure: the rest of the batch goes on
+                log.exception("generation failed for one request")
+                row.fail(f"generation failed: {err}")
+                row.job.cancelled.set()  # and its other choices stop
+        return step
+
+
+Place = Callable[[Job], tuple[Hashable, torch.nn.Module, bool]]
+
+
+@torch.no_grad()
+def decode(place: Place, tokenizer, jobs: list[Job], more: Callable[[int], list[Job]] | None = None,
+           max_rows: int | None = None, prefill_tokens: int = 512) -> None:
+    """Decode ``jobs``, and any that ``more(room)`` hands in at each step, until every one has finished.
+
+    ``place(job)`` says which lane a job decodes in: a key (jobs with the same key share a batch), the
+    model, and whether it is a PEFT model whose rows each name their adapter. Lanes take turns, one
+    step each. ``more`` is asked at every step for jobs of at most ``room`` rows in all (``max_rows``
+    less the rows decoding or waiting for their prefill); events go to each job's ``emit``.
+    """
+    lanes: dict[Hashable, Lane] = {}
+    routings: dict[int, _Routing] = {}  # one per model: lanes on one model take turns with its state
+
+    def enter(new: list[Job]) -> None:
+        grouped: dict[Hashable, list[Job]] = {}
+        for job in new:
+            key, model, mixed = place(job)
+            if key not in lanes:
+                routing = routings.setdefault(id(model), _Routing(model, mixed))
+                lanes[key] = Lane(model, tokenizer, routing, prefill_tokens)
+            grouped.setdefault(key, []).append(job)
+        for key, group in grouped.items():
+            lanes[key].add(group)
+
+    enter(jobs)
+    try:
+        while True:
+            if more is not None:
+                room = (max_rows or 0) - sum(lane.size for lane in lanes.values())
+                if room > 0:
+                    enter(more(room))
+            busy = [lane for lane in lanes.values() if lane.size]
+            if not busy:
+                return
+            for lane in busy:
                 try:
-                    step[-1] = row.step(logits[i], eos)
-                except Exception as err:  # this request's own failure: the rest of the batch goes on
-                    log.exception("generation failed for one request")
-                    row.fail(f"generation failed: {err}")
-                    row.job.cancelled.set()  # and its other choices stop
-            live = [i for i, row in enumerate(rows) if not row.done]
-            if len(live) < len(rows):
-                # Finished rows leave the batch (and the cache), so they cost nothing more.
-                if not live:
-                    return
-                index = torch.tensor(live)
-                cache.batch_select_indices(index.to(device))
-                rows, step = [rows[i] for i in live], [step[i] for i in live]
-                adapters[:] = [adapters[i] for i in live]  # in place: ``routed`` reads this list
-                mask, positions = mask[index], positions[index]
-            input_ids = torch.tensor(step)[:, None]
-            mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=mask.dtype)], dim=1)
-            positions = positions[:, -1:] + 1
+                    lane.step()
+                except Exception as err:  # the model failed: this lane's jobs fail, the others go on
+                    log.exception("generation failed")
+                    lane.fail(f"generation failed: {err}")
+    finally:
+        for routing in routings.values():
+            routing.close()
+
+
+def decode_batch(model, tokenizer, jobs: list[Job], mixed: bool) -> None:
+    """Decode ``jobs`` together on ``model`` until each has finished (``Lane`` says how)."""
+    decode(lambda job: (None, model, mixed), tokenizer, jobs)
 
 
 class Scheduler:
-    """Micro-batching: requests that arrive within ``window_s`` of the first are decoded together,
-    up to ``max_batch`` rows (a job of ``n`` choices is ``n`` rows).
+    """Continuous batching: requests join the running batch at any step, up to ``max_batch`` rows (a job
+    of ``n`` choices is ``n`` rows), and leave it when they finish.
 
-    ``run_batch(jobs)`` does the decoding (``AdapterPool.run``); it is called on this scheduler's
-    own thread, one batch at a time.
+    When the engine is idle, the first request waits ``window_s`` for others to arrive with it, so that
+    requests sent together are prefilled together. ``run_batch(jobs, more)`` does the decoding
+    (``AdapterPool.run``, through ``decode``), called on this scheduler's own thread; it asks ``more(room)``
+    at each step for the requests that arrived since, at most ``room`` rows of them, in order.
     """
 
-    def __init__(self, run_batch: Callable[[list[Job]], None], window_s: float = 0.005, max_batch: int = 16):
+    def __init__(self, run_batch: Callable[[list[Job], Callable[[int], list[Job]]], None], window_s: float = 0.005,
+                 max_batch: int = 16):
         self.run_batch = run_batch
         self.window_s = window_s
         self.max_batch = max_batch
@@ -348,9 +557,9 @@ class Scheduler:
         self._thread = threading.Thread(target=self._loop, name="tunesmith-scheduler", daemon=True)
         self._open = threading.Event()
         self._open.set()
-        self._next: Job | None = None  # a job that did not fit the last batch: it opens the next
+        self._next: Job | None = None  # a job that did not fit: it goes first when there is room
         self.submitted = 0
-        self.batches: list[list[str]] = []  # the adapters of each batch run, newest last (bounded)
+        self.batches: list[list[str]] = []  # the adapters of each batch started from idle, newest last (bounded)
 
     def start(self) -> None:
         self._thread.start()
@@ -365,12 +574,30 @@ class Scheduler:
 
     @contextlib.contextmanager
     def paused(self):
-        """No batch starts inside this block; requests queue up, then go as one batch (tests use it)."""
+        """No batch starts and no request joins inside this block; requests queue up, then go as one
+        batch (tests use it)."""
         self._open.clear()
         try:
             yield
         finally:
             self._open.set()
+
+    def more(self, room: int) -> list[Job]:
+        """The requests waiting, in order, while they fit in ``room`` rows."""
+        taken: list[Job] = []
+        while self._open.is_set():
+            job, self._next = self._next, None
+            if job is None:
+                try:
+                    job = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+            if job.sampling.n > room:
+                self._next = job
+                break
+            taken.append(job)
+            room -= job.sampling.n
+        return taken
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -399,7 +626,7 @@ class Scheduler:
     def _run(self, batch: list[Job]) -> None:
         self.batches = self.batches[-99:] + [[job.adapter for job in batch]]
         try:
-            self.run_batch(batch)
+            self.run_batch(batch, self.more)
         except Exception as err:  # one bad batch must not stop the server
             log.exception("generation failed")
             for job in batch:

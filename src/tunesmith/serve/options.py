@@ -15,8 +15,9 @@ class ServeOptions(Section):
     max_concurrent: int = Field(64, ge=1, description="requests in flight at once; more get 429")
     retry_after_s: int = Field(1, ge=0, description="the Retry-After of a 429")
     max_adapters: int = Field(8, ge=1, description="adapters in memory at once")
-    batch_window_ms: float = Field(5.0, ge=0, description="how long a batch waits for more requests")
-    max_batch: int = Field(16, ge=1, description="requests decoded together at most")
+    batch_window_ms: float = Field(5.0, ge=0, description="how long an idle engine waits for more requests")
+    max_batch: int = Field(16, ge=1, description="rows decoded together at most (a request of n choices is n rows)")
+    prefill_tokens: int = Field(512, ge=1, description="prompt tokens prefilled per decoding step at most")
     device: str = Field("auto", description="where the model runs: cpu, cuda[:N], or auto (cuda when there is one)")
 
     def torch_device(self) -> str:

@@ -4,6 +4,7 @@ run by uvicorn, in the foreground (the command) or on a thread (tests, the bench
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import socket
 import threading
@@ -139,6 +140,7 @@ model; with no other run, the base is a scorer's own base model.
     watch = AliasFile(pool, alias_file) if alias_file is not None else None
     if watch is not None:
         watch.refresh()
-    scheduler = Scheduler(pool.run, window_s=options.batch_window_ms / 1000, max_batch=options.max_batch)
+    scheduler = Scheduler(functools.partial(pool.run, max_rows=options.max_batch, prefill_tokens=options.prefill_tokens),
+                          window_s=options.batch_window_ms / 1000, max_batch=options.max_batch)
     request_log = RequestLog(store or default_path(), redact_pii) if log_requests else None
     return Server(pool, scheduler, request_log, options, access or Access(), watch, scorers)

@@ -16,6 +16,7 @@ from tunesmith.objectives import dpo
 from tunesmith.objectives.kto import as_pair
 from tunesmith.recipe import run_training
 from tunesmith.session import Session, load_run
+from tunesmith.store.lineage import format_chain
 from tunesmith.train.precision import autocast
 
 LORA = {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0}
@@ -91,6 +92,7 @@ def test_a_child_is_trained_against_its_parent_not_the_base(tmp_path, tiny_model
     metrics = json.loads((tmp_path / "child" / "metrics.json").read_text())
     assert metrics["reference"] == f"parent {parents[method].resolve()}"
     assert "the model training started from" in (tmp_path / "child" / "report.md").read_text()
+    assert f"objective {objective}, reference parent {parents[method].resolve()}" in format_chain(tmp_path / "child")
 
 
 def test_a_fresh_run_is_trained_against_its_base(tmp_path, tiny_model_dir, started):

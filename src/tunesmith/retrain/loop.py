@@ -6,9 +6,11 @@
 2. The child's data: the rest, plus replay of the parent's training split, in canonical rows; the
    parent's test split is the child's test set, so the child's own report shows it too.
 3. The child trains with the parent's config (method, hyperparameters, ``--set`` overrides) through
-   ``train_child``: from the parent's weights (``tunesmith train --from``), on that data.
+   ``train_child``: from the parent's weights (``tunesmith train --from``), on that data; a dpo or
+   kto child against its parent as reference (``lifecycle.continual``).
 4. Parent and child are scored on the original test set and on the held-out new rows
-   (``score_files``); ``gate.decide`` says whether the child is promoted.
+   (``score_files``; dpo and kto against one reference for both, the base); ``gate.decide`` says
+   whether the child is promoted.
 5. The decision and its figures go to the child's ``retrain_decision.json`` and are appended to a
    decisions log; a promotion with ``--alias`` points that alias at the child in the alias file.
 

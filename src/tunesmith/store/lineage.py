@@ -28,7 +28,8 @@ def chain(path: str | Path) -> list[Run]:
 
 
 def describe(run: Run) -> dict:
-    """What a table of runs shows: status, model, method, objective, parent and the tuned metrics."""
+    """What a table of runs shows: status, model, method, objective, parent, the reference (dpo, kto)
+    and the tuned metrics."""
     record = run.record()
     if not record and not (run.path / "config.yaml").is_file():
         return {"run": str(run.path), "status": "missing"}
@@ -45,6 +46,7 @@ def describe(run: Run) -> dict:
         "objective": config.objective.name if config else "?",
         "parent": record.get("parent"),
         "merged_from": record.get("merged_from", []),
+        "reference": metrics.get("reference"),  # what a dpo or kto run trained against: base, or parent RUN
         "tuned": metrics.get("tuned", {}),
     }
 
@@ -60,7 +62,8 @@ def format_chain(path: str | Path) -> str:
         if d["status"] == "missing":
             continue
         indent = "  " * depth + ("   " if depth else "")
-        lines.append(f"{indent}model {d['model']}, method {d['method']}, objective {d['objective']}")
+        lines.append(f"{indent}model {d['model']}, method {d['method']}, objective {d['objective']}"
+                     + (f", reference {d['reference']}" if d["reference"] else ""))
         if d["merged_from"]:
             lines.append(f"{indent}merged from: " + ", ".join(d["merged_from"]))
         if d["tuned"]:

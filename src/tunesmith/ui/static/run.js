@@ -118,6 +118,7 @@ async function act(what) {
 function facts(run) {
   const items = [["directory", run.path], ["model", run.model], ["started", run.started_at], ["updated", run.updated_at]];
   if (run.parent_name) items.push(["parent", runLink(run.parent_name)]);
+  if (run.metrics && run.metrics.reference) items.push(["reference", run.metrics.reference]);
   const gate = run.retrain_decision && run.retrain_decision.decision;
   if (gate) items.push(["gate", `${gate.promote ? "promoted" : "refused"}: ${gate.reason}` +
                                 (run.retrain_decision.alias ? ` (alias ${run.retrain_decision.alias})` : "")]);

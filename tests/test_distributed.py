@@ -15,6 +15,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import load_file
 
 from conftest import free_port, review_rows, write_config, write_jsonl
+from tunesmith.align.judge import CHUNK
 from tunesmith.config import load_config
 from tunesmith.eval.general import score_general
 from tunesmith.recipe import run_training
@@ -118,3 +119,38 @@ def test_scores_samples_and_probes_split_over_two_processes_match_one_process(re
     if probes:
         assert two["general"] == pytest.approx(score_general(model, session.tokenizer, session.config.eval.general),
                                                rel=1e-6)
+
+
+def test_a_judged_run_on_two_processes_matches_one_process(tmp_path, tiny_model_dir, review_data, preference_data):
+    # The judge: a classifier run, trained briefly on one process.
+    judge = tmp_path / "judge"
+    run_training(load_config(write_config(tmp_path / "judge.yaml", tiny_model_dir, review_data,
+                                          objective={"name": "classification"}, output={"dir": str(judge)},
+                                          train={"max_steps": 2, "eval_every": 2, "mixed_precision": "no"})))
+    config_file = write_config(tmp_path / "dpo.yaml", tiny_model_dir, preference_data, objective={"name": "dpo"},
+                               eval={"judge": str(judge)},
+                               train={"max_steps": 2, "batch_tokens": 128, "eval_every": 2, "save_every": 2,
+                                      "threads": 1, "mixed_precision": "no"})
+    two = tmp_path / "two"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+              "--master_port", str(free_port()), "-m", "tunesmith.cli", "train", str(config_file),
+              "--set", f"output.dir={two}"]
+    done = subprocess.run(launch, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    one = tmp_path / "one"
+    run_training(load_config(config_file, [f"output.dir={one}", "train.grad_accum=2"]))
+
+    # Each process answered a share of the chunks of prompts, every answer from its own seed: the
+    # answers and figures of one process. More test prompts than one chunk, so both processes had some.
+    judged_two, judged_one = (json.loads((run / "judged.json").read_text()) for run in (two, one))
+    assert judged_one["prompts"] > CHUNK
+    for side in ("base", "tuned"):
+        assert judged_two[side]["answers"] == judged_one[side]["answers"], side
+        assert judged_two[side]["rewards"] == pytest.approx(judged_one[side]["rewards"], rel=1e-4, abs=1e-5), side
+    figures_two, figures_one = (json.loads((run / "metrics.json").read_text())["judged"] for run in (two, one))
+    for side in ("base", "tuned"):
+        assert figures_two.pop(side) == pytest.approx(figures_one.pop(side), rel=1e-4, abs=1e-5), side
+    assert figures_two == figures_one  # the win-rate, wins, ties and losses, and how they were drawn
+    assert judged_one["tuned"]["kl"] > 1e-3  # DPO moved the model: the tuned answers are not the base's
+    assert (two / "judged.png").is_file() and "## Judged by judge" in (two / "report.md").read_text()

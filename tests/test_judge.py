@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -212,3 +213,29 @@ def test_the_dpo_example_is_judged_by_the_reward_example_trained_first():
     assert judge.resolve() == (ROOT / load_config(reward).output.dir).resolve()
     header = [line for line in dpo.read_text().splitlines() if line.startswith("#")]
     assert any("tunesmith train examples/rotten_tomatoes_reward.yaml" in line for line in header)
+
+
+def test_an_answer_depends_on_its_seed_not_on_the_prompts_sampled_beside_it(tmp_path, tiny_model_dir,
+                                                                           preference_data):
+    import torch
+
+    from tunesmith.align.judge import _sample, held_out_prompts
+    from tunesmith.align.rollout import answer_texts
+
+    session, model = _session(tmp_path, tiny_model_dir, preference_data, {"name": "lora"})
+    prompts = held_out_prompts(session, 4)[1]
+    ids = [session.tokenizer(p["framed"], add_special_tokens=False).input_ids for p in prompts]
+    assert len({len(i) for i in ids}) > 1  # prompts of several lengths: padded differently in each batch
+
+    def answers(*chunks: range) -> list[str]:
+        return [a for chunk in chunks
+                for a in answer_texts(session.tokenizer, _sample(model.eval(), session.tokenizer, ids, chunk,
+                                                                 SAMPLING, "cpu"))]
+
+    together = answers(range(4))
+    assert answers(range(2), range(2, 4)) == together == answers(range(1), range(1, 3), range(3, 4))
+    assert together[0] != together[1]  # each answer its own draw, even to the same prompt
+    torch.manual_seed(123)
+    assert answers(range(4)) == together  # the caller's random stream plays no part
+    other = _sample(model, session.tokenizer, ids, range(4), replace(SAMPLING, seed=1), "cpu")
+    assert answer_texts(session.tokenizer, other) != together

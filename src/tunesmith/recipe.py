@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.align.judge import Judge, judge_trained, open_judge
+from tunesmith.align.judge import Judge, judge_trained, open_judge, write_judged
 from tunesmith.config import RunConfig
 from tunesmith.data.canaries import canary_record
 from tunesmith.data.options import SplitConfig
@@ -82,7 +82,7 @@ def run_training(config: RunConfig, resume: bool = False, on_step=None, parent: 
         session.prepare()  # all input problems surface here, before anything is written
         check_balance(config, session.data.labels)
         session.check_decision()
-        judge = open_judge(session) if main else None  # the judge's too
+        judge = open_judge(session)  # the judge's too
         continual.add_replay(session)
         private = None
         if config.privacy:
@@ -153,11 +153,12 @@ def _run(session: Session, run: Run, resume: bool, on_step, stop: StopRequest,
     if sharded:  # the weights are gathered (every process takes part) and the model rebuilt whole on each
         model = unsharded(session, distributed.trainable_weights(model), accelerator.device)
     tuned = evaluate_tuned(session, model, accelerator, continual)
+    judged = judge_trained(session, model, judge, accelerator) if judge else None
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the trackers, and the process group: no collective after it
     if not accelerator.is_main_process:
         return run.report
-    return finish(session, run, model, base, tuned, state, seconds, trainable, total, private, continual, judge)
+    return finish(session, run, model, base, tuned, state, seconds, trainable, total, private, continual, judged)
 
 
 def unsharded(session: Session, weights: dict, device) -> torch.nn.Module:
@@ -228,9 +229,9 @@ def evaluate_tuned(session: Session, model, processes, continual: Continual) -> 
 
 def finish(session: Session, run: Run, model, base: dict, evaluated: dict, state: TrainState, seconds: float,
            trainable: int, total: int, private: PrivateTraining | None = None,
-           continual: Continual | None = None, judge: Judge | None = None) -> Path:
-    """Save the tuned model (``evaluated``: its ``evaluate_tuned``), judge its answers
-    (``eval.judge``), and write metrics.json and the report."""
+           continual: Continual | None = None, judged: dict | None = None) -> Path:
+    """Save the tuned model (``evaluated``: its ``evaluate_tuned``), and write its judged answers
+    (``judged``: its ``judge_trained``, with ``eval.judge``), metrics.json and the report."""
     config, method = session.config, session.method
     decision, tuned, classes = evaluated["decision"], evaluated["metrics"], evaluated["classes"]
     if decision:
@@ -288,9 +289,9 @@ def finish(session: Session, run: Run, model, base: dict, evaluated: dict, state
         extra, parent = continual.finish(session, run, model)
         summary |= extra
         sections = [*parent, *sections]
-    if judge:
-        summary["judged"], judged = judge_trained(session, run, model, judge)
-        sections = [*sections, *judged]
+    if judged:
+        summary["judged"], judged_section = write_judged(run, judged)
+        sections = [*sections, *judged_section]
     samples = [{**b, "base": b["output"], "tuned": t["output"]} for b, t in zip(base["samples"], tuned_samples)]
     has_plot = plot_losses(run.metrics_log, run.loss_plot)
     # metrics.json and report.md last: their presence means the run finished.

@@ -5,8 +5,12 @@ win-rate of tuned over base and the KL of the tuned model to the reference.
 - Prompts: the run's held-out split (test, else validation), each framed as the run framed its
   prompts in training (chat template, system prompt). A DPO run's prompts are those of its
   preference pairs; a causal run's are its examples' inputs.
-- Answers: ``samples_per_prompt`` sampled answers per prompt from each model, with the same seed
-  (so a model identical to its base gives identical answers), plain sampling at ``temperature``.
+- Answers: ``samples_per_prompt`` sampled answers per prompt from each model, plain sampling at
+  ``temperature``. Each answer has its own seed, from the run's seed, the prompt's place and the
+  answer's number (``answer_seed``): a model identical to its base gives identical answers, and an
+  answer does not depend on the prompts sampled beside it, so the prompts can be split across
+  processes (``judge_model``) without changing the figures. (Before, one random stream ran over every
+  prompt: figures measured then differ from a rerun's by sampling noise.)
 - Base and reference: the tuned model with its adapter disabled (no second copy), or for methods
   without one (full fine-tuning) the base model loaded again from the run's model name.
 - Win-rate: the tuned answer against the base answer of the same prompt and sample number, by the
@@ -22,6 +26,7 @@ The judge is read in one place, ``load_judge``, through ``align.rewards.load_rew
 from __future__ import annotations
 
 import functools
+import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +41,7 @@ from tunesmith.eval.report import replace_section
 from tunesmith.objectives import lacks
 from tunesmith.session import Session, base_model, load_run
 from tunesmith.store import Run
+from tunesmith.train import distributed
 
 # Prompts sampled together: bounds the KV cache and the logits held at once.
 CHUNK = 8
@@ -141,12 +147,18 @@ def judge_run(run_dir: str | Path, judge_dir: str | Path, label: str = "positive
     return result
 
 
-def judge_trained(session: Session, run: Run, model, judge: Judge) -> tuple[dict, list[str]]:
+def judge_trained(session: Session, model, judge: Judge, processes) -> dict | None:
     """Judge a model at the end of its training (``eval.judge``), as ``tunesmith judge`` would with
-    its defaults: writes judged.json and judged.png; returns metrics.json's ``judged`` entry and the
-    report's section, which the recipe writes with the rest."""
-    print(f"judged evaluation: answers of the tuned and the base model, scored by {judge.path} ...")
-    result = judge_model(session, model, session.data.labels, judge, Sampling())
+    its defaults, every process answering a share of the prompts; the main process gets the result
+    (for ``write_judged``), the others None."""
+    if processes.is_main_process:
+        print(f"judged evaluation: answers of the tuned and the base model, scored by {judge.path} ...")
+    return judge_model(session, model, session.data.labels, judge, Sampling(), processes)
+
+
+def write_judged(run: Run, result: dict) -> tuple[dict, list[str]]:
+    """Write judged.json and judged.png of a judged run; returns metrics.json's ``judged`` entry and
+    the report's section, which the recipe writes with the rest."""
     save_judged(run, result)
     print(headline(result))
     title, body = section(result)
@@ -183,33 +195,33 @@ def _device() -> torch.device:
 
 
 @torch.no_grad()
-def judge_model(session: Session, model, labels: list[str], judge: Judge, sampling: Sampling) -> dict:
+def judge_model(session: Session, model, labels: list[str], judge: Judge, sampling: Sampling,
+                processes=None) -> dict | None:
     """Answers of ``model`` (tuned) and of its base to the held-out prompts of ``session`` (prepared),
-    scored by ``judge``: the win-rate, and per side the mean reward, KL and every answer."""
+    scored by ``judge``: the win-rate, and per side the mean reward, KL and every answer.
+
+    With ``processes`` (accelerate's state; every process calls this), each process answers and
+    scores a contiguous share of the chunks of prompts; the main process gets the result, the others
+    None. Every answer has its own seed and every chunk is the same whatever the share, so the
+    figures are one process's."""
     split, prompts = held_out_prompts(session, sampling.prompts)
-    tokenizer = session.tokenizer
-    ids = [tokenizer(p["framed"], add_special_tokens=False).input_ids for p in prompts]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    tuned = _sample(model, tokenizer, ids, sampling, device)
-    tuned_logp = _logp_sums(model, tuned, sampling.temperature)
-    with base_model(session, model, labels) as base:
-        base = base.to(device).eval()
-        reference = "the adapter disabled" if base is model else "the base model loaded again"
-        tuned_ref = _logp_sums(base, tuned, sampling.temperature)
-        untuned = _sample(base, tokenizer, ids, sampling, device)
-        base_logp = _logp_sums(base, untuned, sampling.temperature)
-        base_ref = _logp_sums(base, untuned, sampling.temperature)  # the reference is the base: a check
-    model.train(was_training)
-    asked = [p["shown"] for p in prompts for _ in range(sampling.samples_per_prompt)]
-    sides = {name: _side(judge, tokenizer, asked, rollouts, logp - ref)
-             for name, rollouts, logp, ref in (("base", untuned, base_logp, base_ref),
-                                               ("tuned", tuned, tuned_logp, tuned_ref))}
+    chunks = [range(i, min(i + CHUNK, len(prompts))) for i in range(0, len(prompts), CHUNK)]
+    if processes is None or processes.num_processes == 1:
+        parts = [_judge_chunks(session, model, labels, judge, sampling, prompts, chunks)]
+    else:
+        parts = [p for p in distributed.scored_in_shares(
+            lambda share: _judge_chunks(session, model, labels, judge, sampling, prompts, share), chunks, processes)
+            if p is not None]
+        if not processes.is_main_process:
+            return None
+    sides = {side: {k: [v for part in parts for v in part[side][k]] for k in parts[0][side]}
+             for side in ("base", "tuned")}
+    for side in sides.values():
+        side.update(mean_reward=_mean(side["rewards"]), kl=_mean(side["kls"]), ended=_mean(side.pop("ends")))
     outcomes = [1.0 if t > b else 0.5 if t == b else 0.0
                 for t, b in zip(sides["tuned"]["rewards"], sides["base"]["rewards"])]
     return {
-        "judge": str(judge.path), "label": judge.label, "split": split, "reference": reference,
+        "judge": str(judge.path), "label": judge.label, "split": split, "reference": parts[0]["reference"],
         "prompts": len(prompts), "samples_per_prompt": sampling.samples_per_prompt, "answers": len(outcomes),
         "max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature, "seed": sampling.seed,
         "win_rate": sum(outcomes) / len(outcomes), "wins": outcomes.count(1.0), "ties": outcomes.count(0.5),
@@ -217,26 +229,63 @@ def judge_model(session: Session, model, labels: list[str], judge: Judge, sampli
     }
 
 
-def _sample(model, tokenizer, ids: list[list[int]], sampling: Sampling, device) -> list[Rollout]:
-    """Sampled answers to every prompt, in chunks, from the same seed whichever the model; the
-    caller's random stream is left as it was."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(sampling.seed)
-        return [sample(model, tokenizer, ids[i:i + CHUNK], sampling.samples_per_prompt, sampling.max_new_tokens,
-                       sampling.temperature, 0, device) for i in range(0, len(ids), CHUNK)]
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
-def _logp_sums(model, rollouts: list[Rollout], temperature: float) -> torch.Tensor:
-    """Each answer's summed log-probability under ``model`` (the sampling distribution)."""
-    return torch.cat([(model_logprobs(model, r, temperature) * r.mask).sum(1).cpu() for r in rollouts])
+def _judge_chunks(session: Session, model, labels: list[str], judge: Judge, sampling: Sampling,
+                  prompts: list[dict], chunks: list[range]) -> dict:
+    """Both sides' answers to the prompts of ``chunks``, scored chunk by chunk: per side, each answer's
+    prompt, text, reward, KL and whether it ended."""
+    tokenizer = session.tokenizer
+    ids = [tokenizer(p["framed"], add_special_tokens=False).input_ids for p in prompts]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    tuned = [_sample(model, tokenizer, ids, chunk, sampling, device) for chunk in chunks]
+    tuned_logp = _logp_sums(model, tuned, sampling.temperature)
+    with base_model(session, model, labels) as base:
+        base = base.to(device).eval()
+        reference = "the adapter disabled" if base is model else "the base model loaded again"
+        tuned_ref = _logp_sums(base, tuned, sampling.temperature)
+        untuned = [_sample(base, tokenizer, ids, chunk, sampling, device) for chunk in chunks]
+        base_logp = _logp_sums(base, untuned, sampling.temperature)
+        base_ref = _logp_sums(base, untuned, sampling.temperature)  # the reference is the base: a check
+    model.train(was_training)
+    asked = [[prompts[i]["shown"] for i in chunk for _ in range(sampling.samples_per_prompt)] for chunk in chunks]
+    return {"reference": reference, **{name: _side(judge, tokenizer, asked, rollouts, [a - b for a, b in zip(logp, ref)])
+                                       for name, rollouts, logp, ref in (("base", untuned, base_logp, base_ref),
+                                                                         ("tuned", tuned, tuned_logp, tuned_ref))}}
 
 
-def _side(judge: Judge, tokenizer, asked: list[str], rollouts: list[Rollout], kl: torch.Tensor) -> dict:
-    answers = [text for r in rollouts for text in answer_texts(tokenizer, r)]
-    rewards = [float(s) for s in judge.score(asked, answers)]
-    ended = torch.cat([r.ended.cpu() for r in rollouts]).float()
-    return {"mean_reward": sum(rewards) / len(rewards), "kl": float(kl.mean()), "ended": float(ended.mean()),
-            "prompts": asked, "answers": answers, "rewards": rewards, "kls": kl.tolist()}
+def answer_seed(seed: int, prompt: int, sample: int) -> int:
+    """The seed of one answer: the run's seed, the prompt's place among the held-out prompts and the
+    answer's number, so that an answer does not depend on the prompts sampled beside it or on
+    which process samples it."""
+    digest = hashlib.sha256(f"{seed}/{prompt}/{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # torch takes seeds below 2**63 on every device
+
+
+def _sample(model, tokenizer, ids: list[list[int]], chunk: range, sampling: Sampling, device) -> Rollout:
+    """Sampled answers to the prompts of ``chunk``, each from its own seed (``answer_seed``), the same
+    whichever the model."""
+    seeds = [answer_seed(sampling.seed, i, k) for i in chunk for k in range(sampling.samples_per_prompt)]
+    return sample(model, tokenizer, [ids[i] for i in chunk], sampling.samples_per_prompt, sampling.max_new_tokens,
+                  sampling.temperature, 0, device, seeds=seeds)
+
+
+def _logp_sums(model, rollouts: list[Rollout], temperature: float) -> list[torch.Tensor]:
+    """Per chunk, each answer's summed log-probability under ``model`` (the sampling distribution)."""
+    return [(model_logprobs(model, r, temperature) * r.mask).sum(1).cpu() for r in rollouts]
+
+
+def _side(judge: Judge, tokenizer, asked: list[list[str]], rollouts: list[Rollout],
+          kls: list[torch.Tensor]) -> dict:
+    answers = [answer_texts(tokenizer, r) for r in rollouts]
+    rewards = [float(s) for chunk, texts in zip(asked, answers) for s in judge.score(chunk, texts)]
+    return {"prompts": [p for chunk in asked for p in chunk], "answers": [a for texts in answers for a in texts],
+            "rewards": rewards, "kls": [float(k) for kl in kls for k in kl],
+            "ends": [float(e) for r in rollouts for e in r.ended.cpu()]}
 
 
 SUMMARY = ("judge", "label", "split", "reference", "prompts", "samples_per_prompt", "answers", "max_new_tokens",

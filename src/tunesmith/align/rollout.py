@@ -9,6 +9,7 @@ after it is padding, which matters when the pad token is the end-of-turn token.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -70,9 +71,26 @@ def answer_mask(answers: torch.Tensor, eos: set[int]) -> tuple[torch.Tensor, tor
     return (ends_before == 0).float(), is_end.any(1)
 
 
+class RowSampler:
+    """A logits processor that draws each row's next token with the row's own generator (plain
+    sampling at ``temperature``) and leaves that token the only choice, so that ``generate`` run
+    greedily takes it. A row's answer then depends on its seed and its logits alone, not on the rows
+    sampled beside it (``generate``'s own sampling draws every row from one random stream)."""
+
+    def __init__(self, seeds: list[int], temperature: float, device):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float() / self.temperature, -1)
+        chosen = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        return torch.full_like(scores, -math.inf).scatter_(1, chosen.unsqueeze(1), 0.0)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[list[int]], samples_per_prompt: int, max_new_tokens: int,
-           temperature: float, top_k: int, device, record: bool = False, record_states: bool = True) -> Rollout:
+           temperature: float, top_k: int, device, record: bool = False, record_states: bool = True,
+           seeds: list[int] | None = None) -> Rollout:
     """``samples_per_prompt`` answers per prompt (grouped by prompt) sampled from the causal LM
     ``model`` (the policy's, or any), with the KV cache; the answers to one prompt share its cache.
 
@@ -82,6 +100,9 @@ def sample(model, tokenizer, prompts: list[list[int]], samples_per_prompt: int, 
     policy over every answer again (a fifth of a PPO step on CPU); they equal a fresh forward pass up
     to float rounding (``tests/test_align_ppo_run.py``). GRPO has no value head and keeps no states:
     every layer's, for every answer token, is memory a large group would feel.
+
+    ``seeds``: one per answer (grouped by prompt), each answer drawn by its own generator
+    (``RowSampler``, without top-k) instead of the caller's random stream.
     """
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id
@@ -90,10 +111,12 @@ def sample(model, tokenizer, prompts: list[list[int]], samples_per_prompt: int, 
     eos = end_ids(model, tokenizer)
     cache = shared_prompt_cache(model, ids, attention, samples_per_prompt)
     ids, attention = ids.repeat_interleave(samples_per_prompt, 0), attention.repeat_interleave(samples_per_prompt, 0)
-    out = model.generate(input_ids=ids, attention_mask=attention, past_key_values=cache, do_sample=True,
-                         temperature=temperature, top_k=top_k, top_p=1.0, max_new_tokens=max_new_tokens,
-                         pad_token_id=pad, eos_token_id=sorted(eos), return_dict_in_generate=True,
-                         output_logits=record, output_hidden_states=record and record_states)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=1.0) if seeds is None else \
+        dict(do_sample=False, logits_processor=[RowSampler(seeds, temperature, device)])
+    out = model.generate(input_ids=ids, attention_mask=attention, past_key_values=cache, **sampling,
+                         max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=sorted(eos),
+                         return_dict_in_generate=True, output_logits=record,
+                         output_hidden_states=record and record_states)
     sequences = out.sequences
     answers = sequences[:, width:]
     mask, ended = answer_mask(answers, eos)

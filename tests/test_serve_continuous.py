@@ -129,3 +129,47 @@ def test_a_short_request_sent_while_a_long_one_decodes_finishes_first(model):
     assert recorder.finished == ["short", "long"]
     assert len(recorder.tokens["long", 0]) == len(alone(model, tokenizer, "alpha", PROMPT, 30))
     assert scheduler.batches == [["alpha"]]  # the short one joined the batch in flight
+
+
+def test_a_sliding_window_model_keeps_its_window_when_a_longer_row_leaves(tiny_model_dir):
+    """Mistral's layers keep only the last positions of a sliding window. When the row with the longest
+    prompt leaves, the padding it left is not cropped from those layers (their columns are not the
+    mask's): the row left decodes ``generate``'s greedy tokens alone."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4, initializer_range=0.3,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(config).eval()
+    recorder = Recorder()
+    short_prompt = tokenizer("honestly the film is a dull one").input_ids
+    jobs = [recorder.job("long-prompt", BASE, tokenizer(LONG_PROMPT).input_ids, 2),
+            recorder.job("left", BASE, short_prompt, 8)]
+    decode(lambda job: (None, model, False), tokenizer, jobs)
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([short_prompt]), max_new_tokens=8, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    expected = [t for t in out[0, len(short_prompt):].tolist() if t != tokenizer.eos_token_id]
+    assert len(short_prompt) > config.sliding_window and len(expected) > 2
+    assert recorder.tokens["left", 0] == expected
+
+
+def test_a_failure_outside_the_model_fails_the_running_jobs_instead_of_leaving_them_waiting(model):
+    """``place`` raising for a request that joins mid-way: the job already decoding gets an error event
+    (its client is answered), and ``decode`` returns."""
+    model, tokenizer = model
+    events: list[Event] = []
+    running = Job("alpha", tokenizer(PROMPT).input_ids, Sampling(20, temperature=0), emit=events.append)
+    joining = Job("gone", tokenizer(PROMPT).input_ids, Sampling(4, temperature=0), emit=events.append)
+
+    def place(job: Job):
+        if job.adapter == "gone":
+            raise KeyError(job.adapter)
+        return None, model, True
+
+    arrivals = iter([[], [joining]])
+    decode(place, tokenizer, [running], lambda room: next(arrivals, []), max_rows=4)
+    assert events[-1].kind == "error" and "gone" in events[-1].text
+    assert [e.kind for e in events].count("done") == 0

@@ -461,9 +461,10 @@ class Lane:
             if not live:
                 self.cache = None
                 return
-            # Positions no row attends to any more (the padding of a longer prompt gone) are dropped.
+            # Positions no row attends to any more (the padding of a longer prompt gone) are dropped,
+            # where every layer keeps every position (a sliding window's keys are not the mask's columns).
             unused = int(self.mask.any(0).int().argmax())
-            if unused:
+            if unused and _joinable(self.cache):
                 _crop_left(self.cache, unused)
                 self.mask = self.mask[:, unused:]
 
@@ -527,6 +528,10 @@ def decode(place: Place, tokenizer, jobs: list[Job], more: Callable[[int], list[
                 except Exception as err:  # the model failed: this lane's jobs fail, the others go on
                     log.exception("generation failed")
                     lane.fail(f"generation failed: {err}")
+    except Exception as err:  # anything else: no job may be left waiting for an answer
+        log.exception("generation failed")
+        for lane in lanes.values():
+            lane.fail(f"generation failed: {err}")
     finally:
         for routing in routings.values():
             routing.close()

@@ -7,6 +7,7 @@ import json
 import sys
 from functools import partial
 
+import torch
 from accelerate import PartialState
 from accelerate.utils import set_seed
 
@@ -16,13 +17,28 @@ from tunesmith.recipe import cpu_only
 from tunesmith.session import Session
 from tunesmith.train.distributed import scored_in_shares
 
+
+def scored_model(session: Session) -> torch.nn.Module:
+    """The model scored: the base, drawn alike on every process as the recipe draws it (a new head);
+    for an objective scored against a reference, the method applied and its weights moved, so that
+    the model is not its own reference."""
+    set_seed(session.config.train.seed)
+    model = session.load_model(session.data.labels)
+    if session.objective.abilities.reference:
+        model = session.method.apply(model, session.config.method)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
 if __name__ == "__main__":
     config_file, out = sys.argv[1:3]
     processes = PartialState(cpu=cpu_only())
     session = Session(load_config(config_file))
     session.prepare()
-    set_seed(session.config.train.seed)  # a new head is drawn alike on every process, as the recipe does
-    model = session.load_model(session.data.labels)
+    model = scored_model(session)
     scored = {"processes": session.scoring_processes(processes), "metrics": session.score(model, processes),
               "report": session.score_report(model, processes)[1], "samples": session.samples(model, processes)}
     if session.config.eval.general:

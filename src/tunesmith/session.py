@@ -8,6 +8,8 @@ from pathlib import Path
 from dataclasses import replace
 from itertools import zip_longest
 
+import torch
+
 from tunesmith.config import RunConfig
 from tunesmith.data.pipeline import PreparedData
 from tunesmith.errors import TunesmithError
@@ -73,21 +75,25 @@ class Session:
 
     # Several processes: every process calls ``score``, ``score_report``, ``choose_decision`` and
     # ``samples`` with ``processes`` (accelerate's state). Samples, and the scores of an objective that
-    # scores labels, are computed a share of the rows on each process and gathered in order, giving
+    # scores labels, sums its held-out loss (``loss_scored``) or computes its figures from per-row
+    # scores (``rows_scored``), are computed a share of the rows on each process and gathered, giving
     # the figures of one process; other scores are the main process's alone. The main process gets
     # the results, the others None.
 
     def scoring_processes(self, processes=None) -> int:
         """How many processes score the held-out rows (``score``): all of them for an objective that
         scores labels, else the main process alone."""
-        return processes.num_processes if processes is not None and (self._scores_labels() or self._scores_loss()) \
-            else 1
+        split = self._scores_labels() or self._scores_loss() or self._scores_rows()
+        return processes.num_processes if processes is not None and split else 1
 
     def _scores_labels(self) -> bool:
         return not self.config.data.sources and bool(self.data.labels) and hasattr(self.objective, "label_scores")
 
     def _scores_loss(self) -> bool:
         return not self.config.data.sources and not self.data.labels and self.objective.abilities.loss_scored
+
+    def _scores_rows(self) -> bool:
+        return not self.config.data.sources and self.objective.abilities.rows_scored
 
     def _label_scores(self, model, examples: list[dict], encoded: list[dict], processes=None) -> LabelScores:
         """``label_scores`` of these rows, each process scoring its share when there are several."""
@@ -108,6 +114,13 @@ class Session:
                                                  self._held_out()[1], processes)
             total, count = (sum(values) for values in zip(*(p for p in parts if p is not None)))
             return loss_metrics(total / max(count, 1)) if processes.is_main_process else None
+        if self._scores_rows() and processes is not None:
+            # Whole batches are shared, so that every row is scored beside the rows it is with on one process.
+            batches = self.objective.batches(self._held_out()[1])
+            parts = [p for p in distributed.scored_in_shares(lambda share: batches.row_scores(model, share),
+                                                             batches.epoch(-1), processes) if p is not None]
+            return batches.figures_of({k: torch.cat([p[k] for p in parts]) for k in parts[0]}) \
+                if processes.is_main_process else None
         if processes is not None and not processes.is_main_process:
             return None
         if self.config.data.sources:

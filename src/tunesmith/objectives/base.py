@@ -55,6 +55,10 @@ class Abilities:
     # Without labels, ``evaluate`` is the held-out loss alone (``loss_metrics`` of ``Batches.loss_totals``),
     # which several processes can sum share by share.
     loss_scored: bool = False
+    # ``evaluate`` is ``Batches.figures_of`` the per-row scores that ``Batches.row_scores`` gives for
+    # the batches of ``epoch(-1)`` (means over rows), so several processes can score a share of the
+    # batches each and join them.
+    rows_scored: bool = False
     # Options a child trained on rated traffic takes (``tunesmith retrain --objective``).
     traffic_options: dict[str, Any] = field(default_factory=dict)
 

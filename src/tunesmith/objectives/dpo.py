@@ -281,24 +281,34 @@ class PairBatches:
         figures = self.figures(model, items)
         return figures["loss"] * len(items), len(items)
 
-    @torch.no_grad()
     def figures(self, model, items: list[dict]) -> dict[str, float]:
         """Mean loss, reward accuracy and margin, and the mean log-ratios of chosen and rejected (with
         a reference-free loss, whose reward is ``beta`` times the mean per-token log-probability, the
         mean per-token log-probabilities instead)."""
         view = self if items is self.items else PairBatches(items, self.layout, self.reference, self.options)
+        return self.figures_of(view.row_scores(model, view.epoch(-1)))
+
+    @torch.no_grad()
+    def row_scores(self, model, batches: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Per pair of ``batches`` (of ``epoch(-1)``, in their order): its loss, and the log-ratios of
+        chosen and rejected ([pairs, 2]; mean per-token log-probabilities with a reference-free loss),
+        on the CPU."""
         was_training = model.training
         model.eval()
         losses, ratios = [], []
-        for rows in view.epoch(-1):
-            policy, tokens, reference = view._scored(model, to_device(view.tensors(rows), model))
-            losses.append(view._losses(policy, tokens, reference).cpu())
+        for rows in batches:
+            policy, tokens, reference = self._scored(model, to_device(self.tensors(rows), model))
+            losses.append(self._losses(policy, tokens, reference).cpu())
             ratios.append((policy / tokens if reference is None else policy - reference).cpu())
         model.train(was_training)
-        ratio = torch.cat(ratios)
+        return {"loss": torch.cat(losses), "ratio": torch.cat(ratios)}
+
+    def figures_of(self, scores: dict[str, torch.Tensor]) -> dict[str, float]:
+        """``figures`` from the ``row_scores`` of every pair, in any order."""
+        ratio = scores["ratio"]
         rewards = self.options.beta * ratio
         kind = "logp" if self.options.reference_free else "logratio"
-        return {"loss": float(torch.cat(losses).mean()),
+        return {"loss": float(scores["loss"].mean()),
                 "accuracy": float((rewards[:, 0] > rewards[:, 1]).float().mean()),
                 "reward_margin": float((rewards[:, 0] - rewards[:, 1]).mean()),
                 f"chosen_{kind}": float(ratio[:, 0].mean()),
@@ -364,7 +374,7 @@ class DPO:
     Options: ClassVar[type[Section]] = Options
     abilities: ClassVar[Abilities] = Abilities(
         head=CAUSAL_LM, data=("preference",), metrics=("loss", "accuracy", "reward_margin"),
-        writes_answers=True, reference=True)
+        writes_answers=True, reference=True, rows_scored=True)
     options: Options
     data: DataConfig
     tokenizer: Any

@@ -210,7 +210,6 @@ class AnswerBatches:
     def loss_totals(self, model, items: list[dict]) -> tuple[float, int]:
         return self.figures(model, items)["loss"] * len(items), len(items)
 
-    @torch.no_grad()
     def figures(self, model, items: list[dict]) -> dict[str, float]:
         """Mean loss; ``accuracy``: the answers on their mark's side of the reference point (a good one's
         log-ratio above it, a bad one's below); ``kl``: the estimate over every mismatched pair, clamped
@@ -218,12 +217,19 @@ class AnswerBatches:
         ``reward_margin``, their difference."""
         view = self if items is self.items else AnswerBatches(items, self.layout, self.reference, self.options,
                                                               self.weights)
+        return self.figures_of(view.row_scores(model, view.epoch(-1)))
+
+    @torch.no_grad()
+    def row_scores(self, model, batches: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Per answer of ``batches`` (of ``epoch(-1)``, in their order), on the CPU: its loss, log-ratio,
+        mark and mismatched log-ratio, and the reference point of its batch (which the batch's
+        mismatched pairs set: the batches are those of one process, whoever scores them)."""
         was_training = model.training
         model.eval()
         losses, ratios, points, marks, mismatched = [], [], [], [], []
-        for rows in view.epoch(-1):
-            batch = to_device(view.tensors(rows), model)
-            policy, reference = view.logps(model, batch)
+        for rows in batches:
+            batch = to_device(self.tensors(rows), model)
+            policy, reference = self.logps(model, batch)
             point = kto_reference_point(policy[:, 1], reference[:, 1])
             losses.append(kto_loss(policy[:, 0], reference[:, 0], batch["desirable"], point, self.options.beta,
                                    *self.weights).cpu())
@@ -232,10 +238,15 @@ class AnswerBatches:
             points.append(point.cpu().expand(len(rows)))
             marks.append(batch["desirable"].cpu())
         model.train(was_training)
-        ratio, point, good = torch.cat(ratios), torch.cat(points), torch.cat(marks)
+        return {"loss": torch.cat(losses), "ratio": torch.cat(ratios), "point": torch.cat(points),
+                "good": torch.cat(marks), "mismatched": torch.cat(mismatched)}
+
+    def figures_of(self, scores: dict[str, torch.Tensor]) -> dict[str, float]:
+        """``figures`` from the ``row_scores`` of every answer, in any order."""
+        ratio, point, good = scores["ratio"], scores["point"], scores["good"]
         right = torch.where(good, ratio > point, ratio < point)
-        figures = {"loss": float(torch.cat(losses).mean()), "accuracy": float(right.float().mean()),
-                   "kl": float(torch.cat(mismatched).mean().clamp(min=0))}
+        figures = {"loss": float(scores["loss"].mean()), "accuracy": float(right.float().mean()),
+                   "kl": float(scores["mismatched"].mean().clamp(min=0))}
         rewards = self.options.beta * ratio
         if good.any():
             figures["desirable_reward"] = float(rewards[good].mean())
@@ -252,7 +263,7 @@ class KTO:
     Options: ClassVar[type[Section]] = Options
     abilities: ClassVar[Abilities] = Abilities(
         head=CAUSAL_LM, data=("unpaired_preference",), metrics=("loss", "accuracy", "reward_margin"),
-        writes_answers=True, reference=True, traffic_options={"balance": "auto"})
+        writes_answers=True, reference=True, rows_scored=True, traffic_options={"balance": "auto"})
     options: Options
     data: DataConfig
     tokenizer: Any

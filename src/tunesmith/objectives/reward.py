@@ -129,20 +129,30 @@ class RewardBatches:
     def input_tokens(batch) -> int:
         return int(batch["attention_mask"].sum())
 
-    @torch.no_grad()
     def figures(self, model, items: list[dict]) -> dict[str, float]:
         view = self if items is self.items else RewardBatches(items, self.layout, self.options)
+        return self.figures_of(view.row_scores(model, view.epoch(-1)))
+
+    @torch.no_grad()
+    def row_scores(self, model, batches: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Per pair of ``batches`` (of ``epoch(-1)``, in their order): its loss and the scores of
+        chosen and rejected ([pairs, 2]), on the CPU."""
         was_training = model.training
         model.eval()
         losses, scores = [], []
-        for rows in view.epoch(-1):
-            batch = to_device(view.tensors(rows), model)
-            r = view.scores(model, batch)
+        for rows in batches:
+            batch = to_device(self.tensors(rows), model)
+            r = self.scores(model, batch)
             losses.append(bradley_terry_loss(r[:, 0], r[:, 1], batch["margin"], self.options.center).cpu())
             scores.append(r.cpu())
         model.train(was_training)
-        r = torch.cat(scores)
-        return {"loss": float(torch.cat(losses).mean()), "accuracy": float((r[:, 0] > r[:, 1]).float().mean()),
+        return {"loss": torch.cat(losses), "scores": torch.cat(scores)}
+
+    @staticmethod
+    def figures_of(scores: dict[str, torch.Tensor]) -> dict[str, float]:
+        """``figures`` from the ``row_scores`` of every pair, in any order."""
+        r = scores["scores"]
+        return {"loss": float(scores["loss"].mean()), "accuracy": float((r[:, 0] > r[:, 1]).float().mean()),
                 "reward_margin": float((r[:, 0] - r[:, 1]).mean()), "reward_mean": float(r.mean())}
 
     def loss_totals(self, model, items: list[dict]) -> tuple[float, int]:
@@ -155,7 +165,7 @@ class Reward:
     Options: ClassVar[type[Section]] = Options
     abilities: ClassVar[Abilities] = Abilities(
         head=REWARD, data=("preference",), metrics=("loss", "accuracy", "reward_margin"),
-        scores="reward")
+        scores="reward", rows_scored=True)
     options: Options
     data: DataConfig
     tokenizer: Any

@@ -15,7 +15,7 @@ from tunesmith.data.pipeline import PreparedData
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.classification import LabelScores
 from tunesmith.eval.decision import Decision, fit_decision
-from tunesmith.eval.metrics import loss_metrics
+from tunesmith.eval.metrics import label_metrics, loss_metrics
 from tunesmith.methods import get_method
 from tunesmith.model import load_tokenizer, model_origin
 from tunesmith.objectives import get_objective
@@ -76,57 +76,81 @@ class Session:
     # Several processes: every process calls ``score``, ``score_report``, ``choose_decision`` and
     # ``samples`` with ``processes`` (accelerate's state). Samples, and the scores of an objective that
     # scores labels, sums its held-out loss (``loss_scored``) or computes its figures from per-row
-    # scores (``rows_scored``), are computed a share of the rows on each process and gathered, giving
-    # the figures of one process; other scores are the main process's alone. The main process gets
-    # the results, the others None.
+    # scores (``rows_scored``), are computed a share of the rows on each process and gathered (for
+    # mixed data, source by source), giving the figures of one process; other scores are the main
+    # process's alone. The main process gets the results, the others None.
 
     def scoring_processes(self, processes=None) -> int:
-        """How many processes score the held-out rows (``score``): all of them for an objective that
-        scores labels, else the main process alone."""
-        split = self._scores_labels() or self._scores_loss() or self._scores_rows()
+        """How many processes score the held-out rows (``score``): all of them where the objective's
+        figures join share by share (``_splits``; for mixed data, every source's), else the main
+        process alone."""
+        if self.config.data.sources:
+            label_sets = [s["labels"] if s["format"] == "classification" else []
+                          for s in self.data.stats["sources"].values()]
+        else:
+            label_sets = [self.data.labels]
+        split = all(self._splits(labels) for labels in label_sets)
         return processes.num_processes if processes is not None and split else 1
 
     def _scores_labels(self) -> bool:
         return not self.config.data.sources and bool(self.data.labels) and hasattr(self.objective, "label_scores")
 
-    def _scores_loss(self) -> bool:
-        return not self.config.data.sources and not self.data.labels and self.objective.abilities.loss_scored
+    def _splits(self, labels: list[str]) -> bool:
+        """Whether the figures of rows with ``labels`` join share by share (``_scored``)."""
+        objective = self.objective
+        return (bool(labels) and hasattr(objective, "label_scores")) or objective.abilities.rows_scored \
+            or (objective.abilities.loss_scored and (not labels or hasattr(objective, "choices")))
 
-    def _scores_rows(self) -> bool:
-        return not self.config.data.sources and self.objective.abilities.rows_scored
-
-    def _label_scores(self, model, examples: list[dict], encoded: list[dict], processes=None) -> LabelScores:
-        """``label_scores`` of these rows, each process scoring its share when there are several."""
+    def _label_scores(self, model, examples: list[dict], encoded: list[dict], processes=None,
+                      labels: list[str] | None = None) -> LabelScores:
+        """``label_scores`` of these rows (against ``labels``, the data's by default), each process
+        scoring its share when there are several."""
+        labels = self.data.labels if labels is None else labels
         if processes is None or processes.num_processes == 1:
-            return self.objective.label_scores(model, examples, encoded, self.data.labels)
+            return self.objective.label_scores(model, examples, encoded, labels)
         parts = distributed.scored_in_shares(
             lambda rows: self.objective.label_scores(model, [examples[i] for i in rows], [encoded[i] for i in rows],
-                                                     self.data.labels), list(range(len(examples))), processes)
+                                                     labels), list(range(len(examples))), processes)
         return LabelScores.joined([p for p in parts if p is not None])
 
     def score(self, model, processes=None) -> dict | None:
-        if self._scores_labels() and processes is not None:
-            examples, encoded = self._held_out()
-            scores = self._label_scores(model, examples, encoded, processes)
-            return scores.metrics(examples, self.data.labels) if processes.is_main_process else None
-        if self._scores_loss() and processes is not None:
-            parts = distributed.scored_in_shares(lambda rows: self.objective.batches(rows).loss_totals(model, rows),
-                                                 self._held_out()[1], processes)
-            total, count = (sum(values) for values in zip(*(p for p in parts if p is not None)))
-            return loss_metrics(total / max(count, 1)) if processes.is_main_process else None
-        if self._scores_rows() and processes is not None:
-            # Whole batches are shared, so that every row is scored beside the rows it is with on one process.
-            batches = self.objective.batches(self._held_out()[1])
+        if self.config.data.sources:
+            return self.score_sources(model, processes=processes)
+        examples, encoded = self._held_out()
+        return self._scored(model, examples, encoded, self.data.labels, processes)
+
+    def _scored(self, model, examples: list[dict], encoded: list[dict], labels: list[str],
+                processes=None) -> dict | None:
+        """The objective's ``evaluate`` of these rows, for the main process (the others get None).
+        On several processes, each scores a share where the figures join (``_splits``): label
+        scores, the summed loss (and the labels chosen, ``choices``), or per-row scores of whole
+        batches (``rows_scored``, so that every row is scored beside the rows it is with on one
+        process); other figures are the main process's alone."""
+        objective = self.objective
+        main = processes is None or processes.is_main_process
+        if processes is None or not self._splits(labels):
+            return objective.evaluate(model, examples, encoded, labels) if main else None
+        if labels and hasattr(objective, "label_scores"):
+            scores = self._label_scores(model, examples, encoded, processes, labels)
+            return scores.metrics(examples, labels) if main else None
+        if objective.abilities.rows_scored:
+            batches = objective.batches(encoded)
             parts = [p for p in distributed.scored_in_shares(lambda share: batches.row_scores(model, share),
                                                              batches.epoch(-1), processes) if p is not None]
-            return batches.figures_of({k: torch.cat([p[k] for p in parts]) for k in parts[0]}) \
-                if processes.is_main_process else None
-        if processes is not None and not processes.is_main_process:
+            return batches.figures_of({k: torch.cat([p[k] for p in parts]) for k in parts[0]}) if main else None
+
+        def totals(rows: list[int]) -> tuple[float, int, list[str]]:
+            share = [encoded[i] for i in rows]
+            total, count = objective.batches(share).loss_totals(model, share)
+            return total, count, objective.choices(model, [examples[i] for i in rows], labels) if labels else []
+
+        parts = [p for p in distributed.scored_in_shares(totals, list(range(len(encoded))), processes) if p is not None]
+        if not main:
             return None
-        if self.config.data.sources:
-            return self.score_sources(model)
-        examples, encoded = self._held_out()
-        return self.objective.evaluate(model, examples, encoded, self.data.labels)
+        loss = sum(p[0] for p in parts) / max(sum(p[1] for p in parts), 1)
+        if not labels:
+            return loss_metrics(loss)
+        return label_metrics(loss, [e["label"] for e in examples], [c for p in parts for c in p[2]], labels)
 
     def score_report(self, model, processes=None) -> tuple[dict | None, dict | None]:
         """``score``'s metrics and, for an objective that scores labels on label data, the
@@ -187,9 +211,10 @@ class Session:
         parts = distributed.scored_in_shares(answers, examples, processes)
         return [s for part in parts if part for s in part] if processes.is_main_process else None
 
-    def score_sources(self, model, split: str | None = None) -> dict:
+    def score_sources(self, model, split: str | None = None, processes=None) -> dict | None:
         """Mixed data: each source scored on its own held-out rows (``split``; default test, else
-        validation), as ``SOURCE/metric``; label sources are scored against their own labels."""
+        validation), as ``SOURCE/metric``; label sources are scored against their own labels. With
+        ``processes``, each source as ``score`` scores rows (``_scored``)."""
         split = split or ("test" if self.data.examples["test"] else "validation")
         n = self.config.eval.max_examples
         metrics = {}
@@ -199,8 +224,11 @@ class Session:
             if not encoded:
                 continue
             labels = source["labels"] if source["format"] == "classification" else []
-            for metric, value in self.objective.evaluate(model, examples, encoded, labels).items():
+            scored = self._scored(model, examples, encoded, labels, processes)
+            for metric, value in (scored or {}).items():
                 metrics[f"{name}/{metric}"] = value
+        if processes is not None and not processes.is_main_process:
+            return None
         if not metrics:
             raise TunesmithError("data: no test or validation rows to evaluate on")
         return metrics

@@ -53,7 +53,9 @@ class Abilities:
     reference: bool = False
     mixes_sources: bool = False  # scores each source of ``data.sources`` on its own
     # Without labels, ``evaluate`` is the held-out loss alone (``loss_metrics`` of ``Batches.loss_totals``),
-    # which several processes can sum share by share.
+    # which several processes can sum share by share; with labels, for an objective without
+    # ``label_scores`` that has ``choices(model, examples, labels)``, that loss and the labels it
+    # chooses (``label_metrics``).
     loss_scored: bool = False
     # ``evaluate`` is ``Batches.figures_of`` the per-row scores that ``Batches.row_scores`` gives for
     # the batches of ``epoch(-1)`` (means over rows), so several processes can score a share of the

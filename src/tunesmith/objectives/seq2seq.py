@@ -87,10 +87,11 @@ class Seq2Seq:
         loss = self.batches(encoded).mean_loss(model, encoded)
         if not labels:
             return loss_metrics(loss)
-        return label_metrics(loss, [e["label"] for e in examples], self._choices(model, examples, labels), labels)
+        return label_metrics(loss, [e["label"] for e in examples], self.choices(model, examples, labels), labels)
 
     @torch.no_grad()
-    def _choices(self, model, examples: list[dict], labels: list[str]) -> list[str]:
+    def choices(self, model, examples: list[dict], labels: list[str]) -> list[str]:
+        """The label whose answer the model finds likeliest, for each example."""
         was_training = model.training
         model.eval()
         scores = torch.zeros(len(examples), len(labels))

@@ -169,7 +169,7 @@ def time_to_quality(curves: dict[str, list[dict]], key: str, target: float, high
               + (f"after {seconds:.0f} s of training" if seconds is not None else "not within the run"))
     if reach["trl"] is None or reach["tunesmith"] is None:
         return "not reached by " + " and ".join(side for side, s in reach.items() if s is None)
-    if reach["tunesmith"] == 0:
+    if any(curve[0]["step"] == 0 and time_to(curve[:1], key, target, higher) is not None for curve in curves.values()):
         return "n/a (the untrained model already reaches the target)"
     return f"{reach['trl'] / reach['tunesmith']:.2f}x"
 

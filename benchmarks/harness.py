@@ -174,6 +174,25 @@ def time_to_quality(curves: dict[str, list[dict]], key: str, target: float, high
     return f"{reach['trl'] / reach['tunesmith']:.2f}x"
 
 
+def both_sides(script: str, spec: dict, key: str, line) -> dict[str, dict]:
+    """Measure tunesmith, then TRL, each in a child process of its own (``measure``); print each side's
+    ``line(result)``, its peak memory and its held-out curve of ``key``. Returns the two results."""
+    results = {}
+    for side in ("tunesmith", "trl"):
+        r = results[side] = measure(script, side, spec)
+        curve = "  ".join(f"{p['step']}:{p['seconds']:.0f}s/{p[key]:.4f}" for p in r["curve"])
+        print(f"{side:<10} {line(r)}  peak RSS {r['peak_rss_mb']:6.0f} MB  held-out {key} (step:seconds/{key}) {curve}",
+              flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    return results
+
+
+def best_after_start(curve: list[dict], key: str, higher: bool) -> float:
+    """The best ``key`` of a curve once training began (the untrained model's point left out)."""
+    values = [p[key] for p in curve if p["step"] > 0]
+    return max(values) if higher else min(values)
+
+
 def plot_curves(path: Path, curves: dict[str, list[dict]], key: str, target: float | None, title: str,
                 log: bool = False) -> None:
     """Held-out ``key`` against training seconds (evaluations left out), one line per run, and the

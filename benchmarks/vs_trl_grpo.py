@@ -33,7 +33,17 @@ import json
 import os
 import tempfile
 
-from harness import ROOT, Clock, lora_model, machine, measure, same_initial_adapter, serve_child, time_to
+from harness import (
+    ROOT,
+    Clock,
+    best_after_start,
+    both_sides,
+    lora_model,
+    machine,
+    same_initial_adapter,
+    serve_child,
+    time_to_quality,
+)
 
 CONFIG = ROOT / "examples" / "rotten_tomatoes_grpo.yaml"
 
@@ -128,21 +138,11 @@ def main(argv=None) -> None:
     spec = prepare_spec(args)
     print(f"{len(spec['train'])} training prompts, {args.steps} steps, {len(spec['eval'])} held-out prompts, "
           f"evaluation every {args.eval_every} steps")
-    results = {}
-    for side in ("tunesmith", "trl"):
-        r = results[side] = measure(__file__, side, spec)
-        curve = "  ".join(f"{p['step']}:{p['seconds']:.0f}s/{p['reward']:.3f}" for p in r["curve"])
-        print(f"{side:<10} {r['train_s']:7.1f} s training ({r['train_s'] / args.steps:.1f} s a step)  "
-              f"peak RSS {r['peak_rss_mb']:6.0f} MB  held-out reward (step:seconds/reward) {curve}", flush=True)
-    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    results = both_sides(__file__, spec, "reward",
+                         lambda r: f"{r['train_s']:7.1f} s training ({r['train_s'] / args.steps:.1f} s a step)")
     ours, theirs = results["tunesmith"], results["trl"]
-    target = args.target if args.target is not None else max(p["reward"] for p in theirs["curve"][1:])  # after training began
-    reach = {side: time_to(r["curve"], "reward", target, higher=True) for side, r in results.items()}
-    for side, seconds in reach.items():
-        print(f"{side:<10} reaches held-out reward {target:.3f} "
-              + (f"after {seconds:.0f} s of training" if seconds is not None else "not within the run"))
-    ratio = (f"{reach['trl'] / reach['tunesmith']:.2f}x" if reach["trl"] is not None and reach["tunesmith"]
-             else "n/a (a side never reached the target)")
+    target = args.target if args.target is not None else best_after_start(theirs["curve"], "reward", higher=True)
+    ratio = time_to_quality({side: r["curve"] for side, r in results.items()}, "reward", target, higher=True)
     print(f"time-to-reward {ratio}  memory {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x  "
           f"reward tunesmith {ours['curve'][-1]['reward']:.3f} trl {theirs['curve'][-1]['reward']:.3f}  "
           f"target {target:.3f}  step-time {theirs['train_s'] / ours['train_s']:.2f}x")

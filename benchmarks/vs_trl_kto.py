@@ -29,11 +29,20 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import tempfile
 from pathlib import Path
 
-from harness import ROOT, Clock, lora_model, machine, measure, same_initial_adapter, serve_child, time_to
+from harness import (
+    ROOT,
+    Clock,
+    best_after_start,
+    both_sides,
+    lora_model,
+    machine,
+    same_initial_adapter,
+    serve_child,
+    time_to_quality,
+)
 
 CONFIG = ROOT / "examples" / "rotten_tomatoes_kto.yaml"
 
@@ -105,21 +114,10 @@ def main(argv=None) -> None:
     plan = spec["plan"]
     print(f"{spec['answers']} training answers ({sum(t['label'] for t in spec['texts'])} good), {args.steps} steps "
           f"of {sum(map(len, plan)) / len(plan):.1f} answers on average, {spec['held_out_count']} held-out answers")
-    results = {}
-    for side in ("tunesmith", "trl"):
-        r = results[side] = measure(__file__, side, spec)
-        curve = "  ".join(f"{p['step']}:{p['seconds']:.0f}s/{p['loss']:.4f}" for p in r["curve"])
-        print(f"{side:<10} {r['answers_per_s']:6.2f} answers/s  {r['train_s']:7.1f} s  peak RSS {r['peak_rss_mb']:6.0f} MB"
-              f"  held-out loss (step:seconds/loss) {curve}", flush=True)
-    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    results = both_sides(__file__, spec, "loss", lambda r: f"{r['answers_per_s']:6.2f} answers/s  {r['train_s']:7.1f} s")
     ours, theirs = results["tunesmith"], results["trl"]
-    target = args.target if args.target is not None else min(p["loss"] for p in theirs["curve"][1:])  # after training began
-    reach = {side: time_to(r["curve"], "loss", target, higher=False) for side, r in results.items()}
-    for side, seconds in reach.items():
-        print(f"{side:<10} reaches held-out loss {target:.4f} "
-              + (f"after {seconds:.0f} s of training" if seconds is not None else "not within the run"))
-    ratio = (f"{reach['trl'] / reach['tunesmith']:.2f}x" if reach["trl"] is not None and reach["tunesmith"]
-             else "n/a (a side never reached the target)")
+    target = args.target if args.target is not None else best_after_start(theirs["curve"], "loss", higher=False)
+    ratio = time_to_quality({side: r["curve"] for side, r in results.items()}, "loss", target, higher=False)
     last = {side: r["curve"][-1] for side, r in results.items()}
     print(f"time-to-loss {ratio}  memory {ours['peak_rss_mb'] / theirs['peak_rss_mb']:.2f}x  "
           f"loss tunesmith {last['tunesmith']['loss']:.4f} trl {last['trl']['loss']:.4f}  "

@@ -1,7 +1,7 @@
 """Every accelerate config in examples/accelerate/ is one that `accelerate launch` accepts.
 
 accelerate turns FSDP and DeepSpeed on only for GPU-like devices, so here the configs are validated,
-and nothing is launched (tests/test_sharded.py runs fsdp.yaml's and deepspeed_zero2.yaml's settings
+and nothing is launched (tests/test_sharded.py runs fsdp.yaml's and the DeepSpeed configs' settings
 on CPUs through a launcher that turns them on). Each config goes through:
 - accelerate's own loader (``load_config_from_file``), which rejects an unknown top-level key;
 - a check that every key of ``fsdp_config`` and ``deepspeed_config`` is an option of its group in
@@ -44,6 +44,7 @@ EXPECTED = {
     "multi_node.yaml": DistributedType.MULTI_GPU,
     "fsdp.yaml": DistributedType.FSDP,
     "deepspeed_zero2.yaml": DistributedType.DEEPSPEED,
+    "deepspeed_zero3.yaml": DistributedType.DEEPSPEED,
 }
 # The `accelerate launch` option group that each section's keys become options of.
 SECTIONS = {"fsdp_config": "FSDP Arguments", "deepspeed_config": "DeepSpeed Arguments"}
@@ -193,8 +194,9 @@ def test_fsdp_shards_every_decoder_layer_of_a_lora_llama(monkeypatch):
     assert FullyShardedDataParallelPlugin().use_orig_params is True
 
 
-def test_deepspeed_zero2_matches_the_tunesmith_config_it_trains(monkeypatch):
-    path = CONFIG_DIR / "deepspeed_zero2.yaml"
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_matches_the_tunesmith_config_it_trains(monkeypatch, stage):
+    path = CONFIG_DIR / f"deepspeed_zero{stage}.yaml"
     args = launch_args(path)
     assert args.use_deepspeed
     command, env = accelerate_launch.prepare_deepspeed_cmd_env(args)
@@ -203,7 +205,8 @@ def test_deepspeed_zero2_matches_the_tunesmith_config_it_trains(monkeypatch):
     plugin = DeepSpeedPlugin()  # what Accelerator builds from that environment
     plugin.set_mixed_precision(env["ACCELERATE_MIXED_PRECISION"])
     ds = plugin.deepspeed_config
-    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["zero_optimization"]["stage"] == stage
+    assert not plugin.zero3_init_flag  # the method is applied to the whole base before ZeRO partitions it
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "none"
     assert ds["zero_optimization"]["offload_param"]["device"] == "none"
     assert not ds["fp16"]["enabled"] and not ds["bf16"]["enabled"]

@@ -1,7 +1,7 @@
 """Sharded training that finishes: two CPU processes over gloo, with the FSDP settings of
 examples/accelerate/fsdp.yaml (stopped by SIGTERM and resumed from the checkpoint they gathered), or
-with DeepSpeed ZeRO-2 as examples/accelerate/deepspeed_zero2.yaml sets it (when DeepSpeed is
-installed), give the losses, saved weights and test metrics of one process that trains on both
+with DeepSpeed ZeRO-2 or ZeRO-3 as examples/accelerate/deepspeed_zero2.yaml and deepspeed_zero3.yaml
+set it (when DeepSpeed is installed), give the losses, saved weights and test metrics of one process that trains on both
 shares of every step.
 
 accelerate switches FSDP and DeepSpeed on only for GPU-like devices, so the processes run through
@@ -112,16 +112,24 @@ def assert_same_as_one_process(split: Path, one: Path) -> None:
     assert all(w.abs().sum() > 0 for name, w in trained.items() if "lora_B" in name)  # B starts at zero
 
 
-def test_deepspeed_zero2_two_processes_match_one_process(tmp_path, config_file, monkeypatch):
+@pytest.mark.parametrize("stage, held", [
+    (2, "optimizer state and gradients sharded over 2 processes (DeepSpeed ZeRO-2)"),
+    (3, "parameters and optimizer state sharded over 2 processes (DeepSpeed ZeRO-3)"),
+])
+def test_deepspeed_two_processes_match_one_process(tmp_path, config_file, monkeypatch, stage, held):
+    # ZeRO-3: validation, the checkpoints, the best weights and the tuned model gather the partitions.
     pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install 'tunesmith[deepspeed]'")
-    env = launch_env(monkeypatch, "deepspeed_zero2.yaml")
-    assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "2"
-    zero2, one = tmp_path / "zero2", tmp_path / "one"
-    done = two_processes(config_file, env, "--set", f"output.dir={zero2}")
+    env = launch_env(monkeypatch, f"deepspeed_zero{stage}.yaml")
+    assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == str(stage)
+    zero, one = tmp_path / f"zero{stage}", tmp_path / "one"
+    done = two_processes(config_file, env, "--set", f"output.dir={zero}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "optimizer state and gradients sharded over 2 processes (DeepSpeed ZeRO-2)" in done.stdout
+    assert held in done.stdout
     run_training(load_config(config_file, [f"output.dir={one}", "train.grad_accum=2"]))
-    assert_same_as_one_process(zero2, one)
+    assert_same_as_one_process(zero, one)
+    checkpoint = load_file(zero / "checkpoints" / "last" / "trainable.safetensors")
+    torch.testing.assert_close(checkpoint, load_file(zero / "checkpoints" / "best.safetensors"))  # step 4 is best
+    assert all(w.numel() > 0 for w in checkpoint.values())  # whole, not ZeRO-3's empty partitions
 
 
 def test_full_fine_tuning_sharded_matches_one_process(tmp_path, tiny_model_dir, review_data, monkeypatch):
@@ -172,12 +180,11 @@ def test_what_cannot_train_sharded_is_refused_by_config_validation(tmp_path, tin
     assert not (tmp_path / "run").exists()
 
 
-def test_deepspeed_zero3_and_resume_under_deepspeed_are_refused(tmp_path, tiny_model_dir, review_data,
-                                                                monkeypatch, capsys):
+def test_resume_under_deepspeed_is_refused(tmp_path, tiny_model_dir, review_data, monkeypatch, capsys):
     config = write_config(tmp_path / "c.yaml", tiny_model_dir, review_data)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    cli_fails(capsys, ["train", str(config)], "launched with DeepSpeed ZeRO-3, which partitions the parameters")
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
-    cli_fails(capsys, ["train", str(config), "--resume"], "--resume: not under DeepSpeed yet")
+    for stage in ("2", "3"):
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", stage)
+        load_config(config)  # ZeRO-2 and ZeRO-3 train
+        cli_fails(capsys, ["train", str(config), "--resume"], "--resume: not under DeepSpeed yet")
     assert not (tmp_path / "run").exists()

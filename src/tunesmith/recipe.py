@@ -113,6 +113,7 @@ def _run(session: Session, run: Run, resume: bool, on_step, stop: StopRequest,
     # The scheduler steps once per optimizer step: the loop already counts steps over all processes.
     accelerator = Accelerator(cpu=cpu_only(), log_with=trackers, project_dir=str(run.path),
                               step_scheduler_with_optimizer=False)
+    distributed.load_whole(accelerator)
     if trackers:
         accelerator.init_trackers("tensorboard", config={"method": config.method.name, "lr": config.train.lr})
     set_seed(config.train.seed)

@@ -5,8 +5,8 @@ over processes, so that N processes compute the gradient one process would compu
 shares; only the main process writes files. The gradient all-reduce itself is accelerate's (the
 model is prepared by it), not ours. Evaluation gives each process a contiguous share of the rows
 (``scored_in_shares``), gathered in rank order. Under FSDP2 the parameters and optimizer state are
-gathered whole where a whole is needed (below), and ``sharding_problems`` says what cannot train
-sharded.
+gathered whole where a whole is needed (below), under DeepSpeed ZeRO-3 the parameters, and
+``sharding_problems`` says what cannot train sharded.
 """
 
 from __future__ import annotations
@@ -88,9 +88,11 @@ def scored_in_shares(score, rows: list, accelerator) -> list:
     return gather_objects(score(share) if share else None, accelerator)
 
 
-# Sharded training (FSDP2): each process holds a slice of every parameter (a DTensor) and of its
-# optimizer state. Checkpoints and saved weights hold them whole, in the same form as one process's,
-# so a run resumes on any number of processes, sharded or not. Gathering a tensor is a collective:
+# Sharded training: under FSDP2 each process holds a slice of every parameter (a DTensor) and of its
+# optimizer state; under DeepSpeed ZeRO-3 a partition of every parameter (an empty tensor with ZeRO's
+# ``ds_id`` between forwards) and of ZeRO's own optimizer state. Checkpoints and saved weights hold
+# the parameters whole, in the same form as one process's (FSDP2's optimizer state too, so that its
+# runs resume on any number of processes, sharded or not). Gathering a tensor is a collective:
 # every process calls these functions in the same order, and each gets the whole tensors.
 
 
@@ -103,11 +105,22 @@ def set_deepspeed_batch(accelerator) -> None:
         plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = 1
 
 
+def load_whole(accelerator) -> None:
+    """Under DeepSpeed, have transformers load models whole on every process. accelerate tells
+    transformers of its DeepSpeed config, and with ZeRO-3 transformers then partitions a model as it
+    loads it (zero.Init), whatever zero3_init_flag says; tunesmith applies the method to the whole
+    base, and rebuilds the tuned model whole after training, before ZeRO partitions anything."""
+    if accelerator.distributed_type == "DEEPSPEED":
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+
+
 def describe_sharding(accelerator) -> str:
     """One line: what each of several processes holds, and whether the sharding asked for runs."""
     n, asked = accelerator.num_processes, launched_sharding()
     if sharded(accelerator):
-        return f"parameters and optimizer state sharded over {n} processes (FSDP2)"
+        return f"parameters and optimizer state sharded over {n} processes ({asked or 'FSDP2'})"
     if accelerator.distributed_type == "DEEPSPEED":  # accelerate's DistributedType, a str enum
         return f"optimizer state and gradients sharded over {n} processes ({asked})"
     if asked:
@@ -117,8 +130,33 @@ def describe_sharding(accelerator) -> str:
 
 
 def sharded(accelerator) -> bool:
-    """Whether the model's parameters are split across processes (FSDP2)."""
-    return bool(getattr(accelerator, "is_fsdp2", False)) and accelerator.num_processes > 1
+    """Whether the model's parameters are split across processes (FSDP2, DeepSpeed ZeRO-3)."""
+    return accelerator.num_processes > 1 and (bool(getattr(accelerator, "is_fsdp2", False)) or _zero3(accelerator))
+
+
+def _zero3(accelerator) -> bool:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return accelerator.distributed_type == "DEEPSPEED" and plugin is not None and plugin.zero_stage == 3
+
+
+def _partitioned(params) -> list[torch.Tensor]:
+    """The parameters among ``params`` that DeepSpeed ZeRO-3 partitions (it marks them ``ds_id``)."""
+    return [p for p in params if hasattr(p, "ds_id")]
+
+
+@contextmanager
+def _gathered(params, modifier_rank: int | None = None):
+    """ZeRO-3's partitioned ``params`` whole on every process while inside (a collective; nothing
+    to do for other parameters). With ``modifier_rank``, what that process writes into them is
+    partitioned again to every process on the way out."""
+    partitioned = _partitioned(params)
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
+        yield
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -142,20 +180,26 @@ def like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 def trainable_weights(model) -> dict[str, torch.Tensor]:
     """The trainable parameters, whole, by their unsharded names."""
-    return {n: whole(p) for n, p in model.named_parameters() if p.requires_grad}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with _gathered(trainable.values()):
+        return {n: whole(p) for n, p in trainable.items()}
 
 
 def load_weights(model, weights: dict[str, torch.Tensor]) -> None:
     """Set ``model``'s parameters named in ``weights`` (whole tensors) on every process."""
     params = dict(model.named_parameters())
-    with torch.no_grad():
+    # Every process copies the same values; under ZeRO-3 the main process's are partitioned again.
+    with _gathered([params[name] for name in weights], modifier_rank=0), torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(like(params[name], value))
 
 
 def optimizer_state(optimizer) -> dict:
-    """The optimizer's state dict with every state tensor whole."""
+    """The optimizer's state dict with every state tensor whole; ZeRO's own state dict, this process's
+    partition, under DeepSpeed (which is why --resume is refused there)."""
     state = optimizer.state_dict()
+    if "state" not in state:
+        return state
     return {**state, "state": {i: {k: whole(v) if torch.is_tensor(v) else v for k, v in s.items()}
                                for i, s in state["state"].items()}}
 
@@ -172,7 +216,11 @@ def load_optimizer_state(optimizer, state: dict) -> None:
 def whole_parameters(root, accelerator):
     """Every process holds the whole parameters while inside: its forwards need no collective, so
     each process can score its own share of rows, however many batches that takes. Sharded again
-    on the way out (FSDP2; nothing to do otherwise)."""
+    on the way out (FSDP2, DeepSpeed ZeRO-3; nothing to do otherwise)."""
+    if _zero3(accelerator) and sharded(accelerator):
+        with _zero3_whole(root):
+            yield
+        return
     from torch.distributed.fsdp import FSDPModule
 
     modules = [m for m in root.modules() if isinstance(m, FSDPModule)] if sharded(accelerator) else []
@@ -187,6 +235,22 @@ def whole_parameters(root, accelerator):
             root.set_reshard_after_forward(False, recurse=False)  # FSDP's own choice for the root
             for module in modules:
                 module.reshard()
+
+
+@contextmanager
+def _zero3_whole(engine):
+    """ZeRO-3's parameters gathered while inside, and its hooks off: they would partition each
+    module's parameters again after its forward and gather them before the next (collectives)."""
+    offload = engine.optimizer.parameter_offload
+    with _gathered(list(engine.parameters())):
+        for param in engine.parameters():
+            param.ds_active_sub_modules.clear()
+        offload._remove_module_hooks()
+        try:
+            yield
+        finally:
+            offload.forward_hooks, offload.backward_hooks = [], []
+            offload.setup_zero_stage3_hooks()
 
 
 def launched_sharding(environ: Mapping[str, str] = os.environ) -> str | None:
@@ -207,9 +271,6 @@ def sharding_problems(sharding: str | None, method: str, quantised: bool, privat
     if sharding == "FSDP1":
         problems.append("launched with FSDP1 (fsdp_version: 1): tunesmith gathers sharded weights from FSDP2 only; "
                         "set fsdp_version: 2 (examples/accelerate/fsdp.yaml)")
-    elif sharding == "DeepSpeed ZeRO-3":
-        problems.append("launched with DeepSpeed ZeRO-3, which partitions the parameters: tunesmith does not gather "
-                        "them yet for evaluation and saving; use FSDP2 (examples/accelerate/fsdp.yaml)")
     if quantised:
         problems.append(f"method.name: {method} loads the base model quantised and placed by its loader, which "
                         f"{sharding} cannot shard; shard lora instead, or train {method} without sharding")

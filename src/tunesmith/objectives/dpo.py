@@ -368,17 +368,10 @@ def encoded_items(prepared: PreparedData | None) -> list[dict]:
     return [i for name in SPLITS for i in prepared.encoded[name]] if prepared else []
 
 
-@dataclass
-class DPO:
-    name: ClassVar[str] = "dpo"
-    Options: ClassVar[type[Section]] = Options
-    abilities: ClassVar[Abilities] = Abilities(
-        head=CAUSAL_LM, data=("preference",), metrics=("loss", "accuracy", "reward_margin"),
-        writes_answers=True, reference=True, rows_scored=True)
-    options: Options
-    data: DataConfig
-    tokenizer: Any
-    layout: Layout
+class PolicyObjective:
+    """What the dpo and kto objectives (dataclasses with ``data``, ``tokenizer`` and ``layout``) share
+    around their ``Policy``: building it, the reference it holds, a child's start from its parent,
+    and answers."""
 
     def __post_init__(self):
         self.policy = Policy(self.data, self.tokenizer, self.layout)
@@ -392,6 +385,22 @@ class DPO:
     def start_from(self, model, reload, start: str) -> None:
         """Train against ``model`` as it is now, a child's parent (``Policy.start_from``)."""
         self.policy.start_from(model, reload, start)
+
+    def answer(self, model, prompt: str, labels: list[str], max_new_tokens: int, stream: bool = False) -> str:
+        return self.policy.answer(model, prompt, max_new_tokens, stream)
+
+
+@dataclass
+class DPO(PolicyObjective):
+    name: ClassVar[str] = "dpo"
+    Options: ClassVar[type[Section]] = Options
+    abilities: ClassVar[Abilities] = Abilities(
+        head=CAUSAL_LM, data=("preference",), metrics=("loss", "accuracy", "reward_margin"),
+        writes_answers=True, reference=True, rows_scored=True)
+    options: Options
+    data: DataConfig
+    tokenizer: Any
+    layout: Layout
 
     @classmethod
     def check_method(cls, method) -> list[str]:
@@ -427,6 +436,4 @@ class DPO:
     def samples(self, model, examples: list[dict], labels: list[str], max_new_tokens: int) -> list[dict]:
         return self.policy.samples(model, examples, lambda ex: ex["chosen"], max_new_tokens)
 
-    def answer(self, model, prompt: str, labels: list[str], max_new_tokens: int, stream: bool = False) -> str:
-        return self.policy.answer(model, prompt, max_new_tokens, stream)
 

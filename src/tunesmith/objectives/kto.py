@@ -39,7 +39,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.objectives.base import CAUSAL_LM, Abilities, Layout, to_device
 from tunesmith.objectives.causal import _token_summary
 from tunesmith.objectives.dpo import (
-    Policy,
+    PolicyObjective,
     PrecomputedReference,
     encoded_items,
     pair_logps,
@@ -258,7 +258,7 @@ class AnswerBatches:
 
 
 @dataclass
-class KTO:
+class KTO(PolicyObjective):
     name: ClassVar[str] = "kto"
     Options: ClassVar[type[Section]] = Options
     abilities: ClassVar[Abilities] = Abilities(
@@ -270,18 +270,8 @@ class KTO:
     layout: Layout
 
     def __post_init__(self):
-        self.policy = Policy(self.data, self.tokenizer, self.layout)
-        self.encoder = self.policy.encoder
-        self.prepared: PreparedData | None = None
+        super().__post_init__()
         self.weights = (self.options.desirable_weight, self.options.undesirable_weight)
-
-    @property
-    def reference(self) -> PrecomputedReference | None:
-        return self.policy.reference
-
-    def start_from(self, model, reload, start: str) -> None:
-        """Train against ``model`` as it is now, a child's parent (``Policy.start_from``)."""
-        self.policy.start_from(model, reload, start)
 
     @classmethod
     def check_method(cls, method) -> list[str]:
@@ -337,5 +327,3 @@ class KTO:
 
         return self.policy.samples(model, examples, expected, max_new_tokens)
 
-    def answer(self, model, prompt: str, labels: list[str], max_new_tokens: int, stream: bool = False) -> str:
-        return self.policy.answer(model, prompt, max_new_tokens, stream)

@@ -47,3 +47,7 @@ if __name__ == "__main__":
     if processes.is_main_process:
         with open(out, "w") as f:
             json.dump(scored, f)
+    # Without this, gloo's threads are still running when the interpreter exits, and one process in eight or so
+    # aborts there ("terminate called without an active exception") after its work is done.
+    processes.wait_for_everyone()
+    processes.destroy_process_group()

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from conftest import free_port, review_rows, write_config, write_jsonl
 from score_in_shares import scored_model
 from test_sources import sources_data
-from tunesmith.align.judge import CHUNK
 from tunesmith.config import load_config
 from tunesmith.eval.general import score_general
+from tunesmith.judge import CHUNK
 from tunesmith.recipe import run_training
 from tunesmith.session import Session
 

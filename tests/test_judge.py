@@ -13,9 +13,9 @@ import pytest
 import yaml
 from conftest import cli_fails, preference_rows, review_rows, write_config, write_jsonl
 
-from tunesmith.align.judge import Judge, Sampling, judge_model, judge_run
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
+from tunesmith.judge import Judge, Sampling, judge_model, judge_run
 from tunesmith.recipe import run_training
 from tunesmith.session import Session
 
@@ -94,7 +94,7 @@ def test_judge_through_the_cli(runs, capsys):
 
 def test_a_judge_is_checked_at_once_but_loaded_only_when_it_first_scores(runs, monkeypatch):
     """So a judge named in a training config is not held in memory while the model trains."""
-    from tunesmith.align import judge as judging
+    from tunesmith import judge as judging
 
     loads, real = [], judging.load_reward
     monkeypatch.setattr(judging, "load_reward", lambda *args: loads.append(args) or real(*args))
@@ -219,8 +219,8 @@ def test_an_answer_depends_on_its_seed_not_on_the_prompts_sampled_beside_it(tmp_
                                                                            preference_data):
     import torch
 
-    from tunesmith.align.judge import _sample, held_out_prompts
     from tunesmith.align.rollout import answer_texts
+    from tunesmith.judge import _sample, held_out_prompts
 
     session, model = _session(tmp_path, tiny_model_dir, preference_data, {"name": "lora"})
     prompts = held_out_prompts(session, 4)[1]

@@ -423,7 +423,7 @@ def _align(args, command: str, load, run) -> int:
 
 
 def cmd_judge(args) -> int:
-    from tunesmith.align.judge import headline, judge_run
+    from tunesmith.judge import headline, judge_run
 
     result = judge_run(Path(args.run_dir), Path(args.by), label=args.label, prompts=args.prompts,
                        samples_per_prompt=args.samples, max_new_tokens=args.max_new_tokens,

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from tunesmith.align.judge import Judge, judge_trained, open_judge, write_judged
 from tunesmith.config import RunConfig
 from tunesmith.data.canaries import canary_record
 from tunesmith.data.options import SplitConfig
@@ -32,6 +31,7 @@ from tunesmith.eval.curve import training_length, validations
 from tunesmith.eval.report import plot_losses, privacy_line, replace_section, write_report
 from tunesmith.export.portable import make_portable
 from tunesmith.files import write_atomic
+from tunesmith.judge import Judge, judge_trained, open_judge, write_judged
 from tunesmith.lifecycle.continual import Continual
 from tunesmith.methods import count_parameters
 from tunesmith.model import set_dropout
@@ -72,9 +72,6 @@ def run_training(config: RunConfig, resume: bool = False, on_step=None, parent: 
         processes = PartialState(cpu=cpu_only())
         main = processes.is_main_process
         run = Run(config.output.dir, writer=main)
-        if resume and (distributed.launched_sharding() or "").startswith("DeepSpeed"):
-            raise TunesmithError("--resume: not under DeepSpeed yet: its ZeRO optimizer state is one slice per "
-                                 "process, and tunesmith's checkpoints hold the main process's slice only")
         run.check_new(resume)
         continual = Continual.open(config, parent or (run.parent if resume else None))
         setup_threads(config.train.threads)
@@ -280,8 +277,7 @@ def finish(session: Session, run: Run, model, base: dict, evaluated: dict, state
         summary["classification"] = classes
         summary["baselines"] = baselines(session.data.examples, session.test_set()[0], session.data.labels)
         sections += classification_sections(run, classes, summary["baselines"], tuned)
-    # The loop restores the best validation's weights when train.patience is set.
-    length = training_length(validations(run.metrics_records()), best_kept=bool(config.train.patience))
+    length = training_length(validations(run.metrics_records()), best_kept=state.kept_step == state.best_step)
     if length:
         summary["training_length"] = length
         sections += ["## Training length", "", length["line"] + ".", ""]

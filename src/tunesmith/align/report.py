@@ -1,6 +1,6 @@
 """The reports of PPO and GRPO runs: reward of base and tuned answers on held-out prompts (for GRPO,
 each reward's too, such as the share of answers in the required format), win-rate, KL to the
-reference, the curves and a few answers side by side. Judged evaluation (``align/judge.py``)
+reference, the curves and a few answers side by side. Judged evaluation (``judge.py``)
 reports with the same pieces."""
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Continuous batching: requests join the running batch at any step and leave it when they finish.
 
 Greedy answers must be exactly what ``generate`` gives each request alone on its own adapter, however
-the requests overlap: joining a batch mid-way (the KV caches joined, left-padded), a long prompt
-prefilled a chunk at a time beside rows that decode, rows leaving and the padding they left dropped.
+the requests overlap: joining a batch mid-way (each row in a slot of the lane's KV cache), a long
+prompt prefilled a chunk at a time beside rows that decode, rows leaving and their slots taken by
+later requests, prompt heads taken from the prefix cache.
 """
 
 from __future__ import annotations
@@ -132,9 +133,9 @@ def test_a_short_request_sent_while_a_long_one_decodes_finishes_first(model):
 
 
 def test_a_sliding_window_model_keeps_its_window_when_a_longer_row_leaves(tiny_model_dir):
-    """Mistral's layers keep only the last positions of a sliding window. When the row with the longest
-    prompt leaves, the padding it left is not cropped from those layers (their columns are not the
-    mask's): the row left decodes ``generate``'s greedy tokens alone."""
+    """Mistral's layers see only the last positions of a sliding window: the slots keep every position,
+    and the mask hides those out of the window. A row beside a longer prompt, which leaves first,
+    decodes ``generate``'s greedy tokens alone."""
     from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

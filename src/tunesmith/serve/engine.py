@@ -2,21 +2,23 @@
 
 A request is a ``Job``, with its own adapter, prompt and sampling settings. Jobs decode in a ``Lane``
 (one per model, and one per adapter that cannot share a batch), which they join at any step and leave
-the step they finish: their prompts are prefilled first, left-padded, a chunk of at most
-``prefill_tokens`` tokens a step so that a long prompt does not stall the rows decoding beside it;
-their rows then join the decoding batch, their KV cache (``DynamicCache``) joined to the running one
-along the batch, the shorter left-padded with positions the attention mask hides. Each step runs one
-forward pass for every decoding row; PEFT's mixed-adapter batches (``adapter_names``, one name per
-row, ``"__base__"`` for the base model) route each row through its own LoRA weights. Each row samples
-with its own temperature, top_p and random generator, stops on its own end-of-sequence token, stop
-string or token limit, and streams its text as it grows.
+the step they finish: their prompts are prefilled first, a chunk of at most ``prefill_tokens`` tokens
+a step so that a long prompt does not stall the rows decoding beside it; their rows then join the
+decoding batch. Each row keeps its keys and values in a slot of the lane's ``SlotCache``
+(``serve/kvcache.py``: allocated once, kept by the server from batch to batch, written in place at
+each row's own positions), and a prompt whose head an earlier prompt on the same adapter had (a
+system prompt, a chat template's head) starts from that head's keys and values in the
+``PrefixCache``. Each step runs one forward pass for every decoding row; PEFT's mixed-adapter batches
+(``adapter_names``, one name per row, ``"__base__"`` for the base model) route each row through its
+own LoRA weights. Each row samples with its own temperature, top_p and random generator, stops on its
+own end-of-sequence token, stop string or token limit, and streams its text as it grows.
 
 A job with a ``grammar`` (``response_format``: ``serve/structured.py``) gives each of its rows its own
 ``Constraint``: the row's logits lose the tokens the grammar does not allow before it samples, and
 the row ends once the grammar is complete. Rows without one are untouched.
 
-A job asking for ``n`` choices is prefilled once: its prompt runs as one row, and the KV cache and
-the last logits are then copied into ``n`` rows, each sampling with its own generator. A row whose
+A job asking for ``n`` choices is prefilled once: its prompt runs as one row, and its slot and
+its last logits are then copied into ``n`` rows, each sampling with its own generator. A row whose
 sampling fails (bad numbers, a bug) fails its own job alone: it leaves the batch with an error
 event, and the other rows go on. A job cancelled (its client gone) leaves the batch at the next step.
 
@@ -37,11 +39,13 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
 
+from tunesmith.serve.kvcache import PrefixCache, SlotCache, attention_masks
 from tunesmith.serve.structured import Constraint
 
 log = logging.getLogger(__name__)
@@ -291,51 +295,41 @@ class _Routing:
         self.handles, self.names, self.plain = [], None, None
 
 
-def _left_padded(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token ids, attention mask and position ids of ``prompts`` left-padded to the longest: positions
-    count real tokens only, so a padded row sees what it would alone."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+class Caches:
+    """The KV caches the server keeps from batch to batch: a ``SlotCache`` for each lane of each model
+    (lanes on one model take turns, each with its own rows), and a ``PrefixCache`` per model, its blocks
+    keyed by adapter, of at most ``prefix_bytes``."""
 
+    def __init__(self, prefix_bytes: int = 256 * 2**20, block: int = 16):
+        self.prefix_bytes, self.block = prefix_bytes, block
+        self._models: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a model unloaded takes its caches
 
-def _joinable(cache) -> bool:
-    """Whether rows of ``cache`` can be joined with others' (plain layers that keep every position)."""
-    from transformers.cache_utils import DynamicLayer
+    def of(self, model, key: Hashable) -> tuple[SlotCache, PrefixCache]:
+        lanes, prefixes = self._models.setdefault(model, ({}, PrefixCache(self.prefix_bytes, self.block)))
+        return lanes.setdefault(key, SlotCache()), prefixes
 
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
-
-
-def _join(cache, other) -> None:
-    """Append ``other``'s rows to ``cache``'s, the shorter left-padded (the attention mask hides it)."""
-    for mine, theirs in zip(cache.layers, other.layers):
-        width = max(mine.keys.shape[-2], theirs.keys.shape[-2])
-        mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
-        mine.values = torch.cat([_pad_left(mine.values, width), _pad_left(theirs.values, width)])
-
-
-def _pad_left(states: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.nn.functional.pad(states, (0, 0, width - states.shape[-2], 0))
-
-
-def _pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.nn.functional.pad(mask, (width - mask.shape[1], 0))
-
-
-def _crop_left(cache, columns: int) -> None:
-    for layer in cache.layers:
-        layer.keys, layer.values = layer.keys[:, :, columns:], layer.values[:, :, columns:]
+    def stats(self) -> dict[str, int]:
+        """Prefix-cache hits, misses, tokens reused and evictions, and the bytes each kind of cache holds."""
+        totals = {"prefix_hits": 0, "prefix_misses": 0, "prefix_tokens_reused": 0, "prefix_evictions": 0,
+                  "prefix_bytes": 0, "slot_bytes": 0}
+        for lanes, prefixes in list(self._models.values()):
+            for name, value in vars(prefixes.stats).items():
+                totals[f"prefix_{name}"] += value
+            totals["prefix_bytes"] += prefixes.nbytes
+            totals["slot_bytes"] += sum(slots.nbytes for slots in lanes.values())
+        return totals
 
 
 class _Prefill:
-    """New jobs' prompts, run as one left-padded batch, a chunk of columns at a time."""
+    """New jobs' prompts, prefilled together in slots of their own, a chunk of positions at a time."""
 
-    def __init__(self, jobs: list[Job], adapters: list[str], pad: int):
-        self.jobs, self.adapters = jobs, adapters
-        self.ids, self.mask, self.positions = _left_padded([job.prompt_ids for job in jobs], pad)
-        self.done = 0  # columns prefilled
-        self.cache = None
+    def __init__(self, jobs: list[Job]):
+        self.jobs = jobs
+        self.adapters = [job.adapter for job in jobs]
+        self.lengths = torch.tensor([len(job.prompt_ids) for job in jobs])
+        self.first: int | None = None  # the slot of the first prompt, once placed
+        self.done = torch.zeros(len(jobs), dtype=torch.long)  # positions of each prompt in its slot
+        self.logits: list[torch.Tensor | None] = [None] * len(jobs)  # of each prompt's last token
 
     @property
     def rows(self) -> int:
@@ -345,26 +339,31 @@ class _Prefill:
 class Lane:
     """The running batch on one model. Jobs join at any step: their prompts are prefilled, at most
     ``prefill_tokens`` a step so a long one does not stall the rows decoding, then their rows join the
-    decoding batch (the KV caches joined along the batch, left-padded). A row leaves at the step it
-    finishes, fails or is cancelled.
+    decoding batch. A row leaves at the step it finishes, fails or is cancelled.
+
+    Each row has a slot of ``slots`` (``kvcache.SlotCache``): the decoding rows hold slots 0..n-1, so a
+    pass reads a view of them; the prompts being prefilled hold the last slots, and move down to
+    n.. when they join. A row that leaves frees its slot for the last row, moved into it. A prompt
+    starts with the blocks of its head that ``prefixes`` holds for its adapter, and leaves its own there.
 
     ``routing``: how rows go through their adapters on ``model``, shared by every lane on that model.
     """
 
-    def __init__(self, model, tokenizer, routing: _Routing, prefill_tokens: int = 512):
+    def __init__(self, model, tokenizer, routing: _Routing, slots: SlotCache, prefixes: PrefixCache,
+                 prefill_tokens: int = 512):
         self.model, self.tokenizer = model, tokenizer
         self.prefill_tokens = prefill_tokens
         self.routing = routing
+        self.slots, self.prefixes = slots, prefixes
         self.eos = eos_ids(model, tokenizer)
         self.pad = tokenizer.pad_token_id
         self.device = next(model.parameters()).device
+        self.dtype = model.get_input_embeddings().weight.dtype
         self.filling: list[_Prefill] = []
         self.rows: list[_Row] = []
         self.adapters: list[str] = []  # of each row
         self.tokens: list[int] = []  # each row's next input token
-        self.cache = None
-        self.mask = torch.zeros(0, 0, dtype=torch.long)  # over the cache's positions
-        self.positions = torch.zeros(0, 1, dtype=torch.long)  # each row's next position
+        self.lengths = torch.zeros(0, dtype=torch.long)  # each row's positions in its slot: its next position
 
     @property
     def size(self) -> int:
@@ -379,13 +378,11 @@ class Lane:
                     job.emit(Event("done", finish_reason="cancelled", index=index))
         jobs = [job for job in jobs if not job.cancelled.is_set()]
         if jobs:
-            self.filling.append(_Prefill(jobs, [job.adapter for job in jobs], self.pad))
+            self.filling.append(_Prefill(jobs))
 
     def step(self) -> None:
         """A chunk of the oldest prompt waiting, then one token for every decoding row."""
-        # Caches that drop positions (sliding windows) cannot be padded and joined: such prompts wait
-        # for the running rows to finish.
-        if self.filling and (not self.rows or _joinable(self.cache)):
+        if self.filling:
             self._prefill(self.filling[0])
         if self.rows:
             self._decode()
@@ -397,76 +394,104 @@ class Lane:
                 job.emit(Event("error", text=message))
         for row in self.rows:
             row.fail(message)
-        self.filling, self.rows, self.adapters, self.tokens, self.cache = [], [], [], [], None
+        self.filling, self.rows, self.adapters, self.tokens = [], [], [], []
+        self.lengths = self.lengths[:0]
 
-    def _forward(self, ids, mask, positions, cache, adapters):
+    def _forward(self, first: int, ids: torch.Tensor, starts: torch.Tensor, adapters: list[str],
+                 keep: int | torch.Tensor = 1) -> torch.Tensor:
+        """One pass over slots ``first``.. (a row per row of ``ids``, from position ``starts``); the
+        logits of the chunk's positions ``keep`` (an index tensor, or the last ``keep``)."""
+        tokens = ids.shape[1]
+        width = self.slots.bind(first, starts, tokens)
+        masks = attention_masks(self.model.config, starts, tokens, width, self.dtype)
+        masks = {k: m.to(self.device) for k, m in masks.items()} if isinstance(masks, dict) else masks.to(self.device)
+        positions = starts[:, None] + torch.arange(tokens)
         self.routing.use(adapters)
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=positions.to(self.device), past_key_values=cache, use_cache=True)
-        return out.past_key_values, out.logits[:, -1].cpu()
+        out = self.model(input_ids=ids.to(self.device), attention_mask=masks, position_ids=positions.to(self.device),
+                         cache=self.slots, use_cache=True,
+                         logits_to_keep=keep.to(self.device) if isinstance(keep, torch.Tensor) else keep)
+        return out.logits.float().cpu()
+
+    def _adapter_key(self, name: str) -> Hashable:
+        # The adapter's config object too: an adapter unloaded and loaded again under its name (other
+        # weights) must not meet the keys of the old one.
+        return name, id(getattr(self.model, "peft_config", {}).get(name))
+
+    def _place(self, prefill: _Prefill) -> None:
+        """Slots for ``prefill``'s prompts (the last ones, past every row that may decode meanwhile),
+        each started with the head of its prompt that the prefix cache holds."""
+        length = max(len(job.prompt_ids) + job.sampling.max_tokens for job in prefill.jobs)
+        self.slots.reserve(len(self.rows) + prefill.rows, length)
+        prefill.first = self.slots.slots - len(prefill.jobs)
+        for b, job in enumerate(prefill.jobs):
+            blocks = self.prefixes.lookup(self._adapter_key(job.adapter), job.prompt_ids)
+            for i, layers in enumerate(blocks):
+                self.slots.write(prefill.first + b, i * self.prefixes.block, layers)
+            prefill.done[b] = len(blocks) * self.prefixes.block
+
+    def _remember(self, prefill: _Prefill) -> None:
+        """Leave the blocks of ``prefill``'s prompts that the prefix cache lacks there."""
+        block = self.prefixes.block
+        for b, job in enumerate(prefill.jobs):
+            key = self._adapter_key(job.adapter)
+            for end in self.prefixes.wanted(key, job.prompt_ids):
+                self.prefixes.store(key, job.prompt_ids, end, self.slots.read(prefill.first + b, end - block, end))
 
     def _prefill(self, prefill: _Prefill) -> None:
-        columns = max(1, self.prefill_tokens // len(prefill.jobs))
-        start, end = prefill.done, min(prefill.done + columns, prefill.ids.shape[1])
-        prefill.cache, logits = self._forward(prefill.ids[:, start:end], prefill.mask[:, :end],
-                                              prefill.positions[:, start:end], prefill.cache, prefill.adapters)
-        prefill.done = end
-        if end < prefill.ids.shape[1]:
+        if prefill.first is None:
+            self._place(prefill)
+        jobs = prefill.jobs
+        tokens = min(int((prefill.lengths - prefill.done).max()), max(1, self.prefill_tokens // len(jobs)))
+        ids = torch.full((len(jobs), tokens), self.pad, dtype=torch.long)
+        for b, job in enumerate(jobs):  # right-padded: each prompt goes on from its own position
+            chunk = job.prompt_ids[int(prefill.done[b]):int(prefill.done[b]) + tokens]
+            ids[b, :len(chunk)] = torch.tensor(chunk, dtype=torch.long)
+        last = (prefill.lengths - 1 - prefill.done).tolist()  # where each prompt's last token is in this chunk
+        ending = [b for b in range(len(jobs)) if 0 <= last[b] < tokens]
+        keep = sorted({last[b] for b in ending})
+        logits = self._forward(prefill.first, ids, prefill.done, prefill.adapters,
+                               torch.tensor(keep) if keep else 1)
+        for b in ending:
+            prefill.logits[b] = logits[b, keep.index(last[b])]
+        prefill.done = torch.minimum(prefill.done + tokens, prefill.lengths)
+        if bool((prefill.done < prefill.lengths).any()):
             return
         self.filling.pop(0)
-        jobs = prefill.jobs
+        self._remember(prefill)
         rows = [_Row(job, index, seed, self.tokenizer) for job in jobs
                 for index, seed in enumerate(choice_seeds(job.sampling.seed, job.sampling.n))]
         # Each prompt was prefilled once, as one row; a job's n choices are copies of it from here on.
-        choices = torch.tensor([j for j, job in enumerate(jobs) for _ in range(job.sampling.n)])
-        cache, mask = prefill.cache, prefill.mask
-        if len(choices) > len(jobs):
-            cache.batch_select_indices(choices.to(self.device))
-            logits, mask = logits[choices], mask[choices]
-        tokens = self._sample(rows, logits)
+        choices = [j for j, job in enumerate(jobs) for _ in range(job.sampling.n)]
+        tokens = self._sample(rows, torch.stack([prefill.logits[j] for j in choices]))
         live = [i for i, row in enumerate(rows) if not row.done]
-        if not live:
-            return
-        if len(live) < len(rows):
-            cache.batch_select_indices(torch.tensor(live, device=self.device))
-            mask = mask[live]
-        rows, tokens = [rows[i] for i in live], [tokens[i] for i in live]
-        positions = mask.sum(-1, keepdim=True)
-        if not self.rows:
-            self.cache, self.mask, self.positions = cache, mask, positions
-        else:
-            _join(self.cache, cache)
-            width = max(self.mask.shape[1], mask.shape[1])
-            self.mask = torch.cat([_pad_mask(self.mask, width), _pad_mask(mask, width)])
-            self.positions = torch.cat([self.positions, positions])
-        self.rows += rows
-        self.tokens += tokens
-        self.adapters += [row.job.adapter for row in rows]
+        first = len(self.rows)
+        self.slots.move([prefill.first + choices[i] for i in live], list(range(first, first + len(live))))
+        self.rows += [rows[i] for i in live]
+        self.tokens += [tokens[i] for i in live]
+        self.adapters += [rows[i].job.adapter for i in live]
+        self.lengths = torch.cat([self.lengths, prefill.lengths[[choices[i] for i in live]]])
 
     def _decode(self) -> None:
-        mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=self.mask.dtype)], dim=1)
-        self.cache, logits = self._forward(torch.tensor(self.tokens)[:, None], mask, self.positions,
-                                           self.cache, self.adapters)
-        self.mask, self.positions = mask, self.positions + 1
-        self.tokens = self._sample(self.rows, logits)
-        live = [i for i, row in enumerate(self.rows) if not row.done]
-        if len(live) < len(self.rows):
-            # Finished rows leave the batch (and the cache) at once, so they cost nothing more.
-            index = torch.tensor(live, dtype=torch.long)
-            self.cache.batch_select_indices(index.to(self.device))
-            self.rows = [self.rows[i] for i in live]
-            self.tokens = [self.tokens[i] for i in live]
-            self.adapters = [self.adapters[i] for i in live]
-            self.mask, self.positions = self.mask[index], self.positions[index]
-            if not live:
-                self.cache = None
-                return
-            # Positions no row attends to any more (the padding of a longer prompt gone) are dropped,
-            # where every layer keeps every position (a sliding window's keys are not the mask's columns).
-            unused = int(self.mask.any(0).int().argmax())
-            if unused and _joinable(self.cache):
-                _crop_left(self.cache, unused)
-                self.mask = self.mask[:, unused:]
+        logits = self._forward(0, torch.tensor(self.tokens)[:, None], self.lengths, self.adapters)
+        self.lengths = self.lengths + 1
+        self.tokens = self._sample(self.rows, logits[:, -1])
+        if any(row.done for row in self.rows):
+            self._leave()
+
+    def _leave(self) -> None:
+        """Finished rows leave the batch at once, so they cost nothing more: the last rows move into the
+        slots they free, so that the rows left hold slots 0..n-1."""
+        left = sum(not row.done for row in self.rows)
+        holes = [i for i in range(left) if self.rows[i].done]
+        movers = [i for i in range(left, len(self.rows)) if not self.rows[i].done]
+        self.slots.move(movers, holes)
+        order = list(range(left))
+        for hole, mover in zip(holes, movers):
+            order[hole] = mover
+        self.rows = [self.rows[i] for i in order]
+        self.tokens = [self.tokens[i] for i in order]
+        self.adapters = [self.adapters[i] for i in order]
+        self.lengths = self.lengths[order]
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
         """Each row's next token from its logits; a row cancelled, finished or failed is marked done."""
@@ -490,14 +515,16 @@ Place = Callable[[Job], tuple[Hashable, torch.nn.Module, bool]]
 
 @torch.no_grad()
 def decode(place: Place, tokenizer, jobs: list[Job], more: Callable[[int], list[Job]] | None = None,
-           max_rows: int | None = None, prefill_tokens: int = 512) -> None:
+           max_rows: int | None = None, prefill_tokens: int = 512, caches: Caches | None = None) -> None:
     """Decode ``jobs``, and any that ``more(room)`` hands in at each step, until every one has finished.
 
     ``place(job)`` says which lane a job decodes in: a key (jobs with the same key share a batch), the
     model, and whether it is a PEFT model whose rows each name their adapter. Lanes take turns, one
     step each. ``more`` is asked at every step for jobs of at most ``room`` rows in all (``max_rows``
-    less the rows decoding or waiting for their prefill); events go to each job's ``emit``.
+    less the rows decoding or waiting for their prefill); events go to each job's ``emit``. ``caches``:
+    the KV caches to decode in and leave for the next call (the server's); without, caches of this call.
     """
+    caches = caches if caches is not None else Caches()
     lanes: dict[Hashable, Lane] = {}
     routings: dict[int, _Routing] = {}  # one per model: lanes on one model take turns with its state
 
@@ -507,7 +534,7 @@ def decode(place: Place, tokenizer, jobs: list[Job], more: Callable[[int], list[
             key, model, mixed = place(job)
             if key not in lanes:
                 routing = routings.setdefault(id(model), _Routing(model, mixed))
-                lanes[key] = Lane(model, tokenizer, routing, prefill_tokens)
+                lanes[key] = Lane(model, tokenizer, routing, *caches.of(model, key), prefill_tokens)
             grouped.setdefault(key, []).append(job)
         for key, group in grouped.items():
             lanes[key].add(group)

@@ -1,8 +1,8 @@
 """Sharded training that finishes: two CPU processes over gloo, with the FSDP settings of
-examples/accelerate/fsdp.yaml (stopped by SIGTERM and resumed from the checkpoint they gathered), or
-with DeepSpeed ZeRO-2 or ZeRO-3 as examples/accelerate/deepspeed_zero2.yaml and deepspeed_zero3.yaml
-set it (when DeepSpeed is installed), give the losses, saved weights and test metrics of one process that trains on both
-shares of every step.
+examples/accelerate/fsdp.yaml, or with DeepSpeed ZeRO-2 or ZeRO-3 as
+examples/accelerate/deepspeed_zero2.yaml and deepspeed_zero3.yaml set it (when DeepSpeed is
+installed), stopped by SIGTERM and resumed from their checkpoint, give the losses, saved weights and
+test metrics of one process that trains on both shares of every step.
 
 accelerate switches FSDP and DeepSpeed on only for GPU-like devices, so the processes run through
 tests/shard_on_cpu.py, which turns accelerate's CPU state to the engine asked for (see its docstring).
@@ -24,7 +24,10 @@ from test_accelerate_configs import CONFIG_DIR, ROOT, launch_args
 
 from conftest import cli_fails, free_port, write_config
 from tunesmith.config import load_config
+from tunesmith.errors import TunesmithError
 from tunesmith.recipe import run_training
+from tunesmith.train import zero
+from tunesmith.train.checkpoint import load_checkpoint, save_checkpoint
 
 STEPS = 4
 LAUNCHER = Path(__file__).parent / "shard_on_cpu.py"
@@ -116,18 +119,38 @@ def assert_same_as_one_process(split: Path, one: Path) -> None:
     (2, "optimizer state and gradients sharded over 2 processes (DeepSpeed ZeRO-2)"),
     (3, "parameters and optimizer state sharded over 2 processes (DeepSpeed ZeRO-3)"),
 ])
-def test_deepspeed_two_processes_match_one_process(tmp_path, config_file, monkeypatch, stage, held):
+def test_deepspeed_two_processes_stopped_and_resumed_match_one_process(tmp_path, config_file, monkeypatch, stage,
+                                                                       held):
     # ZeRO-3: validation, the checkpoints, the best weights and the tuned model gather the partitions.
+    # Each process saves its own partition of ZeRO's optimizer state and resumes from it.
     pytest.importorskip("deepspeed", reason="DeepSpeed is an optional extra: pip install 'tunesmith[deepspeed]'")
     env = launch_env(monkeypatch, f"deepspeed_zero{stage}.yaml")
     assert env["ACCELERATE_USE_DEEPSPEED"] == "true" and env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == str(stage)
     zero, one = tmp_path / f"zero{stage}", tmp_path / "one"
-    done = two_processes(config_file, env, "--set", f"output.dir={zero}")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert held in done.stdout
+    out = f"output.dir={zero}"
+
+    stopped = two_processes(config_file, {**env, "SIGTERM_AT_STEP": "2"}, "--set", out)
+    assert stopped.returncode != 0, stopped.stdout[-2000:]
+    assert held in stopped.stdout, stopped.stdout[-3000:] + stopped.stderr[-3000:]
+    last = zero / "checkpoints" / "last"
+    assert json.loads((last / "state.json").read_text())["step"] == 2
+    assert torch.load(last / "optimizer.pt", weights_only=True)["zero"] == {"stage": stage, "processes": 2}
+    partitions = [load_file(last / f"zero_rank{rank}.safetensors") for rank in (0, 1)]
+    assert all(p.keys() == partitions[0].keys() and "state.0.exp_avg" in p for p in partitions)
+    assert not torch.equal(partitions[0]["master.0"], partitions[1]["master.0"])  # each process's own part
+
+    # Resumed on one process without DeepSpeed: refused, and the checkpoint is left as it was.
+    with pytest.raises(TunesmithError, match=f"partitioned over 2 processes; this run is not under DeepSpeed, "
+                                             f"on 1 process: resume it under DeepSpeed ZeRO-{stage} on 2 processes"):
+        run_training(load_config(config_file, [out]), resume=True)
+    assert json.loads((last / "state.json").read_text())["step"] == 2
+
+    resumed = two_processes(config_file, env, "--set", out, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert json.loads((zero / "status.json").read_text())["status"] == "complete"
     run_training(load_config(config_file, [f"output.dir={one}", "train.grad_accum=2"]))
     assert_same_as_one_process(zero, one)
-    checkpoint = load_file(zero / "checkpoints" / "last" / "trainable.safetensors")
+    checkpoint = load_file(last / "trainable.safetensors")
     torch.testing.assert_close(checkpoint, load_file(zero / "checkpoints" / "best.safetensors"))  # step 4 is best
     assert all(w.numel() > 0 for w in checkpoint.values())  # whole, not ZeRO-3's empty partitions
 
@@ -180,11 +203,49 @@ def test_what_cannot_train_sharded_is_refused_by_config_validation(tmp_path, tin
     assert not (tmp_path / "run").exists()
 
 
-def test_resume_under_deepspeed_is_refused(tmp_path, tiny_model_dir, review_data, monkeypatch, capsys):
-    config = write_config(tmp_path / "c.yaml", tiny_model_dir, review_data)
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    for stage in ("2", "3"):
-        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", stage)
-        load_config(config)  # ZeRO-2 and ZeRO-3 train
-        cli_fails(capsys, ["train", str(config), "--resume"], "--resume: not under DeepSpeed yet")
-    assert not (tmp_path / "run").exists()
+@pytest.mark.parametrize("saved, stage, processes, fragment", [
+    (None, None, 2, None),
+    ({"stage": 2, "processes": 2}, 2, 2, None),
+    ({"stage": 3, "processes": 4}, 3, 4, None),
+    ({"stage": 3, "processes": 2}, 3, 4, "partitioned over 2 processes; this run is under DeepSpeed ZeRO-3 on 4 "
+                                         "processes: resume it under DeepSpeed ZeRO-3 on 2 processes"),
+    ({"stage": 2, "processes": 2}, 3, 2, "DeepSpeed ZeRO-2's, partitioned over 2 processes; this run is under "
+                                         "DeepSpeed ZeRO-3 on 2 processes"),
+    ({"stage": 2, "processes": 2}, None, 2, "this run is not under DeepSpeed, on 2 processes"),
+    (None, 2, 2, "its optimizer state was saved whole, not under DeepSpeed; this run is under DeepSpeed ZeRO-2"),
+])
+def test_which_checkpoints_resume_under_deepspeed(saved, stage, processes, fragment):
+    # ZeRO's optimizer state is one partition per process: only the same stage on as many processes fits it.
+    why = zero.mismatch(saved, stage, processes)
+    assert why is None if fragment is None else fragment in why, why
+
+
+class _OneProcess:
+    """What save_checkpoint asks of accelerate's Accelerator, for one process."""
+    is_main_process, process_index = True, 0
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_a_checkpoint_with_zero_partitions_resumes_only_under_zero(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    partition = ({"master.0": torch.arange(4.0), "state.0.exp_avg": torch.ones(4)},
+                 {"stage": 2, "processes": 1, "state": {}, "param_groups": []})
+    save_checkpoint(tmp_path, model, optimizer, scheduler, {"step": 3}, [{"cpu": torch.get_rng_state()}],
+                    partition=partition, accelerator=_OneProcess())
+    last = tmp_path / "last"
+    assert sorted(p.name for p in last.iterdir()) == ["optimizer.pt", "state.json", "trainable.safetensors",
+                                                     "zero_rank0.safetensors"]
+    torch.testing.assert_close(load_file(last / "zero_rank0.safetensors"), partition[0])
+    assert torch.load(last / "optimizer.pt", weights_only=True)["zero"] == {"stage": 2, "processes": 1}
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    with pytest.raises(TunesmithError, match="this run is not under DeepSpeed, on 1 process: resume it under "
+                                             "DeepSpeed ZeRO-2 on 1 process"):
+        load_checkpoint(tmp_path, model, optimizer, scheduler)
+    assert all(p.abs().sum() == 0 for p in model.parameters())  # refused before the saved weights were restored

@@ -92,7 +92,8 @@ def scored_in_shares(score, rows: list, accelerator) -> list:
 # optimizer state; under DeepSpeed ZeRO-3 a partition of every parameter (an empty tensor with ZeRO's
 # ``ds_id`` between forwards) and of ZeRO's own optimizer state. Checkpoints and saved weights hold
 # the parameters whole, in the same form as one process's (FSDP2's optimizer state too, so that its
-# runs resume on any number of processes, sharded or not). Gathering a tensor is a collective:
+# runs resume on any number of processes, sharded or not; ZeRO's stays one partition per process,
+# ``train.zero``). Gathering a tensor is a collective:
 # every process calls these functions in the same order, and each gets the whole tensors.
 
 
@@ -195,8 +196,8 @@ def load_weights(model, weights: dict[str, torch.Tensor]) -> None:
 
 
 def optimizer_state(optimizer) -> dict:
-    """The optimizer's state dict with every state tensor whole; ZeRO's own state dict, this process's
-    partition, under DeepSpeed (which is why --resume is refused there)."""
+    """The optimizer's state dict with every state tensor whole (not under DeepSpeed, whose ZeRO
+    optimizer state each process saves itself: ``train.zero``)."""
     state = optimizer.state_dict()
     if "state" not in state:
         return state

@@ -24,7 +24,7 @@ from tunesmith.files import write_atomic
 from tunesmith.model import unwrap
 from tunesmith.objectives.base import Batches
 from tunesmith.stopping import Interrupted, StopRequest, UpdateHold
-from tunesmith.train import distributed
+from tunesmith.train import distributed, zero
 from tunesmith.train.checkpoint import load_checkpoint, save_checkpoint
 from tunesmith.train.options import VALIDATIONS, TrainConfig
 from tunesmith.train.precision import autocast
@@ -149,6 +149,7 @@ def fit(model, accelerator, batches: Batches, validation: list[dict], cfg: Train
     """
     main = accelerator.is_main_process
     sharded = distributed.sharded(accelerator)
+    zero_stage = zero.stage(accelerator)  # under DeepSpeed, each process saves its own optimizer partition
     apply_speed_options(model, cfg)
     optimizer = make_optimizer(model, cfg)
     several = accelerator.num_processes > 1
@@ -162,7 +163,8 @@ def fit(model, accelerator, batches: Batches, validation: list[dict], cfg: Train
     step = make_step(forward, optimizer, scheduler, accelerator, batches, cfg)
     state = TrainState()
     if resume:
-        loaded, rng = load_checkpoint(checkpoints, model, optimizer, scheduler, accelerator.process_index)
+        loaded, rng = load_checkpoint(checkpoints, model, optimizer, scheduler, accelerator.process_index,
+                                      zero_stage=zero_stage, processes=accelerator.num_processes)
         state = TrainState(**loaded)
         distributed.set_random_state(rng)
     if main and metrics_log:
@@ -176,13 +178,19 @@ def fit(model, accelerator, batches: Batches, validation: list[dict], cfg: Train
             log.flush()
 
     def save(at: dict, rng: dict, collective: bool = True) -> None:
-        if sharded and not collective:
-            # Sharded weights are whole only once gathered, a collective the processes are not at.
+        if (sharded or zero_stage is not None) and not collective:
+            # Sharded weights are whole only once gathered, and ZeRO's partitions complete only once
+            # every process has written its own: both need the processes together, which they are not.
             bar.write("no checkpoint saved: a resumed run starts from the last one")
             return
         states = distributed.gather_random_states(rng, accelerator) if collective else [rng]
-        gathered = {"weights": distributed.trainable_weights(model),
-                    "optimizer_state": distributed.optimizer_state(optimizer)} if sharded else {}
+        gathered = {"weights": distributed.trainable_weights(model)} if sharded else {}
+        if zero_stage is not None:
+            save_checkpoint(checkpoints, model, optimizer, scheduler, at, states, **gathered,
+                            partition=zero.partition(optimizer), accelerator=accelerator)
+            return
+        if sharded:
+            gathered["optimizer_state"] = distributed.optimizer_state(optimizer)
         if main:
             save_checkpoint(checkpoints, model, optimizer, scheduler, at, states, **gathered)
 

@@ -109,6 +109,7 @@ def test_method_learns_its_own_weights_saves_loads_and_merges(case, tmp_path, ti
         numel = sum(t.numel() for file in saved.glob("*.safetensors") for t in load_file(file).values())
         assert 0 < numel <= sum(p.numel() for p in trainable.values()), "the save holds base weights"
     reloaded = method.load(_load_base(tiny_model_dir), saved).eval()
+    assert hasattr(reloaded, "disable_adapter") == method.disables  # the base without loading it again
     torch.testing.assert_close(_losses(reloaded, method, held_out, pad_id), tuned, rtol=0, atol=1e-6)
 
     if method.merge is not None:

@@ -8,6 +8,7 @@ theirs, train, are served where their head allows, and are listed with their met
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,35 @@ def test_every_objective_declares_a_head_known_metrics_and_data(name):
     assert abilities.metrics and set(abilities.metrics) <= set(METRICS) and "loss" in abilities.metrics
     assert abilities.data
     assert abilities.scores in (None, "label", "reward")
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_every_objective_has_the_methods_its_abilities_promise(name):
+    cls, can = REGISTRY[name], REGISTRY[name].abilities
+    assert can.batched_answers == hasattr(cls, "answers")
+    assert can.scores_labels == (hasattr(cls, "label_scores") and hasattr(cls, "encode"))
+    if can.loss_scored and "classification" in can.data and not can.scores_labels:
+        assert hasattr(cls, "choices")  # the labels it writes are scored (``Session._scored``)
+
+
+def test_nothing_outside_objectives_asks_an_objective_for_a_method_or_its_name():
+    package = TESTS.parent / "src" / "tunesmith"
+    asked = re.compile(r"hasattr\([^)]*objective|objective\.name (==|!=|in) [\"'(\[]")
+    found = [f"{path.relative_to(package)}:{n}: {line.strip()}"
+             for path in package.rglob("*.py") if "objectives" not in path.parts
+             for n, line in enumerate(path.read_text().splitlines(), 1) if asked.search(line)]
+    assert not found, found
+
+
+def test_a_decision_rule_needs_an_objective_that_scores_labels(tmp_path, tiny_model_dir, capsys):
+    from conftest import cli_fails
+
+    rows = [{"prompt": f"review {r['prompt']}", "completion": r["chosen"]} for r in preference_rows(20)]
+    data = {"path": str(write_jsonl(tmp_path / "answers.jsonl", rows))}
+    config = write_config(tmp_path / "c.yaml", tiny_model_dir, data, objective={"name": "seq2seq"},
+                          eval={"decision": "prior"})
+    cli_fails(capsys, ["train", str(config)], "eval.decision: objective seq2seq lacks the ability scores_labels",
+              "(objectives that have it: causal, classification)")
 
 
 def test_a_missing_ability_is_one_line_naming_it():

@@ -173,6 +173,28 @@ def test_a_generative_run_writes_its_answers(tmp_path, tiny_model_dir):
     assert [r["prediction"] for r in out] == [one.objective.answer(one.model, r["input"], [], 4).strip() for r in out]
 
 
+def test_a_dpo_run_answers_in_batches_as_it_answers_alone(tmp_path, tiny_model_dir):
+    from conftest import preference_rows
+
+    data = {"path": str(write_jsonl(tmp_path / "pairs.jsonl", preference_rows(24))), "max_length": 96,
+            "split": {"validation": 0.2, "test": 0.2}}
+    config = write_config(tmp_path / "c.yaml", tiny_model_dir, data, objective={"name": "dpo"},
+                          train={"max_steps": 2, "eval_every": 2}, eval={"samples": 0})
+    assert main(["train", str(config)]) == 0
+    prompts = ["review the film", "review a long and winding plot", "review it"]
+    write_jsonl(tmp_path / "new.jsonl", [{"prompt": p} for p in prompts])
+    assert main(["predict", str(tmp_path / "run"), "--data", str(tmp_path / "new.jsonl"),
+                 "--out", str(tmp_path / "p.jsonl")]) == 0
+    from tunesmith.predict import Predictor
+
+    one = Predictor(tmp_path / "run")
+    assert one.objective.abilities.batched_answers  # the batch path, padded on the left
+    out = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    new_tokens = one.session.config.eval.max_new_tokens
+    assert [r["prediction"] for r in out] == [one.objective.answer(one.model, p, [], new_tokens).strip()
+                                              for p in prompts]
+
+
 PEAK = """
 import resource, sys
 from tunesmith.predict import predict_file

@@ -79,6 +79,17 @@ def test_each_method_says_how_it_is_served_and_merged():
         assert method.serves(method.options()) is None and not method.combines(method.options())
 
 
+def test_ppo_and_grpo_refuse_at_config_load_a_method_whose_adapter_cannot_be_disabled(tmp_path, tiny_model_dir):
+    from test_align_grpo_run import grpo_config
+    from tunesmith.align.options import load_grpo_config
+
+    raw = grpo_config(tmp_path, tiny_model_dir)
+    assert load_grpo_config(tmp_path / "grpo.yaml", raw=raw).method.name == "lora"
+    with pytest.raises(TunesmithError, match="method.name: GRPO needs a method whose adapter can be disabled "
+                                             r"\(the reference model; Method.disables\), such as lora; full has none"):
+        load_grpo_config(tmp_path / "grpo.yaml", raw={**raw, "method": {"name": "full"}})
+
+
 def test_dora_and_ia3_adapters_are_served_beside_lora_ones_in_batches_of_their_own(tmp_path, tiny_model_dir):
     from openai import OpenAI
 

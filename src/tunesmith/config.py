@@ -196,6 +196,7 @@ NEEDS = (
     ("eval.judge", lambda c: c.eval.judge, "causal_answers"),
     ("eval.general", lambda c: c.eval.general, "causal_answers"),
     ("data.sources", lambda c: c.data.sources, "mixes_sources"),
+    ("eval.decision", lambda c: c.eval.decision != "argmax", "scores_labels"),
 )
 
 

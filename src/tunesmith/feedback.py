@@ -63,7 +63,7 @@ def run_sources(runs: list[str], samples: bool, max_new_tokens: int, seed: int =
         generator = torch.Generator().manual_seed(seed)
         sample = _sampler(session, model, max_new_tokens, generator)
         return [Source(str(run.path), sample), Source(str(run.path), sample)]
-    base = model if hasattr(model, "disable_adapter") else session.load_model(run.labels()).eval()
+    base = model if session.method.disables else session.load_model(run.labels()).eval()
 
     def base_answer(prompt: str) -> str:
         if base is model:

@@ -55,7 +55,7 @@ class Predictor:
         self.labels = self.run.labels()
         self.decision = self.run.decision()
         self.objective = self.session.objective
-        self.classifies = bool(self.labels) and self.objective.abilities.scores == "label"
+        self.classifies = bool(self.labels) and self.objective.abilities.scores_labels
         data = self.session.config.data
         self.header, self.tsv_quoting = data.header, data.tsv_quoting
         self.column = data.columns.text if self.classifies else (data.columns.prompt or data.columns.text)
@@ -91,14 +91,14 @@ class Predictor:
     def _predict(self, texts: list[str]) -> list[dict]:
         if not self.classifies:
             new_tokens = self.session.config.eval.max_new_tokens
-            if hasattr(self.objective, "answers"):  # a batch at once
+            if self.objective.abilities.batched_answers:
                 answers = self.objective.answers(self.model, texts, self.labels, new_tokens)
             else:
                 answers = [self.objective.answer(self.model, t, self.labels, new_tokens) for t in texts]
             return [{"prediction": a.strip()} for a in answers]
         # Scored exactly as eval scores held-out rows (the gold label is a stand-in: only the loss reads it).
         examples = [label_example(self.session.config.data.instruction, t, self.labels[0]) for t in texts]
-        encoded = self.objective.encode(examples, self.labels) if hasattr(self.objective, "encode") else []
+        encoded = self.objective.encode(examples, self.labels)
         probabilities = self.objective.label_scores(self.model, examples, encoded, self.labels).probabilities
         chosen = self.decision.choose(probabilities, self.labels) if self.decision else probabilities.argmax(axis=1)
         return [{"prediction": self.labels[c], **{f"p_{label}": float(p) for label, p in zip(self.labels, row)}}

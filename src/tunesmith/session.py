@@ -93,13 +93,12 @@ class Session:
         return processes.num_processes if processes is not None and split else 1
 
     def _scores_labels(self) -> bool:
-        return not self.config.data.sources and bool(self.data.labels) and hasattr(self.objective, "label_scores")
+        return not self.config.data.sources and bool(self.data.labels) and self.objective.abilities.scores_labels
 
     def _splits(self, labels: list[str]) -> bool:
         """Whether the figures of rows with ``labels`` join share by share (``_scored``)."""
-        objective = self.objective
-        return (bool(labels) and hasattr(objective, "label_scores")) or objective.abilities.rows_scored \
-            or (objective.abilities.loss_scored and (not labels or hasattr(objective, "choices")))
+        can = self.objective.abilities
+        return (bool(labels) and can.scores_labels) or can.rows_scored or can.loss_scored
 
     def _label_scores(self, model, examples: list[dict], encoded: list[dict], processes=None,
                       labels: list[str] | None = None) -> LabelScores:
@@ -130,7 +129,7 @@ class Session:
         main = processes is None or processes.is_main_process
         if processes is None or not self._splits(labels):
             return objective.evaluate(model, examples, encoded, labels) if main else None
-        if labels and hasattr(objective, "label_scores"):
+        if labels and objective.abilities.scores_labels:
             scores = self._label_scores(model, examples, encoded, processes, labels)
             return scores.metrics(examples, labels) if main else None
         if objective.abilities.rows_scored:
@@ -167,13 +166,14 @@ class Session:
         return scores.metrics(examples, self.data.labels), scores.report(examples, self.data.labels)
 
     def check_decision(self) -> None:
-        """Whether ``eval.decision`` can be chosen on this data, said before anything is written."""
+        """Whether ``eval.decision`` can be chosen on this data, said before anything is written (that
+        the objective scores labels, config validation says: ``config.NEEDS``)."""
         rule = self.config.eval.decision
         if rule == "argmax":
             return
         if not self._scores_labels():
             raise TunesmithError(f"eval.decision: {rule} chooses among labels: it needs label data (data.format "
-                                 "classification) and an objective that scores labels")
+                                 "classification), from one source")
         if not self.data.examples["validation"]:
             raise TunesmithError(f"eval.decision: {rule} is chosen on the validation split, which is empty "
                                  "(give data.split.validation or data.validation)")
@@ -236,9 +236,9 @@ class Session:
 
 @contextmanager
 def base_model(session: Session, model, labels: list[str]):
-    """The base of a tuned model: the same model with its adapters disabled (PEFT methods), or a
+    """The base of a tuned model: the same model with its adapters disabled (``Method.disables``), or a
     fresh copy of the base (full fine-tuning, our adapters)."""
-    if hasattr(model, "disable_adapter"):
+    if session.method.disables:
         with model.disable_adapter():
             yield model
     else:

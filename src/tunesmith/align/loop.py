@@ -74,9 +74,6 @@ class Policy:
         self.method = get_method(config.method.name)
         self.tokenizer, self.encoder, model = base_parts(config)
         model = self.method.apply(model, config.method)
-        if not hasattr(model, "disable_adapter"):
-            raise TunesmithError(f"method.name: {cfg.section.upper()} needs a method whose adapter can be disabled "
-                                 f"(the reference model), such as lora; {config.method.name} has none")
         self.model = model.to(self.device)
         lay_out_for_decoding(self.model)  # the frozen base: sampling many answers at once runs faster on CPU
         self.model.eval()

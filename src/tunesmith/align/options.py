@@ -207,7 +207,11 @@ REWARD_TAGS = {("grpo", "rewards", "*"): (REWARDS, "reward")}
 
 
 def _common_problems(config: _AlignConfig) -> list[str]:
-    problems = list(METHODS[config.method.name].check(config.method))
+    method = METHODS[config.method.name]
+    problems = list(method.check(config.method))
+    if not method.disables:  # the reference model is the policy with its adapter disabled
+        problems.append(f"method.name: {config.rollout.section.upper()} needs a method whose adapter can be disabled "
+                        f"(the reference model; Method.disables), such as lora; {method.name} has none")
     if config.train.max_steps is None:
         problems.append("train.max_steps: give the number of steps")
     return problems

@@ -64,6 +64,9 @@ class Method:
     serves: Callable[[Section], str | None] = not_served
     # Whether ``tunesmith merge`` can combine several runs of these options (PEFT's add_weighted_adapter).
     combines: Callable[[Section], bool] = not_combined
+    # Whether the tuned model holds its base whole beside the method's weights, so that
+    # ``model.disable_adapter()`` gives the base back (PEFT's methods) without loading it again.
+    disables: bool = False
     # Whether torch.func can take per-example gradients through the method's layers (private
     # training, ``privacy.dp``): not through an autograd.Function written without ``setup_context``.
     per_example_grads: bool = True

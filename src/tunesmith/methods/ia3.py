@@ -48,4 +48,4 @@ def serves(cfg) -> str:
 
 
 METHOD = Method(name="ia3", options=Options, apply=apply, save=_peft.save, load=_peft.load, merge=_peft.merge,
-                serves=serves)
+                serves=serves, disables=True)

@@ -57,4 +57,4 @@ def combines(cfg) -> bool:
 
 
 METHOD = Method(name="lora", options=Options, apply=apply, save=_peft.save, load=_peft.load, merge=_peft.merge,
-                serves=serves, combines=combines)
+                serves=serves, combines=combines, disables=True)

@@ -38,4 +38,5 @@ def apply(model, cfg):
     return _peft.wrap(model, config)
 
 
-METHOD = Method(name="prompt", options=Options, apply=apply, save=_peft.save, load=_peft.load, direct_decoder=False, packs=False)
+METHOD = Method(name="prompt", options=Options, apply=apply, save=_peft.save, load=_peft.load, direct_decoder=False,
+                packs=False, disables=True)

@@ -27,4 +27,5 @@ def apply(model, cfg):
     return _peft.wrap(model, PromptEncoderConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM"))
 
 
-METHOD = Method(name="ptuning", options=Options, apply=apply, save=_peft.save, load=_peft.load, direct_decoder=False, packs=False)
+METHOD = Method(name="ptuning", options=Options, apply=apply, save=_peft.save, load=_peft.load, direct_decoder=False,
+                packs=False, disables=True)

@@ -56,4 +56,4 @@ def apply(model, cfg):
 # bitsandbytes' 4-bit matmul is an autograd.Function in the old style (forward takes ctx), which
 # torch.func's transforms refuse: no per-example gradients, so no private training.
 METHOD = Method(name="qlora", options=Options, apply=apply, save=_peft.save, load=_peft.load, check=check,
-                load_kwargs=load_kwargs, per_example_grads=False)
+                load_kwargs=load_kwargs, per_example_grads=False, disables=True)

@@ -38,6 +38,7 @@ ABILITIES = {
     "causal_answers": "its model writes answers with a causal LM head (served, merged, judged, rated, probed)",
     "mixes_sources": "it scores each source of data.sources on its own",
     "scores": "its runs score texts (a label's probability, or a reward)",
+    "scores_labels": "it scores each label's probability (label_scores)",
     "reference": "it trains against a reference model (its base, or a child's parent)",
 }
 

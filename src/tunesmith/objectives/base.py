@@ -47,15 +47,20 @@ class Abilities:
     data: tuple[str, ...]  # the data kinds it trains on (``data.format.Schema.kind``)
     metrics: tuple[str, ...]  # what ``evaluate`` returns of ``eval.metrics.METRICS``
     writes_answers: bool = False  # its model answers prompts (``answer``, ``samples`` as text)
-    scores: str | None = None  # how its runs score texts (``score.READERS``): "label" or "reward"
+    # Answers several prompts in one batch: ``answers(model, prompts, labels, max_new_tokens)``.
+    batched_answers: bool = False
+    # How its runs score texts (``score.READERS``): "label" or "reward". "label": it has
+    # ``label_scores(model, examples, encoded, labels)``, each label's probability and the loss, of
+    # label examples encoded by ``encode(examples, labels)`` (``scores_labels``).
+    scores: str | None = None
     # Trained and scored against the model training starts from: the base (an adapter disabled, or a
     # copy), or a child's parent, which the objective's ``start_from(model, reload, start)`` fixes.
     reference: bool = False
     mixes_sources: bool = False  # scores each source of ``data.sources`` on its own
     # Without labels, ``evaluate`` is the held-out loss alone (``loss_metrics`` of ``Batches.loss_totals``),
-    # which several processes can sum share by share; with labels, for an objective without
-    # ``label_scores`` that has ``choices(model, examples, labels)``, that loss and the labels it
-    # chooses (``label_metrics``).
+    # which several processes can sum share by share; with labels, for an objective that does not
+    # score labels, that loss and the labels it chooses by ``choices(model, examples, labels)``
+    # (``label_metrics``).
     loss_scored: bool = False
     # ``evaluate`` is ``Batches.figures_of`` the per-row scores that ``Batches.row_scores`` gives for
     # the batches of ``epoch(-1)`` (means over rows), so several processes can score a share of the
@@ -63,6 +68,11 @@ class Abilities:
     rows_scored: bool = False
     # Options a child trained on rated traffic takes (``tunesmith retrain --objective``).
     traffic_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def scores_labels(self) -> bool:
+        """Each label's probability of a text (``label_scores``): a classifier, or a causal label run."""
+        return self.scores == "label"
 
     @property
     def causal_answers(self) -> bool:

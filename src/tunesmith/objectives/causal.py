@@ -100,8 +100,8 @@ class Causal:
     Options: ClassVar[type[Section]] = Options
     abilities: ClassVar[Abilities] = Abilities(
         head=CAUSAL_LM, data=("prompt_completion", "chat", "text", "classification"),
-        metrics=("loss", "perplexity", "accuracy", "macro_f1"), writes_answers=True, scores="label", mixes_sources=True,
-        loss_scored=True)
+        metrics=("loss", "perplexity", "accuracy", "macro_f1"), writes_answers=True, batched_answers=True,
+        scores="label", mixes_sources=True, loss_scored=True)
     options: Options
     data: DataConfig
     tokenizer: Any
@@ -139,6 +139,10 @@ class Causal:
         if not labels:
             return loss_metrics(self.batches(encoded).mean_loss(model, encoded))
         return self.label_scores(model, examples, encoded, labels).metrics(examples, labels)
+
+    def encode(self, examples: list[dict], labels: list[str]) -> list[dict]:
+        """Nothing: ``label_scores`` frames each label as the answer to an example itself."""
+        return []
 
     def label_scores(self, model, examples: list[dict], encoded: list[dict], labels: list[str]) -> LabelScores:
         """Each label string's share of the labels' total likelihood as the answer to each example; the

@@ -389,6 +389,10 @@ class PolicyObjective:
     def answer(self, model, prompt: str, labels: list[str], max_new_tokens: int, stream: bool = False) -> str:
         return self.policy.answer(model, prompt, max_new_tokens, stream)
 
+    def answers(self, model, prompts: list[str], labels: list[str], max_new_tokens: int) -> list[str]:
+        """``answer`` to several prompts as one greedy batch (the causal LM's, ``tunesmith predict``)."""
+        return self.policy.causal.answers(model, prompts, [], max_new_tokens)
+
 
 @dataclass
 class DPO(PolicyObjective):
@@ -396,7 +400,7 @@ class DPO(PolicyObjective):
     Options: ClassVar[type[Section]] = Options
     abilities: ClassVar[Abilities] = Abilities(
         head=CAUSAL_LM, data=("preference",), metrics=("loss", "accuracy", "reward_margin"),
-        writes_answers=True, reference=True, rows_scored=True)
+        writes_answers=True, batched_answers=True, reference=True, rows_scored=True)
     options: Options
     data: DataConfig
     tokenizer: Any

@@ -263,7 +263,7 @@ class KTO(PolicyObjective):
     Options: ClassVar[type[Section]] = Options
     abilities: ClassVar[Abilities] = Abilities(
         head=CAUSAL_LM, data=("unpaired_preference",), metrics=("loss", "accuracy", "reward_margin"),
-        writes_answers=True, reference=True, rows_scored=True, traffic_options={"balance": "auto"})
+        writes_answers=True, batched_answers=True, reference=True, rows_scored=True, traffic_options={"balance": "auto"})
     options: Options
     data: DataConfig
     tokenizer: Any

@@ -140,7 +140,7 @@ def score_files(run_dir: Path, files: dict[str, Path], by: dict[str, object] | N
         # An objective scored against the base model (``Abilities.reference``), for a model with no
         # adapter to disable: the base, loaded once and kept unchanged beside it while it is scored.
         base = scoring.load_model(labels) if abilities(config.objective.name).reference and \
-            not hasattr(model, "disable_adapter") else None
+            not session.method.disables else None
         scores[name] = scoring.score(model)
         del base
     return scores

@@ -206,9 +206,9 @@ def child_train(payload: dict) -> dict:
 
     from tunesmith.config import load_config, read_config_file, with_method
     from tunesmith.model import load_tokenizer, resolve_model
-    from tunesmith.recipe import setup_threads
     from tunesmith.train.loop import fit
     from tunesmith.train.precision import uses_bf16
+    from tunesmith.train.processes import setup_threads
 
     # The demo's method options that the measured method takes (full takes none of LoRA's).
     config = load_config(DEMO, payload["overrides"], raw=with_method(read_config_file(DEMO), payload["method"]))

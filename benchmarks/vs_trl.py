@@ -210,8 +210,8 @@ def child_tunesmith(spec: dict) -> dict:
     from accelerate import Accelerator
 
     from tunesmith.config import load_config
-    from tunesmith.recipe import setup_threads
     from tunesmith.train.loop import fit
+    from tunesmith.train.processes import setup_threads
 
     length = [f"train.max_steps={spec['max_steps'] or 'null'}", "train.epochs=1"]
     config = load_config(DEMO, [*spec["overrides"], *length, *spec["settings"]])

@@ -159,8 +159,8 @@ def child_tunesmith(spec: dict) -> dict:
     from accelerate import Accelerator
 
     from tunesmith.config import load_config
-    from tunesmith.recipe import setup_threads
     from tunesmith.train.loop import fit
+    from tunesmith.train.processes import setup_threads
 
     config = load_config(CONFIG, [*spec["overrides"], f"train.max_steps={spec['steps']}", *spec["settings"]])
     cfg = config.train.model_copy(update={"grad_accum": 1, "eval_max_examples": None, "save_every": 10**9,

@@ -153,8 +153,8 @@ def child_tunesmith(spec: dict) -> dict:
     import torch
 
     from tunesmith.align.grpo_recipe import GRPOSteps, Parts, updates_per_step
-    from tunesmith.recipe import setup_threads
     from tunesmith.train.loop import make_optimizer, make_scheduler
+    from tunesmith.train.processes import setup_threads
 
     config = _config(spec["overrides"])
     setup_threads(config.train.threads)

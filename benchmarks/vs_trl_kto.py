@@ -143,8 +143,8 @@ def child_tunesmith(spec: dict) -> dict:
     the held-out figures every ``eval_every`` steps through ``fit``'s step hook."""
     from accelerate import Accelerator
 
-    from tunesmith.recipe import setup_threads
     from tunesmith.train.loop import fit
+    from tunesmith.train.processes import setup_threads
 
     prepared = Prepared(spec["overrides"])
     config = prepared.config

@@ -13,9 +13,9 @@ from accelerate.utils import set_seed
 
 from tunesmith.config import load_config
 from tunesmith.eval.general import score_general
-from tunesmith.recipe import cpu_only
 from tunesmith.session import Session
 from tunesmith.train.distributed import scored_in_shares
+from tunesmith.train.processes import cpu_only
 
 
 def scored_model(session: Session) -> torch.nn.Module:

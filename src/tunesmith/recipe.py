@@ -44,19 +44,7 @@ from tunesmith.train import distributed
 from tunesmith.train.balance import balanced_batches, check_balance, item_labels
 from tunesmith.train.curriculum import curriculum_batches, difficulty
 from tunesmith.train.loop import TrainState, fit
-
-
-def setup_threads(threads: int | None) -> None:
-    if threads:
-        torch.set_num_threads(threads)
-
-
-def cpu_only() -> bool:
-    """No accelerator here: accelerate then runs several processes on the CPU (gloo) only when told."""
-    mps = getattr(torch.backends, "mps", None)
-    xpu = getattr(torch, "xpu", None)
-    return not (torch.cuda.is_available() or (mps is not None and mps.is_available())
-                or (xpu is not None and xpu.is_available()))
+from tunesmith.train.processes import cpu_only, setup_threads
 
 
 def run_training(config: RunConfig, resume: bool = False, on_step=None, parent: str | Path | None = None,

@@ -30,12 +30,12 @@ from tunesmith.export.portable import make_portable
 from tunesmith.methods import get_method
 from tunesmith.model import lay_out_for_decoding, load_model, model_origin, resolve_model
 from tunesmith.objectives.causal import greedy_answer
-from tunesmith.recipe import setup_threads
 from tunesmith.stopping import Interrupted, StopRequest, UpdateHold, on_sigterm
 from tunesmith.store import Run
 from tunesmith.train import distributed
 from tunesmith.train.checkpoint import load_checkpoint, save_checkpoint
 from tunesmith.train.loop import keep_metrics_until
+from tunesmith.train.processes import setup_threads
 
 AlignConfig = PPOConfig | GRPOConfig
 P = TypeVar("P")

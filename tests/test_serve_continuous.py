@@ -14,8 +14,9 @@ import pytest
 import torch
 from test_serve import PROMPT, make_run, peft_model
 
-from tunesmith.serve.engine import BASE, Event, Job, Sampling, Scheduler, decode
+from tunesmith.serve.engine import BASE, Caches, Event, Job, Sampling, Scheduler, decode
 
+SYSTEM = "you are a film critic and you answer in one short sentence about the film you were asked about: "
 LONG_PROMPT = "the film was long and the plot was thin but the cast was good and the ending was " * 2
 
 
@@ -174,3 +175,97 @@ def test_a_failure_outside_the_model_fails_the_running_jobs_instead_of_leaving_t
     decode(place, tokenizer, [running], lambda room: next(arrivals, []), max_rows=4)
     assert events[-1].kind == "error" and "gone" in events[-1].text
     assert [e.kind for e in events].count("done") == 0
+
+
+def prefill_widths(model) -> tuple[list[int], object]:
+    """The width of each forward pass that runs more than one position (the prefill chunks), and the hook."""
+    widths: list[int] = []
+    handle = model.register_forward_pre_hook(
+        lambda m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]) if kwargs["input_ids"].shape[1] > 1
+        else None, with_kwargs=True)
+    return widths, handle
+
+
+def test_a_prompt_head_taken_from_the_prefix_cache_gives_the_tokens_of_a_miss(model):
+    """Two prompts sharing a system prompt on one adapter: the second starts from the first's blocks (a
+    hit; its prefill runs only the positions past them), the same prompt on another adapter misses
+    (the cache is keyed per adapter), and every answer is ``generate``'s, greedy, alone."""
+    model, tokenizer = model
+    caches = Caches(prefix_bytes=2**30, block=4)
+    prompts = {"first": ("alpha", SYSTEM + "the plot"), "hit": ("alpha", SYSTEM + "the cast"),
+               "other-adapter": ("beta", SYSTEM + "the cast"), "again": ("alpha", SYSTEM + "the cast")}
+    recorder = Recorder()
+    widths, handle = prefill_widths(model)
+    try:
+        for name, (adapter, prompt) in prompts.items():  # one at a time, so each finds what the last left
+            decode(lambda job: (None, model, True), tokenizer,
+                   [recorder.job(name, adapter, tokenizer(prompt).input_ids, 6)], caches=caches)
+    finally:
+        handle.remove()
+    stats = caches.stats()
+    assert (stats["prefix_hits"], stats["prefix_misses"]) == (2, 2)
+    head = len(tokenizer(SYSTEM).input_ids)
+    assert head > 8
+    lengths = [len(tokenizer(prompt).input_ids) for _, prompt in prompts.values()]
+    assert widths[0] == lengths[0] and widths[2] == lengths[2]  # the misses prefill every position
+    assert widths[1] < lengths[1] - 8 and widths[3] <= 4  # the hits skip the head; "again", all but its last block
+    for name, (adapter, prompt) in prompts.items():
+        assert recorder.tokens[name, 0] == alone(model, tokenizer, adapter, prompt, 6), name
+    # Then in one batch, prefilled together from heads of different lengths: two hits and a miss.
+    together = {"alpha-hit": ("alpha", SYSTEM + "the ending"), "beta-hit": ("beta", SYSTEM + "the plot"),
+                "base-miss": (BASE, SYSTEM + "the plot")}
+    decode(lambda job: (None, model, True), tokenizer,
+           [recorder.job(name, adapter, tokenizer(prompt).input_ids, 6) for name, (adapter, prompt) in together.items()],
+           caches=caches, prefill_tokens=12)
+    assert (caches.stats()["prefix_hits"], caches.stats()["prefix_misses"]) == (4, 3)
+    for name, (adapter, prompt) in together.items():
+        assert recorder.tokens[name, 0] == alone(model, tokenizer, adapter, prompt, 6), name
+
+
+def test_slots_freed_by_finished_requests_are_reused_by_later_ones(model):
+    """Six requests of three adapters through two slots, arriving while others decode, then a second
+    call on the same caches: the slot tensors are allocated once and never grow past two rows, and
+    every answer is ``generate``'s."""
+    model, tokenizer = model
+    caches = Caches(prefix_bytes=0)
+    specs = [("alpha", PROMPT, 5), ("beta", "a dull boring story", 2), (BASE, "the", 7), ("beta", PROMPT, 3),
+             ("alpha", "a dull boring story", 4), (BASE, PROMPT, 2)]
+    recorder = Recorder()
+    jobs = [recorder.job(str(i), adapter, tokenizer(prompt).input_ids, n) for i, (adapter, prompt, n) in enumerate(specs)]
+    waiting = list(jobs[1:])
+
+    def more(room: int) -> list[Job]:
+        return [waiting.pop(0) for _ in range(min(room, len(waiting)))]
+
+    decode(lambda job: (None, model, True), tokenizer, jobs[:1], more, max_rows=2, caches=caches)
+    slots, _ = caches.of(model, None)
+    pointers = [t.data_ptr() for t in slots.keys]
+    assert slots.slots == 2 and pointers
+    again = recorder.job("again", "beta", tokenizer(PROMPT).input_ids, 3)
+    decode(lambda job: (None, model, True), tokenizer, [again], caches=caches)
+    assert [t.data_ptr() for t in slots.keys] == pointers  # the same tensors, not new ones
+    assert len(recorder.finished) == len(specs) + 1
+    for i, (adapter, prompt, n) in enumerate(specs):
+        assert recorder.tokens[str(i), 0] == alone(model, tokenizer, adapter, prompt, n), i
+    assert recorder.tokens["again", 0] == recorder.tokens["3", 0]
+
+
+def test_a_prompt_longer_than_the_prefix_cache_budget_decodes_right_and_the_cache_stays_in_budget(model):
+    """A budget of three blocks and a prompt of many: the oldest blocks are evicted as the newer ones come,
+    the cache never holds more than its budget, and the prompt, sent twice, gives ``generate``'s tokens."""
+    model, tokenizer = model
+    probe, probe_ids = Caches(prefix_bytes=2**30, block=4), tokenizer("the film is long and dull").input_ids
+    decode(lambda job: (None, model, True), tokenizer, [Recorder().job("probe", "alpha", probe_ids, 1)], caches=probe)
+    block_bytes = probe.stats()["prefix_bytes"] // ((len(probe_ids) - 1) // 4)  # the whole blocks before its last token
+    assert block_bytes > 0
+    caches = Caches(prefix_bytes=3 * block_bytes, block=4)
+    ids = tokenizer(LONG_PROMPT).input_ids
+    assert len(ids) > 6 * 4
+    recorder = Recorder()
+    for name in ("first", "second"):
+        decode(lambda job: (None, model, True), tokenizer, [recorder.job(name, "alpha", ids, 5)], caches=caches,
+               prefill_tokens=8)
+        assert caches.stats()["prefix_bytes"] <= 3 * block_bytes
+    assert caches.stats()["prefix_evictions"] > 0
+    expected = alone(model, tokenizer, "alpha", LONG_PROMPT, 5)
+    assert recorder.tokens["first", 0] == expected and recorder.tokens["second", 0] == expected

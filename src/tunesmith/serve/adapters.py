@@ -266,7 +266,7 @@ class AdapterPool:
         model = self.apart.get(job.adapter, self.model)
         return job.adapter, model, isinstance(model, PeftModel)
 
-    def run(self, jobs: list[Job], more=None, max_rows: int = 16, prefill_tokens: int = 512) -> None:
+    def run(self, jobs: list[Job], more=None, max_rows: int = 16, prefill_tokens: int = 512, caches=None) -> None:
         """Decode ``jobs``, and those ``more(room)`` hands in while they decode (the scheduler's
         ``run_batch``); a job whose adapter has gone fails alone."""
         decoded = list(jobs)
@@ -289,7 +289,8 @@ class AdapterPool:
 
         with self.lock:
             try:
-                decode(self.place, self.tokenizer, live(jobs), joining if more else None, max_rows, prefill_tokens)
+                decode(self.place, self.tokenizer, live(jobs), joining if more else None, max_rows, prefill_tokens,
+                       caches)
             finally:
                 with self._claims:
                     for job in decoded:

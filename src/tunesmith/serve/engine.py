@@ -573,6 +573,8 @@ class Scheduler:
     """Continuous batching: requests join the running batch at any step, up to ``max_batch`` rows (a job
     of ``n`` choices is ``n`` rows), and leave it when they finish.
 
+    ``caches``: the KV caches that ``run_batch`` decodes in, whose counts ``stats`` reports.
+
     When the engine is idle, the first request waits ``window_s`` for others to arrive with it, so that
     requests sent together are prefilled together. ``run_batch(jobs, more)`` does the decoding
     (``AdapterPool.run``, through ``decode``), called on this scheduler's own thread; it asks ``more(room)``
@@ -580,8 +582,9 @@ class Scheduler:
     """
 
     def __init__(self, run_batch: Callable[[list[Job], Callable[[int], list[Job]]], None], window_s: float = 0.005,
-                 max_batch: int = 16):
+                 max_batch: int = 16, caches: Caches | None = None):
         self.run_batch = run_batch
+        self.caches = caches  # the KV caches ``run_batch`` decodes in, for ``stats``
         self.window_s = window_s
         self.max_batch = max_batch
         self.queue: queue.Queue[Job] = queue.Queue()
@@ -595,6 +598,10 @@ class Scheduler:
 
     def start(self) -> None:
         self._thread.start()
+
+    def stats(self) -> dict[str, int]:
+        """Requests submitted, and the KV caches' counts (``Caches.stats``: prefix-cache hits and misses)."""
+        return {"submitted": self.submitted, **(self.caches.stats() if self.caches is not None else {})}
 
     def stop(self) -> None:
         self._stop.set()

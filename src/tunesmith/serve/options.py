@@ -18,6 +18,7 @@ class ServeOptions(Section):
     batch_window_ms: float = Field(5.0, ge=0, description="how long an idle engine waits for more requests")
     max_batch: int = Field(16, ge=1, description="rows decoded together at most (a request of n choices is n rows)")
     prefill_tokens: int = Field(512, ge=1, description="prompt tokens prefilled per decoding step at most")
+    prefix_cache_mb: int = Field(256, ge=0, description="keys and values of shared prompt heads kept, per model (0: off)")
     device: str = Field("auto", description="where the model runs: cpu, cuda[:N], or auto (cuda when there is one)")
 
     def torch_device(self) -> str:

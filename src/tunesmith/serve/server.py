@@ -17,7 +17,7 @@ from tunesmith.serve.access import Access
 from tunesmith.serve.adapters import AdapterPool
 from tunesmith.serve.aliases import AliasFile
 from tunesmith.serve.app import build_app
-from tunesmith.serve.engine import Scheduler
+from tunesmith.serve.engine import Caches, Scheduler
 from tunesmith.serve.keys import check_binding
 from tunesmith.serve.options import ServeOptions
 from tunesmith.serve.requestlog import RequestLog
@@ -140,7 +140,9 @@ model; with no other run, the base is a scorer's own base model.
     watch = AliasFile(pool, alias_file) if alias_file is not None else None
     if watch is not None:
         watch.refresh()
-    scheduler = Scheduler(functools.partial(pool.run, max_rows=options.max_batch, prefill_tokens=options.prefill_tokens),
-                          window_s=options.batch_window_ms / 1000, max_batch=options.max_batch)
+    caches = Caches(prefix_bytes=options.prefix_cache_mb * 2**20)
+    scheduler = Scheduler(functools.partial(pool.run, max_rows=options.max_batch, prefill_tokens=options.prefill_tokens,
+                                            caches=caches),
+                          window_s=options.batch_window_ms / 1000, max_batch=options.max_batch, caches=caches)
     request_log = RequestLog(store or default_path(), redact_pii) if log_requests else None
     return Server(pool, scheduler, request_log, options, access or Access(), watch, scorers)

@@ -90,6 +90,57 @@ def test_merging_what_cannot_merge_is_one_clear_line(tmp_path, two_runs, capsys)
     assert not (tmp_path / "x").exists()
 
 
+def test_ia3_runs_merge_and_fold_into_the_base_with_the_adapters_logits(tmp_path, tiny_model_dir, two_runs, capsys):
+    runs = []
+    for name, seed in (("i", 0), ("j", 1)):
+        data = {"path": str(write_jsonl(tmp_path / f"{name}.jsonl", review_rows(40, seed=seed))),
+                "format": "classification", "columns": {"text": "review", "label": "sentiment"}, "max_length": 64,
+                "split": {"validation": 0.15, "test": 0.15}}
+        config = write_config(tmp_path / f"{name}.yaml", tiny_model_dir, data, method={"name": "ia3"},
+                              output={"dir": str(tmp_path / name)}, eval={"samples": 0},
+                              train={"max_steps": 6, "eval_every": 6, "save_every": 100, "lr": 0.05,
+                                     "mixed_precision": "no"})
+        run_training(load_config(config))
+        runs.append(str(tmp_path / name))
+    out = tmp_path / "merged"
+    assert main(["merge", *runs, "--weights", "1", "0", "--out", str(out), "--into-base"]) == 0
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64]])
+    _, _, first = load_run(runs[0])
+    _, _, second = load_run(runs[1])
+    _, _, merged = load_run(out)
+    with first.disable_adapter():
+        base = _logits(first, ids)
+    assert not torch.allclose(_logits(first, ids), base, atol=1e-4), "the (IA)³ vectors must have trained"
+    assert torch.allclose(_logits(merged, ids), _logits(first, ids), atol=1e-5)
+    assert not torch.allclose(_logits(merged, ids), _logits(second, ids), atol=1e-4)
+
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(out / "merged", torch_dtype=torch.float32)  # no PEFT
+    assert torch.allclose(_logits(plain, ids), _logits(first, ids), atol=1e-5)
+    run = Run(out)
+    assert run.load_config().method.name == "ia3" and run.load_json("metrics")["method"] == "ia3"
+    assert "2 ia3 adapters" in run.report.read_text()
+
+    cli_fails(capsys, ["merge", *runs, "--how", "ties", "--out", str(tmp_path / "x")],
+              "merge --how ties: ia3 adapters merge by linear only")
+    cli_fails(capsys, ["merge", runs[0], str(two_runs[0]), "--out", str(tmp_path / "x")],
+              "adapters merge only with adapters of their method")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_method_that_cannot_merge_is_refused_naming_the_ability(tmp_path, two_runs, capsys):
+    other = tmp_path / "dora"
+    shutil.copytree(two_runs[1], other)
+    config = yaml.safe_load((other / "config.yaml").read_text())
+    config["method"]["use_dora"] = True
+    (other / "config.yaml").write_text(yaml.safe_dump(config))
+    cli_fails(capsys, ["merge", str(two_runs[0]), str(other), "--out", str(tmp_path / "x")],
+              f"merge: {other}: method lora, with its options, lacks the ability merges",
+              "(methods that merge: lora, ia3; a LoRA adapter with DoRA does not)")
+    assert not (tmp_path / "x").exists()
+
+
 def test_dpo_adapters_merge_like_causal_ones(tmp_path, tiny_model_dir, capsys):
     # A DPO run tunes the same causal LM with a LoRA adapter: what served feedback aligns can merge.
     from conftest import preference_rows

@@ -1,4 +1,4 @@
-"""Methods say how their runs are served (``Method.serves``) and merged (``Method.combines``): DoRA and
+"""Methods say how their runs are served (``Method.serves``) and merged (``Method.merges``): DoRA and
 IA3 adapters are served beside LoRA ones on one base, each in batches of its own (IA3 on its own copy
 of the base), and each answers as it does alone in PEFT; a method that is not served beside others is
 refused, naming it; DoRA does not merge."""
@@ -70,13 +70,15 @@ def alone_in_peft(run_dir, model_dir, prompt: str, tokens: int) -> str:
 
 def test_each_method_says_how_it_is_served_and_merged():
     lora = REGISTRY["lora"]
-    assert lora.serves(lora.options()) == MIXED and lora.combines(lora.options())
+    assert lora.serves(lora.options()) == MIXED and lora.merges(lora.options()).hows == ("linear", "ties",
+                                                                                         "dare_ties", "svd")
     dora = lora.options(use_dora=True)
-    assert lora.serves(dora) == ALONE and not lora.combines(dora)
-    assert REGISTRY["ia3"].serves(REGISTRY["ia3"].options()) == APART
+    assert lora.serves(dora) == ALONE and lora.merges(dora) is None
+    ia3 = REGISTRY["ia3"]
+    assert ia3.serves(ia3.options()) == APART and ia3.merges(ia3.options()).hows == ("linear",)
     for name in ("full", "prefix", "prompt", "ptuning", "adapter", "qlora"):
         method = REGISTRY[name]
-        assert method.serves(method.options()) is None and not method.combines(method.options())
+        assert method.serves(method.options()) is None and method.merges(method.options()) is None
 
 
 def test_ppo_and_grpo_refuse_at_config_load_a_method_whose_adapter_cannot_be_disabled(tmp_path, tiny_model_dir):

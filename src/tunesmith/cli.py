@@ -613,9 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dir", nargs="?", default="runs")
     q.set_defaults(func=cmd_runs_list)
 
-    p = sub.add_parser("merge", help="merge runs' LoRA adapters into a new run (PEFT add_weighted_adapter)")
+    p = sub.add_parser("merge", help="merge runs' LoRA or IA3 adapters into a new run (PEFT add_weighted_adapter)")
     p.add_argument("runs", nargs="+", metavar="RUN")
-    p.add_argument("--how", default="linear", choices=["linear", "ties", "dare_ties", "svd"])
+    p.add_argument("--how", default="linear", choices=["linear", "ties", "dare_ties", "svd"],
+                   help="how the adapters combine: linear for every method that merges; ties, dare_ties, svd: LoRA")
     p.add_argument("--weights", type=float, nargs="+", help="one per run (default: equal, summing to 1)")
     p.add_argument("--density", type=float, default=0.5, help="ties, dare_ties: the share of each update kept")
     p.add_argument("--out", required=True, help="the new run's directory")

@@ -1,15 +1,16 @@
-"""``tunesmith merge``: several runs' LoRA adapters combined into one, through PEFT's
-``LoraModel.add_weighted_adapter``, written as a new run.
+"""``tunesmith merge``: several runs' adapters combined into one, through PEFT's
+``add_weighted_adapter``, written as a new run.
 
 The new run holds the merged adapter in ``adapter/`` (so ``tunesmith eval`` and ``generate`` read it
 like any run), and, with ``into_base``, the adapter folded into the base weights in ``merged/``: a
 plain transformers directory (safetensors). Its report scores the merged adapter on every parent's
 test set against that parent alone.
 
-PEFT's methods: ``linear`` (weighted sums of the A and the B matrices), ``ties`` and ``dare_ties``
-(sparsify each adapter's update to ``density``, elect a sign per weight, add the agreeing ones) and
-``svd`` (the weighted sum of the full updates, cut back to a rank by SVD). All but ``svd`` need
-adapters of one rank.
+How runs combine is their method's ability (``Method.merges``, a ``methods.base.Merging``): LoRA
+offers ``linear`` (weighted sums of the A and the B matrices), ``ties`` and ``dare_ties`` (sparsify
+each adapter's update to ``density``, elect a sign per weight, add the agreeing ones) and ``svd``
+(the weighted sum of the full updates, cut back to a rank by SVD), all but ``svd`` for adapters of
+one rank; (IA)³ ``linear`` (each vector the weighted sum of the runs' vectors).
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ import torch
 from tunesmith.errors import TunesmithError
 from tunesmith.eval.report import metrics_table
 from tunesmith.export.portable import make_portable
+from tunesmith.methods import REGISTRY as METHODS
 from tunesmith.methods import get_method
+from tunesmith.methods.base import Merging
 from tunesmith.objectives import lacks
 from tunesmith.session import Session
 from tunesmith.store import Run
 from tunesmith.store.lineage import describe
 
-HOW = ("linear", "ties", "dare_ties", "svd")
-SAME_RANK = ("linear", "ties", "dare_ties")
+HOW = ("linear", "ties", "dare_ties", "svd")  # every way some method merges (``Merging.hows``)
 
 
 def check_runs(paths: list[str | Path], how: str, weights: list[float]) -> list[Run]:
@@ -47,9 +49,7 @@ def check_runs(paths: list[str | Path], how: str, weights: list[float]) -> list[
         if run.status() != "complete":
             raise TunesmithError(f"merge: {run.path}: the run is not complete (status: {run.status()})")
         config = run.load_config()
-        if not get_method(config.method.name).combines(config.method):
-            raise TunesmithError(f"merge: {run.path} used method {config.method.name} with options its adapters "
-                                 "cannot be combined with (only plain LoRA adapters merge)")
+        merging(run, config)
         if why := lacks(config.objective.name, "causal_answers"):
             raise TunesmithError(f"merge: {run.path}: {why}; only adapters of a causal LM merge (another "
                                  "head is trained whole, not as an adapter)")
@@ -59,16 +59,31 @@ def check_runs(paths: list[str | Path], how: str, weights: list[float]) -> list[
         if describe(run)["model"] != first:
             raise TunesmithError(f"merge: {run.path} tuned model {config.model.name!r}, {runs[0].path} tuned "
                                  f"{first!r}; adapters merge only on one base model")
-    ranks = [c.method.r for c in configs]
-    if how in SAME_RANK and len(set(ranks)) > 1:
-        shown = ", ".join(f"{r.path.name} r={k}" for r, k in zip(runs, ranks))
-        raise TunesmithError(f"merge --how {how}: needs adapters of one rank, got {shown}; "
-                             "use --how svd, or runs of one rank")
+        if config.method.name != configs[0].method.name:
+            raise TunesmithError(f"merge: {run.path} used method {config.method.name}, {runs[0].path} "
+                                 f"{configs[0].method.name}; adapters merge only with adapters of their method")
+    merges = merging(runs[0], configs[0])
+    if how not in merges.hows:
+        raise TunesmithError(f"merge --how {how}: {configs[0].method.name} adapters merge by "
+                             f"{', '.join(merges.hows)} only")
+    if problem := merges.check({r.path.name: c.method for r, c in zip(runs, configs)}, how):
+        raise TunesmithError(f"merge {problem}")
     return runs
 
 
-def merged_model(runs: list[Run], how: str, weights: list[float], density: float, svd_rank: int | None = None):
-    """A PEFT model whose only adapter, ``default``, is the runs' adapters merged; and the first run's session."""
+def merging(run: Run, config) -> Merging:
+    """How the run's adapters merge (``Method.merges``); one line naming the ability where they cannot."""
+    if merges := get_method(config.method.name).merges(config.method):
+        return merges
+    can = [name for name, method in METHODS.items() if method.merges(method.options())]
+    raise TunesmithError(f"merge: {run.path}: method {config.method.name}, with its options, lacks the ability "
+                         f"merges: PEFT cannot combine its adapters with others (methods that merge: "
+                         f"{', '.join(can)}; a LoRA adapter with DoRA does not)")
+
+
+def merged_model(runs: list[Run], how: str, weights: list[float], density: float):
+    """A PEFT model whose only adapter, ``default``, is the runs' adapters merged; and the first run's
+    session, its method's options those of the merged adapter."""
     from peft import PeftModel
 
     session = Session(runs[0].load_config())
@@ -77,12 +92,13 @@ def merged_model(runs: list[Run], how: str, weights: list[float], density: float
     model = PeftModel.from_pretrained(base, runs[0].saved(session.method), adapter_name=names[0])
     for name, run in zip(names[1:], runs[1:]):
         model.load_adapter(run.saved(session.method), adapter_name=name)
-    extra = {"density": density} if how in ("ties", "dare_ties") else {}
     torch.manual_seed(0)  # dare drops weights at random
+    options = session.config.method
     try:
-        model.add_weighted_adapter(names, weights, "default", combination_type=how, svd_rank=svd_rank, **extra)
+        changed = session.method.merges(options).combine(model, names, weights, how, density)
     except ValueError as err:
         raise TunesmithError(f"merge: PEFT cannot merge these adapters: {err}") from None
+    session.config.method = options.model_copy(update=changed)
     model.set_adapter("default")
     for name in names:
         model.delete_adapter(name)
@@ -99,7 +115,6 @@ def merge_runs(paths: list[str | Path], how: str, weights: list[float], out: str
         raise TunesmithError(f"merge --out {target.path}: the directory already holds files; choose another")
     model, session = merged_model(runs, how, weights, density)
     config = session.config
-    config.method = config.method.model_copy(update={"r": model.peft_config["default"].r})
     config.output = config.output.model_copy(update={"dir": str(target.path)})
     record = {"merged_from": [str(r.path.resolve()) for r in runs], "how": how, "weights": weights}
     target.set_status("running", **record)
@@ -112,10 +127,10 @@ def merge_runs(paths: list[str | Path], how: str, weights: list[float], out: str
         make_portable(target, saved, session.origin, session.method.name)
         tests = score_on_parents(runs, model)
         if into_base:
-            merged = model.merge_and_unload()
+            merged = session.method.merge(model)
             merged.save_pretrained(target.merged, safe_serialization=True)
             session.tokenizer.save_pretrained(target.merged)
-        summary = {"model": config.model.name, "objective": config.objective.name, "method": "lora",
+        summary = {"model": config.model.name, "objective": config.objective.name, "method": config.method.name,
                    **record, "density": density if how in ("ties", "dare_ties") else None, "tests": tests}
         target.save_json("metrics", summary)
         report = write_merge_report(target, summary)
@@ -142,7 +157,7 @@ def score_on_parents(runs: list[Run], merged) -> dict:
 def write_merge_report(run: Run, summary: dict) -> Path:
     weights = ", ".join(f"{w:g}" for w in summary["weights"])
     out = [f"# tunesmith merge: {run.path.name}", "",
-           f"{len(summary['merged_from'])} LoRA adapters of `{summary['model']}` merged with PEFT's "
+           f"{len(summary['merged_from'])} {summary['method']} adapters of `{summary['model']}` merged with PEFT's "
            f"`{summary['how']}` (weights {weights}"
            + (f", density {summary['density']:g}" if summary["density"] is not None else "") + ").", ""]
     for parent, scores in summary["tests"].items():

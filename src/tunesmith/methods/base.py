@@ -23,14 +23,32 @@ def not_served(options: Section) -> str | None:
     return None
 
 
-def not_combined(options: Section) -> bool:
-    return False
+def not_merged(options: Section) -> Merging | None:
+    return None
+
+
+def no_merge_problem(options: dict[str, Section], how: str) -> str | None:
+    return None
 
 
 # How a run's saved weights are served on a shared base model (``Method.serves``).
 MIXED = "mixed"  # a named adapter that shares batches with other such adapters and the base
 ALONE = "alone"  # a named adapter of the shared base, decoded in batches of its own
 APART = "apart"  # an adapter on a copy of the base of its own (PEFT holds one adapter type per model)
+
+
+@dataclass(frozen=True)
+class Merging:
+    """How ``tunesmith merge`` combines several runs' adapters of one method into one adapter (PEFT's
+    ``add_weighted_adapter``): a method's ability ``Method.merges``."""
+
+    hows: tuple[str, ...]  # the ways it combines them (``merge --how``)
+    # ``combine(model, names, weights, how, density)``: add to the PEFT ``model``, which holds the
+    # runs' adapters as ``names``, their combination as adapter ``default``; returns the changes to
+    # the method's options that describe it (LoRA's rank after ``svd``).
+    combine: Callable[[torch.nn.Module, list[str], list[float], str, float], dict]
+    # A problem with combining runs of these options (by run name) this way, in one line; None if none.
+    check: Callable[[dict[str, Section], str], str | None] = no_merge_problem
 
 
 @dataclass(frozen=True)
@@ -62,8 +80,8 @@ class Method:
     # How ``tunesmith serve`` serves a run of these options beside others on one base: MIXED, ALONE,
     # APART, or None (not at all: merge and export it, and serve that on its own).
     serves: Callable[[Section], str | None] = not_served
-    # Whether ``tunesmith merge`` can combine several runs of these options (PEFT's add_weighted_adapter).
-    combines: Callable[[Section], bool] = not_combined
+    # How ``tunesmith merge`` combines several runs of these options into one adapter; None: it cannot.
+    merges: Callable[[Section], Merging | None] = not_merged
     # Whether the tuned model holds its base whole beside the method's weights, so that
     # ``model.disable_adapter()`` gives the base back (PEFT's methods) without loading it again.
     disables: bool = False

@@ -1,7 +1,8 @@
 """(IA)³ through PEFT: learned vectors rescale chosen activations; the base stays frozen.
 
 Keys and values are rescaled at their output, feed-forward projections at their input, as in the
-paper. The vectors start at 1 (the base model) and merge into the weights exactly.
+paper. The vectors start at 1 (the base model) and merge into the weights exactly; ``tunesmith merge``
+combines several runs' vectors by their weighted sum (``merges``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pydantic import Field
 
 from tunesmith.errors import TunesmithError
 from tunesmith.methods import _peft
-from tunesmith.methods.base import APART, Method
+from tunesmith.methods.base import APART, Merging, Method
 from tunesmith.options import Section
 
 # Output projections of feed-forward blocks across architectures: (IA)³ scales their input.
@@ -47,5 +48,18 @@ def serves(cfg) -> str:
     return APART
 
 
+def combine(model, names: list[str], weights: list[float], how: str, density: float) -> dict:
+    # PEFT's IA3Model.add_weighted_adapter: each vector the weighted sum of the runs' vectors.
+    model.add_weighted_adapter(names, weights, "default")
+    return {}
+
+
+MERGING = Merging(("linear",), combine)
+
+
+def merges(cfg) -> Merging:
+    return MERGING
+
+
 METHOD = Method(name="ia3", options=Options, apply=apply, save=_peft.save, load=_peft.load, merge=_peft.merge,
-                serves=serves, disables=True)
+                serves=serves, merges=merges, disables=True)

@@ -3,7 +3,7 @@
 ``use_dora`` learns each weight's magnitude apart from its direction (DoRA); ``use_rslora`` scales
 the update by alpha/sqrt(r), which keeps high ranks learning (rsLoRA). Both merge into the base like
 plain LoRA. A DoRA adapter is served in batches of its own and is not combined with others by
-``tunesmith merge`` (``serves``, ``combines``).
+``tunesmith merge`` (``serves``, ``merges``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field
 
 from tunesmith.methods import _peft
-from tunesmith.methods.base import ALONE, MIXED, Method
+from tunesmith.methods.base import ALONE, MIXED, Merging, Method
 from tunesmith.options import Section
 
 
@@ -51,10 +51,33 @@ def serves(cfg) -> str:
     return ALONE if cfg.use_dora else MIXED
 
 
-def combines(cfg) -> bool:
+# PEFT's LoraModel.add_weighted_adapter: weighted sums of the A and the B matrices (linear), an update
+# sparsified to ``density`` with a sign elected per weight (ties, dare_ties), or the weighted sum of
+# the full updates cut back to a rank by SVD (svd). All but svd need adapters of one rank.
+HOWS = ("linear", "ties", "dare_ties", "svd")
+SAME_RANK = ("linear", "ties", "dare_ties")
+
+
+def one_rank(options: dict, how: str) -> str | None:
+    if how in SAME_RANK and len({o.r for o in options.values()}) > 1:
+        shown = ", ".join(f"{name} r={o.r}" for name, o in options.items())
+        return f"--how {how}: needs adapters of one rank, got {shown}; use --how svd, or runs of one rank"
+    return None
+
+
+def combine(model, names: list[str], weights: list[float], how: str, density: float) -> dict:
+    extra = {"density": density} if how in ("ties", "dare_ties") else {}
+    model.add_weighted_adapter(names, weights, "default", combination_type=how, **extra)
+    return {"r": model.peft_config["default"].r}
+
+
+MERGING = Merging(HOWS, combine, one_rank)
+
+
+def merges(cfg) -> Merging | None:
     # add_weighted_adapter sums the A and B matrices; a DoRA adapter's magnitudes would be lost.
-    return not cfg.use_dora
+    return None if cfg.use_dora else MERGING
 
 
 METHOD = Method(name="lora", options=Options, apply=apply, save=_peft.save, load=_peft.load, merge=_peft.merge,
-                serves=serves, combines=combines, disables=True)
+                serves=serves, merges=merges, disables=True)

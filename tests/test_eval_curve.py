@@ -44,8 +44,9 @@ def test_a_curve_that_rises_is_over_fitted_and_says_which_weights_are_kept():
     found = training_length(rises, best_kept=True)
     assert found["verdict"] == "over-fitted" and found["best_step"] == 40
     assert found["line"].startswith("over-fitted: validation loss lowest at step 40 (1.0000)")
-    assert found["line"].endswith("the weights of step 40 are kept")
-    assert "set train.patience to keep the best" in training_length(rises, best_kept=False)["line"]
+    assert found["line"].endswith("step 40's weights are kept, not the last step's")
+    assert training_length(rises, best_kept=False)["line"].endswith(
+        "the last step's weights are kept, not step 40's (train.keep_best)")
 
 
 def test_a_rise_within_the_noise_is_not_over_fitting():

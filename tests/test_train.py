@@ -88,32 +88,86 @@ def test_interrupted_then_resumed_equals_straight_through(tmp_path, tiny_model_d
         torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
 
 
-def test_early_stopping_restores_the_best_checkpoint(tmp_path, tiny_model_dir, review_data):
+def _over_fitting_run(tmp_path, tiny_model_dir, review_data, interrupt_at=None, objective=None, **train):
     # Validation labels are the opposite of training labels: the better the model learns, the worse
-    # validation gets, so early stopping must trigger and bring back the earliest weights.
+    # validation gets, so the best validated step comes early (a causal run's validation loss falls
+    # at first, while it learns the labels' tokens; a classifier's rises from the start).
     flip = {"fresh": "rotten", "rotten": "fresh"}
-    train = write_jsonl(tmp_path / "train.jsonl", review_rows(80))
+    train_rows = write_jsonl(tmp_path / "train.jsonl", review_rows(80))
     val = write_jsonl(tmp_path / "val.jsonl", [{**r, "sentiment": flip[r["sentiment"]]} for r in review_rows(20, 3)])
     test = write_jsonl(tmp_path / "test.jsonl", review_rows(20, 4))
-    data = {**review_data, "path": None, "train": str(train), "validation": str(val), "test": str(test)}
-    config = load_config(write_config(tmp_path / "c.yaml", tiny_model_dir, data,
-                                      train={"max_steps": 40, "eval_every": 2, "patience": 2}))
-    run_training(config)
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    vals = [r for r in log if "val_loss" in r]
+    data = {**review_data, "path": None, "train": str(train_rows), "validation": str(val), "test": str(test)}
+    sections = {"objective": {"name": objective}} if objective else {}
+    config = load_config(write_config(tmp_path / "c.yaml", tiny_model_dir, data, train=train, **sections))
+    if interrupt_at:
+        def stop(state):
+            if state.step == interrupt_at:
+                raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            run_training(config, on_step=stop)
+        run_training(config, resume=True)
+    else:
+        run_training(config)
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    vals = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+    return config, metrics, vals
+
+
+def _loss_of_saved_weights(config, run_dir) -> float:
+    from tunesmith.session import load_run
+    from tunesmith.train.precision import autocast
+
+    _, session, model = load_run(run_dir)
+    validation = session.prepare().encoded["validation"]
+    with autocast(config.train.mixed_precision, torch.device("cpu")):  # as validation ran in training
+        return session.objective.batches(validation).mean_loss(model, validation)
+
+
+def test_early_stopping_restores_the_best_checkpoint(tmp_path, tiny_model_dir, review_data):
+    config, metrics, vals = _over_fitting_run(tmp_path, tiny_model_dir, review_data,
+                                              max_steps=40, eval_every=2, patience=2)
     assert metrics["stopped_early"] and metrics["steps"] < 40
     best = min(vals, key=lambda r: r["val_loss"])
     assert metrics["best_step"] == best["step"] < metrics["steps"]
     # The restored weights are the best step's: evaluating them gives the best validation loss.
-    from tunesmith.session import load_run
-    from tunesmith.train.precision import autocast
+    assert _loss_of_saved_weights(config, tmp_path / "run") == pytest.approx(best["val_loss"], rel=1e-4)
 
-    _, session, model = load_run(tmp_path / "run")
-    validation = session.prepare().encoded["validation"]
-    with autocast(config.train.mixed_precision, torch.device("cpu")):  # as validation ran in training
-        restored = session.objective.batches(validation).mean_loss(model, validation)
-    assert restored == pytest.approx(best["val_loss"], rel=1e-4)
+
+@pytest.mark.parametrize("keep_best", [True, False])
+def test_an_over_fitted_run_keeps_its_best_step_unless_told_not_to(tmp_path, tiny_model_dir, review_data, capsys,
+                                                                   keep_best):
+    config, metrics, vals = _over_fitting_run(tmp_path, tiny_model_dir, review_data,
+                                              objective="classification", max_steps=40, eval_every=4,
+                                              keep_best=keep_best)
+    out = capsys.readouterr().out
+    best = min(vals, key=lambda r: r["val_loss"])
+    assert not metrics["stopped_early"] and metrics["steps"] == 40 and metrics["best_step"] == best["step"] < 40
+    kept = best if keep_best else vals[-1]
+    assert vals[-1]["step"] == 40 and vals[-1]["val_loss"] > best["val_loss"]
+    assert _loss_of_saved_weights(config, tmp_path / "run") == pytest.approx(kept["val_loss"], rel=1e-4)
+    length = metrics["training_length"]
+    assert length["verdict"] == "over-fitted" and length["best_step"] == best["step"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert length["line"] in report and length["line"] in out
+    if keep_best:
+        assert f"kept step {best['step']}'s weights, the best validated" in out
+        assert length["line"].endswith(f"step {best['step']}'s weights are kept, not the last step's")
+    else:
+        assert "kept the last step's weights (step 40, train.keep_best false)" in out
+        assert length["line"].endswith(f"the last step's weights are kept, not step {best['step']}'s (train.keep_best)")
+
+
+def test_a_resumed_run_keeps_the_best_step_validated_before_it_was_interrupted(tmp_path, tiny_model_dir, review_data,
+                                                                               capsys):
+    # best.safetensors and the best step and loss (in the checkpoint's loop state) survive the resume.
+    config, metrics, vals = _over_fitting_run(tmp_path, tiny_model_dir, review_data, interrupt_at=32,
+                                              objective="classification", max_steps=40, eval_every=4)
+    best = min(vals, key=lambda r: r["val_loss"])
+    assert metrics["best_step"] == best["step"] < 32 and metrics["steps"] == 40
+    assert f"kept step {best['step']}'s weights, the best validated" in capsys.readouterr().out
+    assert _loss_of_saved_weights(config, tmp_path / "run") == pytest.approx(best["val_loss"], rel=1e-4)
 
 
 def test_the_base_evaluation_key_ignores_what_a_search_varies_and_not_the_data(tmp_path, tiny_model_dir, review_data):

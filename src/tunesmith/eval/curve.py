@@ -30,16 +30,16 @@ def _round(n: float) -> int:
 
 def training_length(curve: list[tuple[int, float]], best_kept: bool) -> dict | None:
     """``{"verdict": "under-trained" | "over-fitted", "line": ..., ...}``, or None when the curve says
-    neither (or has fewer than three validations). ``best_kept``: the loop restores the best
-    validation's weights at the end (``train.patience``)."""
+    neither (or has fewer than three validations). ``best_kept``: the run ended with the best
+    validation's weights (``train.keep_best``, the loop's ``TrainState.kept_step``)."""
     if len(curve) < 3:
         return None
     steps, losses = zip(*curve)
     best = min(range(len(losses)), key=losses.__getitem__)
     last_step, last = steps[-1], losses[-1]
     if best < len(losses) - 1 and last - losses[best] > TOLERANCE * abs(losses[best]):
-        kept = (f"the weights of step {steps[best]} are kept" if best_kept else
-                f"the last step's weights are kept (set train.patience to keep the best step's)")
+        kept = (f"step {steps[best]}'s weights are kept, not the last step's" if best_kept else
+                f"the last step's weights are kept, not step {steps[best]}'s (train.keep_best)")
         return {"verdict": "over-fitted", "best_step": steps[best], "best_val_loss": losses[best],
                 "line": f"over-fitted: validation loss lowest at step {steps[best]} ({losses[best]:.4f}), "
                         f"{last:.4f} at the last step {last_step}; {kept}"}

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -39,7 +40,8 @@ class TrainState:
     tokens: int = 0  # trained (labelled) tokens seen
     input_tokens: int = 0  # non-padding tokens processed
     best_val: float = math.inf
-    best_step: int = -1
+    best_step: int = -1  # the step that validated best; its weights are in best.safetensors
+    kept_step: int = -1  # the step whose weights fit() ended with (train.keep_best), once it has ended
     bad_evals: int = 0
     stopped_early: bool = False
     val_loss: float | None = None  # the latest validation's, for callers that act on it (search pruning)
@@ -73,7 +75,8 @@ def make_scheduler(optimizer, cfg: TrainConfig, total_steps: int):
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    # Copied to the CPU: a whole model's copy on the accelerator could run it out of memory.
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def apply_speed_options(model, cfg: TrainConfig) -> None:
@@ -212,7 +215,7 @@ def fit(model, accelerator, batches: Batches, validation: list[dict], cfg: Train
             state.best_val, state.best_step, state.bad_evals = val, state.step, 0
             if main:
                 checkpoints.mkdir(parents=True, exist_ok=True)
-                save_file(trainable_state(model), checkpoints / "best.safetensors")
+                save_file(trainable_state(model), checkpoints / BEST, metadata={"step": str(state.step)})
         else:
             state.bad_evals += 1
         return val
@@ -295,8 +298,42 @@ def fit(model, accelerator, batches: Batches, validation: list[dict], cfg: Train
         bar.close()
         if log:
             log.close()
-    if cfg.patience and (checkpoints / "best.safetensors").is_file() and state.best_step != state.step:
-        accelerator.wait_for_everyone()
-        distributed.load_weights(model, load_file(checkpoints / "best.safetensors"))
-        bar.write(f"restored the best checkpoint (step {state.best_step}, val_loss {state.best_val:.4f})")
+    state.kept_step = state.step
+    if state.best_step >= 0:
+        line = keep_weights(model, accelerator, state, cfg.keep_best, checkpoints)
+        if main:
+            bar.write(line)
     return state
+
+
+BEST = "best.safetensors"  # the trainable weights of the best validation so far, in the checkpoints folder
+
+
+def keep_weights(model, accelerator, state: TrainState, keep_best: bool, checkpoints: Path) -> str:
+    """End a run that validated with the weights of its best validated step (``keep_best``), loaded on
+    every process, or with its last step's; sets ``state.kept_step`` to the best step when its weights
+    are loaded, and says which step's are kept, in one line."""
+    best, last = state.best_step, state.step
+    if best == last:
+        return f"kept the last step's weights (step {last}), the best validated (val_loss {state.best_val:.4f})"
+    found = f"the best validated step was {best} (val_loss {state.best_val:.4f})"
+    if not keep_best:
+        return f"kept the last step's weights (step {last}, train.keep_best false); {found}"
+    path = checkpoints / BEST
+    saved_at = distributed.main_says(_saved_step(path), accelerator)  # every process acts alike
+    if saved_at != best:
+        # A resumed run may have validated a step again, after its checkpoint, without improving on it.
+        held = f"holds step {saved_at}'s" if saved_at is not None else "is missing or unmarked"
+        return f"kept the last step's weights (step {last}): {path} {held}, not step {best}'s"
+    accelerator.wait_for_everyone()
+    distributed.load_weights(model, load_file(path))
+    state.kept_step = best
+    return f"kept step {best}'s weights, the best validated (val_loss {state.best_val:.4f}), not the last step {last}'s"
+
+
+def _saved_step(path: Path) -> int | None:
+    if not path.is_file():
+        return None
+    with safe_open(path, "pt") as f:
+        step = (f.metadata() or {}).get("step")
+    return int(step) if step is not None else None

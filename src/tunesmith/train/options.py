@@ -51,6 +51,10 @@ class TrainConfig(Section):
     )
     eval_max_examples: int | None = Field(200, ge=1)
     patience: int | None = Field(None, ge=1, description="Stop after N validations without improvement.")
+    keep_best: bool = Field(
+        True, description="End with the weights of the step that validated best (an over-fitted run's "
+        "lowest validation loss); false: the last step's."
+    )
     save_every: int = Field(100, ge=1)
     threads: int | None = Field(None, ge=1)
     packing: bool = Field(

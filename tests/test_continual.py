@@ -61,7 +61,7 @@ def test_from_starts_at_the_parents_weights_and_records_the_parent(tmp_path, tin
     _, _, parent_model = load_run(parent_run)
     assert first["loss"] == pytest.approx(_first_batch_loss(parent_model, config), abs=1e-5)
     # The base's loss on that batch differs, so the equality above says something.
-    from tunesmith.recipe import base_model
+    from tunesmith.session import base_model
 
     with base_model(Session(config), parent_model, []) as base:
         assert abs(_first_batch_loss(base, config) - first["loss"]) > 1e-3

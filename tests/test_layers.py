@@ -20,7 +20,7 @@ LAYERS = [
     ["tunesmith.config"],
     ["tunesmith.store"],
     ["tunesmith.session"],
-    ["tunesmith.export", "tunesmith.monitor", "tunesmith.lifecycle", "tunesmith.score"],
+    ["tunesmith.export", "tunesmith.monitor", "tunesmith.lifecycle", "tunesmith.score", "tunesmith.evaluate"],
     ["tunesmith.recipe", "tunesmith.compare", "tunesmith.align", "tunesmith.judge", "tunesmith.search",
      "tunesmith.predict"],
     ["tunesmith.feedback"],

@@ -121,7 +121,8 @@ def test_method_learns_its_own_weights_saves_loads_and_merges(case, tmp_path, ti
 
 @pytest.mark.parametrize("case", CASES)
 def test_run_training_with_each_method(case, tmp_path, tiny_model_dir, review_data):
-    from tunesmith.recipe import evaluate_run, run_training
+    from tunesmith.evaluate import evaluate_run
+    from tunesmith.recipe import run_training
 
     name, options, lr = CASES[case]
     # Rows long enough for two answers, so that scoring would pack them if the method allowed it.

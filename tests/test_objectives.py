@@ -16,9 +16,10 @@ from conftest import write_config
 from tunesmith.cli import main
 from tunesmith.config import load_config
 from tunesmith.eval.metrics import METRICS
+from tunesmith.evaluate import evaluate_run
 from tunesmith.objectives import REGISTRY
 from tunesmith.objectives.base import Batches, Objective
-from tunesmith.recipe import evaluate_run, run_training
+from tunesmith.recipe import run_training
 from tunesmith.session import Session, load_run
 
 # objective -> (model fixture, learning rate[, data fixture: review_data unless named])

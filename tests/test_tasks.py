@@ -9,7 +9,8 @@ import pytest
 from conftest import review_rows, write_config, write_jsonl
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
-from tunesmith.recipe import evaluate_run, run_training
+from tunesmith.evaluate import evaluate_run
+from tunesmith.recipe import run_training
 from tunesmith.data.batching import length_grouped
 
 

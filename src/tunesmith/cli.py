@@ -65,7 +65,7 @@ def _interrupted(interrupt: KeyboardInterrupt, run_dir: str, command: str, overr
 
 
 def cmd_eval(args) -> int:
-    from tunesmith.recipe import evaluate_run_report
+    from tunesmith.evaluate import evaluate_run_report
 
     if args.bias:
         return cmd_bias(args)
@@ -101,8 +101,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_bias(args) -> int:
-    from tunesmith.lifecycle.bias import format_bias
-    from tunesmith.recipe import bias_run
+    from tunesmith.lifecycle.bias import bias_run, format_bias
 
     print(format_bias(bias_run(Path(args.run_dir), args.bias), args.bias))
     print(f"bias: {Path(args.run_dir) / 'bias.md'}")
@@ -115,7 +114,7 @@ def cmd_generate(args) -> int:
     if Run(args.run_dir, writer=False).alignment():
         from tunesmith.align.loop import generate
     else:
-        from tunesmith.recipe import generate
+        from tunesmith.evaluate import generate
     generate(Path(args.run_dir), args.prompt, args.max_new_tokens)
     return 0
 
@@ -195,8 +194,8 @@ def _accelerate_config(path: str) -> str:
 
 
 def cmd_audit(args) -> int:
+    from tunesmith.evaluate import audit_run
     from tunesmith.privacy.audit import format_audit
-    from tunesmith.recipe import audit_run
 
     result = audit_run(Path(args.run_dir), args.candidates, args.max_examples, [Path(p) for p in args.against])
     print(format_audit(result))

@@ -29,6 +29,8 @@ import torch
 from tunesmith.data.io import read_records
 from tunesmith.errors import TunesmithError
 from tunesmith.packages import package_dir
+from tunesmith.session import base_model, load_run
+from tunesmith.store import Run
 
 COLUMNS = ("pair", "attribute", "group", "text")
 TOLERANCE = 1e-4  # changes smaller than this read as unchanged
@@ -174,3 +176,18 @@ def format_bias(result: dict, probe: str) -> str:
                 lines.append(f"| {attribute} | {measures['pairs']} | {measure} | {m['base']:.4f} | {m['tuned']:.4f} | "
                              f"{m['change']:+.4f} | {m['verdict']} the gap |")
     return "\n".join(lines)
+
+
+def bias_run(run_dir: Path, probe: str) -> dict:
+    """The bias probe on a run's base and tuned model (``tunesmith eval --bias``); written to
+    bias.json and bias.md."""
+    pairs = read_probe(probe)
+    run, session, model = load_run(run_dir)
+    labels, new_tokens = run.labels(), session.config.eval.max_new_tokens
+    tuned = score_pairs(session, model, labels, pairs, new_tokens)
+    with base_model(session, model, labels) as base:
+        result = compare(score_pairs(session, base, labels, pairs, new_tokens), tuned)
+    written = Run(run_dir)
+    written.save_json("bias", {"probe": probe, "attributes": result})
+    (written.path / "bias.md").write_text(format_bias(result, probe) + "\n")
+    return result

@@ -269,3 +269,42 @@ def test_a_prompt_longer_than_the_prefix_cache_budget_decodes_right_and_the_cach
     assert caches.stats()["prefix_evictions"] > 0
     expected = alone(model, tokenizer, "alpha", LONG_PROMPT, 5)
     assert recorder.tokens["first", 0] == expected and recorder.tokens["second", 0] == expected
+
+
+def test_bfloat16_weights_decode_in_a_bfloat16_kv_cache(model):
+    """``--dtype bfloat16``: the slots take the model's dtype, and two adapters and the base in one batch
+    decode what ``generate`` decodes for each alone on the same bfloat16 model."""
+    import copy
+
+    model, tokenizer = model
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    caches = Caches()
+    specs = {"a": ("alpha", PROMPT), "b": ("beta", "a dull boring story"), "base": (BASE, SYSTEM + "the plot")}
+    recorder = Recorder()
+    decode(lambda job: (None, model, True), tokenizer,
+           [recorder.job(name, adapter, tokenizer(prompt).input_ids, 6) for name, (adapter, prompt) in specs.items()],
+           caches=caches)
+    slots, _ = caches.of(model, None)
+    assert {t.dtype for t in slots.keys + slots.values} == {torch.bfloat16}
+    for name, (adapter, prompt) in specs.items():
+        assert recorder.tokens[name, 0] == alone(model, tokenizer, adapter, prompt, 6), name
+
+
+@pytest.mark.parametrize(("flag", "forced", "expected"), [
+    ("run", "1", None), ("float32", "1", torch.float32), ("bfloat16", "0", torch.bfloat16),
+    ("auto", "1", torch.bfloat16), ("auto", "0", torch.float32)])
+def test_the_dtype_option_resolves_auto_as_training_does(monkeypatch, flag, forced, expected):
+    """``auto`` is bfloat16 where the CPU runs it natively; ``TUNESMITH_AUTO_BF16`` overrides, as in training."""
+    from tunesmith.serve.options import ServeOptions
+
+    monkeypatch.setenv("TUNESMITH_AUTO_BF16", forced)
+    assert ServeOptions(dtype=flag, device="cpu").weights_dtype() == expected
+
+
+def test_an_unknown_dtype_is_refused():
+    from pydantic import ValidationError
+
+    from tunesmith.serve.options import ServeOptions
+
+    with pytest.raises(ValidationError, match="dtype"):
+        ServeOptions(dtype="float16")

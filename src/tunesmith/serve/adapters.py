@@ -80,8 +80,10 @@ def read_run(path: str | Path) -> RunAdapter:
 
 class AdapterPool:
     def __init__(self, base: str, dtype: str = "float32", max_adapters: int = 8,
-                 adapter_dirs: list[Path] = (), aliases: dict[str, str] | None = None, device: str = "cpu"):
+                 adapter_dirs: list[Path] = (), aliases: dict[str, str] | None = None, device: str = "cpu",
+                 weights_dtype: torch.dtype | None = None):
         self.base_name = base
+        self.weights_dtype = weights_dtype  # what the model is cast to after loading (``--dtype``); None: ``dtype``
         self.source = resolve_model(base)
         self.dtype = dtype
         self.max_adapters = max_adapters
@@ -102,7 +104,7 @@ class AdapterPool:
 
     def _base_model(self) -> torch.nn.Module:
         # load_model never passes trust_remote_code: a served model runs no code from its directory.
-        model = load_model(self.source, dtype=self.dtype).to(self.device).eval().requires_grad_(False)
+        model = load_model(self.source, dtype=self.dtype).to(self.device, self.weights_dtype).eval().requires_grad_(False)
         lay_out_for_decoding(model)  # batched decoding runs 1.6x faster on CPU (model.py says why)
         return model
 

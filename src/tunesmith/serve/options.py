@@ -20,8 +20,24 @@ class ServeOptions(Section):
     prefill_tokens: int = Field(512, ge=1, description="prompt tokens prefilled per decoding step at most")
     prefix_cache_mb: int = Field(256, ge=0, description="keys and values of shared prompt heads kept, per model (0: off)")
     device: str = Field("auto", description="where the model runs: cpu, cuda[:N], or auto (cuda when there is one)")
+    dtype: str = Field("run", pattern="^(run|auto|float32|bfloat16)$",
+                       description="the weights' and KV cache's dtype: run (the runs' own), float32, bfloat16, or "
+                       "auto (bfloat16 where the device runs it natively, else float32)")
 
     def torch_device(self) -> str:
         import torch
 
         return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+
+    def weights_dtype(self):
+        """The torch dtype to serve in, or None for the runs' own. ``auto`` asks ``precision.uses_bf16``
+        (so ``TUNESMITH_AUTO_BF16`` decides on a CPU where it is set)."""
+        import torch
+
+        from tunesmith.train.precision import uses_bf16
+
+        if self.dtype == "run":
+            return None
+        if self.dtype == "auto":
+            return torch.bfloat16 if uses_bf16("auto", torch.device(self.torch_device())) else torch.float32
+        return getattr(torch, self.dtype)

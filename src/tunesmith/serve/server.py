@@ -133,7 +133,7 @@ model; with no other run, the base is a scorer's own base model.
     if base is None and not runs and scoring:
         base = Run(next(iter(scoring.values())), writer=False).load_config().model.name
     pool = AdapterPool.from_runs(runs, base=base, max_adapters=options.max_adapters, adapter_dirs=adapter_dirs,
-                                 device=options.torch_device())
+                                 device=options.torch_device(), weights_dtype=options.weights_dtype())
     scorers = ScorerPool.from_runs(scoring, device=options.torch_device())
     for alias, name in (aliases or {}).items():
         pool.set_alias(alias, name)

@@ -61,6 +61,7 @@ def test_every_objective_declares_a_head_known_metrics_and_data(name):
     assert abilities.metrics and set(abilities.metrics) <= set(METRICS) and "loss" in abilities.metrics
     assert abilities.data
     assert abilities.scores in (None, "label", "reward")
+    assert abilities.gate_metric in abilities.metrics  # what retrain's gate compares
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))

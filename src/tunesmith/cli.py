@@ -560,8 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log", default="runs/retrain_decisions.jsonl", help="every decision is appended here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the child's config")
     p.add_argument("--objective", help="the child's objective, for a run that writes answers: dpo (pairs: thumbs up "
-                   "over down, and rate-page choices) or kto (the thumbs themselves, up and down); the default: "
-                   "the run's own objective")
+                   "over down, and rate-page choices), kto (the thumbs themselves, up and down) or reward (a reward "
+                   "model of those pairs, from the base, gated on pairwise accuracy); the default: the run's own "
+                   "objective")
     _consensus_arguments(p, "an input")
     p.set_defaults(func=cmd_retrain)
 

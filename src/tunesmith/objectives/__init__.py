@@ -39,6 +39,7 @@ ABILITIES = {
     "mixes_sources": "it scores each source of data.sources on its own",
     "scores": "its runs score texts (a label's probability, or a reward)",
     "scores_labels": "it scores each label's probability (label_scores)",
+    "scores_rewards": "its runs score a text with a scalar reward (a reward model)",
     "reference": "it trains against a reference model (its base, or a child's parent)",
 }
 

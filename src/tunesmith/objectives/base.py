@@ -68,11 +68,19 @@ class Abilities:
     rows_scored: bool = False
     # Options a child trained on rated traffic takes (``tunesmith retrain --objective``).
     traffic_options: dict[str, Any] = field(default_factory=dict)
+    # The held-out figure ``tunesmith retrain``'s gate compares, for a run without labels (with
+    # labels: accuracy); one of ``metrics``.
+    gate_metric: str = "loss"
 
     @property
     def scores_labels(self) -> bool:
         """Each label's probability of a text (``label_scores``): a classifier, or a causal label run."""
         return self.scores == "label"
+
+    @property
+    def scores_rewards(self) -> bool:
+        """A text's scalar reward (a reward model): what PPO and the judge score answers with."""
+        return self.scores == "reward"
 
     @property
     def causal_answers(self) -> bool:

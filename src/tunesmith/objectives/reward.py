@@ -163,9 +163,11 @@ class RewardBatches:
 class Reward:
     name: ClassVar[str] = "reward"
     Options: ClassVar[type[Section]] = Options
+    # Gated on pairwise accuracy: a reward model is used to rank answers (PPO, the judge), and its
+    # loss also moves with the scale of its scores.
     abilities: ClassVar[Abilities] = Abilities(
         head=REWARD, data=("preference",), metrics=("loss", "accuracy", "reward_margin"),
-        scores="reward", rows_scored=True)
+        scores="reward", rows_scored=True, gate_metric="accuracy")
     options: Options
     data: DataConfig
     tokenizer: Any

@@ -1,5 +1,7 @@
 """The promotion rule: a child replaces its parent only if it is better on the new data and not
-worse on the original test set by more than a tolerance."""
+worse on the original test set by more than a tolerance. A child with no parent of its kind to beat
+(a first reward model, trained on a served run's rated answers) is promoted only if its pairwise
+accuracy on the held-out new pairs beats chance."""
 
 from __future__ import annotations
 
@@ -14,11 +16,12 @@ class Decision:
     metric: str
     higher_is_better: bool
     tolerance: float
-    parent_original: float
-    child_original: float
-    parent_new: float
+    parent_original: float | None  # None: not compared on the original test set
+    child_original: float | None
+    parent_new: float  # what the child had to beat on the new rows: its parent's figure, or chance
     child_new: float
     reason: str
+    against: str = "parent"  # or "chance"
 
     def record(self) -> dict:
         return asdict(self)
@@ -40,3 +43,20 @@ def decide(parent: dict[str, dict], child: dict[str, dict], metric: str, toleran
     else:
         reason = f"worse on the original test set by more than {tolerance} ({metric} {po:.4f} -> {co:.4f})"
     return Decision(better_new and kept_original, metric, higher, tolerance, po, co, pn, cn, reason)
+
+
+# A pair ranked at random is ranked right half the time.
+PAIRWISE_CHANCE = 0.5
+
+
+def decide_first(child: dict[str, dict], metric: str = "accuracy", chance: float = PAIRWISE_CHANCE) -> Decision:
+    """A child with no parent of its kind (a reward model of a served run's answers, which starts from
+    the base): promoted when its ``metric`` on the held-out new rows (``child["new"]``), pairwise
+    accuracy, beats ``chance``. Its figure on the original test set, where there is one, is recorded,
+    not gated: no earlier reward model scored it."""
+    cn = child["new"][metric]
+    co = child.get("original", {}).get(metric)
+    promote = cn > chance
+    reason = (f"{'better' if promote else 'not better'} than chance on new data ({metric} {chance:.4f} -> {cn:.4f}); "
+              "no parent reward model to compare with")
+    return Decision(promote, metric, METRICS[metric].higher_is_better, 0.0, None, co, chance, cn, reason, "chance")

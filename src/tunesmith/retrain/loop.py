@@ -15,7 +15,7 @@
    decisions log; a promotion with ``--alias`` points that alias at the child in the alias file.
 
 ``--objective NAME`` trains a child of another objective that writes a causal LM's answers (dpo, kto
-from a causal run), on the rows its data kind takes (``Abilities.data``, ``data_kind``): pairs for
+from a causal run), or a reward model of the run's rated answers (reward), on the rows its data kind takes (``Abilities.data``, ``data_kind``): pairs for
 dpo (thumbs up preferred to thumbs down on one prompt, and the rate page's choices), the thumbs
 themselves for kto (every served answer marked good or bad, each prompt and answer once,
 ``store.db.rated_answers``), with the options its objective declares for rated traffic
@@ -23,6 +23,13 @@ themselves for kto (every served answer marked good or bad, each prompt and answ
 such rows where they can be (``data.kto_rows``, ``data.pair_rows``). The held-out new rows are
 scored the child's way for parent and child; the original test set too, or, where the parent's
 examples give no such rows (answers to imitate are no pairs), the parent's way.
+
+A child whose head is not its parent's (a reward model of a causal run's answers: a scalar head that
+the parent's adapter, trained on a causal LM's outputs, does not fit) starts from the base model the
+parent tuned, not from the parent, and has no parent of its kind to beat: it is gated on its own
+held-out figure (``gate.decide_first``: pairwise accuracy on the new pairs above chance). A reward
+child of a reward run (``--adapter`` names the served run whose ratings it learns from) continues
+it and is gated as any child, on pairwise accuracy on the new pairs and on the parent's test pairs.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ from tunesmith.retrain.data import (
     unseen,
     write_rows,
 )
-from tunesmith.retrain.gate import decide
+from tunesmith.retrain.gate import decide, decide_first
 from tunesmith.session import Session, load_run
 from tunesmith.store import Run
 from tunesmith.store import db as store_db
@@ -146,9 +153,10 @@ def score_files(run_dir: Path, files: dict[str, Path], by: dict[str, object] | N
     return scores
 
 
-def train_child(config, parent: Path) -> Path:
+def train_child(config, parent: Path | None) -> Path:
     """The single training entry point of a retrain: the recipe, as ``tunesmith train --from PARENT``
-    runs it (the child starts from the parent's weights and records it in its lineage)."""
+    runs it (the child starts from the parent's weights and records it in its lineage), or, with no
+    ``parent``, as ``tunesmith train`` (a child of another head, which starts from the base)."""
     return run_training(config, parent=parent)
 
 
@@ -187,12 +195,20 @@ def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str
     labels = parent.labels()
     parent_config = parent.load_config()
     objective = objective or parent_config.objective.name
+    # A child of its parent's head continues it (train --from); one of another head starts from the base.
+    fresh = abilities(objective).head != abilities(parent_config.objective.name).head
     if objective != parent_config.objective.name:
-        # The child continues its parent (train --from): another objective must train the same model.
-        if why := lacks(parent_config.objective.name, "causal_answers") or lacks(objective, "causal_answers"):
+        # Another objective either trains the same model (a causal LM's answers), or is a reward model
+        # of the parent's rated answers.
+        ability = "scores_rewards" if fresh else "causal_answers"
+        if why := lacks(parent_config.objective.name, "causal_answers") or lacks(objective, ability):
             raise TunesmithError(f"--objective {objective}: {run_dir} trained objective "
                                  f"{parent_config.objective.name}; a child of another objective needs a parent "
-                                 f"and a child that write a causal LM's answers ({why})")
+                                 "that writes a causal LM's answers, and writes them too (it continues the "
+                                 f"parent) or scores them with a reward (it starts from the base) ({why})")
+    if alias and (why := lacks(objective, "causal_answers")):
+        raise TunesmithError(f"--alias {alias}: {why}; an alias names an adapter that tunesmith serve answers "
+                             "with")
     with prefixed(f"--objective {objective}: "):
         kind = data_kind(objective, labels)
     adapter = adapter or run_dir.resolve().name
@@ -206,7 +222,7 @@ def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str
     # The original test set in the child's rows, scored the child's way for both; where the parent's
     # examples give no such rows (answers to imitate are no pairs), its own rows, scored its own way.
     test_config = None
-    if not original_test:
+    if not original_test and not fresh:
         test_config = parent_config
         original_test = parent_rows(parent, data_kind(parent_config.objective.name, labels))[1]
     rows, repeated = unseen(rows, original_test)
@@ -224,29 +240,37 @@ def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str
         raise TunesmithError(f"{data_dir}: already exists; choose another child directory (--out)")
     files = {
         "train": write_rows(data_dir / "train.jsonl", new_train + replayed),
-        "test": write_rows(data_dir / "original_test.jsonl", original_test),
         "new": write_rows(data_dir / "new_heldout.jsonl", held),
     }
+    if original_test:  # a reward model of a causal run's answers has no original pairs
+        files["test"] = write_rows(data_dir / "original_test.jsonl", original_test)
     raw = parent_config.model_dump(mode="json")
     # The child's own report scores its test set: the original one in its rows, or else the held-out new rows.
-    child_test = files["test"] if test_config is None else files["new"]
+    child_test = files["test"] if original_test and test_config is None else files["new"]
     raw["data"] = canonical_data(parent_config.data, {"train": files["train"], "test": child_test},
                                  kind).model_dump(mode="json")
     raw["output"]["dir"] = str(child_dir)
     if objective != parent_config.objective.name:
         raw["objective"] = {"name": objective, **abilities(objective).traffic_options}
     config = load_config(run_dir / "config.yaml", sets, raw=raw)
-    train_child(config, run_dir)
+    train_child(config, None if fresh else run_dir)
 
-    evaluation = {"original": files["test"], "new": files["new"]}
-    scored_by = {"original": test_config or config, "new": config}
-    parent_scores, child_scores = score_files(run_dir, evaluation, scored_by), score_files(child_dir, evaluation,
-                                                                                            scored_by)
-    decision = decide(parent_scores, child_scores, "accuracy" if labels else "loss", tolerance)
+    metric = "accuracy" if labels else abilities(objective).gate_metric
+    if fresh:  # no parent of its kind: its own figures, the original pairs' (if any) recorded beside
+        parent_scores = None
+        evaluation = {"original": files["test"]} if "test" in files else {}
+        child_scores = score_files(child_dir, {**evaluation, "new": files["new"]})
+        decision = decide_first(child_scores, metric)
+    else:
+        evaluation = {"original": files["test"], "new": files["new"]}
+        scored_by = {"original": test_config or config, "new": config}
+        parent_scores = score_files(run_dir, evaluation, scored_by)
+        child_scores = score_files(child_dir, evaluation, scored_by)
+        decision = decide(parent_scores, child_scores, metric, tolerance)
     record = {
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parent": str(run_dir.resolve()),
         "child": str(child_dir.resolve()), "adapter": adapter, "store": str(store), "since": since,
-        "objective": config.objective.name,
+        "objective": config.objective.name, "started_from": "base" if fresh else "parent",
         "rated_rows": len(rows), "left_out": dict(skipped), "new_train_rows": len(new_train),
         "consensus": {"min_raters": consensus.min_raters, "agreement": consensus.agreement},
         "held_out_rows": len(held), "replay_rows": len(replayed), "data_kind": kind,

@@ -105,6 +105,12 @@ def check_label(run: Run, label: str) -> None:
         raise TunesmithError(f"{label!r} is not a label of {run.path} (its labels: {', '.join(labels) or 'none'})")
 
 
+def default_label(labels: list[str]) -> str:
+    """The label whose probability a labelled run scores unless told: ``positive`` if it has one, else
+    its first (``labels.json``'s order, the model's outputs)."""
+    return "positive" if "positive" in labels else labels[0]
+
+
 def open_scorer(run: Run, reader: Reader, label: str | None, batch_size: int = 16,
                 device: torch.device | str | None = None) -> Scorer:
     """The scorer of a run that ``scoring_run`` (and ``check_label``) passed: its model loaded."""
@@ -118,13 +124,11 @@ def load_scorer(run_dir: str | Path, label: str | None = None, batch_size: int =
                 device: torch.device | str | None = None) -> Scorer:
     """The scorer of a reward-model run or a labelled run (``tunesmith score``).
 
-    A labelled run scores the probability of ``label``; by default the label named ``positive`` if
-    the run has one, else the first of its labels (``labels.json``'s order, the model's outputs).
+    A labelled run scores the probability of ``label``; by default ``default_label``'s.
     """
     run, reader = scoring_run(run_dir)
     if reader.labelled:
-        labels = run.labels()
-        label = label or ("positive" if "positive" in labels else labels[0])
+        label = label or default_label(run.labels())
         with prefixed("--label: "):
             check_label(run, label)
     return open_scorer(run, reader, label, batch_size, device)

@@ -1,5 +1,6 @@
 """``/v1/score``: texts scored by a served run that scores (a reward model's scalar, a classifier's
-probability of a label; ``serve.scorers``), each field checked at the edge (``schemas.ScoreRequest``)."""
+probability of a label, with each label's probability and the label its decision rule chooses;
+``serve.scorers``), each field checked at the edge (``schemas.ScoreRequest``)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ async def score(body: ScoreRequest, ctx: Ctx):
     if body.model not in ctx.scorers.scorers:
         raise ApiError(404, f"the model {body.model!r} is not a served scorer (see /v1/models: those with "
                        "'scores')", "model")
-    scores = await run_in_threadpool(ctx.scorers.score, body.model, body.input, body.prompt)
+    scored = await run_in_threadpool(ctx.scorers.score, body.model, body.input, body.prompt)
+    classifier = ctx.scorers.classifiers.get(body.model)
     return {"object": "list", "model": body.model, "scores": ctx.scorers.scorers[body.model].what,
-            "data": [{"object": "score", "index": i, "score": s} for i, s in enumerate(scores)]}
+            **({"decision": classifier.rule} if classifier else {}),
+            "data": [{"object": "score", "index": i, **s} for i, s in enumerate(scored)]}

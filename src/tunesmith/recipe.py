@@ -23,24 +23,20 @@ import torch
 from tunesmith.config import RunConfig
 from tunesmith.data.canaries import canary_record
 from tunesmith.data.pipeline import format_stats
-from tunesmith.errors import TunesmithError
 from tunesmith.eval.baselines import baselines, compare_line, format_baselines
 from tunesmith.eval.classification import format_console, format_report, plot_confusion, plot_reliability
 from tunesmith.eval.curve import training_length, validations
-from tunesmith.eval.report import plot_losses, privacy_line, write_report
+from tunesmith.eval.report import plot_losses, write_report
 from tunesmith.export.portable import make_portable
+from tunesmith.features import Feature, Report, plug_in
 from tunesmith.files import write_atomic
-from tunesmith.judge import Judge, judge_trained, open_judge, write_judged
 from tunesmith.lifecycle.continual import Continual
 from tunesmith.methods import count_parameters
 from tunesmith.model import set_dropout
-from tunesmith.privacy.training import PrivateTraining, prepare_private
 from tunesmith.session import Session
 from tunesmith.stopping import StopRequest, on_sigterm
 from tunesmith.store import Run
 from tunesmith.train import distributed
-from tunesmith.train.balance import balanced_batches, check_balance, item_labels
-from tunesmith.train.curriculum import curriculum_batches, difficulty
 from tunesmith.train.loop import TrainState, fit
 from tunesmith.train.processes import cpu_only, setup_threads
 
@@ -63,18 +59,12 @@ def run_training(config: RunConfig, resume: bool = False, on_step=None, parent: 
         setup_threads(config.train.threads)
         session = Session(config)
         session.prepare()  # all input problems surface here, before anything is written
-        check_balance(config, session.data.labels)
         session.check_decision()
-        judge = open_judge(session)  # the judge's too
-        continual.add_replay(session)
-        private = None
-        if config.privacy:
-            private = prepare_private(config.privacy, config.train, session.objective,
-                                      session.data.encoded["train"], processes.num_processes)
+        features = plug_in(session, processes, continual)  # the features' too
         if main:
             print(format_stats(session.data.stats))
-            if private:
-                print(private.describe())
+            for line in filter(None, (feature.plan() for feature in features)):
+                print(line)
         with run.ending():
             run.set_status("running", **continual.status())
             run.save_config(config)
@@ -82,11 +72,10 @@ def run_training(config: RunConfig, resume: bool = False, on_step=None, parent: 
             run.save_json("labels", session.data.labels)
             if config.data.canaries:
                 run.save_json("canaries", canary_record(config.data.canaries, session.data.schema.kind))
-            return _run(session, run, resume, on_step, stop, private, continual, judge, base_cache)
+            return _run(session, run, resume, on_step, stop, features, base_cache)
 
 
-def _run(session: Session, run: Run, resume: bool, on_step, stop: StopRequest,
-         private: PrivateTraining | None, continual: Continual, judge: Judge | None,
+def _run(session: Session, run: Run, resume: bool, on_step, stop: StopRequest, features: list[Feature],
          base_cache: Path | None = None) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -107,42 +96,32 @@ def _run(session: Session, run: Run, resume: bool, on_step, stop: StopRequest,
         set_dropout(model, config.train.dropout)
 
     base = evaluate_base(session, run, model, resume, accelerator, base_cache)
-    curriculum = config.train.curriculum
-    if curriculum:  # scored by the base model, before the method changes it
-        scores = difficulty(curriculum, session.data.encoded["train"], session.objective.batches, model,
-                            run.curriculum_scores, write=accelerator.is_main_process)
-    model = continual.start(session, run, model, resume, accelerator)
+    for feature in features:  # ``Continuing``, always among them, applies the method
+        model = feature.start(session, run, model, resume, accelerator)
     trainable, total = count_parameters(model)
     if accelerator.is_main_process:
         print(f"method {config.method.name}: {trainable:,} trainable parameters of {total:,} "
               f"({100 * trainable / total:.2f}%)")
-    if private is None:
-        batches, private_parts = session.objective.batches(session.data.encoded["train"]), {}
-        if curriculum:
-            batches = curriculum_batches(session.data.encoded["train"], session.objective.batches, scores,
-                                         config.train, accelerator.num_processes)
-        elif config.data.balance != "none":
-            train = session.data.encoded["train"]
-            batches = balanced_batches(train, session.objective.batches,
-                                       item_labels(session.data.examples["train"], len(train)),
-                                       config.data.balance, config.train.seed)
-    else:
-        batches = private.batches
-        private_parts = {"make_step": private.make_step, "validation_figures": private.validation_figures}
+    options = {}
+    for feature in features:
+        options |= feature.fit_options(session, accelerator)
+    train = session.data.encoded["train"]
+    batches = options.pop("batches") if "batches" in options else session.objective.batches(train)
     started = time.perf_counter()
     state = fit(model, accelerator, batches, session.data.encoded["validation"], config.train, run.checkpoints,
-                run.metrics_log, resume=resume and run.has_checkpoint(), on_step=on_step, stop=stop, **private_parts)
+                run.metrics_log, resume=resume and run.has_checkpoint(), on_step=on_step, stop=stop, **options)
     seconds = time.perf_counter() - started
     sharded = distributed.sharded(accelerator)
     if sharded:  # the weights are gathered (every process takes part) and the model rebuilt whole on each
         model = unsharded(session, distributed.trainable_weights(model), accelerator.device)
-    tuned = evaluate_tuned(session, model, accelerator, continual)
-    judged = judge_trained(session, model, judge, accelerator) if judge else None
+    tuned = evaluate_tuned(session, model, accelerator)
+    for feature in features:
+        feature.evaluate(session, model, accelerator)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the trackers, and the process group: no collective after it
     if not accelerator.is_main_process:
         return run.report
-    return finish(session, run, model, base, tuned, state, seconds, trainable, total, private, continual, judged)
+    return finish(session, run, model, base, tuned, state, seconds, trainable, total, features)
 
 
 def unsharded(session: Session, weights: dict, device) -> torch.nn.Module:
@@ -197,25 +176,22 @@ def base_eval_key(config: RunConfig) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def evaluate_tuned(session: Session, model, processes, continual: Continual) -> dict | None:
-    """The tuned model's decision rule (``eval.decision``), metrics, classification report, samples
-    and general probes (``eval.general``), scored by every process; the main process gets them, the
-    others None."""
+def evaluate_tuned(session: Session, model, processes) -> dict | None:
+    """The tuned model's decision rule (``eval.decision``), metrics, classification report and samples,
+    scored by every process; the main process gets them, the others None."""
     decision = session.choose_decision(model, processes)
     if processes.is_main_process:
         print("evaluating the tuned model on held-out data" + _by(session, processes) + " ...")
     metrics, classes = session.score_report(model, processes)
     samples = session.samples(model, processes)
-    continual.score_tuned(session, model, processes)
     return {"decision": decision, "metrics": metrics, "classes": classes, "samples": samples} \
         if processes.is_main_process else None
 
 
 def finish(session: Session, run: Run, model, base: dict, evaluated: dict, state: TrainState, seconds: float,
-           trainable: int, total: int, private: PrivateTraining | None = None,
-           continual: Continual | None = None, judged: dict | None = None) -> Path:
-    """Save the tuned model (``evaluated``: its ``evaluate_tuned``), and write its judged answers
-    (``judged``: its ``judge_trained``, with ``eval.judge``), metrics.json and the report."""
+           trainable: int, total: int, features: list[Feature] = ()) -> Path:
+    """Save the tuned model (``evaluated``: its ``evaluate_tuned``), and write metrics.json and the
+    report, each feature's entries and sections among them."""
     config, method = session.config, session.method
     decision, tuned, classes = evaluated["decision"], evaluated["metrics"], evaluated["classes"]
     if decision:
@@ -252,9 +228,6 @@ def finish(session: Session, run: Run, model, base: dict, evaluated: dict, state
     }
     if torch.cuda.is_available():
         summary["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    if private:
-        summary["privacy"] = private.budget.summary(state.step)
-        print(privacy_line(summary["privacy"]))
     sections = []
     if decision:
         summary["decision"] = decision.to_json()
@@ -268,18 +241,14 @@ def finish(session: Session, run: Run, model, base: dict, evaluated: dict, state
         summary["training_length"] = length
         sections += ["## Training length", "", length["line"] + ".", ""]
         print(length["line"])
-    if continual:
-        extra, parent = continual.finish(session, run, model)
-        summary |= extra
-        sections = [*parent, *sections]
-    if judged:
-        summary["judged"], judged_section = write_judged(run, judged)
-        sections = [*sections, *judged_section]
+    report = Report(summary, sections)
+    for feature in features:
+        feature.finish(session, run, model, state, report)
     samples = [{**b, "base": b["output"], "tuned": t["output"]} for b, t in zip(base["samples"], tuned_samples)]
     has_plot = plot_losses(run.metrics_log, run.loss_plot)
     # metrics.json and report.md last: their presence means the run finished.
     run.save_json("metrics", summary)
-    return write_report(run.path, summary, session.data.stats, samples, has_plot, sections)
+    return write_report(run.path, summary, session.data.stats, samples, has_plot, report.sections)
 
 
 def classification_sections(run: Run, classes: dict, found: dict, tuned: dict) -> list[str]:

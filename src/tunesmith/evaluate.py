@@ -42,7 +42,7 @@ def evaluate_run_report(run_dir: Path, data_file: str | None = None) -> tuple[di
     # A new session's objective has not loaded the base: one scored against it (``Abilities.reference``)
     # gets it, kept unchanged beside a tuned model that has no adapter to disable.
     kept = session.load_model(data.labels) if data_file and session.objective.abilities.reference and \
-        not hasattr(model, "disable_adapter") else None
+        not session.method.disables else None
     tuned, classes = session.score_report(model)
     del kept
     with base_model(session, model, data.labels) as base:

@@ -74,8 +74,9 @@ def test_every_objective_has_the_methods_its_abilities_promise(name):
 
 
 def test_nothing_outside_objectives_asks_an_objective_for_a_method_or_its_name():
+    # Nor a model whether its method disables an adapter: that is ``Method.disables``.
     package = TESTS.parent / "src" / "tunesmith"
-    asked = re.compile(r"hasattr\([^)]*objective|objective\.name (==|!=|in) [\"'(\[]")
+    asked = re.compile(r"hasattr\([^)]*(objective|disable_adapter)|objective\.name (==|!=|in) [\"'(\[]")
     found = [f"{path.relative_to(package)}:{n}: {line.strip()}"
              for path in package.rglob("*.py") if "objectives" not in path.parts
              for n, line in enumerate(path.read_text().splitlines(), 1) if asked.search(line)]

@@ -22,6 +22,7 @@ from tunesmith.data.io import read_records
 from tunesmith.data.leakage import audit_leakage
 from tunesmith.data.options import DataConfig
 from tunesmith.data.pii import PiiScan, format_pii
+from tunesmith.data.minority import rotten_minority
 from tunesmith.data.preference import drop_identical, rotten_tomatoes_pairs, rotten_tomatoes_thumbs
 from tunesmith.data.sources import format_sources, load_sources
 from tunesmith.data.split import split_records
@@ -42,6 +43,7 @@ BUILTIN = {
 DERIVED = {
     "rotten_tomatoes_pairs": ("rotten_tomatoes", rotten_tomatoes_pairs, 1),
     "rotten_tomatoes_thumbs": ("rotten_tomatoes", rotten_tomatoes_thumbs, 1),
+    "rotten_tomatoes_rotten_minority": ("rotten_tomatoes", rotten_minority, 1),
 }
 
 

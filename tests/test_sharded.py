@@ -249,3 +249,6 @@ def test_a_checkpoint_with_zero_partitions_resumes_only_under_zero(tmp_path):
                                              "DeepSpeed ZeRO-2 on 1 process"):
         load_checkpoint(tmp_path, model, optimizer, scheduler)
     assert all(p.abs().sum() == 0 for p in model.parameters())  # refused before the saved weights were restored
+    (last / "zero_rank0.safetensors").unlink()
+    with pytest.raises(TunesmithError, match="lacks zero_rank0.safetensors, process 0's part of ZeRO's optimizer"):
+        load_checkpoint(tmp_path, model, optimizer, scheduler, zero_stage=2, processes=1)

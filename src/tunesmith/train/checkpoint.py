@@ -124,9 +124,6 @@ def _load_plain(path: Path) -> dict:
 
 def _load_partition(path: Path) -> tuple[dict, dict]:
     """A ZeRO partition's tensors and plain data (safetensors: nothing in it runs)."""
-    if not path.is_file():
-        raise TunesmithError(f"--resume: {path.parent} lacks {path.name}, this process's part of ZeRO's "
-                             "optimizer state")
     with safe_open(path, "pt") as f:
         return {name: f.get_tensor(name) for name in f.keys()}, json.loads(f.metadata()["zero"])
 
@@ -144,6 +141,12 @@ def load_checkpoint(checkpoints: Path, model, optimizer, scheduler, rank: int = 
     why = zero.mismatch(extra.get("zero"), zero_stage, processes)
     if why:
         raise TunesmithError(f"--resume: checkpoint {path} does not fit this run: {why}")
+    if zero_stage is not None:
+        # Every process checks every partition, so that a missing one stops all of them alike.
+        lacking = [r for r in range(processes) if not _partition_file(path, r).is_file()]
+        if lacking:
+            raise TunesmithError(f"--resume: checkpoint {path} lacks {_partition_file(path, lacking[0]).name}, "
+                                 f"process {lacking[0]}'s part of ZeRO's optimizer state")
     partition = _load_partition(_partition_file(path, rank)) if zero_stage is not None else None
     state = json.loads((path / "state.json").read_text())
     weights = load_file(path / "trainable.safetensors")

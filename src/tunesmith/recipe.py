@@ -1,6 +1,8 @@
 """The fine-tuning recipe: set up, evaluate the base, train, evaluate the tuned model, save, report.
 
-One readable function per phase, wired by ``run_training``. A run directory only looks finished
+One readable function per phase, wired by ``run_training``. What a config turns on beside that fixed
+shape (private training, a parent run, a judge, a curriculum, class balance) plugs in as a
+``features.Feature``, called at the same points whichever it is. A run directory only looks finished
 (``metrics.json``, ``report.md``, status ``complete``) once everything in it has been written; until
 then its status says ``running``, ``interrupted``, ``failed`` or (its process gone) ``crashed``.
 
@@ -189,7 +191,7 @@ def evaluate_tuned(session: Session, model, processes) -> dict | None:
 
 
 def finish(session: Session, run: Run, model, base: dict, evaluated: dict, state: TrainState, seconds: float,
-           trainable: int, total: int, features: list[Feature] = ()) -> Path:
+           trainable: int, total: int, features: list[Feature]) -> Path:
     """Save the tuned model (``evaluated``: its ``evaluate_tuned``), and write metrics.json and the
     report, each feature's entries and sections among them."""
     config, method = session.config, session.method

@@ -216,18 +216,25 @@ def test_engine_matches_transformers_generate(runs, tiny_model_dir):
 
 
 def test_a_batch_routes_each_row_to_its_adapter_and_goes_plain_once_one_adapter_is_left(runs, tiny_model_dir):
-    """Rows of two adapters and the base decode as each would alone with PEFT's own routing; once the
-    rows left share an adapter, the forward passes run without per-row routing; afterwards no hook
-    stays behind and a base-only batch leaves the adapters on."""
+    """Rows of two adapters and the base decode as each would alone with PEFT's own routing, routed
+    by one stacked product per LoRA layer (``serve/lora_rows.py``); once the rows left share an
+    adapter, the forward passes run PEFT's plain way; afterwards no hook or routing stays behind and a
+    base-only batch leaves the adapters on."""
     from peft.tuners.lora import LoraLayer
 
     from tunesmith.serve.engine import BASE
 
     model, tokenizer = peft_model(runs, tiny_model_dir, "alpha", "beta")
     layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
-    routing: list[bool] = []  # per forward pass of one LoRA layer: were rows routed by name?
-    layer.register_forward_hook(lambda m, args, kwargs, out: routing.append("adapter_names" in kwargs),
-                                with_kwargs=True)
+    plain_calls: list[int] = []  # PEFT's own forward runs alpha's lora_A module; the stacked product does not
+    layer.lora_A["alpha"].register_forward_hook(lambda m, args, out: plain_calls.append(1))
+    routing: list[bool] = []  # per forward pass of one LoRA layer: were rows routed in the stacked product?
+
+    def record(m, args, kwargs, out):
+        routing.append("forward" in vars(m) and not plain_calls)
+        plain_calls.clear()
+
+    layer.register_forward_hook(record, with_kwargs=True)
 
     def decode(specs):
         return decode_texts(model, tokenizer, specs)
@@ -247,7 +254,7 @@ def test_a_batch_routes_each_row_to_its_adapter_and_goes_plain_once_one_adapter_
     # Three mixed steps (beta leaves after 2 tokens, the base after 3), then alpha's rows alone.
     assert routing == [True] * 3 + [False] * 3
     assert model.active_adapter == "alpha"
-    assert not any(m._forward_pre_hooks for m in model.modules() if isinstance(m, LoraLayer))
+    assert not any(m._forward_pre_hooks or "forward" in vars(m) for m in model.modules() if isinstance(m, LoraLayer))
 
     base = alone(BASE, PROMPT, 4)
     routing.clear()

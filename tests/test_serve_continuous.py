@@ -308,3 +308,28 @@ def test_an_unknown_dtype_is_refused():
 
     with pytest.raises(ValidationError, match="dtype"):
         ServeOptions(dtype="float16")
+
+
+def test_stacked_lora_deltas_match_peft_mixed_batches(model):
+    """``lora_rows.route``: each row of a batch mixing two adapters and the base gets, from one stacked
+    product, what PEFT's ``adapter_names`` gives it; undone, the layer runs PEFT's own forward again."""
+    from tunesmith.serve.lora_rows import route, stackable
+
+    model, _ = model
+    layers = [m for m in model.modules() if stackable(m)]
+    assert layers
+    layer = layers[0]
+    names = ["alpha", "beta", BASE, "alpha"]
+    x = torch.randn(len(names), 3, layer.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = layer(x, adapter_names=names)
+        undo = route(layer, lambda: names)
+        try:
+            got = layer(x)
+        finally:
+            undo()
+        assert "forward" not in vars(layer)
+        plain = layer(x)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(expected[0], expected[1])  # the two adapters differ, and the test can tell
+    assert not torch.allclose(plain[1], expected[1])  # the active adapter alone is not what beta's row got

@@ -24,7 +24,9 @@ event, and the other rows go on. A job cancelled (its client gone) leaves the ba
 
 Mixed routing has a price. PEFT's ``adapter_names=`` argument walks every module twice on each
 forward pass to hook the names into each LoRA layer (about 40 ms a step for SmolLM2-135M on CPU),
-and each LoRA layer then splits its batch by adapter. So ``_Routing`` puts those hooks in once, and a
+and each LoRA layer then splits its batch by adapter, a gather and a scatter per adapter. So
+``_Routing`` routes once per decode: plain LoRA linear layers add every row's delta in one stacked
+product (``serve/lora_rows.py``), the other LoRA layers get the names through hooks put in once; a
 forward pass whose rows all use one adapter (a lone request, or the rows that outlive the others)
 runs the plain way: that adapter made active with ``set_adapter``, or all adapters off for the base.
 
@@ -46,6 +48,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tunesmith.serve.kvcache import PrefixCache, SlotCache, attention_masks
+from tunesmith.serve.lora_rows import route, stackable
 from tunesmith.serve.structured import Constraint
 
 log = logging.getLogger(__name__)
@@ -250,7 +253,8 @@ def only_adapter(model, name: str):
 class _Routing:
     """Which adapter each row of a forward pass of a PEFT model goes through (``use``, before each pass).
 
-    Rows of several adapters are routed by PEFT's ``adapter_names``, handed to each LoRA layer by hooks
+    Rows of several adapters go through one stacked product in each plain LoRA linear layer
+    (``lora_rows.route``), and through PEFT's ``adapter_names`` in the others, handed to them by hooks
     put in once (PEFT's own argument walks every module twice a pass); rows of one adapter run the
     plain way, that adapter active (or every adapter off for the base), which costs nothing per row.
     """
@@ -260,7 +264,7 @@ class _Routing:
         self.names: list[str] | None = None  # what the hooks hand on; None: the plain way
         self.plain: str | None = None  # the adapter the model runs alone now, if any
         self.state = contextlib.ExitStack()
-        self.handles: list = []
+        self.undo: list[Callable[[], None]] = []  # what takes the routing out of the model again
 
     def use(self, adapters: list[str]) -> None:
         if not self.mixed:
@@ -275,7 +279,7 @@ class _Routing:
         if self.plain == BASE:  # disabled adapters would override the routing
             self.state.close()
             self.plain = None
-        if not self.handles:
+        if not self.undo:
             self._hook()
         self.names = list(adapters)
 
@@ -286,14 +290,17 @@ class _Routing:
         def hook(module, args, kwargs):
             return None if self.names is None else (args, {**kwargs, "adapter_names": self.names})
 
-        self.handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module in self.model.modules()
-                        if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper))]
+        for module in self.model.modules():
+            if stackable(module):  # one product for all rows (serve/lora_rows.py), not PEFT's per adapter
+                self.undo.append(route(module, lambda: self.names))
+            elif isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)):
+                self.undo.append(module.register_forward_pre_hook(hook, with_kwargs=True).remove)
 
     def close(self) -> None:
         self.state.close()
-        for handle in self.handles:
-            handle.remove()
-        self.handles, self.names, self.plain = [], None, None
+        for undo in self.undo:
+            undo()
+        self.undo, self.names, self.plain = [], None, None
 
 
 class Caches:

@@ -333,3 +333,18 @@ def test_stacked_lora_deltas_match_peft_mixed_batches(model):
     torch.testing.assert_close(got, expected)
     assert not torch.allclose(expected[0], expected[1])  # the two adapters differ, and the test can tell
     assert not torch.allclose(plain[1], expected[1])  # the active adapter alone is not what beta's row got
+
+
+def test_a_new_lane_starts_from_blocks_another_lane_left(model):
+    """Lanes on one model share its prefix cache: a lane whose slots were never used yet takes a head
+    another lane stored (its slots made for it) and decodes ``generate``'s tokens."""
+    model, tokenizer = model
+    caches = Caches(block=4)
+    recorder = Recorder()
+    ids = tokenizer(SYSTEM + "the plot").input_ids
+    for lane in ("first", "second"):
+        decode(lambda job, lane=lane: (lane, model, True), tokenizer, [recorder.job(lane, "alpha", ids, 6)],
+               caches=caches)
+    assert caches.stats()["prefix_hits"] == 1
+    expected = alone(model, tokenizer, "alpha", SYSTEM + "the plot", 6)
+    assert recorder.tokens["first", 0] == expected and recorder.tokens["second", 0] == expected

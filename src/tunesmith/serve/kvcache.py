@@ -72,15 +72,20 @@ class SlotCache:
         """Write one layer's new keys and values at the bound rows' positions; return those rows' keys
         and values up to the bound width (views of the slots)."""
         if layer_idx == len(self.keys):
-            shape = (self.slots, key_states.shape[1], self.length, key_states.shape[3])
-            self.keys.append(key_states.new_zeros(shape))
-            self.values.append(value_states.new_zeros(shape[:3] + value_states.shape[3:]))
+            self._allocate(key_states, value_states)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         rows, columns = self._rows.to(keys.device), self._columns.to(keys.device)
         keys[rows, :, columns] = key_states.transpose(1, 2)
         values[rows, :, columns] = value_states.transpose(1, 2)
         end = self._first + key_states.shape[0]
         return keys[self._first:end, :, :self._width], values[self._first:end, :, :self._width]
+
+    def _allocate(self, like_keys: torch.Tensor, like_values: torch.Tensor) -> None:
+        """The next layer's tensors, with the heads, head size, dtype and device of ``like_*``
+        (``(..., heads, positions, head size)``)."""
+        heads, dim = like_keys.shape[-3], like_keys.shape[-1]
+        self.keys.append(like_keys.new_zeros(self.slots, heads, self.length, dim))
+        self.values.append(like_values.new_zeros(self.slots, heads, self.length, like_values.shape[-1]))
 
     def move(self, source: list[int], target: list[int]) -> None:
         """Copy slots ``source`` into slots ``target`` (they may overlap: the sources are read first)."""
@@ -96,6 +101,8 @@ class SlotCache:
 
     def write(self, slot: int, start: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Put ``layers`` (as ``read`` gives them) in one slot from position ``start``."""
+        while len(self.keys) < len(layers):  # before any pass of this cache (another lane's blocks)
+            self._allocate(*layers[len(self.keys)])
         for k, v, (keys, values) in zip(self.keys, self.values, layers):
             k[slot, :, start:start + keys.shape[1]] = keys
             v[slot, :, start:start + values.shape[1]] = values

@@ -348,3 +348,25 @@ def test_a_new_lane_starts_from_blocks_another_lane_left(model):
     assert caches.stats()["prefix_hits"] == 1
     expected = alone(model, tokenizer, "alpha", SYSTEM + "the plot", 6)
     assert recorder.tokens["first", 0] == expected and recorder.tokens["second", 0] == expected
+
+
+def test_a_bfloat16_server_reuses_a_chat_head_and_counts_the_hit(runs, tmp_path):
+    """``serve --dtype bfloat16``: the pool's model is bfloat16; two chat requests with one system
+    prompt on one adapter, the second a prefix-cache hit in ``Scheduler.stats()``."""
+    import httpx
+
+    from tunesmith.serve.options import ServeOptions
+    from tunesmith.serve.server import build_server
+
+    server = build_server({"alpha": runs["alpha"]}, options=ServeOptions(dtype="bfloat16", max_tokens=8),
+                          store=tmp_path / "store.sqlite")
+    assert server.pool.model.get_input_embeddings().weight.dtype == torch.bfloat16
+    with server.in_thread() as url:
+        for question in ("the plot?", "the cast?"):
+            reply = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+                "model": "alpha", "max_tokens": 4, "temperature": 0,
+                "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]})
+            assert reply.status_code == 200, reply.text
+    stats = server.scheduler.stats()
+    assert stats["prefix_hits"] == 1 and stats["prefix_misses"] == 1 and stats["prefix_tokens_reused"] >= 16
+    assert stats["slot_bytes"] > 0

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 
 import torch
 
+from tunesmith.train import zero
+
 
 def share(micro_batches: list, accelerator) -> list:
     """This process's share of a step's micro-batches: every N-th, from its rank."""
@@ -136,8 +138,7 @@ def sharded(accelerator) -> bool:
 
 
 def _zero3(accelerator) -> bool:
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return accelerator.distributed_type == "DEEPSPEED" and plugin is not None and plugin.zero_stage == 3
+    return zero.stage(accelerator) == 3
 
 
 def _partitioned(params) -> list[torch.Tensor]:

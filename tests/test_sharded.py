@@ -252,3 +252,23 @@ def test_a_checkpoint_with_zero_partitions_resumes_only_under_zero(tmp_path):
     (last / "zero_rank0.safetensors").unlink()
     with pytest.raises(TunesmithError, match="lacks zero_rank0.safetensors, process 0's part of ZeRO's optimizer"):
         load_checkpoint(tmp_path, model, optimizer, scheduler, zero_stage=2, processes=1)
+
+
+@pytest.mark.parametrize("what", ["offload_optimizer", "offload_param"])
+def test_deepspeed_offload_to_nvme_is_refused_before_training(what):
+    # What a checkpoint holds of ZeRO's optimizer state is its partitions in memory: NVMe swap files are not in it.
+    class Plugin:
+        zero_stage = 3
+        deepspeed_config = {"zero_optimization": {"stage": 3, what: {"device": "nvme", "nvme_path": "/nvme"}}}
+
+    class State:
+        deepspeed_plugin = Plugin()
+
+    class Accelerator:
+        distributed_type = "DEEPSPEED"
+        state = State()
+
+    with pytest.raises(TunesmithError, match=f"zero_optimization.{what}.device: nvme"):
+        zero.check_offload(Accelerator())
+    Plugin.deepspeed_config = {"zero_optimization": {"stage": 3, what: {"device": "cpu"}}}
+    zero.check_offload(Accelerator())

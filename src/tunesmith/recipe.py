@@ -38,7 +38,7 @@ from tunesmith.model import set_dropout
 from tunesmith.session import Session
 from tunesmith.stopping import StopRequest, on_sigterm
 from tunesmith.store import Run
-from tunesmith.train import distributed
+from tunesmith.train import distributed, zero
 from tunesmith.train.loop import TrainState, fit
 from tunesmith.train.processes import cpu_only, setup_threads
 
@@ -88,6 +88,7 @@ def _run(session: Session, run: Run, resume: bool, on_step, stop: StopRequest, f
     accelerator = Accelerator(cpu=cpu_only(), log_with=trackers, project_dir=str(run.path),
                               step_scheduler_with_optimizer=False)
     distributed.load_whole(accelerator)
+    zero.check_offload(accelerator)
     if trackers:
         accelerator.init_trackers("tensorboard", config={"method": config.method.name, "lr": config.train.lr})
     set_seed(config.train.seed)

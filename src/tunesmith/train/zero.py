@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from tunesmith.errors import TunesmithError
+
 # DeepSpeed's state-dict keys (deepspeed.checkpoint.constants), by stage: where the inner optimizer's
 # state dict and the fp32 master partitions are.
 _INNER = {1: "base_optimizer_state", 2: "base_optimizer_state", 3: "optimizer_state_dict"}
@@ -27,6 +29,21 @@ def stage(accelerator) -> int | None:
     if accelerator.distributed_type != "DEEPSPEED" or plugin is None:  # accelerate's DistributedType, a str enum
         return None
     return int(plugin.zero_stage)
+
+
+def check_offload(accelerator) -> None:
+    """Refuse ZeRO's offload to NVMe: there the optimizer state (and, for parameters, the weights) lives
+    in DeepSpeed's swap files, which ``partition`` does not hold, so a checkpoint would look complete
+    and resume with the optimizer state missing. Offload to the CPU keeps it in memory and is fine."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if stage(accelerator) is None:
+        return
+    settings = (plugin.deepspeed_config or {}).get("zero_optimization", {})
+    for what in ("offload_optimizer", "offload_param"):
+        if str((settings.get(what) or {}).get("device", "none")).lower() == "nvme":
+            raise TunesmithError(f"DeepSpeed zero_optimization.{what}.device: nvme is not supported: the state it "
+                                 "offloads lives in DeepSpeed's swap files, which tunesmith's checkpoints do not "
+                                 "hold, so a resumed run would miss it; offload to cpu or none")
 
 
 def _zero_optimizer(optimizer):

@@ -4,6 +4,7 @@ one per process, for tests/test_distributed.py); the main process writes them to
 from __future__ import annotations
 
 import json
+import os
 import sys
 from functools import partial
 
@@ -47,7 +48,12 @@ if __name__ == "__main__":
     if processes.is_main_process:
         with open(out, "w") as f:
             json.dump(scored, f)
-    # Without this, gloo's threads are still running when the interpreter exits, and one process in eight or so
-    # aborts there ("terminate called without an active exception") after its work is done.
     processes.wait_for_everyone()
     processes.destroy_process_group()
+    # One process in ten or so still aborts while the interpreter finalizes, after its work is done and
+    # the process group is closed ("terminate called without an active exception", no Python frame: a
+    # native thread left joinable at exit). The CLI's own multi-process runs (tests/test_distributed.py,
+    # tests/test_sharded.py) have not shown it; this script leaves without finalizing, its output written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -9,7 +9,6 @@ A feature's work stays in its own package (``privacy/``, ``lifecycle/continual.p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from tunesmith.eval.report import privacy_line
 from tunesmith.judge import Judge, judge_trained, open_judge, write_judged
@@ -30,20 +29,23 @@ class Report:
     sections: list[str] = field(default_factory=list)
 
 
-class Feature(Protocol):
+class Feature:
     """The recipe's points where a feature acts; every process calls them unless said otherwise.
-    A feature with nothing to do at a point returns what it was given, or nothing."""
+    A feature overrides the points it acts at; the others return what they were given, or nothing."""
 
     def plan(self) -> str | None:
         """One line said before anything is trained (main process), or None."""
+        return None
 
     def start(self, session: Session, run: Run, model, resume: bool, processes):
         """With the base model, evaluated, before training: the model to train. ``Continuing``
         applies the method; a feature that scores the base does so here."""
+        return model
 
     def fit_options(self, session: Session, processes) -> dict:
         """``fit``'s keyword arguments that this feature sets: ``batches`` (the sampler seam),
         ``make_step`` (the step seam), ``validation_figures``."""
+        return {}
 
     def evaluate(self, session: Session, model, processes) -> None:
         """After the tuned model's evaluation, while the processes still work together: what it
@@ -72,7 +74,7 @@ def plug_in(session: Session, processes, continual: Continual) -> list[Feature]:
     return [f for f in (sampler, Continuing(continual), Judging(judge) if judge else None) if f is not None]
 
 
-class Private:
+class Private(Feature):
     """Differentially private training (``privacy:``): Poisson batches, the DP step, epsilon logged."""
 
     def __init__(self, private: PrivateTraining):
@@ -81,29 +83,20 @@ class Private:
     def plan(self) -> str | None:
         return self.private.describe()
 
-    def start(self, session, run, model, resume, processes):
-        return model
-
     def fit_options(self, session, processes) -> dict:
         return {"batches": self.private.batches, "make_step": self.private.make_step,
                 "validation_figures": self.private.validation_figures}
-
-    def evaluate(self, session, model, processes) -> None:
-        pass
 
     def finish(self, session, run, model, state, report) -> None:
         report.summary["privacy"] = self.private.budget.summary(state.step)
         print(privacy_line(report.summary["privacy"]))
 
 
-class Curriculum:
+class Curriculum(Feature):
     """Easy examples first (``train.curriculum``), their difficulty scored by the base model."""
 
     def __init__(self):
         self.scores: list[float] = []
-
-    def plan(self) -> str | None:
-        return None
 
     def start(self, session, run, model, resume, processes):
         cfg = session.config.train.curriculum
@@ -115,21 +108,9 @@ class Curriculum:
         return {"batches": curriculum_batches(session.data.encoded["train"], session.objective.batches, self.scores,
                                               session.config.train, processes.num_processes)}
 
-    def evaluate(self, session, model, processes) -> None:
-        pass
 
-    def finish(self, session, run, model, state, report) -> None:
-        pass
-
-
-class Balanced:
+class Balanced(Feature):
     """Class-balanced or square-root sampling of the training split (``data.balance``)."""
-
-    def plan(self) -> str | None:
-        return None
-
-    def start(self, session, run, model, resume, processes):
-        return model
 
     def fit_options(self, session, processes) -> dict:
         train, config = session.data.encoded["train"], session.config
@@ -137,14 +118,8 @@ class Balanced:
                                             item_labels(session.data.examples["train"], len(train)),
                                             config.data.balance, config.train.seed)}
 
-    def evaluate(self, session, model, processes) -> None:
-        pass
 
-    def finish(self, session, run, model, state, report) -> None:
-        pass
-
-
-class Continuing:
+class Continuing(Feature):
     """The run's start (``lifecycle.continual``): the method applied, from a parent's weights with
     ``--from``; the general probes (``eval.general``); the parent's figures and sections first in the
     report."""
@@ -152,14 +127,8 @@ class Continuing:
     def __init__(self, continual: Continual):
         self.continual = continual
 
-    def plan(self) -> str | None:
-        return None
-
     def start(self, session, run, model, resume, processes):
         return self.continual.start(session, run, model, resume, processes)
-
-    def fit_options(self, session, processes) -> dict:
-        return {}
 
     def evaluate(self, session, model, processes) -> None:
         self.continual.score_tuned(session, model, processes)
@@ -170,22 +139,13 @@ class Continuing:
         report.sections[:0] = parent
 
 
-class Judging:
+class Judging(Feature):
     """Judged evaluation at the end of training (``eval.judge``): answers of the tuned model and its
     base scored by a judge run; judged.json, judged.png and the report's last section."""
 
     def __init__(self, judge: Judge):
         self.judge = judge
         self.judged: dict | None = None
-
-    def plan(self) -> str | None:
-        return None
-
-    def start(self, session, run, model, resume, processes):
-        return model
-
-    def fit_options(self, session, processes) -> dict:
-        return {}
 
     def evaluate(self, session, model, processes) -> None:
         self.judged = judge_trained(session, model, self.judge, processes)

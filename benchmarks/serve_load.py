@@ -63,12 +63,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=32, help="requests per level at most")
     parser.add_argument("--seconds", type=float, default=60, help="seconds per level at most")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="tunesmith's serving dtype (serve --dtype): auto, bfloat16 where the CPU runs it "
+                        "natively (its best setting there), else float32; the naive server stays float32")
     parser.add_argument("--against", choices=["llamacpp"], help="also load llama.cpp's llama-server")
+    parser.add_argument("--servers", default="tunesmith,naive,llama.cpp",
+                        help="which of the servers to load, comma-separated (llama.cpp only with --against)")
     parser.add_argument("--llama-server", help="the llama-server binary (default: $LLAMA_SERVER, else "
                         ".llamacpp/bin/llama-server, else llama-server on PATH)")
     parser.add_argument("--llama-cpp-source", help="llama.cpp's source tree, for convert_lora_to_gguf.py "
                         "(default: .llamacpp/llama.cpp, which llamacpp_setup.sh links)")
-    parser.add_argument("--serve", nargs=3, metavar=("KIND", "RUNS_DIR", "PORT"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve", nargs=4, metavar=("KIND", "RUNS_DIR", "PORT", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.adapters = args.adapters or ("1,2" if args.against else "2")
     mixes = [int(m) for m in args.adapters.split(",")]
@@ -146,7 +151,7 @@ def naive_app(runs: dict[str, Path]):
     return app
 
 
-def serve(kind: str, runs_dir: Path, port: int) -> None:
+def serve(kind: str, runs_dir: Path, port: int, dtype: str) -> None:
     """The child process: one server, in the foreground."""
     import uvicorn
 
@@ -157,7 +162,7 @@ def serve(kind: str, runs_dir: Path, port: int) -> None:
     if kind == "naive":
         uvicorn.run(naive_app(runs), host="127.0.0.1", port=port, log_level="warning")
         return
-    options = ServeOptions(max_concurrent=256, max_batch=MAX_BATCH)
+    options = ServeOptions(max_concurrent=256, max_batch=MAX_BATCH, dtype=dtype)
     build_server(runs, options=options, store=runs_dir / "store.sqlite").run("127.0.0.1", port)
 
 
@@ -171,10 +176,15 @@ class Target:
     note: str = ""  # printed above the table: what a reader needs to read its rows
 
 
-def ours(kind: str, note: str = "") -> Target:
+def ours(kind: str, dtype: str = "float32", note: str = "") -> Target:
     """tunesmith's server or the naive one: both adapters loaded, the request's ``model`` picks one."""
-    return Target(kind, 4, lambda root, port, mix: [sys.executable, __file__, "--serve", kind, str(root), str(port)],
-                  lambda mix, n: {"model": ADAPTERS[n % mix]}, note)
+    from tunesmith.serve.options import ServeOptions
+
+    element_bytes = ServeOptions(dtype=dtype).weights_dtype().itemsize
+    dtype = {2: "bfloat16", 4: "float32"}[element_bytes]  # auto resolved here, so the note names what ran
+    return Target(kind, element_bytes,
+                  lambda root, port, mix: [sys.executable, __file__, "--serve", kind, str(root), str(port), dtype],
+                  lambda mix, n: {"model": ADAPTERS[n % mix]}, note or f"{kind}: {dtype} weights")
 
 
 def find_llama_server(given: str | None) -> Path:
@@ -319,10 +329,11 @@ def percentile(values: list[float], q: float) -> float:
 
 async def load(url: str, target: Target, mix: int, clients: int, requests: int, seconds: float,
                max_tokens: int) -> dict:
-    """``clients`` concurrent clients until ``requests`` are answered or ``seconds`` pass."""
+    """``clients`` concurrent clients until ``requests`` are answered or ``seconds`` pass. A request that
+    fails is counted (``errors``, the first error's text kept), not retried: the level goes on."""
     import httpx
 
-    latencies, firsts, tokens = [], [], 0
+    latencies, firsts, tokens, errors = [], [], 0, []
     sent = 0
     started = time.perf_counter()
 
@@ -333,19 +344,29 @@ async def load(url: str, target: Target, mix: int, clients: int, requests: int, 
             body = {"prompt": PROMPTS[n % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0,
                     "stream": True, "stream_options": {"include_usage": True}, **target.adapter_fields(mix, n)}
             t0 = time.perf_counter()
-            first, generated = await complete(http, url, body, seconds + 600)
+            try:
+                first, generated = await complete(http, url, body, seconds + 600)
+            except httpx.HTTPError as error:
+                errors.append(f"{type(error).__name__}: {error}")
+                continue
             latencies.append(time.perf_counter() - t0)
             if first is not None:
                 firsts.append(first)
             tokens += generated
 
-    async with httpx.AsyncClient() as http:
+    # A connection per request: llama.cpp's HTTP server closes a kept-alive connection after a few
+    # requests, and a request sent on it as it closes fails unanswered (one in 16 here); a fresh
+    # localhost connection costs well under a millisecond, the same for every server.
+    async with httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0)) as http:
         await asyncio.gather(*(client(http) for _ in range(clients)))
     wall = time.perf_counter() - started
+    nan = float("nan")
     return {"requests": len(latencies), "req_s": len(latencies) / wall, "tok_s": tokens / wall,
-            "ttft_p50_s": statistics.median(firsts) if firsts else float("nan"),
-            "p50_s": statistics.median(latencies), "p95_s": percentile(latencies, 0.95),
-            "p99_s": percentile(latencies, 0.99)}
+            "ttft_p50_s": statistics.median(firsts) if firsts else nan,
+            "p50_s": statistics.median(latencies) if latencies else nan,
+            "p95_s": percentile(latencies, 0.95) if latencies else nan,
+            "p99_s": percentile(latencies, 0.99) if latencies else nan,
+            "errors": len(errors), "first_error": errors[0] if errors else ""}
 
 
 def roofline_per_level(model: str, levels: list[int], max_tokens: int, element_bytes: list[int]) -> dict:
@@ -378,17 +399,23 @@ def print_report(args, targets: list[Target], results: dict, roofline: dict) -> 
     for target in targets:
         if target.note:
             print(target.note)
-    print("| server | adapters | clients | requests | requests/s | tokens/s | share of roofline "
+    print("| server | adapters | clients | requests | failed | requests/s | tokens/s | share of roofline "
           "| first token p50 s | p50 s | p95 s | p99 s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (name, mix, clients), r in results.items():
         share = r["tok_s"] / roofline[clients, element_bytes[name]]
-        print(f"| {name} | {mix} | {clients} | {r['requests']} | {r['req_s']:.2f} | {r['tok_s']:.1f} | {share:.1%} "
-              f"| {r['ttft_p50_s']:.3f} | {r['p50_s']:.3f} | {r['p95_s']:.3f} | {r['p99_s']:.3f} |")
+        print(f"| {name} | {mix} | {clients} | {r['requests']} | {r['errors']} | {r['req_s']:.2f} | {r['tok_s']:.1f} "
+              f"| {share:.1%} | {r['ttft_p50_s']:.3f} | {r['p50_s']:.3f} | {r['p95_s']:.3f} | {r['p99_s']:.3f} |")
+    for (name, mix, clients), r in results.items():
+        if r["errors"]:
+            print(f"{name}, {mix} adapter(s), {clients} clients: {r['errors']} failed; the first: {r['first_error']}")
     top = max(args.levels)
     for mix in args.mixes:
-        first = results["tunesmith", mix, top]
-        for other in targets[1:]:
+        first = results.get(("tunesmith", mix, top))
+        for other in targets:
+            theirs = results.get((other.name, mix, top))
+            if other.name == "tunesmith" or first is None or theirs is None:
+                continue
             theirs = results[other.name, mix, top]
             print(f"ratio tunesmith/{other.name}, {mix} adapter(s), {top} clients: requests/s "
                   f"{first['req_s'] / theirs['req_s']:.2f}x, tokens/s {first['tok_s'] / theirs['tok_s']:.2f}x, "
@@ -399,10 +426,13 @@ def print_report(args, targets: list[Target], results: dict, roofline: dict) -> 
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.serve:
-        kind, runs_dir, port = args.serve
-        serve(kind, Path(runs_dir), int(port))
+        kind, runs_dir, port, dtype = args.serve
+        serve(kind, Path(runs_dir), int(port), dtype)
         return
-    targets = [ours("tunesmith"), ours("naive", "naive: does not stream, so its time to first token is its latency")]
+    wanted = set(args.servers.split(","))
+    targets = [ours("tunesmith", args.dtype),
+               ours("naive", note="naive: float32, does not stream, so its time to first token is its latency")]
+    targets = [t for t in targets if t.name in wanted]
     if args.against:  # before any work: a missing binary is said at once
         binary = find_llama_server(args.llama_server)
         converter = find_lora_converter(args.llama_cpp_source) if 2 in args.mixes else None
@@ -415,7 +445,8 @@ def main(argv=None) -> None:
             model = str(make_model_dir(root / "tiny-llama"))
         make_runs(root, model)
         if args.against:
-            targets.append(llamacpp(binary, llamacpp_files(root, model, args.mixes, converter), max(args.levels)))
+            if "llama.cpp" in wanted:
+                targets.append(llamacpp(binary, llamacpp_files(root, model, args.mixes, converter), max(args.levels)))
         roofline = roofline_per_level(model, args.levels, args.max_tokens, sorted({t.element_bytes for t in targets}))
         results = {}
         for target in targets:
@@ -423,8 +454,13 @@ def main(argv=None) -> None:
                 proc, url = start(target, root, mix)
                 try:
                     for clients in args.levels:
-                        results[target.name, mix, clients] = asyncio.run(
+                        r = results[target.name, mix, clients] = asyncio.run(
                             load(url, target, mix, clients, args.requests, args.seconds, args.max_tokens))
+                        print(f"{target.name}, {mix} adapter(s), {clients} clients: {r['requests']} answered, "
+                              f"{r['errors']} failed, {r['tok_s']:.1f} tokens/s", file=sys.stderr, flush=True)
+                        if r["errors"]:  # the server's own account, before its folder goes
+                            log = (root / f"{target.name}-{mix}.log").read_text(errors="replace").splitlines()
+                            print("\n".join(log[-30:]), file=sys.stderr, flush=True)
                 finally:
                     stop(proc)
     print_report(args, targets, results, roofline)

@@ -10,7 +10,7 @@ import pytest
 from conftest import cli_fails, review_rows, write_config, write_jsonl
 from tunesmith.cli import main
 from tunesmith.errors import TunesmithError
-from tunesmith.retrain.data import hold_out, rated_pairs, rated_rows, replay, unseen
+from tunesmith.retrain.data import hold_out, rated_pairs, rated_rows, replay, unseen, user_text
 from tunesmith.retrain.gate import decide
 from tunesmith.store import db
 from tunesmith.store.db import served_ratings
@@ -50,6 +50,33 @@ def test_rated_rows_take_each_answers_latest_rating(tmp_path):
     assert [r["messages"][0]["content"] for r in rows] == ["dull film", "bad film"]
     assert rows[1]["messages"][1] == {"role": "assistant", "content": "meh"}
     assert skipped == {"score_below_min": 3}
+
+
+@pytest.mark.parametrize("instruction, prompt, text", [
+    ("Review: {text}\nSentiment:", "Review: a {good} film\nSentiment:", "a {good} film"),
+    ("{{\"review\": \"{text}\"}}", '{"review": "fine"}', "fine"),  # braces written {{ }} in the template
+    ("Say {text}, then {text} again", "Say hi, then hi again", "hi"),
+    ("Say {text}, then {text} again", "Say hi, then ho again", "Say hi, then ho again"),  # two texts: not it
+    ("Review: {text}\nSentiment:", "plain words", "plain words"),  # sent without the template
+    ("{text}", "Review: x", "Review: x"),
+])
+def test_user_text_takes_the_text_out_of_the_runs_template(instruction, prompt, text):
+    assert user_text(prompt, instruction) == text
+
+
+def test_label_rows_from_templated_prompts_hold_the_users_text(tmp_path):
+    """A client asks a templated run with the template filled in; the child's row holds the text alone,
+    so its own data template is not applied twice, and a test review is recognised as one."""
+    store = db.connect(tmp_path / "s.sqlite")
+    instruction = "Is this review positive or negative?\n{text}\nAnswer:"
+    a = _answer(store, instruction.format(text="great film"), "negative")
+    db.add_rating(store, a, rater="k", label="positive")
+    b = _answer(store, instruction.format(text="test review"), "negative")
+    db.add_rating(store, b, rater="k", score=1.0)
+    rows, _ = rated_rows(served_ratings(store, "r"), LABELS, instruction=instruction)
+    assert rows == [{"text": "great film", "label": "positive"}, {"text": "test review", "label": "negative"}]
+    kept, dropped = unseen(rows, [{"text": "test review", "label": "negative"}])
+    assert kept == rows[:1] and dropped == 1
 
 
 def test_an_inputs_raters_must_agree_when_asked(tmp_path):

@@ -367,6 +367,9 @@ def test_a_bfloat16_server_reuses_a_chat_head_and_counts_the_hit(runs, tmp_path)
                 "model": "alpha", "max_tokens": 4, "temperature": 0,
                 "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]})
             assert reply.status_code == 200, reply.text
+        served = httpx.get(url + "/v1/stats", timeout=30).json()  # an open server's caller is an admin
     stats = server.scheduler.stats()
     assert stats["prefix_hits"] == 1 and stats["prefix_misses"] == 1 and stats["prefix_tokens_reused"] >= 16
     assert stats["slot_bytes"] > 0
+    assert served == {"object": "tunesmith.stats", "in_flight": 0, "queued": 0, "max_batch": server.scheduler.max_batch,
+                      **stats}

@@ -30,12 +30,29 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sqlite3
 from collections import Counter
 from pathlib import Path
 
 from tunesmith.errors import TunesmithError
 from tunesmith.store.consensus import Consensus, latest
+
+
+def user_text(prompt: str, instruction: str) -> str:
+    """The user's own text in a served ``prompt``: where the prompt is the run's ``data.instruction``
+    filled in (a client asking a run trained on label data sends the review inside the template the
+    run was trained with, and the request log keeps the message as sent), the text that fills it;
+    else the prompt as it is. The child's data keeps the parent's template, so a row must hold the
+    text alone: else it would be templated twice, and a served review that is in the original test
+    set would not be recognised as such."""
+    if instruction == "{text}":
+        return prompt
+    pieces = [re.escape(p.replace("{{", "{").replace("}}", "}")) for p in instruction.split("{text}")]
+    found = re.fullmatch("(.*?)".join(pieces), prompt, flags=re.DOTALL)
+    if found is None or len(set(found.groups())) != 1:  # not this template, or {text} twice with two texts
+        return prompt
+    return found.group(1)
 
 
 def row_of(rating, labels: list[str], min_score: float) -> tuple[dict | None, str | None]:
@@ -56,7 +73,7 @@ def row_of(rating, labels: list[str], min_score: float) -> tuple[dict | None, st
 
 
 def rated_rows(ratings, labels: list[str], min_score: float = 1.0,
-               consensus: Consensus = Consensus()) -> tuple[list[dict], Counter]:
+               consensus: Consensus = Consensus(), instruction: str = "{text}") -> tuple[list[dict], Counter]:
     """Canonical training rows from rated answers, one per input, and the inputs left out, by reason.
 
     An input's raters are the keys that rated an answer to it (each one's latest rating); each rating
@@ -64,6 +81,8 @@ def rated_rows(ratings, labels: list[str], min_score: float = 1.0,
     ``consensus`` supports (``store.consensus``; between equals, the latest)."""
     verdicts = []
     for rating in ratings:
+        if labels:  # label rows hold the user's text; the child's data template wraps it again
+            rating = {**dict(rating), "prompt": user_text(rating["prompt"], instruction)}
         row, why = row_of(rating, labels, min_score)
         verdict = ("row", json.dumps(row, sort_keys=True)) if row else ("left_out", why)
         verdicts.append((rating["prompt"], rating["rater"], verdict))

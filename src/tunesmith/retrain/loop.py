@@ -113,10 +113,10 @@ def parent_rows(run: Run, kind: str) -> tuple[list[dict], list[dict]]:
 
 
 def new_rows(kind: str, connection, ratings, adapter: str, labels: list[str], min_score: float,
-             consensus: Consensus) -> tuple[list[dict], Counter]:
+             consensus: Consensus, instruction: str = "{text}") -> tuple[list[dict], Counter]:
     """The rated traffic as canonical rows of ``kind``, and what was left out, by reason."""
     if kind in ("classification", "chat"):
-        return rated_rows(ratings, labels, min_score, consensus)
+        return rated_rows(ratings, labels, min_score, consensus, instruction)
     left_out: dict[str, int] = {}
     marked = [{"prompt": r["prompt"], "completion": r["completion"], "label": r["label"]}
               for r in store_db.rated_answers(ratings, consensus, min_score, left_out)]
@@ -217,7 +217,8 @@ def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str
         raise TunesmithError(f"--store {store}: no store there (the server writes it; see --store)")
     with closing(store_db.connect(store)) as connection:
         ratings = store_db.served_ratings(connection, adapter, parse_since(since))
-        rows, skipped = new_rows(kind, connection, ratings, adapter, labels, min_score, consensus)
+        rows, skipped = new_rows(kind, connection, ratings, adapter, labels, min_score, consensus,
+                                 parent_config.data.instruction)
     original_train, original_test = parent_rows(parent, kind)
     # The original test set in the child's rows, scored the child's way for both; where the parent's
     # examples give no such rows (answers to imitate are no pairs), its own rows, scored its own way.

@@ -57,6 +57,7 @@ ROUTES: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/load_lora_adapter"): _rule("loading an adapter", ADMIN),
     ("POST", "/v1/unload_lora_adapter"): _rule("unloading an adapter", ADMIN),
     ("POST", "/v1/aliases"): _rule("moving an alias", ADMIN),
+    ("GET", "/v1/stats"): _rule("the engine's counters (prefix-cache hits say whose prompts began alike)", ADMIN),
     # ui: the pages hold no data, so a browser can load them and then ask for a key
     ("GET", "/"): _rule("redirect to /ui/", ANYONE),
     ("GET", "/ui"): _rule("redirect to /ui/", ANYONE),

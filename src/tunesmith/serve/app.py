@@ -3,7 +3,7 @@
 ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models`` and ``/health``; vLLM's
 ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter``; ``/v1/aliases`` to point a name at an
 adapter live; ``/v1/feedback`` to rate a logged answer; ``/v1/score`` to score texts by a served
-reward model or classifier. Every route, those the UI adds included,
+reward model or classifier; ``/v1/stats``, the engine's counters (admin). Every route, those the UI adds included,
 passes ``access.authorize`` first: the caller's role against the route's row of ``access.ROUTES``.
 Before any route, ``middleware.py`` caps the body and refuses what a web page in the user's browser
 could send unasked (CSRF, DNS rebinding). Errors have the OpenAI shape (``serve/errors.py``), so the
@@ -23,7 +23,7 @@ from tunesmith.serve.errors import add_error_handlers
 from tunesmith.serve.middleware import BodyLimit, BrowserGuard
 from tunesmith.serve.options import ServeOptions
 from tunesmith.serve.requestlog import RequestLog
-from tunesmith.serve.routes import adapters, aliases, completions, feedback, scores
+from tunesmith.serve.routes import adapters, aliases, completions, feedback, scores, stats
 from tunesmith.serve.scorers import ScorerPool
 
 
@@ -42,6 +42,6 @@ def build_app(pool: AdapterPool, scheduler: Scheduler, options: ServeOptions, ac
     add_error_handlers(app)
     app.add_middleware(BrowserGuard, access=access)
     app.add_middleware(BodyLimit, limit=options.max_body_bytes)  # added last: the outermost
-    for group in (completions, adapters, aliases, feedback, scores):
+    for group in (completions, adapters, aliases, feedback, scores, stats):
         app.include_router(group.router)
     return app

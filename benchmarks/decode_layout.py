@@ -3,13 +3,16 @@ layout checkpoints load with, on the same model in one process.
 
     python benchmarks/decode_layout.py                      # SmolLM2-135M-Instruct, float32
     python benchmarks/decode_layout.py --rows 1,4,16 --repeats 3
+    python benchmarks/decode_layout.py --dtype bfloat16     # bfloat16 weights: packed for oneDNN or plain
 
 For each number of rows: the median time of a decode step (one new token per row, after a
 ``--prompt``-token prompt in the KV cache), the prompt's prefill, and a LoRA training step on
 ``--train-rows`` rows of the prompt's length (forward and backward; the base weights are frozen, so
 their layout changes with the rest). Each figure is the best of ``--repeats`` rounds, the two
 layouts alternating, so neither profits from running second. The logits of both layouts are
-compared first: they must agree to float rounding.
+compared first: they must agree to float rounding. With ``--dtype bfloat16`` on a CPU where oneDNN
+runs bfloat16, "column-major" is what ``lay_out_for_decoding`` does there: each weight packed for
+oneDNN (``model.PackedLinear``); "row-major" is torch's plain bfloat16 layer.
 
 The last line reads ``decode step at N rows: X.XXx faster  prefill Y.YYx  train step Z.ZZx``
 (row-major time over column-major time, at the largest number of rows).
@@ -35,14 +38,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="decode steps timed per round")
     p.add_argument("--train-rows", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     return p.parse_args(argv)
 
 
 def row_major(model) -> None:
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and not module.weight.is_contiguous():
-                module.weight.data = module.weight.data.contiguous()
+            if isinstance(module, torch.nn.Linear):
+                module.__dict__.pop("forward", None)  # a packed layer's (PackedLinear) back to the plain one
+                if not module.weight.is_contiguous():
+                    module.weight.data = module.weight.data.contiguous()
 
 
 @torch.no_grad()
@@ -77,9 +83,9 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     torch.manual_seed(0)
-    model = load_model(resolve_model(args.model)).eval()
+    model = load_model(resolve_model(args.model)).to(getattr(torch, args.dtype)).eval()
     model.requires_grad_(False)
-    print(f"model {args.model}, float32; {machine()}")
+    print(f"model {args.model}, {args.dtype}; {machine()}")
 
     probe = torch.randint(100, 1000, (4, 32))
     with torch.no_grad():

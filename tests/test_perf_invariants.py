@@ -182,3 +182,44 @@ def test_the_decoding_layout_moves_only_frozen_weights_and_changes_no_output_or_
     # One row at a time, with the KV cache: the decoding shape the layout is for.
     step = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     assert torch.equal(relaid.generate(input_ids=ids[:1], **step), model.generate(input_ids=ids[:1], **step))
+
+
+def test_bfloat16_frozen_weights_are_packed_for_onednn_and_give_the_plain_layers_outputs(tiny_model_dir,
+                                                                                      monkeypatch):
+    """Where oneDNN runs bfloat16 (AVX512-BF16 or AMX), each frozen bfloat16 linear layer decodes through
+    a packed copy of its weight: the same outputs as the plain layer within bfloat16's rounding, in a
+    copy of the model too, with gradients still flowing to the trainable weights, and a weight changed
+    in place packed again."""
+    import copy
+
+    from tunesmith.model import PackedLinear, lay_out_for_decoding, packs_bfloat16
+
+    if not packs_bfloat16():
+        pytest.skip("this CPU's oneDNN does not run bfloat16 natively: the layers stay plain")
+    plain = _lora(tiny_model_dir).to(torch.bfloat16)
+    monkeypatch.setenv("TUNESMITH_DECODE_LAYOUT", "column")  # the old layout: bfloat16 laid out as float32
+    column = copy.deepcopy(plain)
+    lay_out_for_decoding(column)
+    assert not any(isinstance(m.forward, PackedLinear) for m in column.modules() if isinstance(m, torch.nn.Linear))
+    monkeypatch.delenv("TUNESMITH_DECODE_LAYOUT")
+    packed = copy.deepcopy(plain)
+    frozen = [m for m in packed.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+    assert frozen and lay_out_for_decoding(packed) == len(frozen) and lay_out_for_decoding(packed) == 0
+    assert all(isinstance(m.forward, PackedLinear) for m in frozen)
+
+    ids = torch.tensor([[5, 9, 14, 3, 7, 21], [8, 8, 2, 30, 11, 4]])
+    with torch.no_grad():
+        expected = plain(input_ids=ids).logits.float()
+        torch.testing.assert_close(packed(input_ids=ids).logits.float(), expected, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(copy.deepcopy(packed)(input_ids=ids).logits.float(), expected,
+                                   atol=2e-2, rtol=2e-2)
+    for m in (plain, packed):  # training through a packed layer takes the plain path
+        m(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    assert all(torch.equal(p.grad, grads[n]) for n, p in packed.named_parameters() if p.requires_grad)
+    with torch.no_grad():  # a frozen weight changed in place after packing: packed again from its new values
+        for m in (plain, packed):
+            next(x for x in m.modules() if isinstance(x, torch.nn.Linear) and not x.weight.requires_grad).weight.mul_(-3)
+        changed = plain(input_ids=ids).logits.float()
+        assert not torch.allclose(changed, expected, atol=0.1)
+        torch.testing.assert_close(packed(input_ids=ids).logits.float(), changed, atol=2e-2, rtol=2e-2)

@@ -248,28 +248,80 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def lay_out_for_decoding(model: torch.nn.Module) -> int:
-    """Store each frozen linear weight on the CPU transposed in memory: the same values and shape,
-    with strides ``(1, in_features)``. Returns how many weights moved.
+    """Lay each frozen linear weight on the CPU out for decoding, keeping its values and shape.
+    Returns how many weights were laid out.
 
-    ``nn.Linear`` computes ``x @ W.T``. With ``W`` row-major, as checkpoints load it, that is a GEMM
-    on a transposed operand, and torch's CPU BLAS runs it 1.5 to 4 times slower than on a contiguous
-    one when ``x`` has about 4 to 256 rows: the shape of batched decoding, one new token per row.
-    With ``W`` column-major, ``W.T`` is contiguous. On SmolLM2-135M (2-vCPU Xeon, float32) a decode
-    step of 16 rows went from 240 to 144 ms; one row and long prompts were unchanged (``python
-    benchmarks/decode_layout.py``). Trainable weights keep their layout: their gradients and the
-    optimizer expect it. GPUs are left alone (cuBLAS takes either layout at full speed), and
-    ``TUNESMITH_DECODE_LAYOUT=row`` in the environment keeps every weight as it loaded (for a CPU
-    where the gap runs the other way, and to measure the difference).
+    float32: stored transposed in memory, with strides ``(1, in_features)``. ``nn.Linear`` computes
+    ``x @ W.T``. With ``W`` row-major, as checkpoints load it, that is a GEMM on a transposed operand,
+    and torch's CPU BLAS runs it 1.5 to 4 times slower than on a contiguous one when ``x`` has about 4
+    to 256 rows: the shape of batched decoding, one new token per row. With ``W`` column-major,
+    ``W.T`` is contiguous. On SmolLM2-135M (2-vCPU Xeon, float32) a decode step of 16 rows went from
+    240 to 144 ms; one row and long prompts were unchanged (``python benchmarks/decode_layout.py``).
+
+    bfloat16, on a CPU where oneDNN runs it (``_is_mkldnn_bf16_supported``: AVX512-BF16 or AMX): the
+    layer's product goes through oneDNN with the weight packed once in its blocked layout
+    (``PackedLinear``). torch's plain bfloat16 ``linear`` repacks it on every call, which on the
+    2-vCPU Xeon with AMX made a bfloat16 decode step slower than a float32 one
+    (``python benchmarks/decode_layout.py --dtype bfloat16``, docs/serving.md). The weight itself stays, for everything
+    that reads it (PEFT, merging, exporting).
+
+    Trainable weights keep their layout: their gradients and the optimizer expect it. GPUs are left
+    alone (cuBLAS takes either layout at full speed). ``TUNESMITH_DECODE_LAYOUT`` in the environment:
+    ``column`` lays out bfloat16 weights as float32 ones (no packing), ``row`` keeps every weight as it
+    loaded (for a CPU where the gap runs the other way, and to measure the difference).
     """
-    if os.environ.get("TUNESMITH_DECODE_LAYOUT", "column") == "row":
+    layout = os.environ.get("TUNESMITH_DECODE_LAYOUT", "auto")
+    if layout == "row":
         return 0
+    pack = layout == "auto" and packs_bfloat16()
     moved = 0
     with torch.no_grad():
         for module in model.modules():
             weight = getattr(module, "weight", None)
-            if (isinstance(module, torch.nn.Linear) and type(weight) is torch.nn.Parameter
+            if not (isinstance(module, torch.nn.Linear) and type(weight) is torch.nn.Parameter
                     and weight.device.type == "cpu" and weight.dtype.is_floating_point
-                    and not weight.requires_grad and weight.is_contiguous()):
+                    and not weight.requires_grad):
+                continue
+            if weight.dtype is torch.bfloat16 and pack:
+                if not isinstance(module.forward, PackedLinear):
+                    module.forward = PackedLinear(module)
+                    moved += 1
+            elif weight.is_contiguous():
                 weight.data = weight.data.t().contiguous().t()
                 moved += 1
     return moved
+
+
+def packs_bfloat16() -> bool:
+    """Whether this torch's oneDNN runs bfloat16 products natively on this CPU."""
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    try:
+        return bool(torch.backends.mkldnn.is_available() and mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class PackedLinear:
+    """A frozen bfloat16 ``nn.Linear``'s forward through oneDNN, its weight packed once
+    (``lay_out_for_decoding``). These are the ops torch's own compiler (inductor, with weight freezing)
+    emits for such a layer; eager torch has no public call for them, so this is the one place they are
+    named. Anything else (float32 inputs, autograd) takes the layer's plain path."""
+
+    def __init__(self, module: torch.nn.Linear):
+        self.module = module
+        self.packed = None  # packed at the first call, so a copy of the model packs its own copy
+        self.version = -1  # the weight's version when packed: changed in place, it is packed again
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        return PackedLinear(copy.deepcopy(self.module, memo))  # a packed weight cannot be copied
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        module = self.module
+        if x.dtype is not torch.bfloat16 or (torch.is_grad_enabled() and x.requires_grad):
+            return torch.nn.functional.linear(x, module.weight, module.bias)
+        if self.packed is None or self.version != module.weight._version:  # packed from the weight as it is now
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach().contiguous())
+            self.version = module.weight._version
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, module.bias, "none", [], "")

@@ -29,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--top", type=int, default=15, help="ops listed")
+    p.add_argument("--targets", default="q_proj,v_proj", help="the LoRA's target modules: comma-separated, "
+                   "or all-linear (as benchmarks/serve_load.py's adapters)")
     return p.parse_args(argv)
 
 
@@ -45,7 +47,8 @@ def build(args):
     else:
         model = load_model(source)
     model = model.to(getattr(torch, args.dtype)).eval().requires_grad_(False)
-    lora = LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    targets = args.targets if args.targets == "all-linear" else args.targets.split(",")
+    lora = LoraConfig(r=8, target_modules=targets, init_lora_weights=False)
     model = get_peft_model(model, lora, adapter_name="alpha")
     model.add_adapter("beta", lora)
     lay_out_for_decoding(model)

@@ -191,3 +191,33 @@ def test_stratify_key_missing():
     with pytest.raises(TunesmithError) as error:
         split_records(records, 0.2, 0.2, seed=0, stratify_key="label")
     assert error.value.problems == ["cannot stratify by 'label': 1 of 7 records lack it (first: line 12)"]
+
+
+def test_records_sharing_an_input_stay_in_one_split_and_unique_inputs_split_as_before():
+    """Several answers to one prompt (served thumbs) go to one split together, so the leakage audit
+    leaves the held-out splits their rows; where no input repeats, the split is the one without
+    grouping, so no existing data set's split changed."""
+    records = [{"id": f"{p}-{k}", "_input": f"prompt {p}"} for p in range(40) for k in range(3)]
+    splits = split_records(records, 0.1, 0.1, seed=0, stratify_key=None, group_key="_input")
+    inputs = {name: {r["_input"] for r in rows} for name, rows in splits.items()}
+    assert not inputs["train"] & inputs["validation"] and not inputs["train"] & inputs["test"]
+    assert not inputs["validation"] & inputs["test"]
+    assert [len(splits[n]) for n in ("train", "validation", "test")] == [96, 12, 12]
+    assert sorted(r["id"] for rows in splits.values() for r in rows) == sorted(r["id"] for r in records)
+    again = split_records(records, 0.1, 0.1, seed=0, stratify_key=None, group_key="_input")
+    assert {n: [r["id"] for r in rows] for n, rows in again.items()} == {
+        n: [r["id"] for r in rows] for n, rows in splits.items()}
+
+    unique = [{"id": i, "_input": f"prompt {i}"} for i in range(50)]
+    grouped = split_records(unique, 0.2, 0.1, seed=4, stratify_key=None, group_key="_input")
+    assert grouped == split_records(unique, 0.2, 0.1, seed=4, stratify_key=None)
+
+    # A group bigger than a held-out split stays in train, and never makes a split bigger than asked.
+    lopsided = [{"id": k, "_input": "one prompt"} for k in range(30)] + [
+        {"id": 100 + i, "_input": f"prompt {i}"} for i in range(20)]
+    split = split_records(lopsided, 0.1, 0.1, seed=1, stratify_key=None, group_key="_input")
+    assert [len(split[n]) for n in ("train", "validation", "test")] == [40, 5, 5]
+    assert all(r["_input"] == "one prompt" for r in split["train"] if r["id"] < 100)
+    few = [{"id": k, "_input": "one prompt"} for k in range(5)] + [{"id": 9, "_input": "another"}]
+    tiny = split_records(few, 0.2, 0.0, seed=0, stratify_key=None, group_key="_input")
+    assert [len(tiny[n]) for n in ("train", "validation", "test")] == [5, 1, 0]  # train keeps a group

@@ -142,7 +142,8 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, list[dict]], Schema, dict]:
             dropped["over_max_rows"] += len(examples) - cfg.max_rows
             examples = examples[: cfg.max_rows]
         stratify = "label" if schema.kind == "classification" and cfg.split.stratify else None
-        splits = split_records(examples, cfg.split.validation, cfg.split.test, cfg.seed, stratify)
+        # An input asked more than once (served thumbs: answers to one prompt) stays in one split.
+        splits = split_records(examples, cfg.split.validation, cfg.split.test, cfg.seed, stratify, "_input")
     else:
         splits, schema, read = {}, None, 0
         for name in SPLITS:
@@ -156,7 +157,8 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, list[dict]], Schema, dict]:
         if not splits["validation"] and not splits["test"]:
             # Only a training file: carve validation and test out of it, as with data.path.
             stratify = "label" if schema.kind == "classification" and cfg.split.stratify else None
-            splits = split_records(splits["train"], cfg.split.validation, cfg.split.test, cfg.seed, stratify)
+            splits = split_records(splits["train"], cfg.split.validation, cfg.split.test, cfg.seed, stratify,
+                                   "_input")
     splits, leakage = audit_leakage(splits, lambda e: e["_input"], cfg.near_duplicate_threshold)
     if not splits["train"]:
         raise TunesmithError("data: no training rows left after splitting")

@@ -9,7 +9,8 @@ from tunesmith.errors import TunesmithError
 
 
 def split_records(
-    records: list[dict], validation: float, test: float, seed: int, stratify_key: str | None
+    records: list[dict], validation: float, test: float, seed: int, stratify_key: str | None,
+    group_key: str | None = None,
 ) -> dict[str, list[dict]]:
     """Split ``records`` into ``{"train", "validation", "test"}`` lists, each in a seeded shuffled order.
 
@@ -21,6 +22,12 @@ def split_records(
     record that validation and test must shrink. The same records in the same order with the same
     seed always give the same splits.
 
+    Without ``stratify_key``, records that share a ``group_key`` value (an input asked more than once:
+    several answers to one prompt, as served thumbs are) go to one split together, so the leakage
+    audit, which drops a held-out record whose input is in train, does not empty validation and test;
+    the sizes are then met as closely as whole groups allow. Where no value repeats, the split is the
+    same as without ``group_key``.
+
     Raises:
         TunesmithError: a fraction is negative, the fractions leave nothing for training, or a
             record lacks ``stratify_key``.
@@ -29,6 +36,10 @@ def split_records(
     rng = random.Random(seed)
     n_validation, n_test = _split_sizes(len(records), validation, test)
 
+    if stratify_key is None and group_key is not None:
+        grouped = _group_by(records, group_key)
+        if len(grouped) < len(records):
+            return _split_groups(grouped, n_validation, n_test, rng)
     if stratify_key is None:
         shuffled = list(records)
         rng.shuffle(shuffled)
@@ -51,6 +62,33 @@ def split_records(
         splits["test"] += group[n_v : n_v + n_t]
         splits["train"] += group[n_v + n_t :]
     # Otherwise each split would come ordered label by label, and so would the training batches.
+    for split in splits.values():
+        rng.shuffle(split)
+    return splits
+
+
+def _split_groups(groups: list[list[dict]], n_validation: int, n_test: int,
+                  rng: random.Random) -> dict[str, list[dict]]:
+    """Whole groups, in a seeded order: each to validation while it fits in ``n_validation`` records,
+    else to test while it fits in ``n_test``, else to train. A held-out split asked for and left empty
+    (every group too big for it) takes train's smallest group, while train keeps one."""
+    order = list(groups)
+    rng.shuffle(order)
+    splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
+    train: list[list[dict]] = []
+    for group in order:
+        if len(splits["validation"]) + len(group) <= n_validation:
+            splits["validation"] += group
+        elif len(splits["test"]) + len(group) <= n_test:
+            splits["test"] += group
+        else:
+            train.append(group)
+    for name, size in (("validation", n_validation), ("test", n_test)):
+        if size and not splits[name] and len(train) > 1:
+            smallest = min(train, key=len)
+            train.remove(smallest)
+            splits[name] += smallest
+    splits["train"] = [record for group in train for record in group]
     for split in splits.values():
         rng.shuffle(split)
     return splits

@@ -170,7 +170,7 @@ def test_fuzz_every_route_of_serve(serve, runs_dir):
     started = time.monotonic()
     seen = {"id": [], "item": []}
     fuzzed, failures = fuzz(app, url, known_values(runs_dir, ["alpha", "beta"], seen), seen, keep=lambda path: True)
-    assert len(fuzzed) == 9, fuzzed  # the schema's every route: health, models, the two inference routes, score, four others
+    assert len(fuzzed) == 10, fuzzed  # the schema's every route: health, models, the two inference routes, score, stats, four others
     assert not failures, "\n\n".join(failures)
     assert seen["id"], "no request was answered by the engine: the steering no longer reaches it"
     still_up(url)

@@ -229,13 +229,18 @@ def labels_round(args, url: str, client: OpenAI, client_key: str, rater_key: str
     (args.out / "after.json").write_text(json.dumps({"asked": after}, indent=1))
 
 
+def by_prompt(asked: list[dict]) -> dict[str, list[dict]]:
+    """The answers grouped by their prompt, in the order the prompts were asked."""
+    grouped: dict[str, list[dict]] = {}
+    for a in asked:
+        grouped.setdefault(a["prompt"], []).append(a)
+    return grouped
+
+
 def scored(url: str, key: str, asked: list[dict]) -> list[dict]:
     """Each answer with the rater's reward, scored as an answer to its own prompt."""
-    by_prompt: dict[str, list[dict]] = {}
-    for a in asked:
-        by_prompt.setdefault(a["prompt"], []).append(a)
     out = []
-    for prompt, answers in by_prompt.items():
+    for prompt, answers in by_prompt(asked).items():
         rewards = scores_of(url, key, [a["answer"] for a in answers], prompt)
         out += [{**a, "reward": r} for a, r in zip(answers, rewards)]
     return out
@@ -263,8 +268,7 @@ def pairs_round(args, url: str, client: OpenAI, client_key: str, rater_key: str,
 
     before = asked_and_scored()
     marks = {"up": 0, "down": 0, "tied": 0}
-    for prompt in prompts:
-        answers = [a for a in before if a["prompt"] == prompt]
+    for answers in by_prompt(before).values():
         mean = statistics.mean(a["reward"] for a in answers)
         for a in answers:
             if a["reward"] == mean:
@@ -283,8 +287,8 @@ def pairs_round(args, url: str, client: OpenAI, client_key: str, rater_key: str,
         return
     follow(url, client_key, child)
     after = asked_and_scored()
-    parent = {p: statistics.mean(a["reward"] for a in before if a["prompt"] == p) for p in prompts}
-    kid = {p: statistics.mean(a["reward"] for a in after if a["prompt"] == p) for p in prompts}
+    parent, kid = ({p: statistics.mean(a["reward"] for a in answers) for p, answers in by_prompt(asked).items()}
+                   for asked in (before, after))
     wins, losses = sum(kid[p] > parent[p] for p in prompts), sum(kid[p] < parent[p] for p in prompts)
     print(f"the rater on the same prompts: parent {summary(before)}; child {summary(after)}; child's mean "
           f"answer above the parent's on {wins} of {len(prompts)} prompts, below on {losses}")

@@ -15,7 +15,9 @@ loop on the bundled model"; tests/test_loop.py is the tiny-model version of the 
      the prompts are films outside the run's test split; ``/v1/score`` scores each answer as an answer
      to its prompt, and of a prompt's answers those above their mean get a thumbs up, the others a
      thumbs down, as a person shown them side by side would; ``tunesmith retrain --objective dpo``
-     turns each prompt's up and down answers into pairs and trains a DPO child against its parent;
+     turns each prompt's up and down answers into pairs and trains a DPO child against its parent, and
+     ``--judge`` (the rater) gates it on answers: parent and child answer the held-out prompts and the
+     child must have the rater's higher mean reward, the original test pairs within tolerance;
    - a run with labels (the LoRA demo, a review's sentiment as its answer): the prompts are reviews of
      its validation split; ``/v1/score`` gives each review a label (positive at ``--threshold`` or
      above), and an answer is rated thumbs up when it is that label, else corrected to it. ``retrain
@@ -281,7 +283,8 @@ def pairs_round(args, url: str, client: OpenAI, client_key: str, rater_key: str,
     (args.out / "before.json").write_text(json.dumps({"asked": before}, indent=1))
 
     child = args.out / "child"
-    record = retrain([*common, "--objective", "dpo"], args.retrain_arg, child)
+    # The gate judges answers: parent and child answer the held-out prompts, the rater scores both.
+    record = retrain([*common, "--objective", "dpo", "--judge", str(args.rater)], args.retrain_arg, child)
     if not record["decision"]["promote"]:
         print(f"refused: {ALIAS} stays on {alias_of(url, client_key)}")
         return

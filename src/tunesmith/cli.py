@@ -299,7 +299,8 @@ def cmd_retrain(args) -> int:
         record = retrain(Path(args.run_dir), args.out, args.store, args.adapter, args.since, args.set,
                          holdout=args.holdout, replay_ratio=args.replay, min_rows=args.min_rows,
                          min_score=args.min_score, tolerance=args.tolerance, alias=args.alias,
-                         alias_file=alias_file, log=args.log, consensus=_consensus(args), objective=args.objective)
+                         alias_file=alias_file, log=args.log, consensus=_consensus(args), objective=args.objective,
+                         judge=args.judge, judge_label=args.judge_label, judge_samples=args.judge_samples)
     except TunesmithError:
         raise
     except Exception:  # noqa: BLE001 - exit 1 means "refused": a crash must not look like one
@@ -563,6 +564,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "over down, and rate-page choices), kto (the thumbs themselves, up and down) or reward (a reward "
                    "model of those pairs, from the base, gated on pairwise accuracy); the default: the run's own "
                    "objective")
+    p.add_argument("--judge", help="a reward-model or classifier run: parent and child sample answers to the "
+                   "held-out new prompts and the child must have the higher mean score by it (instead of the "
+                   "objective's metric on the new rows); for a child that writes answers")
+    p.add_argument("--judge-label", default="positive", help="with a classifier --judge: the label whose log-odds "
+                   "is the score")
+    p.add_argument("--judge-samples", type=int, default=2, help="--judge: answers sampled per held-out prompt")
     _consensus_arguments(p, "an input")
     p.set_defaults(func=cmd_retrain)
 

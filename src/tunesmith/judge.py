@@ -205,7 +205,7 @@ def judge_model(session: Session, model, labels: list[str], judge: Judge, sampli
     None. Every answer has its own seed and every chunk is the same whatever the share, so the
     figures are one process's."""
     split, prompts = held_out_prompts(session, sampling.prompts)
-    chunks = [range(i, min(i + CHUNK, len(prompts))) for i in range(0, len(prompts), CHUNK)]
+    chunks = _chunks(len(prompts))
     if processes is None or processes.num_processes == 1:
         parts = [_judge_chunks(session, model, labels, judge, sampling, prompts, chunks)]
     else:
@@ -252,7 +252,7 @@ def _judge_chunks(session: Session, model, labels: list[str], judge: Judge, samp
         base_logp = _logp_sums(base, untuned, sampling.temperature)
         base_ref = _logp_sums(base, untuned, sampling.temperature)  # the reference is the base: a check
     model.train(was_training)
-    asked = [[prompts[i]["shown"] for i in chunk for _ in range(sampling.samples_per_prompt)] for chunk in chunks]
+    asked = _asked(prompts, chunks, sampling)
     return {"reference": reference, **{name: _side(judge, tokenizer, asked, rollouts, [a - b for a, b in zip(logp, ref)])
                                        for name, rollouts, logp, ref in (("base", untuned, base_logp, base_ref),
                                                                          ("tuned", tuned, tuned_logp, tuned_ref))}}
@@ -281,11 +281,44 @@ def _logp_sums(model, rollouts: list[Rollout], temperature: float) -> list[torch
 
 def _side(judge: Judge, tokenizer, asked: list[list[str]], rollouts: list[Rollout],
           kls: list[torch.Tensor]) -> dict:
+    return {**_scored(judge, tokenizer, asked, rollouts), "kls": [float(k) for kl in kls for k in kl]}
+
+
+def _scored(judge: Judge, tokenizer, asked: list[list[str]], rollouts: list[Rollout]) -> dict:
+    """Per answer: the prompt it was asked, its text, the judge's reward and whether it ended."""
     answers = [answer_texts(tokenizer, r) for r in rollouts]
     rewards = [float(s) for chunk, texts in zip(asked, answers) for s in judge.score(chunk, texts)]
     return {"prompts": [p for chunk in asked for p in chunk], "answers": [a for texts in answers for a in texts],
-            "rewards": rewards, "kls": [float(k) for kl in kls for k in kl],
-            "ends": [float(e) for r in rollouts for e in r.ended.cpu()]}
+            "rewards": rewards, "ends": [float(e) for r in rollouts for e in r.ended.cpu()]}
+
+
+def _asked(prompts: list[dict], chunks: list[range], sampling: Sampling) -> list[list[str]]:
+    """Per chunk, the user's turn of each answer's prompt (the judge reads the answer as its answer)."""
+    return [[prompts[i]["shown"] for i in chunk for _ in range(sampling.samples_per_prompt)] for chunk in chunks]
+
+
+def _chunks(n: int) -> list[range]:
+    return [range(i, min(i + CHUNK, n)) for i in range(0, n, CHUNK)]
+
+
+@torch.no_grad()
+def judge_answers(session: Session, model, judge: Judge, sampling: Sampling, prompts: list[dict]) -> dict:
+    """One model's sampled answers to ``prompts`` (``held_out_prompts``'s), scored by ``judge``: every
+    prompt, answer and reward, the mean reward and the share of answers that ended. Each answer has its
+    seed from its prompt's place and its number (``answer_seed``), so two models given the same prompts
+    (a parent and its child, at the gate of ``retrain --judge``) are compared answer by answer on the
+    same sampling noise."""
+    tokenizer = session.tokenizer
+    ids = [tokenizer(p["framed"], add_special_tokens=False).input_ids for p in prompts]
+    chunks = _chunks(len(prompts))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    rollouts = [_sample(model, tokenizer, ids, chunk, sampling, device) for chunk in chunks]
+    model.train(was_training)
+    side = _scored(judge, tokenizer, _asked(prompts, chunks, sampling), rollouts)
+    return {**side, "answers_count": len(side["rewards"]), "mean_reward": _mean(side["rewards"]),
+            "ended": _mean(side.pop("ends"))}
 
 
 SUMMARY = ("judge", "label", "split", "reference", "prompts", "samples_per_prompt", "answers", "max_new_tokens",

@@ -1,7 +1,9 @@
 """The promotion rule: a child replaces its parent only if it is better on the new data and not
-worse on the original test set by more than a tolerance. A child with no parent of its kind to beat
-(a first reward model, trained on a served run's rated answers) is promoted only if its pairwise
-accuracy on the held-out new pairs beats chance."""
+worse on the original test set by more than a tolerance. "Better on the new data" is the objective's
+own metric on the held-out new rows, or, with a judge (``retrain --judge``), the judge's mean reward
+of parent's and child's sampled answers to the held-out new prompts (``JUDGED``). A child with no
+parent of its kind to beat (a first reward model, trained on a served run's rated answers) is
+promoted only if its pairwise accuracy on the held-out new pairs beats chance."""
 
 from __future__ import annotations
 
@@ -22,27 +24,40 @@ class Decision:
     child_new: float
     reason: str
     against: str = "parent"  # or "chance"
+    new_metric: str | None = None  # what was compared on the new rows, where not ``metric`` (``JUDGED``)
 
     def record(self) -> dict:
         return asdict(self)
 
 
-def decide(parent: dict[str, dict], child: dict[str, dict], metric: str, tolerance: float) -> Decision:
+# The judge's mean reward of a model's sampled answers to the held-out new prompts: higher is better.
+# Not a metric of ``eval.metrics.METRICS``: no objective's evaluation returns it, only the gate's judge.
+JUDGED = "judged_mean_reward"
+
+
+def _sign(metric: str) -> int:
+    return 1 if metric == JUDGED or METRICS[metric].higher_is_better else -1
+
+
+def decide(parent: dict[str, dict], child: dict[str, dict], metric: str, tolerance: float,
+           new_metric: str | None = None) -> Decision:
     """``parent`` and ``child``: metrics on ``"original"`` (the parent's test set) and ``"new"``
-    (held-out rated traffic). ``metric``: a name in ``eval.metrics.METRICS``, which says which way is better."""
-    higher = METRICS[metric].higher_is_better
-    sign = 1 if higher else -1
+    (held-out rated traffic). ``metric``: a name in ``eval.metrics.METRICS``, which says which way is
+    better; ``new_metric``: what the new rows are compared on, where not ``metric`` (``JUDGED``)."""
+    compared = new_metric or metric
     po, co = parent["original"][metric], child["original"][metric]
-    pn, cn = parent["new"][metric], child["new"][metric]
-    better_new = sign * (cn - pn) > 0
-    kept_original = sign * (co - po) >= -tolerance
+    pn, cn = parent["new"][compared], child["new"][compared]
+    better_new = _sign(compared) * (cn - pn) > 0
+    kept_original = _sign(metric) * (co - po) >= -tolerance
     if better_new and kept_original:
-        reason = f"better on new data ({metric} {pn:.4f} -> {cn:.4f}), original within tolerance ({po:.4f} -> {co:.4f})"
+        reason = (f"better on new data ({compared} {pn:.4f} -> {cn:.4f}), original within tolerance "
+                  f"({metric} {po:.4f} -> {co:.4f})")
     elif not better_new:
-        reason = f"not better on new data ({metric} {pn:.4f} -> {cn:.4f})"
+        reason = f"not better on new data ({compared} {pn:.4f} -> {cn:.4f})"
     else:
         reason = f"worse on the original test set by more than {tolerance} ({metric} {po:.4f} -> {co:.4f})"
-    return Decision(better_new and kept_original, metric, higher, tolerance, po, co, pn, cn, reason)
+    return Decision(better_new and kept_original, metric, _sign(metric) > 0, tolerance, po, co, pn, cn, reason,
+                    new_metric=new_metric)
 
 
 # A pair ranked at random is ranked right half the time.

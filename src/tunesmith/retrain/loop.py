@@ -10,7 +10,13 @@
    kto child against its parent as reference (``lifecycle.continual``).
 4. Parent and child are scored on the original test set and on the held-out new rows
    (``score_files``; dpo and kto against one reference for both, the base); ``gate.decide`` says
-   whether the child is promoted.
+   whether the child is promoted. With ``--judge RUN`` (a reward model or classifier run), "better on
+   the new data" is judged on answers instead: parent and child sample answers to the held-out new
+   prompts from the same seeds, the judge scores them, and the child must have the higher mean reward
+   (``gate.JUDGED``; every answer in the child's ``retrain_judged.json``); the original test set is
+   still held to the tolerance on the objective's metric. A held-out loss on pairs of the parent's own
+   answers asks whether the child ranks such pairs as the raters did; the judge asks whether its
+   answers are better, which is what a DPO child of served traffic is for (docs/lifecycle.md).
 5. The decision and its figures go to the child's ``retrain_decision.json`` and are appended to a
    decisions log; a promotion with ``--alias`` points that alias at the child in the alias file.
 
@@ -38,7 +44,10 @@ import json
 import time
 from collections import Counter
 from contextlib import closing
+from dataclasses import asdict
 from pathlib import Path
+
+import torch
 
 from tunesmith.config import apply_overrides, load_config
 from tunesmith.data.options import ColumnsConfig, SplitConfig
@@ -58,7 +67,8 @@ from tunesmith.retrain.data import (
     unseen,
     write_rows,
 )
-from tunesmith.retrain.gate import decide, decide_first
+from tunesmith.judge import Judge, Sampling, held_out_prompts, judge_answers, load_judge
+from tunesmith.retrain.gate import JUDGED, decide, decide_first
 from tunesmith.session import Session, load_run
 from tunesmith.store import Run
 from tunesmith.store import db as store_db
@@ -137,13 +147,7 @@ def score_files(run_dir: Path, files: dict[str, Path], by: dict[str, object] | N
     scores = {}
     for name, path in files.items():
         config = (by or {}).get(name) or session.config
-        scoring_config = config.model_copy(deep=True)
-        scoring_config.data = canonical_data(config.data, {"train": path},
-                                             data_kind(config.objective.name, labels)).model_copy(
-            update={"split": SplitConfig(validation=0.0, test=0.0, stratify=False)})
-        scoring = Session(scoring_config)
-        data = scoring.prepare(labels or None)  # the model's label order (a held-out slice may lack a label)
-        data.examples["test"], data.encoded["test"] = data.examples["train"], data.encoded["train"]
+        scoring = file_session(config, path, labels)
         # An objective scored against the base model (``Abilities.reference``), for a model with no
         # adapter to disable: the base, loaded once and kept unchanged beside it while it is scored.
         base = scoring.load_model(labels) if abilities(config.objective.name).reference and \
@@ -153,11 +157,45 @@ def score_files(run_dir: Path, files: dict[str, Path], by: dict[str, object] | N
     return scores
 
 
+def file_session(config, path: Path, labels: list[str]) -> Session:
+    """A session of ``config`` whose every split is the canonical file ``path`` (every row is scored),
+    prepared in the model's label order (a held-out slice may lack a label)."""
+    scoring_config = config.model_copy(deep=True)
+    scoring_config.data = canonical_data(config.data, {"train": path},
+                                         data_kind(config.objective.name, labels)).model_copy(
+        update={"split": SplitConfig(validation=0.0, test=0.0, stratify=False)})
+    scoring = Session(scoring_config)
+    data = scoring.prepare(labels or None)
+    data.examples["test"], data.encoded["test"] = data.examples["train"], data.encoded["train"]
+    return scoring
+
+
+def judge_file(run_dir: Path, path: Path, config, judge: Judge, sampling: Sampling) -> dict:
+    """The run's sampled answers to the distinct prompts of the canonical file ``path`` (framed as
+    ``config`` frames them), scored by ``judge`` (``judge.judge_answers``)."""
+    run, _, model = load_run(run_dir)
+    scoring = file_session(config, path, run.labels())
+    _, prompts = held_out_prompts(scoring, sampling.prompts)
+    return judge_answers(scoring, model, judge, sampling, prompts)
+
+
 def train_child(config, parent: Path | None) -> Path:
     """The single training entry point of a retrain: the recipe, as ``tunesmith train --from PARENT``
     runs it (the child starts from the parent's weights and records it in its lineage), or, with no
     ``parent``, as ``tunesmith train`` (a child of another head, which starts from the base)."""
     return run_training(config, parent=parent)
+
+
+def open_gate_judge(path: str | Path, label: str, objective: str, kind: str) -> Judge:
+    """The judge of ``retrain --judge``: for a child that writes answers to prompts (chat rows, pairs,
+    marked answers), not one scored on labels."""
+    if why := lacks(objective, "causal_answers"):
+        raise TunesmithError(f"--judge {path}: the judge scores sampled answers; a {objective} child writes none "
+                             f"({why})")
+    if kind == "classification":
+        raise TunesmithError(f"--judge {path}: the run has labels; its children are gated on accuracy, not on "
+                             "sampled answers")
+    return load_judge(path, label, torch.device("cpu"), "--judge", "--judge-label")
 
 
 def check_child_dir(child_dir: Path, sets: list[str]) -> None:
@@ -175,12 +213,15 @@ def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str
             holdout: float = 0.2, replay_ratio: float = 1.0, min_rows: int = 20, min_score: float = 1.0,
             tolerance: float = 0.01, alias: str | None = None, alias_file: str | Path = DEFAULT_ALIAS_FILE,
             log: str | Path = "runs/retrain_decisions.jsonl", seed: int = 0,
-            consensus: Consensus = Consensus(), objective: str | None = None) -> dict:
+            consensus: Consensus = Consensus(), objective: str | None = None,
+            judge: str | Path | None = None, judge_label: str = "positive", judge_samples: int = 2) -> dict:
     """Re-train RUN on its rated traffic and promote the child only if the gate says so; ``objective``:
-    the child's, when not its parent's (the module docstring)."""
+    the child's, when not its parent's; ``judge``: a run whose scores of sampled answers decide "better
+    on the new data" (the module docstring)."""
     problems = [f"--holdout {holdout}: expected a share between 0 and 1"] if not 0 < holdout < 1 else []
     problems += [f"--replay {replay_ratio}: expected 0 or more"] if replay_ratio < 0 else []
     problems += [f"--tolerance {tolerance}: expected 0 or more"] if tolerance < 0 else []
+    problems += [f"--judge-samples {judge_samples}: expected 1 or more"] if judge_samples < 1 else []
     if objective is not None and objective not in OBJECTIVES:
         problems.append(f"--objective {objective}: unknown objective; known: {', '.join(OBJECTIVES)}")
     if problems:
@@ -211,6 +252,9 @@ def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str
                              "with")
     with prefixed(f"--objective {objective}: "):
         kind = data_kind(objective, labels)
+    if judge is not None:
+        # Checked (and its problems named) before anything is trained; its model loads when it first scores.
+        judge = open_gate_judge(judge, judge_label, objective, kind)
     adapter = adapter or run_dir.resolve().name
     store = Path(store) if store else store_db.default_path()
     if not store.is_file():
@@ -267,7 +311,18 @@ def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str
         scored_by = {"original": test_config or config, "new": config}
         parent_scores = score_files(run_dir, evaluation, scored_by)
         child_scores = score_files(child_dir, evaluation, scored_by)
-        decision = decide(parent_scores, child_scores, metric, tolerance)
+        if judge is None:
+            decision = decide(parent_scores, child_scores, metric, tolerance)
+        else:
+            # Parent and child answer the held-out new prompts from the same seeds; the judge scores both.
+            sampling = Sampling(prompts=len(held), samples_per_prompt=judge_samples, seed=seed)
+            judged = {side: judge_file(path, files["new"], config, judge, sampling)
+                      for side, path in (("parent", run_dir), ("child", child_dir))}
+            for scores, side in ((parent_scores, "parent"), (child_scores, "child")):
+                scores["new"][JUDGED] = judged[side]["mean_reward"]
+            Run(child_dir).save_json("retrain_judged", {"judge": str(judge.path), "label": judge.label,
+                                                        "sampling": asdict(sampling), **judged})
+            decision = decide(parent_scores, child_scores, metric, tolerance, new_metric=JUDGED)
     record = {
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parent": str(run_dir.resolve()),
         "child": str(child_dir.resolve()), "adapter": adapter, "store": str(store), "since": since,

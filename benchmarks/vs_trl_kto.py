@@ -10,7 +10,8 @@ builtin:rotten_tomatoes_thumbs, from the same initial adapter weights, for the s
 optimizer steps with as many answers per step as tunesmith's plan has on average. Both take the
 reference as the policy with its adapter disabled and estimate the reference point from each
 micro-batch's mismatched pairs. TRL is given the answers in its conversational form, so it renders
-them with the same chat template.
+them with the same chat template. Both train in the same precision: bf16 autocast on a CPU with native
+bf16 (the example's ``train.mixed_precision: auto``; TRL's ``bf16=True``), float32 elsewhere.
 
 Every ``--eval-every`` steps both policies are scored by the same function (tunesmith's KTO figures
 on the held-out answers, float32: loss, accuracy, reward margin), outside the timed training. The
@@ -85,6 +86,10 @@ class Prepared:
 
 
 def prepare_spec(args) -> dict:
+    import torch
+
+    from tunesmith.train.precision import uses_bf16
+
     prepared = Prepared(args.overrides)
     config, data = prepared.config, prepared.data
     system = config.data.system_prompt
@@ -102,7 +107,9 @@ def prepare_spec(args) -> dict:
             "eval_every": args.eval_every, "max_length": config.data.max_length, "lr": config.train.lr,
             "weight_decay": config.train.weight_decay, "max_grad_norm": config.train.max_grad_norm,
             "seed": config.train.seed, "answers": args.answers, "plan": plan,
-            "texts": [conversational(e) for e in train], "held_out_count": len(held_out)}
+            "texts": [conversational(e) for e in train], "held_out_count": len(held_out),
+            "mixed_precision": config.train.mixed_precision,
+            "bf16": uses_bf16(config.train.mixed_precision, torch.device("cpu"))}
 
 
 def main(argv=None) -> None:
@@ -114,6 +121,8 @@ def main(argv=None) -> None:
     plan = spec["plan"]
     print(f"{spec['answers']} training answers ({sum(t['label'] for t in spec['texts'])} good), {args.steps} steps "
           f"of {sum(map(len, plan)) / len(plan):.1f} answers on average, {spec['held_out_count']} held-out answers")
+    print(f"precision, both sides: {'bf16 autocast' if spec['bf16'] else 'float32'} (train.mixed_precision "
+          f"{spec['mixed_precision']})")
     results = both_sides(__file__, spec, "loss", lambda r: f"{r['answers_per_s']:6.2f} answers/s  {r['train_s']:7.1f} s")
     ours, theirs = results["tunesmith"], results["trl"]
     target = args.target if args.target is not None else best_after_start(theirs["curve"], "loss", higher=False)
@@ -190,7 +199,10 @@ def child_trl(spec: dict) -> dict:
         output_dir=tempfile.mkdtemp(), use_cpu=True, seed=spec["seed"], data_seed=spec["seed"],
         max_steps=spec["steps"], per_device_train_batch_size=per_step, gradient_accumulation_steps=1,
         learning_rate=spec["lr"], weight_decay=spec["weight_decay"], max_grad_norm=spec["max_grad_norm"] or 0.0,
-        optim="adamw_torch", bf16=False, gradient_checkpointing=False, beta=objective["beta"],
+        optim="adamw_torch", gradient_checkpointing=False, beta=objective["beta"],
+        # The precision tunesmith trains in (train.mixed_precision: auto is bf16 autocast where bf16 is
+        # native): TRL gets bf16 autocast where tunesmith has it, float32 where it does not.
+        bf16=spec["bf16"],
         desirable_weight=weights[0], undesirable_weight=weights[1], max_length=spec["max_length"],
         eval_strategy="no", save_strategy="no", logging_steps=10**6, report_to="none", disable_tqdm=True,
         dataloader_num_workers=0)

@@ -182,6 +182,9 @@ def follow(url: str, key: str, child: Path) -> None:
         if alias_of(url, key) == child.name:
             break
         time.sleep(1)
+    else:
+        fail(f"{ALIAS} still answered by {alias_of(url, key)} 60 s after the promotion; see the server's log, "
+             f"{child.parent / 'serve.log'}")
     print(f"{ALIAS} -> {alias_of(url, key)}")
 
 
@@ -329,8 +332,10 @@ def main() -> None:
     aliases.write_text(json.dumps({ALIAS: str(args.demo.resolve())}))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    # --adapter-dir OUT: the child is written under OUT, and the server loads a run that the alias
+    # file names at run time only from such a directory.
     serve = ["tunesmith", "serve", str(args.demo), f"rater={args.rater}", "--host", "127.0.0.1",
-             "--port", str(port), "--alias-file", str(aliases), "--store", str(store),
+             "--port", str(port), "--alias-file", str(aliases), "--store", str(store), "--adapter-dir", str(args.out),
              "--api-key-file", str(args.out / "keys.txt")]
     print("$", " ".join(serve), flush=True)
     started = time.monotonic()

@@ -232,3 +232,22 @@ def test_a_set_cannot_move_the_child_out_of_its_out_directory(parent_run, tmp_pa
         cli_fails(capsys, ["retrain", str(parent_run), "--out", str(tmp_path / "child"), "--set", moved,
                            "--store", str(tmp_path / "none.sqlite")], "the child's directory is --out")
     assert not elsewhere.exists() and not (tmp_path / "child").exists()
+
+
+def test_dpo_rows_are_thumbs_pairs_and_the_rate_pages_choices_of_the_adapter(tmp_path):
+    from tunesmith.retrain.loop import new_rows
+
+    store = db.connect(tmp_path / "s.sqlite")
+    up, down = _answer(store, "a film", "warm and funny"), _answer(store, "a film", "dull")
+    db.add_rating(store, up, rater="k", score=1.0)
+    db.add_rating(store, down, rater="k", score=0.0)
+    # A choice on the rate page between the adapter's answer and another run's: a pair of its own.
+    mine, theirs = _answer(store, "another film", "moving"), _answer(store, "another film", "boring", run="base")
+    db.add_rating(store, theirs, rater="ann", other_id=mine, choice="second")
+    # A choice between two other runs' answers is not this adapter's.
+    x, y = _answer(store, "third film", "x", run="a"), _answer(store, "third film", "y", run="b")
+    db.add_rating(store, x, rater="ann", other_id=y, choice="first")
+    rows, skipped = new_rows("preference", store, served_ratings(store, "r"), "r", [], 1.0, Consensus())
+    assert rows == [{"prompt": "a film", "chosen": "warm and funny", "rejected": "dull"},
+                    {"prompt": "another film", "chosen": "moving", "rejected": "boring"}]
+    assert not skipped

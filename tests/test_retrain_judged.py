@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 
-from conftest import cli_fails, preference_rows, write_config, write_jsonl
-from test_retrain_reward import TRAIN, causal_parent, rated_store  # noqa: F401 - the fixture
+from conftest import cli_fails
+from test_retrain_reward import TRAIN, causal_parent, rated_store, reward_run  # noqa: F401 - the fixture
 from tunesmith.align.rewards import load_reward
 from tunesmith.cli import main
 from tunesmith.judge import Sampling, load_judge
@@ -25,14 +25,7 @@ from tunesmith.retrain.loop import judge_file
 @pytest.fixture(scope="module")
 def judge_run(tmp_path_factory, tiny_model_dir):
     """A reward model of review pairs: the judge."""
-    root = tmp_path_factory.mktemp("gate_judge")
-    data = {"path": str(write_jsonl(root / "pairs.jsonl", preference_rows(30))), "max_length": 64,
-            "split": {"validation": 0.15, "test": 0.2}}
-    config = write_config(root / "c.yaml", tiny_model_dir, data, objective={"name": "reward"},
-                          train={"max_steps": 4, "eval_every": 4, "mixed_precision": "no"}, eval={"samples": 0},
-                          output={"dir": str(root / "judge")})
-    assert main(["train", str(config)]) == 0
-    return root / "judge"
+    return reward_run(tmp_path_factory.mktemp("gate_judge"), tiny_model_dir, 4)
 
 
 def test_the_judged_gate_promotes_on_the_judges_mean_reward_and_keeps_the_original_within_tolerance():

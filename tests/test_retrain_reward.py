@@ -82,13 +82,19 @@ def test_a_reward_child_of_a_causal_run_starts_from_the_base_and_beats_chance(ca
     assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # B starts at 0
 
 
-def test_a_reward_child_of_a_reward_run_continues_it_and_is_gated_against_it(tmp_path, tiny_model_dir):
-    data = {"path": str(write_jsonl(tmp_path / "pairs.jsonl", preference_rows(30))), "max_length": 64,
+def reward_run(root, tiny_model_dir, steps: int):
+    """A reward model of 30 review pairs (6 held out for its test), trained for ``steps`` steps in ``root/judge``."""
+    data = {"path": str(write_jsonl(root / "pairs.jsonl", preference_rows(30))), "max_length": 64,
             "split": {"validation": 0.15, "test": 0.2}}
-    config = write_config(tmp_path / "c.yaml", tiny_model_dir, data, objective={"name": "reward"},
-                          train={"max_steps": 2, "eval_every": 2, "mixed_precision": "no"}, eval={"samples": 0},
-                          output={"dir": str(tmp_path / "judge")})
+    config = write_config(root / "c.yaml", tiny_model_dir, data, objective={"name": "reward"},
+                          train={"max_steps": steps, "eval_every": steps, "mixed_precision": "no"},
+                          eval={"samples": 0}, output={"dir": str(root / "judge")})
     assert main(["train", str(config)]) == 0
+    return root / "judge"
+
+
+def test_a_reward_child_of_a_reward_run_continues_it_and_is_gated_against_it(tmp_path, tiny_model_dir):
+    reward_run(tmp_path, tiny_model_dir, 2)
     store, child = rated_store(tmp_path / "s.sqlite"), tmp_path / "judge2"
     code = main(["retrain", str(tmp_path / "judge"), "--adapter", SERVED, "--store", str(store), "--out", str(child),
                  "--min-rows", "8", "--tolerance", "1.0", "--log", str(tmp_path / "decisions.jsonl"), *TRAIN])

@@ -58,6 +58,7 @@ def test_retrain_with_a_judge_samples_parent_and_child_on_the_held_out_prompts(c
     prompts = sorted({row["prompt"] for row in held})
     assert judged["parent"]["prompts"] == judged["child"]["prompts"]
     assert sorted(set(judged["parent"]["prompts"])) == prompts and len(judged["parent"]["answers"]) == 2 * len(prompts)
+    assert judged["sampling"]["prompts"] == len(prompts)
     for side in ("parent", "child"):
         rewards = judged[side]["rewards"]
         assert decision[f"{side}_new"] == pytest.approx(sum(rewards) / len(rewards))

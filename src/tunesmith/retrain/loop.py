@@ -59,6 +59,7 @@ from tunesmith.objectives import abilities, lacks
 from tunesmith.retrain.data import (
     canonical,
     hold_out,
+    input_of,
     kto_rows,
     pair_rows,
     rated_pairs,
@@ -315,7 +316,7 @@ def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str
             decision = decide(parent_scores, child_scores, metric, tolerance)
         else:
             # Parent and child answer the held-out new prompts from the same seeds; the judge scores both.
-            sampling = Sampling(prompts=len(held), samples_per_prompt=judge_samples, seed=seed)
+            sampling = Sampling(prompts=len({input_of(r) for r in held}), samples_per_prompt=judge_samples, seed=seed)
             judged = {side: judge_file(path, files["new"], config, judge, sampling)
                       for side, path in (("parent", run_dir), ("child", child_dir))}
             for scores, side in ((parent_scores, "parent"), (child_scores, "child")):

@@ -155,3 +155,13 @@ def test_a_reward_run_is_served_and_scores_texts_through_its_route(tmp_path, tin
             assert refused.status_code == 400 and field in refused.text, (body, refused.text)
         unknown = score({"model": "served", "input": ["x"]})
         assert unknown.status_code == 404 and "not a served scorer" in unknown.json()["error"]["message"]
+
+        # Merged: the exported model is a plain sequence classifier whose one logit is the same reward.
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        assert main(["export", str(tmp_path / "judge"), "--format", "hf", "--out", str(tmp_path / "merged")]) == 0
+        merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+        tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+        with torch.no_grad():
+            plain = [merged(**tokenizer(t, return_tensors="pt")).logits[0, 0].item() for t in texts]
+        assert plain == pytest.approx(expected.score(texts), abs=1e-4)

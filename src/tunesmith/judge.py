@@ -317,8 +317,7 @@ def judge_answers(session: Session, model, judge: Judge, sampling: Sampling, pro
     rollouts = [_sample(model, tokenizer, ids, chunk, sampling, device) for chunk in chunks]
     model.train(was_training)
     side = _scored(judge, tokenizer, _asked(prompts, chunks, sampling), rollouts)
-    return {**side, "answers_count": len(side["rewards"]), "mean_reward": _mean(side["rewards"]),
-            "ended": _mean(side.pop("ends"))}
+    return {**side, "mean_reward": _mean(side["rewards"]), "ended": _mean(side.pop("ends"))}
 
 
 SUMMARY = ("judge", "label", "split", "reference", "prompts", "samples_per_prompt", "answers", "max_new_tokens",

@@ -5,13 +5,15 @@
 
 Both sides train the bundled SmolLM2-135M-Instruct with the settings of
 examples/rotten_tomatoes_kto.yaml (LoRA r=16 on every linear layer, beta, the desirable and
-undesirable weights, the learning rate), on the same answers marked good or bad of
-builtin:rotten_tomatoes_thumbs, from the same initial adapter weights, for the same number of
-optimizer steps with as many answers per step as tunesmith's plan has on average. Both take the
-reference as the policy with its adapter disabled and estimate the reference point from each
-micro-batch's mismatched pairs. TRL is given the answers in its conversational form, so it renders
-them with the same chat template. Both train in the same precision: bf16 autocast on a CPU with native
-bf16 (the example's ``train.mixed_precision: auto``; TRL's ``bf16=True``), float32 elsewhere.
+undesirable weights, the learning rate and its schedule: ``train.scheduler`` with
+``train.warmup_ratio`` of the steps, which TRL gets as ``lr_scheduler_type`` and ``warmup_steps``),
+on the same answers marked good or bad of builtin:rotten_tomatoes_thumbs, from the same initial
+adapter weights, for the same number of optimizer steps with as many answers per step as tunesmith's
+plan has on average. Both take the reference as the policy with its adapter disabled and estimate
+the reference point from each micro-batch's mismatched pairs. TRL is given the answers in its
+conversational form, so it renders them with the same chat template. Both train in the same
+precision: bf16 autocast on a CPU with native bf16 (the example's ``train.mixed_precision: auto``;
+TRL's ``bf16=True``), float32 elsewhere.
 
 Every ``--eval-every`` steps both policies are scored by the same function (tunesmith's KTO figures
 on the held-out answers, float32: loss, accuracy, reward margin), outside the timed training. The
@@ -106,6 +108,7 @@ def prepare_spec(args) -> dict:
             "objective": config.objective.model_dump(), "overrides": args.overrides, "steps": args.steps,
             "eval_every": args.eval_every, "max_length": config.data.max_length, "lr": config.train.lr,
             "weight_decay": config.train.weight_decay, "max_grad_norm": config.train.max_grad_norm,
+            "warmup_ratio": config.train.warmup_ratio, "scheduler": config.train.scheduler,
             "seed": config.train.seed, "answers": args.answers, "plan": plan,
             "texts": [conversational(e) for e in train], "held_out_count": len(held_out),
             "mixed_precision": config.train.mixed_precision,
@@ -195,10 +198,15 @@ def child_trl(spec: dict) -> dict:
     per_step = math.ceil(sum(map(len, plan)) / len(plan))
     objective = spec["objective"]
     weights = prepared.session.objective.weights  # after objective.balance, as tunesmith trains
+    # tunesmith's learning-rate schedule (train.scheduler, train.warmup_ratio, rounded as tunesmith rounds),
+    # not TRL's default (linear, no warmup): the same job on both sides.
+    warmup = int(spec["warmup_ratio"] * spec["steps"])
+    schedule = "constant_with_warmup" if spec["scheduler"] == "constant" else spec["scheduler"]
     args = KTOConfig(
         output_dir=tempfile.mkdtemp(), use_cpu=True, seed=spec["seed"], data_seed=spec["seed"],
         max_steps=spec["steps"], per_device_train_batch_size=per_step, gradient_accumulation_steps=1,
-        learning_rate=spec["lr"], weight_decay=spec["weight_decay"], max_grad_norm=spec["max_grad_norm"] or 0.0,
+        learning_rate=spec["lr"], lr_scheduler_type=schedule, warmup_steps=warmup,
+        weight_decay=spec["weight_decay"], max_grad_norm=spec["max_grad_norm"] or 0.0,
         optim="adamw_torch", gradient_checkpointing=False, beta=objective["beta"],
         # The precision tunesmith trains in (train.mixed_precision: auto is bf16 autocast where bf16 is
         # native): TRL gets bf16 autocast where tunesmith has it, float32 where it does not.

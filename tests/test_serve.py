@@ -215,25 +215,36 @@ def test_engine_matches_transformers_generate(runs, tiny_model_dir):
         assert text == tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
 
 
-def test_a_batch_routes_each_row_to_its_adapter_and_goes_plain_once_one_adapter_is_left(runs, tiny_model_dir):
+def test_a_batch_routes_each_row_to_its_adapter_and_takes_one_adapters_matrices_once_one_is_left(
+        runs, tiny_model_dir, monkeypatch):
     """Rows of two adapters and the base decode as each would alone with PEFT's own routing, routed
     by one stacked product per LoRA layer (``serve/lora_rows.py``); once the rows left share an
-    adapter, the forward passes run PEFT's plain way; afterwards no hook or routing stays behind and a
-    base-only batch leaves the adapters on."""
+    adapter, each LoRA layer adds that adapter's delta with its own two matrices (PEFT's forward and
+    its ``lora_A`` module never run); afterwards no hook or routing stays behind and a base-only batch
+    leaves the adapters on."""
     from peft.tuners.lora import LoraLayer
 
+    from tunesmith.serve import lora_rows
     from tunesmith.serve.engine import BASE
 
     model, tokenizer = peft_model(runs, tiny_model_dir, "alpha", "beta")
     layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
-    plain_calls: list[int] = []  # PEFT's own forward runs alpha's lora_A module; the stacked product does not
+    plain_calls: list[int] = []  # PEFT's own forward runs alpha's lora_A module; the routed products do not
     layer.lora_A["alpha"].register_forward_hook(lambda m, args, out: plain_calls.append(1))
-    routing: list[bool] = []  # per forward pass of one LoRA layer: were rows routed in the stacked product?
+    one: list[int] = []  # the one-adapter path ran in this layer's pass
+    add_delta = lora_rows._add_delta
+    monkeypatch.setattr(lora_rows, "_add_delta", lambda *args: one.append(1) or add_delta(*args))
+    routing: list[str] = []  # per forward pass of one LoRA layer: how its rows were routed
+
+    def clear(m, args, kwargs):
+        plain_calls.clear()
+        one.clear()
 
     def record(m, args, kwargs, out):
-        routing.append("forward" in vars(m) and not plain_calls)
-        plain_calls.clear()
+        routed = "forward" in vars(m) and not plain_calls
+        routing.append(("one" if one else "stacked") if routed else "plain")
 
+    clearing = layer.register_forward_pre_hook(clear, with_kwargs=True)
     layer.register_forward_hook(record, with_kwargs=True)
 
     def decode(specs):
@@ -252,14 +263,16 @@ def test_a_batch_routes_each_row_to_its_adapter_and_goes_plain_once_one_adapter_
     assert decode(specs) == expected
     assert len({*expected[:3]}) == 3
     # Three mixed steps (beta leaves after 2 tokens, the base after 3), then alpha's rows alone.
-    assert routing == [True] * 3 + [False] * 3
+    assert routing == ["stacked"] * 3 + ["one"] * 3
     assert model.active_adapter == "alpha"
-    assert not any(m._forward_pre_hooks or "forward" in vars(m) for m in model.modules() if isinstance(m, LoraLayer))
+    # No hook but the test's own, and no routing, stays behind.
+    assert not any(set(m._forward_pre_hooks) - {clearing.id} or "forward" in vars(m)
+                   for m in model.modules() if isinstance(m, LoraLayer))
 
     base = alone(BASE, PROMPT, 4)
     routing.clear()
     assert decode([(BASE, PROMPT, 4)]) == [base]
-    assert routing == [False] * 4
+    assert routing == ["one"] * 4
     assert decode([("beta", PROMPT, 4)]) == [alone("beta", PROMPT, 4)]  # the adapters are on again
     assert model.active_adapter == "beta"
 

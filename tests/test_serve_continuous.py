@@ -335,6 +335,45 @@ def test_stacked_lora_deltas_match_peft_mixed_batches(model):
     assert not torch.allclose(plain[1], expected[1])  # the active adapter alone is not what beta's row got
 
 
+def test_one_adapters_own_matrices_match_peft_plain_forward(model):
+    """``lora_rows.route`` with one name for every row: the layer gives what PEFT's plain forward gives
+    with that adapter active (and the base layer's output for the base), in float32 and with the
+    base layer in bfloat16 beside a float32 adapter, as ``serve --dtype bfloat16`` loads them."""
+    from tunesmith.serve.lora_rows import route, stackable
+
+    model, _ = model
+    layer = next(m for m in model.modules() if stackable(m))
+    x = torch.randn(2, 3, layer.in_features, generator=torch.Generator().manual_seed(0))
+    active = model.active_adapter
+
+    def routed(name: str, inputs: torch.Tensor) -> torch.Tensor:
+        undo = route(layer, lambda: name)
+        try:
+            return layer(inputs)
+        finally:
+            undo()
+
+    try:
+        with torch.no_grad():
+            outputs = {}
+            for name in ("alpha", "beta"):
+                model.set_adapter(name)
+                outputs[name] = layer(x)
+                torch.testing.assert_close(routed(name, x), outputs[name])
+            torch.testing.assert_close(routed(BASE, x), layer.base_layer(x))
+            assert not torch.allclose(outputs["alpha"], outputs["beta"])  # the adapters differ, and the test can tell
+            assert not torch.allclose(outputs["alpha"], layer.base_layer(x))
+            layer.base_layer.to(torch.bfloat16)
+            try:
+                half = x.to(torch.bfloat16)
+                torch.testing.assert_close(routed("beta", half), layer(half))
+                assert routed("beta", half).dtype == torch.bfloat16
+            finally:
+                layer.base_layer.to(torch.float32)
+    finally:
+        model.set_adapter(active)
+
+
 def test_a_new_lane_starts_from_blocks_another_lane_left(model):
     """Lanes on one model share its prefix cache: a lane whose slots were never used yet takes a head
     another lane stored (its slots made for it) and decodes ``generate``'s tokens."""

@@ -28,7 +28,8 @@ and each LoRA layer then splits its batch by adapter, a gather and a scatter per
 ``_Routing`` routes once per decode: plain LoRA linear layers add every row's delta in one stacked
 product (``serve/lora_rows.py``), the other LoRA layers get the names through hooks put in once; a
 forward pass whose rows all use one adapter (a lone request, or the rows that outlive the others)
-runs the plain way: that adapter made active with ``set_adapter``, or all adapters off for the base.
+runs with that adapter made active with ``set_adapter`` (all adapters off for the base), and its
+plain LoRA linear layers add its delta with its own two matrices, fewer calls than PEFT's forward.
 
 ``Scheduler`` feeds the engine: when it is idle, it waits a few milliseconds for requests that arrive
 together; while it decodes, it lets the requests that arrived into the running batch at every step.
@@ -255,13 +256,14 @@ class _Routing:
 
     Rows of several adapters go through one stacked product in each plain LoRA linear layer
     (``lora_rows.route``), and through PEFT's ``adapter_names`` in the others, handed to them by hooks
-    put in once (PEFT's own argument walks every module twice a pass); rows of one adapter run the
-    plain way, that adapter active (or every adapter off for the base), which costs nothing per row.
+    put in once (PEFT's own argument walks every module twice a pass). Rows of one adapter run with
+    that adapter active (or every adapter off for the base), the plain LoRA linear layers through the
+    adapter's own matrices in three products (``lora_rows.route``), the others PEFT's plain way.
     """
 
     def __init__(self, model, mixed: bool):
         self.model, self.mixed = model, mixed
-        self.names: list[str] | None = None  # what the hooks hand on; None: the plain way
+        self.names: list[str] | str | None = None  # each row's adapter, or every row's; None: the plain way
         self.plain: str | None = None  # the adapter the model runs alone now, if any
         self.state = contextlib.ExitStack()
         self.undo: list[Callable[[], None]] = []  # what takes the routing out of the model again
@@ -269,8 +271,12 @@ class _Routing:
     def use(self, adapters: list[str]) -> None:
         if not self.mixed:
             return
+        if not self.undo:
+            self._hook()
         if len(set(adapters)) == 1:
-            self.names = None
+            # The other LoRA layers run the plain way; the plain LoRA linear layers take the one
+            # adapter's own matrices (lora_rows.route), which is what they would compute.
+            self.names = adapters[0]
             if self.plain != adapters[0]:
                 self.state.close()
                 self.state.enter_context(only_adapter(self.model, adapters[0]))
@@ -279,8 +285,6 @@ class _Routing:
         if self.plain == BASE:  # disabled adapters would override the routing
             self.state.close()
             self.plain = None
-        if not self.undo:
-            self._hook()
         self.names = list(adapters)
 
     def _hook(self) -> None:
@@ -288,7 +292,7 @@ class _Routing:
         from peft.utils.other import AuxiliaryTrainingWrapper
 
         def hook(module, args, kwargs):
-            return None if self.names is None else (args, {**kwargs, "adapter_names": self.names})
+            return (args, {**kwargs, "adapter_names": self.names}) if isinstance(self.names, list) else None
 
         for module in self.model.modules():
             if stackable(module):  # one product for all rows (serve/lora_rows.py), not PEFT's per adapter

@@ -4,6 +4,7 @@ greedy tokens each, half on one LoRA adapter and half on another (a mixed batch)
 
     python benchmarks/profile_engine.py                       # SmolLM2-135M, 16 rows x 32 tokens
     python benchmarks/profile_engine.py --tiny --dtype bfloat16
+    python benchmarks/profile_engine.py --rows 1 --targets all-linear --repeat 3   # one request, timed too
 
 Prints the wall time of the whole decode, the share of it inside the model's forward passes, and the
 ops that took the most CPU time (self time). Figures on a shared machine are rough.
@@ -29,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--top", type=int, default=15, help="ops listed")
+    p.add_argument("--repeat", type=int, default=0, help="first time this many decodes without the profiler "
+                   "and print the best (ms a decoding step)")
     p.add_argument("--targets", default="q_proj,v_proj", help="the LoRA's target modules: comma-separated, "
                    "or all-linear (as benchmarks/serve_load.py's adapters)")
     return p.parse_args(argv)
@@ -66,6 +69,15 @@ def main(argv=None) -> None:
     model, tokenizer = build(args)
     place = lambda job: (None, model, True)  # noqa: E731
     decode(place, tokenizer, jobs(tokenizer, 2, 2))  # warm up
+    if args.repeat:
+        walls = []
+        for _ in range(args.repeat):
+            started = time.perf_counter()
+            decode(place, tokenizer, jobs(tokenizer, args.rows, args.tokens), caches=Caches(prefix_bytes=0))
+            walls.append(time.perf_counter() - started)
+        best = min(walls)
+        print(f"{args.rows} rows x {args.tokens} tokens, {args.dtype}, no profiler: best of {args.repeat} {best:.3f} s, "
+              f"{1000 * best / args.tokens:.1f} ms a step, {args.rows * args.tokens / best:.1f} tokens/s")
     forward = 0.0
 
     def before(module, args_, kwargs):

@@ -45,6 +45,22 @@ def test_a_function_in_a_python_file_is_found_beside_the_config(tmp_path):
     assert by_name["function"] == [2.0, 0.0]
 
 
+@pytest.mark.parametrize("section", ["grpo", "ppo"])
+def test_bf16_autocast_asked_of_grpo_or_ppo_is_refused_not_ignored(tmp_path, section):
+    """Both train in float32; ``train.mixed_precision: bf16`` is refused with one line naming the field
+    (``auto``, the default, is accepted and means float32 for them, as docs/alignment.md says)."""
+    from tunesmith.align.options import load_ppo_config
+
+    load = {"grpo": load_grpo_config, "ppo": load_ppo_config}[section]
+    rewards = {"grpo": {"rewards": [{"name": "regex", "pattern": "x"}]}, "ppo": {"reward": "runs/r"}}[section]
+    raw = {"train": {"max_steps": 1, "mixed_precision": "bf16"}, section: {"prompts": "p.jsonl", **rewards}}
+    with pytest.raises(TunesmithError, match=f"train.mixed_precision: bf16 autocast is not implemented for "
+                                             f"{section.upper()}"):
+        load(tmp_path / f"{section}.yaml", raw=raw)
+    raw["train"]["mixed_precision"] = "auto"
+    assert load(tmp_path / f"{section}.yaml", raw=raw).train.mixed_precision == "auto"
+
+
 def test_a_function_that_returns_no_number_is_one_line_naming_it():
     with pytest.raises(TunesmithError, match="reward function test_align_grpo_rewards:not_a_number returned 'x'"):
         scores({"name": "function", "function": "test_align_grpo_rewards:not_a_number"}, ["a"])

@@ -214,6 +214,9 @@ def _common_problems(config: _AlignConfig) -> list[str]:
                         f"(the reference model; Method.disables), such as lora; {method.name} has none")
     if config.train.max_steps is None:
         problems.append("train.max_steps: give the number of steps")
+    if config.train.mixed_precision == "bf16":  # refused, not ignored: "auto" is float32 here too
+        problems.append(f"train.mixed_precision: bf16 autocast is not implemented for {config.rollout.section.upper()}, "
+                        "which trains in float32; use auto or no")
     return problems
 
 

@@ -412,3 +412,26 @@ def test_a_bfloat16_server_reuses_a_chat_head_and_counts_the_hit(runs, tmp_path)
     assert stats["slot_bytes"] > 0
     assert served == {"object": "tunesmith.stats", "in_flight": 0, "queued": 0, "max_batch": server.scheduler.max_batch,
                       **stats}
+
+
+def test_work_apart_runs_in_a_thread_that_has_ended_when_it_returns():
+    """``openmp.apart``: the work runs on another thread, which is gone once its result (or its
+    exception, the work's own) is back, so an OpenMP pool it made is gone with it."""
+    import threading
+
+    from tunesmith.serve.openmp import apart
+
+    seen: list[threading.Thread] = []
+
+    def work(a, b=0):
+        seen.append(threading.current_thread())
+        return torch.ones(a).sum().item() + b
+
+    assert apart(work, 3, b=1) == 4.0
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+
+    def fail():
+        raise ValueError("the work's own error")
+
+    with pytest.raises(ValueError, match="the work's own error"):
+        apart(fail)

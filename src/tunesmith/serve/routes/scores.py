@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
 from tunesmith.serve.context import Ctx
+from tunesmith.serve.openmp import apart
 from tunesmith.serve.errors import ApiError
 from tunesmith.serve.schemas import ScoreRequest
 
@@ -19,7 +20,8 @@ async def score(body: ScoreRequest, ctx: Ctx):
     if body.model not in ctx.scorers.scorers:
         raise ApiError(404, f"the model {body.model!r} is not a served scorer (see /v1/models: those with "
                        "'scores')", "model")
-    scored = await run_in_threadpool(ctx.scorers.score, body.model, body.input, body.prompt)
+    # In a thread that ends with it: a thread-pool thread would keep an OpenMP pool (serve/openmp.py).
+    scored = await run_in_threadpool(apart, ctx.scorers.score, body.model, body.input, body.prompt)
     classifier = ctx.scorers.classifiers.get(body.model)
     return {"object": "list", "model": body.model, "scores": ctx.scorers.scorers[body.model].what,
             **({"decision": classifier.rule} if classifier else {}),

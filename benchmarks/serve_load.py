@@ -63,10 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=32, help="requests per level at most")
     parser.add_argument("--seconds", type=float, default=60, help="seconds per level at most")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
-                        help="tunesmith's serving dtype (serve --dtype; the naive server stays float32). float32 "
-                        "is its best setting on the CPUs measured, the Xeon with native bf16 included "
-                        "(docs/serving.md)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="tunesmith's serving dtype (serve --dtype; the naive server stays float32). auto: "
+                        "bfloat16 where the CPU has it natively, its best there at 16 clients and level with "
+                        "float32 for one (docs/serving.md, run D); float32 elsewhere")
     parser.add_argument("--against", choices=["llamacpp"], help="also load llama.cpp's llama-server")
     parser.add_argument("--servers", default="tunesmith,naive,llama.cpp",
                         help="which of the servers to load, comma-separated (llama.cpp only with --against)")

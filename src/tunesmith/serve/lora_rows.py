@@ -47,7 +47,6 @@ class StackedLora:
             rank = module.lora_A[n].weight.shape[0]
             self.blocks[n] = (start, start + rank, module.scaling[n])
             start += rank
-
         self._pairs: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
 
     def pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:

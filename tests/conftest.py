@@ -247,3 +247,34 @@ def unpaired_data(tmp_path) -> dict:
     """A data section for 80 tiny answers marked good or bad, half each, in a JSONL file."""
     path = write_jsonl(tmp_path / "answers.jsonl", unpaired_rows(80))
     return {"path": str(path), "max_length": 96, "split": {"validation": 0.15, "test": 0.15}}
+
+
+class _Passes:
+    """``record_passes``'s handle: ``remove`` puts the engine's own pass back."""
+
+    def __init__(self, model, record, monkeypatch=None):
+        from tunesmith.serve.engine import Lane
+
+        self.plain = Lane._forward
+
+        def forward(lane, first, ids, *args, **kwargs):
+            if lane.model is model:
+                record(ids)
+            return self.plain(lane, first, ids, *args, **kwargs)
+
+        if monkeypatch is not None:
+            monkeypatch.setattr(Lane, "_forward", forward)
+        else:
+            Lane._forward = forward
+
+    def remove(self) -> None:
+        from tunesmith.serve.engine import Lane
+
+        Lane._forward = self.plain
+
+
+def record_passes(model, record, monkeypatch=None) -> _Passes:
+    """Call ``record(ids)`` with the token ids (rows x positions) of every forward pass the serving engine
+    runs on ``model``, whichever forward it runs (transformers' or ``serve/decoder.py``'s), until the
+    handle's ``remove`` (or the test's end, given its ``monkeypatch``)."""
+    return _Passes(model, record, monkeypatch)

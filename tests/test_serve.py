@@ -227,6 +227,7 @@ def test_a_batch_routes_each_row_to_its_adapter_and_takes_one_adapters_matrices_
     from tunesmith.serve import lora_rows
     from tunesmith.serve.engine import BASE
 
+    monkeypatch.setenv("TUNESMITH_DECODER", "transformers")  # the path of models serve/decoder.py does not run
     model, tokenizer = peft_model(runs, tiny_model_dir, "alpha", "beta")
     layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
     plain_calls: list[int] = []  # PEFT's own forward runs alpha's lora_A module; the routed products do not

@@ -12,6 +12,7 @@ import threading
 
 import pytest
 import torch
+from conftest import record_passes
 from test_serve import PROMPT, make_run, peft_model
 
 from tunesmith.serve.engine import BASE, Caches, Event, Job, Sampling, Scheduler, decode
@@ -77,8 +78,7 @@ def test_requests_joining_at_different_steps_decode_what_each_decodes_alone(mode
             for name, (_, adapter, prompt, max_tokens, n) in specs.items()}
     steps = iter(range(1, 100))
     widths: list[int] = []
-    handle = model.register_forward_pre_hook(lambda m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
-                                             with_kwargs=True)
+    handle = record_passes(model, lambda ids: widths.append(ids.shape[1]))
 
     def more(room: int) -> list[Job]:
         step = next(steps)
@@ -180,9 +180,7 @@ def test_a_failure_outside_the_model_fails_the_running_jobs_instead_of_leaving_t
 def prefill_widths(model) -> tuple[list[int], object]:
     """The width of each forward pass that runs more than one position (the prefill chunks), and the hook."""
     widths: list[int] = []
-    handle = model.register_forward_pre_hook(
-        lambda m, args, kwargs: widths.append(kwargs["input_ids"].shape[1]) if kwargs["input_ids"].shape[1] > 1
-        else None, with_kwargs=True)
+    handle = record_passes(model, lambda ids: widths.append(ids.shape[1]) if ids.shape[1] > 1 else None)
     return widths, handle
 
 
@@ -271,11 +269,14 @@ def test_a_prompt_longer_than_the_prefix_cache_budget_decodes_right_and_the_cach
     assert recorder.tokens["first", 0] == expected and recorder.tokens["second", 0] == expected
 
 
-def test_bfloat16_weights_decode_in_a_bfloat16_kv_cache(model):
+def test_bfloat16_weights_decode_in_a_bfloat16_kv_cache(model, monkeypatch):
     """``--dtype bfloat16``: the slots take the model's dtype, and two adapters and the base in one batch
-    decode what ``generate`` decodes for each alone on the same bfloat16 model."""
+    decode what ``generate`` decodes for each alone on the same bfloat16 model, through transformers'
+    forward (bit for bit; serve/decoder.py's own forward rounds in another order: its bfloat16 test is
+    in tests/test_serve_decoder.py)."""
     import copy
 
+    monkeypatch.setenv("TUNESMITH_DECODER", "transformers")
     model, tokenizer = model
     model = copy.deepcopy(model).to(torch.bfloat16)
     caches = Caches()

@@ -11,6 +11,7 @@ import threading
 
 import httpx
 import pytest
+from conftest import record_passes
 from test_serve import PROMPT, make_run, peft_model, wait_for_submitted
 
 from tunesmith.serve import engine
@@ -68,12 +69,11 @@ def test_a_request_whose_sampling_breaks_fails_alone(runs, tiny_model_dir):
     assert [text for text, _ in results] == alone
 
 
-def test_a_cancelled_job_leaves_the_batch(runs, tiny_model_dir):
+def test_a_cancelled_job_leaves_the_batch(runs, tiny_model_dir, monkeypatch):
     """A job cancelled while queued is never prefilled; one cancelled while decoding leaves at the next step."""
     model, tokenizer = peft_model(runs, tiny_model_dir, "alpha")
     widths: list[int] = []
-    model.register_forward_pre_hook(lambda m, args, kwargs: widths.append(len(kwargs["input_ids"])),
-                                    with_kwargs=True)
+    record_passes(model, lambda ids: widths.append(len(ids)), monkeypatch)
     ids = tokenizer(PROMPT).input_ids
     events: list[list[Event]] = [[], [], []]
     jobs = [Job("alpha", ids, Sampling(8, temperature=0), emit=events[i].append) for i in range(3)]

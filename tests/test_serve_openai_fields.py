@@ -13,6 +13,7 @@ import threading
 import httpx
 import pytest
 import torch
+from conftest import record_passes
 from test_serve import PROMPT, make_run, peft_model, wait_for_submitted
 
 from tunesmith.serve.engine import Job, Sampling, decode_batch
@@ -126,13 +127,12 @@ def test_logprobs_are_the_models_own_probabilities(client, runs, tiny_model_dir)
 
 
 # n > 1
-def test_n_choices_share_one_prefill_and_have_their_own_seed_streams(runs, tiny_model_dir):
+def test_n_choices_share_one_prefill_and_have_their_own_seed_streams(runs, tiny_model_dir, monkeypatch):
     """A job of n=3 runs its prompt once (one row), then decodes three rows; with a seed, choice 0 is
     the n=1 answer and the others differ, and the whole repeats."""
     model, tokenizer = peft_model(runs, tiny_model_dir, "alpha")
     shapes: list[tuple[int, int]] = []
-    model.register_forward_pre_hook(lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
-                                    with_kwargs=True)
+    record_passes(model, lambda ids: shapes.append(tuple(ids.shape)), monkeypatch)
     ids = tokenizer(PROMPT).input_ids
 
     def texts(sampling: Sampling) -> list[str]:

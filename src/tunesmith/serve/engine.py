@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tunesmith.serve.decoder import LlamaDecoder
 from tunesmith.serve.kvcache import PrefixCache, SlotCache, attention_masks
 from tunesmith.serve.lora_rows import route, stackable
 from tunesmith.serve.structured import Constraint
@@ -359,11 +360,14 @@ class Lane:
     starts with the blocks of its head that ``prefixes`` holds for its adapter, and leaves its own there.
 
     ``routing``: how rows go through their adapters on ``model``, shared by every lane on that model.
+    ``decoder``: the model's own forward pass for serving (``serve/decoder.py``), where it has one;
+    without, transformers' forward with ``routing``.
     """
 
     def __init__(self, model, tokenizer, routing: _Routing, slots: SlotCache, prefixes: PrefixCache,
-                 prefill_tokens: int = 512):
+                 prefill_tokens: int = 512, decoder: LlamaDecoder | None = None):
         self.model, self.tokenizer = model, tokenizer
+        self.decoder = decoder
         self.prefill_tokens = prefill_tokens
         self.routing = routing
         self.slots, self.prefixes = slots, prefixes
@@ -413,6 +417,8 @@ class Lane:
                  keep: int | torch.Tensor = 1) -> torch.Tensor:
         """One pass over slots ``first``.. (a row per row of ``ids``, from position ``starts``); the
         logits of the chunk's positions ``keep`` (an index tensor, or the last ``keep``)."""
+        if self.decoder is not None:
+            return self.decoder.forward(ids, starts, self.slots, first, adapters, keep).cpu()
         tokens = ids.shape[1]
         width = self.slots.bind(first, starts, tokens)
         masks = attention_masks(self.model.config, starts, tokens, width, self.dtype)
@@ -543,6 +549,7 @@ def decode(place: Place, tokenizer, jobs: list[Job], more: Callable[[int], list[
     caches = caches if caches is not None else Caches()
     lanes: dict[Hashable, Lane] = {}
     routings: dict[int, _Routing] = {}  # one per model: lanes on one model take turns with its state
+    decoders: dict[int, LlamaDecoder | None] = {}  # one per model, with its adapters as they are in this call
 
     def enter(new: list[Job]) -> None:
         grouped: dict[Hashable, list[Job]] = {}
@@ -550,7 +557,9 @@ def decode(place: Place, tokenizer, jobs: list[Job], more: Callable[[int], list[
             key, model, mixed = place(job)
             if key not in lanes:
                 routing = routings.setdefault(id(model), _Routing(model, mixed))
-                lanes[key] = Lane(model, tokenizer, routing, *caches.of(model, key), prefill_tokens)
+                if id(model) not in decoders:
+                    decoders[id(model)] = LlamaDecoder.of(model)
+                lanes[key] = Lane(model, tokenizer, routing, *caches.of(model, key), prefill_tokens, decoders[id(model)])
             grouped.setdefault(key, []).append(job)
         for key, group in grouped.items():
             lanes[key].add(group)

@@ -34,40 +34,59 @@ def stackable(module) -> bool:
 
 
 class StackedLora:
-    """One LoRA linear layer's adapters stacked: ``A`` (their ranks' rows, one after another) and ``B``
-    (their columns), and where each adapter's rows lie."""
+    """The adapters of one LoRA linear layer, or of several that read the same input (the parts of a
+    fused projection, as q, k and v in ``serve/decoder.py``), stacked: ``A`` (every layer's adapters'
+    ranks, one after another) and ``B`` (each rank's column under its own layer's outputs, zeros under
+    the others'), and where each adapter's ranks lie. A layer of the group without LoRA adds nothing."""
 
-    def __init__(self, module):
-        names = list(module.lora_A)
-        self.A = torch.cat([module.lora_A[n].weight for n in names])
-        self.B = torch.cat([module.lora_B[n].weight for n in names], dim=1)
-        self.blocks: dict[str, tuple[int, int, float]] = {}
-        start = 0
-        for n in names:
-            rank = module.lora_A[n].weight.shape[0]
-            self.blocks[n] = (start, start + rank, module.scaling[n])
-            start += rank
+    def __init__(self, *modules):
+        self.blocks: dict[str, list[tuple[int, int, float]]] = {}  # adapter: (first rank, end, scale) per layer
+        parts, ranks, outputs = [], 0, 0
+        for module in modules:
+            for name in getattr(module, "lora_A", {}):
+                down, up = module.lora_A[name].weight, module.lora_B[name].weight
+                parts.append((down, up, outputs, ranks))
+                self.blocks.setdefault(name, []).append((ranks, ranks + down.shape[0], module.scaling[name]))
+                ranks += down.shape[0]
+            outputs += module.out_features
+        self.A = torch.cat([down for down, *_ in parts])
+        self.B = self.A.new_zeros(outputs, ranks)
+        for down, up, row, column in parts:
+            self.B[row:row + up.shape[0], column:column + up.shape[1]] = up
         self._pairs: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self._masks: dict[tuple[str, ...], torch.Tensor] = {}
 
     def pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Adapter ``name``'s ``A.T`` and scaled ``B.T``, each contiguous (``x @ A.T @ B.T`` is its
-        delta); None for the base, or an adapter this layer lacks."""
+        delta); None for the base, or an adapter these layers lack."""
         if name not in self._pairs:
-            self._pairs[name] = None
-            if name in self.blocks:
-                start, end, scale = self.blocks[name]
-                self._pairs[name] = (self.A[start:end].T.contiguous(), (self.B[:, start:end] * scale).T.contiguous())
+            blocks = self.blocks.get(name)
+            self._pairs[name] = None if blocks is None else (
+                torch.cat([self.A[start:end] for start, end, _ in blocks]).T.contiguous(),
+                torch.cat([self.B[:, start:end] * scale for start, end, scale in blocks], dim=1).T.contiguous())
         return self._pairs[name]
 
     def mask(self, names: list[str]) -> torch.Tensor:
-        """Each row's scale on the stacked ranks: its adapter's scaling on its block, 0 elsewhere (and
-        everywhere for the base, or an adapter this layer lacks)."""
-        mask = torch.zeros(len(names), self.A.shape[0], dtype=self.A.dtype)
-        for row, name in enumerate(names):
-            if name in self.blocks:
-                start, end, scale = self.blocks[name]
-                mask[row, start:end] = scale
-        return mask.to(self.A.device)
+        """Each row's scale on the stacked ranks: its adapter's scaling on its blocks, 0 elsewhere (and
+        everywhere for the base, or an adapter these layers lack). The rows' adapters change only when
+        rows join or leave, so the last batch's mask is kept."""
+        key = tuple(names)
+        if key not in self._masks:
+            mask = torch.zeros(len(names), self.A.shape[0], dtype=self.A.dtype)
+            for row, name in enumerate(names):
+                for start, end, scale in self.blocks.get(name, ()):
+                    mask[row, start:end] = scale
+            self._masks = {key: mask.to(self.A.device)}
+        return self._masks[key]
+
+    def add(self, result: torch.Tensor, x: torch.Tensor, names: list[str] | str) -> torch.Tensor:
+        """``result`` (the base product of ``x``) plus each row's adapter's delta: ``names`` is one name
+        per row (one stacked product), or the one adapter of every row (its own matrices)."""
+        if isinstance(names, str):
+            return _add_delta(result, x, self.pair(names))
+        mask = self.mask(names).view(len(names), *([1] * (x.dim() - 2)), -1)
+        delta = ((x.to(self.A.dtype) @ self.A.T) * mask) @ self.B.T
+        return result + delta.to(result.dtype)
 
 
 def route(module, names: Callable[[], list[str] | str | None]) -> Callable[[], None]:
@@ -75,23 +94,13 @@ def route(module, names: Callable[[], list[str] | str | None]) -> Callable[[], N
     rows' adapters: a list, one name per row (one stacked product); one name, that of every row (its
     own matrices); ``None``: its own forward. Returns what undoes it."""
     stacked = StackedLora(module)
-    masks: dict[tuple[str, ...], torch.Tensor] = {}  # the rows' adapters change only when rows join or leave
     plain = module.forward
 
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         rows = names()
         if rows is None:
             return plain(x, *args, **kwargs)
-        result = module.base_layer(x, *args, **kwargs)
-        if isinstance(rows, str):
-            return _add_delta(result, x, stacked.pair(rows))
-        key = tuple(rows)
-        if key not in masks:
-            masks.clear()
-            masks[key] = stacked.mask(rows)
-        mask = masks[key].view(len(rows), *([1] * (x.dim() - 2)), -1)
-        delta = ((x.to(stacked.A.dtype) @ stacked.A.T) * mask) @ stacked.B.T
-        return result + delta.to(result.dtype)
+        return stacked.add(module.base_layer(x, *args, **kwargs), x, rows)
 
     module.forward = forward
     return lambda: vars(module).pop("forward", None)

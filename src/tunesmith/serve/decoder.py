@@ -1,0 +1,275 @@
+"""A forward pass of Llama-family models written for the engine: fewer, larger ops than transformers'.
+
+Why. A lone request's decoding step on SmolLM2-135M (2-vCPU Xeon, float32, LoRA on every linear
+layer) took 43 ms, of which the matrix products were 24 ms (the time to read the weights: the memory
+roofline) and the other 19 ms the cost of about 1,700 small ops and the Python around them
+(docs/serving.md, "Where a lone request's step goes"): transformers' layers are written for every
+model and for training, PEFT's wrap each projection in four modules, and each of those is an
+``nn.Module`` call. ``torch.compile`` did not pay for it on CPU (104 s to compile, and slower).
+
+This module runs the same computation with about 25 ops a layer and no module calls:
+- q, k and v are one product, and gate and up another: their weights are laid side by side once
+  (``fuse``), and the model's own layers are pointed at their parts of it, so nothing is copied
+  and anything that reads a layer's weight (PEFT, merging, export) reads what it read before;
+- each fused product adds every row's LoRA delta through ``lora_rows.StackedLora`` (one stacked
+  product for rows of several adapters, the adapter's own two matrices for rows of one);
+- the residual sums ride on the base products (``addmm``), rotary embeddings rotate q and k together
+  from a table of positions, attention reads the ``SlotCache`` through one ``scaled_dot_product_attention``
+  (grouped keys and values not repeated), and only the positions whose logits are asked for go
+  through the final norm and the output layer.
+
+It serves models whose layers are transformers' Llama layers as they are (``LlamaDecoder.of`` says
+which: no bias, SiLU, a rotary embedding fixed by position, no sliding window), with plain LoRA
+linear layers on their projections or no adapter at all; any other model or adapter kind decodes
+through transformers and PEFT as before (``engine.Lane``). Greedy answers equal ``generate``'s
+(tests/test_serve_decoder.py).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from tunesmith.model import packs_bfloat16
+from tunesmith.serve.kvcache import SlotCache, attention_masks
+from tunesmith.serve.lora_rows import StackedLora, stackable
+
+ROTARY_TYPES = {"default", "linear", "llama3"}  # rotary embeddings that depend on the position alone
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _base(module) -> torch.nn.Linear:
+    """The plain linear layer under a PEFT layer (or the layer itself)."""
+    return getattr(module, "base_layer", module)
+
+
+def fuse(modules: list) -> torch.Tensor:
+    """One weight for linear layers that read the same input, their outputs side by side, as a matrix
+    ``x`` multiplies on the right (``x @ fused``); each layer's weight becomes a view of its part, so
+    the memory is not doubled. The layers' layout is kept (``model.lay_out_for_decoding``):
+    column-major weights give a contiguous ``fused``, row-major ones (bfloat16 packed for oneDNN,
+    or ``TUNESMITH_DECODE_LAYOUT=row``) a transposed view."""
+    weights = [_base(m).weight for m in modules]
+    if len(weights) == 1:
+        return weights[0].t()
+    column_major = all(w.stride(0) == 1 and w.dim() == 2 and w.shape[1] > 1 for w in weights)
+    with torch.no_grad():
+        if column_major:
+            fused = torch.cat([w.t() for w in weights], dim=1)  # in x out, contiguous
+            parts = fused.split([w.shape[0] for w in weights], dim=1)
+            for w, part in zip(weights, parts):
+                w.data = part.t()
+            return fused
+        fused = torch.cat([w.contiguous() for w in weights])  # out x in, contiguous
+        for w, part in zip(weights, fused.split([w.shape[0] for w in weights])):
+            w.data = part
+        return fused.t()
+
+
+class _Fused:
+    """The base product of one linear layer, or of several fused (``fuse``)."""
+
+    def __init__(self, modules: list, pack: bool):
+        self.weight = fuse(modules)  # x @ weight
+        self.bases = [_base(m) for m in modules]
+        self.pointers = [b.weight.data_ptr() for b in self.bases]
+        self.sizes = [b.weight.shape[0] for b in self.bases]
+        self.packed = None
+        if pack and self.weight.dtype is torch.bfloat16 and self.weight.device.type == "cpu":
+            # oneDNN's own blocked layout, packed once, as model.PackedLinear does for one layer.
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.t().contiguous())
+
+    def current(self, modules: list) -> bool:
+        """Whether ``modules`` still hold the weights fused here (none was replaced since)."""
+        return all(_base(m) is b and b.weight.data_ptr() == p for m, b, p in zip(modules, self.bases, self.pointers))
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        if self.packed is not None:
+            out = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+            return out if residual is None else out.add_(residual)
+        return x @ self.weight if residual is None else torch.addmm(residual, x, self.weight)
+
+
+class _Projection:
+    """One product of the decoder, with the LoRA of its layers as they are now."""
+
+    def __init__(self, fused: _Fused, modules: list):
+        self.fused, self.sizes = fused, fused.sizes
+        self.lora = StackedLora(*modules) if any(hasattr(m, "lora_A") for m in modules) else None
+
+    def __call__(self, x: torch.Tensor, names: list[str] | str, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` (rows x features) through the layers, plus ``residual`` if given, plus each row's LoRA
+        delta (``names``: one adapter per row, or every row's)."""
+        if self.lora is None:
+            return self.fused(x, residual)
+        # A base in lower precision than its adapter (bfloat16 and float32) sums as transformers does: the
+        # delta, rounded to the base's dtype, then the residual; in one precision the residual rides on
+        # the base product.
+        late = residual is not None and self.fused.weight.dtype != self.lora.A.dtype
+        out = self.fused(x, None if late else residual)
+        if isinstance(names, str):
+            out = self.lora.add(out, x, names)
+        else:
+            rows = len(names)  # each row's tokens under its row's mask
+            out = self.lora.add(out.view(rows, -1, out.shape[-1]), x.view(rows, -1, x.shape[-1]), names).view(out.shape)
+        return out.add_(residual) if late else out
+
+
+_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a model: its layers' _Fused, by group
+
+
+def _groups(layer) -> dict[str, list]:
+    attention, mlp = layer.self_attn, layer.mlp
+    return {"qkv": [attention.q_proj, attention.k_proj, attention.v_proj], "o": [attention.o_proj],
+            "gate_up": [mlp.gate_proj, mlp.up_proj], "down": [mlp.down_proj]}
+
+
+class _Layer:
+    def __init__(self, layer, fused: dict[str, _Fused]):
+        groups = _groups(layer)
+        self.qkv, self.o, self.gate_up, self.down = (_Projection(fused[k], groups[k]) for k in ("qkv", "o", "gate_up", "down"))
+        self.norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        self.index = layer.self_attn.layer_idx
+
+
+def _fused_layers(causal) -> list[dict[str, _Fused]]:
+    """Each layer's fused products, made at the first call on ``causal`` and again only if a weight
+    was replaced since (a merge, a reload)."""
+    kept = _FUSED.get(causal)
+    layers = [_groups(layer) for layer in causal.model.layers]
+    if kept is None or not all(kept[i][k].current(g) for i, groups in enumerate(layers) for k, g in groups.items()):
+        pack = packs_bfloat16()
+        kept = [{k: _Fused(g, pack) for k, g in groups.items()} for groups in layers]
+        _FUSED[causal] = kept
+    return kept
+
+
+def _llama(model):
+    """The causal LM under a PEFT wrapper (or the model itself)."""
+    from peft import PeftModel
+
+    return model.base_model.model if isinstance(model, PeftModel) else model
+
+
+def supported(model) -> str | None:
+    """Why ``LlamaDecoder`` cannot run ``model``, or None when it can."""
+    from transformers.models.llama.modeling_llama import LlamaForCausalLM
+
+    causal = _llama(model)
+    if type(causal) is not LlamaForCausalLM:
+        return f"{type(causal).__name__} is not transformers' LlamaForCausalLM"
+    config = causal.config
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        return "biases in the projections"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act}"
+    if getattr(config, "sliding_window", None):
+        return "a sliding window"
+    rotary = causal.model.rotary_emb
+    if getattr(rotary, "rope_type", "default") not in ROTARY_TYPES:
+        return f"rotary embedding {rotary.rope_type}"
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in causal.named_modules():
+        if isinstance(module, BaseTunerLayer) and not (name.rsplit(".", 1)[-1] in PROJECTIONS and stackable(module)):
+            return f"{name}: {type(module).__name__}, not a plain LoRA linear layer on a projection"
+    from peft import PeftModel
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    if isinstance(model, PeftModel) and any(c.peft_type != "LORA" for c in model.peft_config.values()):
+        return "an adapter other than LoRA"
+    if any(isinstance(m, AuxiliaryTrainingWrapper) for m in causal.modules()):
+        return "modules_to_save or trainable tokens"
+    return None
+
+
+class LlamaDecoder:
+    """``forward`` of a Llama-family model over ``SlotCache`` slots, as ``engine.Lane`` runs it, with the
+    model's adapters as they are now. Made per ``engine.decode`` call (``of``), so adapters loaded
+    since the last call are seen; the fused weights are made once per model and kept."""
+
+    def __init__(self, model):
+        causal = _llama(model)
+        self.model = causal
+        self.config = causal.config
+        self.embed = causal.model.embed_tokens
+        self.norm = causal.model.norm
+        self.head = causal.lm_head
+        rotary = causal.model.rotary_emb
+        self.inv_freq, self.rotary_scale = rotary.inv_freq.float(), rotary.attention_scaling
+        attention = causal.model.layers[0].self_attn
+        self.head_dim = attention.head_dim
+        self.heads = self.config.num_attention_heads
+        self.kv_heads = self.config.num_key_value_heads
+        self.scaling = attention.scaling
+        self.eps = causal.model.norm.variance_epsilon
+        self.dtype = self.embed.weight.dtype
+        self.layers = [_Layer(layer, fused) for layer, fused in zip(causal.model.layers, _fused_layers(causal))]
+        self._rotary = torch.empty(0)
+
+    @classmethod
+    def of(cls, model) -> LlamaDecoder | None:
+        """A decoder for ``model``, or None where it cannot run it (``supported``) or where
+        ``TUNESMITH_DECODER=transformers`` asks for transformers' forward (to compare the two)."""
+        if os.environ.get("TUNESMITH_DECODER", "auto") == "transformers" or supported(model) is not None:
+            return None
+        return cls(model)
+
+    def _table(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of every position below ``length`` (grown in whole slots' lengths), the second
+        half's sin negated: ``rotate_half(x) * sin == x.roll(half) * signed_sin``."""
+        if self._rotary.shape[0] < length:
+            positions = torch.arange(max(length, 2 * self._rotary.shape[0]), dtype=torch.float32)
+            freqs = positions[:, None] * self.inv_freq[None, :].cpu()  # as transformers computes them
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos, sin = emb.cos() * self.rotary_scale, emb.sin() * self.rotary_scale
+            half = self.head_dim // 2
+            sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+            self._rotary = torch.stack((cos, sin)).to(device, self.dtype).transpose(0, 1)  # positions x 2 x dim
+        return self._rotary
+
+    def _norm(self, norm, x: torch.Tensor) -> torch.Tensor:
+        # transformers' LlamaRMSNorm: in float32, cast back, then the weight.
+        return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, starts: torch.Tensor, slots: SlotCache, first: int,
+                adapters: list[str], keep: int | torch.Tensor = 1) -> torch.Tensor:
+        """Logits (float32) of positions ``keep`` of a chunk: ``ids`` (rows x tokens) in slots ``first``..,
+        each row from position ``starts[row]``, each on its adapter (``adapters``, ``engine.BASE`` for
+        none); ``keep`` is an index tensor into the chunk's positions, or a count of the last ones."""
+        rows, tokens = ids.shape
+        device = self.embed.weight.device
+        width = slots.bind(first, starts, tokens)
+        names: list[str] | str = adapters[0] if len(set(adapters)) == 1 else list(adapters)
+        mask = None
+        if rows > 1 or tokens > 1:
+            mask = attention_masks(self.config, starts, tokens, width, self.dtype).to(device)
+        positions = (starts[:, None] + torch.arange(tokens)).to(device)
+        rotary = self._table(int(starts.max()) + tokens, device)[positions]  # rows x tokens x 2 x dim
+        cos, sin = rotary[:, :, None, 0], rotary[:, :, None, 1]
+        half, heads, kv_heads, dim = self.head_dim // 2, self.heads, self.kv_heads, self.head_dim
+
+        hidden = self.embed(ids.to(device)).view(rows * tokens, -1)
+        for layer in self.layers:
+            x = self._norm(layer.norms[0], hidden)
+            qkv = layer.qkv(x, names).view(rows, tokens, heads + 2 * kv_heads, dim)
+            qk = qkv[:, :, :heads + kv_heads]
+            qk = qk * cos + qk.roll(half, -1) * sin  # transformers' rounding (addcmul's differs in bfloat16)
+            q = qk[:, :, :heads].transpose(1, 2)
+            keys, values = slots.update(qk[:, :, heads:].transpose(1, 2), qkv[:, :, heads + kv_heads:].transpose(1, 2),
+                                        layer.index)
+            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
+                                                      enable_gqa=heads != kv_heads)
+            attended = attended.transpose(1, 2).reshape(rows * tokens, heads * dim)
+            hidden = layer.o(attended, names, residual=hidden)
+            x = self._norm(layer.norms[1], hidden)
+            gate, up = layer.gate_up(x, names).split(layer.gate_up.sizes, dim=-1)
+            hidden = layer.down(F.silu(gate) * up, names, residual=hidden)
+
+        hidden = hidden.view(rows, tokens, -1)
+        hidden = hidden[:, keep] if isinstance(keep, torch.Tensor) else hidden[:, -keep:]
+        return self.head(self._norm(self.norm, hidden)).float()

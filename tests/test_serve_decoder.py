@@ -1,0 +1,190 @@
+"""serve/decoder.py: the engine's own forward pass of Llama-family models. Greedy answers equal
+``generate``'s for rows of several adapters (LoRA on every linear layer, on some, or none) in one
+batch, prefilled in chunks; the fused weights are the model's own (views, nothing copied or
+changed); models and adapters it does not run go through transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunesmith.model import lay_out_for_decoding
+from tunesmith.serve import decoder as decoder_module
+from tunesmith.serve.decoder import LlamaDecoder, supported
+from tunesmith.serve.engine import BASE, Caches, Event, Job, Sampling, decode
+
+PROMPTS = ["the film was long", "a dull boring story about a dog and its", "the", "the cast was good and the ending"]
+
+
+def lora_model(tiny_model_dir, dtype=torch.float32, **extra):
+    """The tiny Llama with three LoRA adapters of random weights: ``every`` on every linear layer (r=4),
+    ``some`` on q and v only (r=2, another alpha), ``mlp`` on gate and down (r=3)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(dtype)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, **extra),
+                           adapter_name="every")
+    model.add_adapter("some", LoraConfig(r=2, lora_alpha=5, target_modules=["q_proj", "v_proj"],
+                                         init_lora_weights=False, **extra))
+    model.add_adapter("mlp", LoraConfig(r=3, target_modules=["gate_proj", "down_proj"], init_lora_weights=False,
+                                        **extra))
+    for parameter in model.parameters():  # LoRA's random B is small; make each adapter change the answers
+        if parameter.dim() == 2 and parameter.shape[1] <= 4:
+            parameter.data.mul_(40)
+    model.eval().requires_grad_(False)
+    lay_out_for_decoding(model)
+    return model
+
+
+def alone(model, tokenizer, adapter: str, prompt: str, n: int) -> list[int]:
+    ids = tokenizer(prompt).input_ids
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, adapter_names=[adapter])
+    return out[0, len(ids):].tolist()
+
+
+def decoded(model, tokenizer, specs, **kwargs) -> list[list[int]]:
+    """Each spec's (adapter, prompt, tokens) greedy tokens from ``engine.decode``, all in one batch."""
+    tokens: list[list[int]] = [[] for _ in specs]
+
+    def job(i, adapter, prompt, n):
+        def emit(event: Event) -> None:
+            assert event.kind != "error", event.text
+            tokens[i].extend(t.token for t in event.logprobs)
+
+        return Job(adapter, tokenizer(prompt).input_ids, Sampling(n, temperature=0, logprobs=0), emit=emit)
+
+    decode(lambda job: (None, model, True), tokenizer, [job(i, *spec) for i, spec in enumerate(specs)], **kwargs)
+    return tokens
+
+
+@pytest.fixture
+def spied(monkeypatch):
+    """The decoder's passes, counted."""
+    calls: list[int] = []
+    forward = LlamaDecoder.forward
+    monkeypatch.setattr(LlamaDecoder, "forward", lambda self, ids, *a, **k: calls.append(ids.shape[1]) or
+                        forward(self, ids, *a, **k))
+    return calls
+
+
+def test_rows_of_several_adapters_decode_what_generate_decodes_for_each_alone(tiny_model_dir, tiny_tokenizer, spied):
+    """Four rows (an adapter on every linear layer, one on q and v, one on the MLP, the base), prompts of
+    different lengths prefilled 4 tokens a pass and stopping at different lengths, so the batch goes
+    from the stacked product of mixed rows to one adapter's own matrices: each row's tokens are
+    ``generate``'s alone, and PEFT's LoRA modules never run."""
+    model = lora_model(tiny_model_dir)
+    assert supported(model) is None
+    specs = [("every", PROMPTS[0], 9), ("some", PROMPTS[1], 3), ("mlp", PROMPTS[2], 5), (BASE, PROMPTS[3], 4)]
+    expected = [alone(model, tiny_tokenizer, *spec) for spec in specs]
+    assert len({tuple(e) for e in expected[:3]}) == 3
+    peft_calls: list[int] = []
+    for module in model.modules():
+        if hasattr(module, "lora_A"):
+            for inner in module.lora_A.values():
+                inner.register_forward_hook(lambda *args: peft_calls.append(1))
+    assert decoded(model, tiny_tokenizer, specs, prefill_tokens=16) == expected
+    assert spied and max(spied) == 4 and spied.count(1) >= 8 and not peft_calls
+    # Each adapter alone (a lone request takes its adapter's own matrices).
+    for spec, tokens in zip(specs, expected):
+        assert decoded(model, tiny_tokenizer, [spec]) == [tokens]
+
+
+def test_the_fused_weights_are_the_models_own(tiny_model_dir, tiny_tokenizer):
+    """After decoding, q, k and v (and gate and up) are views of one tensor, with the values they had;
+    the model's own forward gives the same logits as before; a weight replaced since (as a merge does)
+    is fused again, and decoding follows it."""
+    model = lora_model(tiny_model_dir)
+    attention = model.base_model.model.model.layers[0].self_attn
+    before = {name: getattr(attention, name).base_layer.weight.clone() for name in ("q_proj", "k_proj", "v_proj")}
+    ids = torch.tensor([tiny_tokenizer(PROMPTS[1]).input_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    decoded(model, tiny_tokenizer, [("every", PROMPTS[0], 2)])
+    weights = {name: getattr(attention, name).base_layer.weight for name in before}
+    assert len({w.untyped_storage().data_ptr() for w in weights.values()}) == 1
+    assert all(torch.equal(weights[name], before[name]) for name in before)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, logits)
+
+    attention.q_proj.base_layer.weight.data = before["q_proj"] * 3  # another tensor, as a merge leaves
+    assert decoded(model, tiny_tokenizer, [("some", PROMPTS[1], 5)]) == [alone(model, tiny_tokenizer, "some",
+                                                                                PROMPTS[1], 5)]
+    assert attention.q_proj.base_layer.weight.untyped_storage().data_ptr() == \
+        attention.k_proj.base_layer.weight.untyped_storage().data_ptr()
+
+
+def test_models_and_adapters_it_does_not_run_go_through_transformers(tiny_model_dir, tiny_tokenizer, spied):
+    """DoRA, projections with biases, a model that is not Llama: ``supported`` names why, and the engine
+    decodes them through transformers, as ``generate`` does."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    dora = lora_model(tiny_model_dir, use_dora=True)
+    assert "not a plain LoRA" in supported(dora)
+    assert "bias" in supported(LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                            num_attention_heads=2, attention_bias=True)))
+    assert "GPT2LMHeadModel" in supported(GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2)))
+    ids = tiny_tokenizer(PROMPTS[0]).input_ids
+    dora.set_adapter("some")  # PEFT cannot mix DoRA adapters in a batch: the server gives each a lane of its own
+    with torch.no_grad():
+        expected = dora.generate(input_ids=torch.tensor([ids]), max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                                 pad_token_id=tiny_tokenizer.pad_token_id)[0, len(ids):].tolist()
+    dora.set_adapter("every")
+    assert decoded(dora, tiny_tokenizer, [("some", PROMPTS[0], 5)]) == [expected]
+    assert not spied
+
+
+def test_transformers_forward_on_request(tiny_model_dir, tiny_tokenizer, monkeypatch, spied):
+    """``TUNESMITH_DECODER=transformers`` decodes through transformers (to compare the two), the same tokens."""
+    model = lora_model(tiny_model_dir)
+    specs = [("every", PROMPTS[0], 5), (BASE, PROMPTS[1], 5)]
+    ours = decoded(model, tiny_tokenizer, specs)
+    assert spied
+    spied.clear()
+    monkeypatch.setenv("TUNESMITH_DECODER", "transformers")
+    assert decoded(model, tiny_tokenizer, specs) == ours and not spied
+
+
+def test_bfloat16_logits_equal_transformers_to_bfloat16s_rounding(tiny_model_dir, tiny_tokenizer):
+    """A bfloat16 base with float32 adapters (as the server loads them): the decoder's logits of a prompt
+    and of the next tokens, in a bfloat16 cache, are transformers' to within bfloat16's rounding (its
+    sums run in another order, so not bit for bit: the float32 tests compare tokens)."""
+    from tunesmith.serve.kvcache import SlotCache
+
+    model = lora_model(tiny_model_dir)
+    model.base_model.model.to(torch.bfloat16)
+    for module in model.modules():
+        if hasattr(module, "lora_A"):
+            module.lora_A.float()
+            module.lora_B.float()
+    ids = torch.tensor([tiny_tokenizer(PROMPTS[1]).input_ids])
+    model.set_adapter("every")
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits.float()
+    slots = SlotCache()
+    slots.reserve(1, ids.shape[1])
+    ours = LlamaDecoder.of(model).forward(ids[:, :-1], torch.tensor([0]), slots, 0, ["every"], keep=ids.shape[1] - 1)
+    last = LlamaDecoder.of(model).forward(ids[:, -1:], torch.tensor([ids.shape[1] - 1]), slots, 0, ["every"])
+    ours = torch.cat([ours, last], dim=1)
+    assert {t.dtype for t in slots.keys} == {torch.bfloat16}
+    scale = reference.abs().max()
+    assert (ours - reference).abs().max() < 0.03 * scale
+    assert (ours.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.8
+
+
+def test_the_rotary_table_is_transformers(tiny_model_dir):
+    """The decoder's cos and sin of each position are those transformers computes, the sign of
+    ``rotate_half`` folded into sin's first half."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    table = LlamaDecoder.of(model)._table(40, "cpu")
+    positions = torch.arange(40)[None]
+    cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+    half = sin.shape[-1] // 2
+    assert torch.equal(table[:, 0], cos[0])
+    assert torch.equal(table[:, 1, half:], sin[0, :, half:]) and torch.equal(table[:, 1, :half], -sin[0, :, :half])
+    assert decoder_module.ROTARY_TYPES >= {model.model.rotary_emb.rope_type}

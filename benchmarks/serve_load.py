@@ -19,7 +19,7 @@ model's weights at the server's bytes per weight, rows = clients up to 16); the 
 ratios of the servers at the highest level.
 
 ``--against llamacpp`` adds llama.cpp's ``llama-server`` on GGUF files that tunesmith writes at
-float16: for one adapter the run's merged export (``tunesmith export --format gguf``); for two, the
+float16 (``--llamacpp-dtype float32`` for float32): for one adapter the run's merged export (``tunesmith export --format gguf``); for two, the
 base model with both adapters as GGUF LoRAs (llama.cpp's ``convert_lora_to_gguf.py``), each request
 choosing its adapter with the ``lora`` field. Its settings: threads = CPU cores, one slot per client
 of the highest level (``--parallel``), continuous batching.
@@ -70,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--against", choices=["llamacpp"], help="also load llama.cpp's llama-server")
     parser.add_argument("--servers", default="tunesmith,naive,llama.cpp",
                         help="which of the servers to load, comma-separated (llama.cpp only with --against)")
+    parser.add_argument("--llamacpp-dtype", default="float16", choices=["float16", "float32"],
+                        help="the GGUF files' type for llama.cpp: float16, its usual (2 bytes a weight, as tunesmith's "
+                        "bfloat16), or float32 (to set it beside tunesmith at float32)")
     parser.add_argument("--llama-server", help="the llama-server binary (default: $LLAMA_SERVER, else "
                         ".llamacpp/bin/llama-server, else llama-server on PATH)")
     parser.add_argument("--llama-cpp-source", help="llama.cpp's source tree, for convert_lora_to_gguf.py "
@@ -211,23 +214,24 @@ def find_lora_converter(given: str | None) -> Path:
     return script
 
 
-def llamacpp_files(root: Path, model: str, mixes: list[int], converter: Path | None) -> dict[str, Path]:
-    """The GGUF files llama.cpp serves, all float16: ``merged`` (the first run with its adapter merged,
-    as `tunesmith export --format gguf --dtype float16` writes it) for one adapter; ``base`` and one
-    GGUF LoRA per run for two."""
+def llamacpp_files(root: Path, model: str, mixes: list[int], converter: Path | None,
+                   dtype: str = "float16") -> dict[str, Path]:
+    """The GGUF files llama.cpp serves, all of ``dtype``: ``merged`` (the first run with its adapter
+    merged, as `tunesmith export --format gguf --dtype DTYPE` writes it) for one adapter; ``base`` and
+    one GGUF LoRA per run for two."""
     from tunesmith.export import export_run
     from tunesmith.export.gguf_file import write_gguf
     from tunesmith.model import load_model, load_tokenizer, resolve_model
 
     files = {}
     if 1 in mixes:
-        files["merged"] = export_run(root / ADAPTERS[0], "gguf", root / f"{ADAPTERS[0]}-merged.gguf", "float16")
+        files["merged"] = export_run(root / ADAPTERS[0], "gguf", root / f"{ADAPTERS[0]}-merged.gguf", dtype)
     if 2 in mixes:
         source = resolve_model(model)
-        files["base"] = write_gguf(load_model(source), load_tokenizer(source), root / "base.gguf", "float16")
+        files["base"] = write_gguf(load_model(source), load_tokenizer(source), root / "base.gguf", dtype)
         for name in ADAPTERS:
             out = root / f"{name}-lora.gguf"
-            done = subprocess.run([sys.executable, str(converter), "--base", source, "--outtype", "f16",
+            done = subprocess.run([sys.executable, str(converter), "--base", source, "--outtype", {"float16": "f16", "float32": "f32"}[dtype],
                                    "--outfile", str(out), str(root / name / "adapter")],
                                   capture_output=True, text=True)
             if done.returncode != 0:
@@ -236,7 +240,7 @@ def llamacpp_files(root: Path, model: str, mixes: list[int], converter: Path | N
     return files
 
 
-def llamacpp(binary: Path, files: dict[str, Path], slots: int) -> Target:
+def llamacpp(binary: Path, files: dict[str, Path], slots: int, dtype: str = "float16") -> Target:
     """llama-server at its best CPU settings: a thread per core for decoding and for prompts, a slot
     per concurrent client, continuous batching. Two adapters are loaded unapplied and each request
     applies its own (llama.cpp's per-request ``lora`` field)."""
@@ -254,11 +258,11 @@ def llamacpp(binary: Path, files: dict[str, Path], slots: int) -> Target:
     def adapter_fields(mix: int, n: int) -> dict:
         return {} if mix == 1 else {"lora": [{"id": n % mix, "scale": 1.0}]}
 
-    note = (f"llama.cpp: {binary} --threads {cores} --parallel {slots} --cont-batching, float16 GGUF files written "
+    note = (f"llama.cpp: {binary} --threads {cores} --parallel {slots} --cont-batching, {dtype} GGUF files written "
             "by tunesmith; one adapter: the run merged into the base (tunesmith export); two: GGUF LoRAs on the base, "
             "chosen per request; llama.cpp decodes only requests with the same adapters in one step "
             "(can_batch_with), so the two take turns where tunesmith decodes them in one batch")
-    return Target("llama.cpp", 2, command, adapter_fields, note)
+    return Target("llama.cpp", {"float16": 2, "float32": 4}[dtype], command, adapter_fields, note)
 
 
 def free_port() -> int:
@@ -447,7 +451,8 @@ def main(argv=None) -> None:
         make_runs(root, model)
         if args.against:
             if "llama.cpp" in wanted:
-                targets.append(llamacpp(binary, llamacpp_files(root, model, args.mixes, converter), max(args.levels)))
+                files = llamacpp_files(root, model, args.mixes, converter, args.llamacpp_dtype)
+                targets.append(llamacpp(binary, files, max(args.levels), args.llamacpp_dtype))
         roofline = roofline_per_level(model, args.levels, args.max_tokens, sorted({t.element_bytes for t in targets}))
         results = {}
         for target in targets:

@@ -103,18 +103,29 @@ class _Projection:
     def __call__(self, x: torch.Tensor, names: list[str] | str, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` (rows x features) through the layers, plus ``residual`` if given, plus each row's LoRA
         delta (``names``: one adapter per row, or every row's)."""
-        if self.lora is None:
+        lora = self.lora
+        if lora is None:
             return self.fused(x, residual)
         # A base in lower precision than its adapter (bfloat16 and float32) sums as transformers does: the
-        # delta, rounded to the base's dtype, then the residual; in one precision the residual rides on
-        # the base product.
-        late = residual is not None and self.fused.weight.dtype != self.lora.A.dtype
+        # delta in float32, rounded once to the base's dtype, then the residual; in one precision the
+        # residual rides on the base product, and the delta on it in place.
+        late = residual is not None and self.fused.weight.dtype != lora.A.dtype
         out = self.fused(x, None if late else residual)
         if isinstance(names, str):
-            out = self.lora.add(out, x, names)
+            pair = lora.pair(names)
+            if pair is None:
+                return out.add_(residual) if late else out
+            down, up = pair
+            hidden = (x if x.dtype == down.dtype else x.to(down.dtype)) @ down
         else:
             rows = len(names)  # each row's tokens under its row's mask
-            out = self.lora.add(out.view(rows, -1, out.shape[-1]), x.view(rows, -1, x.shape[-1]), names).view(out.shape)
+            hidden = (x if x.dtype == lora.A.dtype else x.to(lora.A.dtype)) @ lora.A.T
+            hidden = (hidden.view(rows, -1, hidden.shape[-1]) * lora.mask(names)[:, None]).view(hidden.shape)
+            up = lora.B.T
+        if out.dtype == up.dtype:
+            out.addmm_(hidden, up)
+        else:
+            out.add_(hidden @ up)
         return out.add_(residual) if late else out
 
 

@@ -119,9 +119,9 @@ class _Projection:
             hidden = (x if x.dtype == down.dtype else x.to(down.dtype)) @ down
         else:
             rows = len(names)  # each row's tokens under its row's mask
-            hidden = (x if x.dtype == lora.A.dtype else x.to(lora.A.dtype)) @ lora.A.T
-            hidden = (hidden.view(rows, -1, hidden.shape[-1]) * lora.mask(names)[:, None]).view(hidden.shape)
-            up = lora.B.T
+            hidden = (x if x.dtype == lora.A.dtype else x.to(lora.A.dtype)) @ lora.At
+            hidden.view(rows, -1, hidden.shape[-1]).mul_(lora.mask(names)[:, None])
+            up = lora.Bt
         if out.dtype == up.dtype:
             out.addmm_(hidden, up)
         else:
@@ -141,7 +141,8 @@ def _groups(layer) -> dict[str, list]:
 class _Layer:
     def __init__(self, layer, fused: dict[str, _Fused]):
         groups = _groups(layer)
-        self.qkv, self.o, self.gate_up, self.down = (_Projection(fused[k], groups[k]) for k in ("qkv", "o", "gate_up", "down"))
+        self.qkv, self.o, self.gate_up, self.down = (_Projection(fused[k], groups[k])
+                                                     for k in ("qkv", "o", "gate_up", "down"))
         self.norms = (layer.input_layernorm, layer.post_attention_layernorm)
         self.index = layer.self_attn.layer_idx
 
@@ -167,6 +168,9 @@ def _llama(model):
 
 def supported(model) -> str | None:
     """Why ``LlamaDecoder`` cannot run ``model``, or None when it can."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
     from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
     causal = _llama(model)
@@ -182,14 +186,9 @@ def supported(model) -> str | None:
     rotary = causal.model.rotary_emb
     if getattr(rotary, "rope_type", "default") not in ROTARY_TYPES:
         return f"rotary embedding {rotary.rope_type}"
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     for name, module in causal.named_modules():
         if isinstance(module, BaseTunerLayer) and not (name.rsplit(".", 1)[-1] in PROJECTIONS and stackable(module)):
             return f"{name}: {type(module).__name__}, not a plain LoRA linear layer on a projection"
-    from peft import PeftModel
-    from peft.utils.other import AuxiliaryTrainingWrapper
-
     if isinstance(model, PeftModel) and any(c.peft_type != "LORA" for c in model.peft_config.values()):
         return "an adapter other than LoRA"
     if any(isinstance(m, AuxiliaryTrainingWrapper) for m in causal.modules()):

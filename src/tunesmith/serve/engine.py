@@ -22,6 +22,10 @@ its last logits are then copied into ``n`` rows, each sampling with its own gene
 sampling fails (bad numbers, a bug) fails its own job alone: it leaves the batch with an error
 event, and the other rows go on. A job cancelled (its client gone) leaves the batch at the next step.
 
+Llama-family models with plain LoRA adapters run through the engine's own forward pass
+(``serve/decoder.py``: fused products, each row's LoRA delta inside them, a few ops a layer); the
+rest of this note is about the other models, which run through transformers and PEFT.
+
 Mixed routing has a price. PEFT's ``adapter_names=`` argument walks every module twice on each
 forward pass to hook the names into each LoRA layer (about 40 ms a step for SmolLM2-135M on CPU),
 and each LoRA layer then splits its batch by adapter, a gather and a scatter per adapter. So
@@ -559,7 +563,8 @@ def decode(place: Place, tokenizer, jobs: list[Job], more: Callable[[int], list[
                 routing = routings.setdefault(id(model), _Routing(model, mixed))
                 if id(model) not in decoders:
                     decoders[id(model)] = LlamaDecoder.of(model)
-                lanes[key] = Lane(model, tokenizer, routing, *caches.of(model, key), prefill_tokens, decoders[id(model)])
+                lanes[key] = Lane(model, tokenizer, routing, *caches.of(model, key), prefill_tokens,
+                                  decoders[id(model)])
             grouped.setdefault(key, []).append(job)
         for key, group in grouped.items():
             lanes[key].add(group)

@@ -53,6 +53,9 @@ class StackedLora:
         self.B = self.A.new_zeros(outputs, ranks)
         for down, up, row, column in parts:
             self.B[row:row + up.shape[0], column:column + up.shape[1]] = up
+        # The products take them transposed, stored so: a GEMM on a transposed operand of a few rows
+        # runs several times slower on CPU (model.lay_out_for_decoding says more).
+        self.At, self.Bt = self.A.T.contiguous(), self.B.T.contiguous()
         self._pairs: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self._masks: dict[tuple[str, ...], torch.Tensor] = {}
 
@@ -85,7 +88,7 @@ class StackedLora:
         if isinstance(names, str):
             return _add_delta(result, x, self.pair(names))
         mask = self.mask(names).view(len(names), *([1] * (x.dim() - 2)), -1)
-        delta = ((x.to(self.A.dtype) @ self.A.T) * mask) @ self.B.T
+        delta = ((x.to(self.A.dtype) @ self.At) * mask) @ self.Bt
         return result + delta.to(result.dtype)
 
 

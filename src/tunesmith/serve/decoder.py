@@ -241,10 +241,6 @@ class LlamaDecoder:
             self._rotary = torch.stack((cos, sin)).to(device, self.dtype).transpose(0, 1)  # positions x 2 x dim
         return self._rotary
 
-    def _norm(self, norm, x: torch.Tensor) -> torch.Tensor:
-        # One op, where transformers' LlamaRMSNorm runs six (its float32 sums, here inside rms_norm).
-        return F.rms_norm(x, (x.shape[-1],), norm.weight, self.eps)
-
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, starts: torch.Tensor, slots: SlotCache, first: int,
                 adapters: list[str], keep: int | torch.Tensor = 1) -> torch.Tensor:
@@ -264,22 +260,21 @@ class LlamaDecoder:
         half, heads, kv_heads, dim = self.head_dim // 2, self.heads, self.kv_heads, self.head_dim
 
         hidden = self.embed(ids.to(device)).view(rows * tokens, -1)
+        size, eps = hidden.shape[-1], self.eps
         for layer in self.layers:
-            x = self._norm(layer.norms[0], hidden)
+            x = F.rms_norm(hidden, (size,), layer.norms[0].weight, eps)
             qkv = layer.qkv(x, names).view(rows, tokens, heads + 2 * kv_heads, dim)
             qk = qkv[:, :, :heads + kv_heads]
-            qk = qk * cos + qk.roll(half, -1) * sin  # transformers' rounding (addcmul's differs in bfloat16)
-            q = qk[:, :, :heads].transpose(1, 2)
-            keys, values = slots.update(qk[:, :, heads:].transpose(1, 2), qkv[:, :, heads + kv_heads:].transpose(1, 2),
-                                        layer.index)
-            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
-                                                      enable_gqa=heads != kv_heads)
-            attended = attended.transpose(1, 2).reshape(rows * tokens, heads * dim)
-            hidden = layer.o(attended, names, residual=hidden)
-            x = self._norm(layer.norms[1], hidden)
+            qk = qk * cos + qk.roll(half, -1) * sin  # two roundings, as transformers (addcmul rounds once)
+            keys, values = slots.put(layer.index, qk[:, :, heads:].reshape(-1, kv_heads, dim),
+                                     qkv[:, :, heads + kv_heads:].reshape(-1, kv_heads, dim))
+            attended = F.scaled_dot_product_attention(qk[:, :, :heads].transpose(1, 2), keys, values, attn_mask=mask,
+                                                      scale=self.scaling, enable_gqa=heads != kv_heads)
+            hidden = layer.o(attended.transpose(1, 2).reshape(rows * tokens, heads * dim), names, residual=hidden)
+            x = F.rms_norm(hidden, (size,), layer.norms[1].weight, eps)
             gate, up = layer.gate_up(x, names).split(layer.gate_up.sizes, dim=-1)
-            hidden = layer.down(F.silu(gate) * up, names, residual=hidden)
+            hidden = layer.down(F.silu(gate).mul_(up), names, residual=hidden)
 
         hidden = hidden.view(rows, tokens, -1)
         hidden = hidden[:, keep] if isinstance(keep, torch.Tensor) else hidden[:, -keep:]
-        return self.head(self._norm(self.norm, hidden)).float()
+        return self.head(F.rms_norm(hidden, (size,), self.norm.weight, eps)).float()

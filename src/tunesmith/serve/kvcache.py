@@ -47,7 +47,7 @@ class SlotCache:
         self.values: list[torch.Tensor] = []
         self.slots, self.length = 0, 0  # the room asked for; the tensors exist after the first pass
         self._index = None
-        self._first = self._width = 0
+        self._first = self._rows = self._width = 0
 
     def reserve(self, slots: int, length: int) -> None:
         """Room for at least ``slots`` rows of ``length`` positions; what the slots hold is kept."""
@@ -66,7 +66,7 @@ class SlotCache:
         """The next pass runs slots ``first``.. (one per entry of ``starts``), each writing ``tokens``
         positions from its own start. Returns the width attention reads (the mask's last dimension)."""
         rows = len(starts)
-        self._first = first
+        self._first, self._rows = first, rows
         # A row whose prompt ended before its batch's chunk writes padding past its length; clamped to
         # the last column, which no row reads before writing it itself.
         columns = (starts[:, None] + torch.arange(tokens)).clamp(max=self.length - 1)
@@ -86,6 +86,21 @@ class SlotCache:
         end = self._first + key_states.shape[0]
         return (keys[self._first:end, :self._width].transpose(1, 2),
                 values[self._first:end, :self._width].transpose(1, 2))
+
+    def put(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``update`` for new keys and values already positions-major, ``rows * tokens x heads x size``
+        (``serve/decoder.py``): half the ops, no transposes. Returns the rows' keys and values up to the
+        bound width, heads-major views of the slots."""
+        if layer_idx == len(self.keys):
+            self._allocate(keys.shape[1], keys.shape[2], values.shape[2], keys)
+        key_cache, value_cache = self.keys[layer_idx], self.values[layer_idx]
+        if self._index.device != key_cache.device:
+            self._index = self._index.to(key_cache.device)
+        key_cache.view(-1, *key_cache.shape[2:]).index_copy_(0, self._index, keys)
+        value_cache.view(-1, *value_cache.shape[2:]).index_copy_(0, self._index, values)
+        end = self._first + self._rows
+        return (key_cache[self._first:end, :self._width].transpose(1, 2),
+                value_cache[self._first:end, :self._width].transpose(1, 2))
 
     def _allocate(self, heads: int, key_dim: int, value_dim: int, like: torch.Tensor) -> None:
         """The next layer's tensors, of ``like``'s dtype and device."""

@@ -188,3 +188,39 @@ def test_the_rotary_table_is_transformers(tiny_model_dir):
     assert torch.equal(table[:, 0], cos[0])
     assert torch.equal(table[:, 1, half:], sin[0, :, half:]) and torch.equal(table[:, 1, :half], -sin[0, :, :half])
     assert decoder_module.ROTARY_TYPES >= {model.model.rotary_emb.rope_type}
+
+
+@pytest.mark.slow
+def test_smollm2_rows_of_two_adapters_decode_what_generate_decodes(spied):
+    """The bundled SmolLM2-135M with two LoRA adapters of random weights on every linear layer, float32,
+    laid out as the server lays it out: a batch of three chat prompts on the two adapters and the base
+    gives each row ``generate``'s 16 greedy tokens alone, through the decoder."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunesmith.model import load_model, load_tokenizer, resolve_model
+
+    source = resolve_model("smollm2-135m")
+    tokenizer = load_tokenizer(source)
+    torch.manual_seed(0)
+    model = load_model(source).float().eval()
+    lora = LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(model, lora, adapter_name="alpha")
+    model.add_adapter("beta", lora)
+    model.eval().requires_grad_(False)
+    lay_out_for_decoding(model)
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+               for text in ("Was the film any good?", "Name a film about a dog.", "Hello!")]
+    specs = [("alpha", prompts[0], 16), ("beta", prompts[1], 16), (BASE, prompts[2], 16)]
+    ends = {tokenizer.eos_token_id, *([model.generation_config.eos_token_id] if isinstance(
+        model.generation_config.eos_token_id, int) else model.generation_config.eos_token_id or [])}
+    expected = []
+    for adapter, prompt, n in specs:  # generate's own stop at the end of sequence, as the engine's
+        ids = tokenizer(prompt).input_ids
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, adapter_names=[adapter])[0, len(ids):].tolist()
+        cut = [i for i, t in enumerate(out) if t in ends]
+        expected.append(out[:cut[0]] if cut else out)
+    assert decoded(model, tokenizer, specs) == expected
+    assert len({tuple(e) for e in expected}) == 3 and spied

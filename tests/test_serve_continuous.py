@@ -436,3 +436,30 @@ def test_work_apart_runs_in_a_thread_that_has_ended_when_it_returns():
 
     with pytest.raises(ValueError, match="the work's own error"):
         apart(fail)
+
+
+def test_work_awaited_from_a_route_runs_apart_and_keeps_the_loop_going():
+    """``openmp.awaited``: ``apart`` from async code; the event loop runs other tasks meanwhile, and the
+    work's thread (neither the loop's nor a pool thread) is gone when the result is back."""
+    import asyncio
+    import threading
+
+    from tunesmith.serve.openmp import awaited
+
+    seen: list[threading.Thread] = []
+    release = threading.Event()
+
+    def work(a):
+        seen.append(threading.current_thread())
+        assert release.wait(5)
+        return a * 2
+
+    async def main():
+        task = asyncio.create_task(awaited(work, 21))
+        await asyncio.sleep(0.05)  # the loop is free while the work waits
+        assert not task.done()
+        release.set()
+        return await task
+
+    assert asyncio.run(main()) == 42
+    assert seen[0].name == "tunesmith-apart" and not seen[0].is_alive()

@@ -12,13 +12,12 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.concurrency import run_in_threadpool
 
 from tunesmith.serve.access import Access
 from tunesmith.serve.adapters import AdapterPool
 from tunesmith.serve.aliases import AliasFile
 from tunesmith.serve.engine import Scheduler
-from tunesmith.serve.openmp import apart
+from tunesmith.serve.openmp import awaited
 from tunesmith.serve.options import ServeOptions
 from tunesmith.serve.requestlog import RequestLog
 from tunesmith.serve.scorers import ScorerPool
@@ -42,7 +41,7 @@ class ServeContext:
         ``alias_file.every_s``); a changed file may load an adapter, which is no work for the event loop.
         """
         if self.alias_file is not None and self.alias_file.due():
-            await run_in_threadpool(apart, self.alias_file.refresh)  # serve/openmp.py says why apart
+            await awaited(self.alias_file.refresh)  # serve/openmp.py says why apart
 
 
 def context(request: Request) -> ServeContext:

@@ -38,3 +38,10 @@ def apart(work: Callable[..., T], *args, **kwargs) -> T:
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
+
+
+async def awaited(work: Callable[..., T], *args, **kwargs) -> T:
+    """``apart`` from a route: waited for on a thread of starlette's pool, so the event loop goes on."""
+    from fastapi.concurrency import run_in_threadpool
+
+    return await run_in_threadpool(apart, work, *args, **kwargs)

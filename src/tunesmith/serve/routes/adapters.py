@@ -11,7 +11,7 @@ from fastapi.responses import PlainTextResponse
 
 from tunesmith.serve.access import KeyId
 from tunesmith.serve.context import Ctx
-from tunesmith.serve.openmp import apart
+from tunesmith.serve.openmp import awaited
 from tunesmith.serve.schemas import LoadAdapter, UnloadAdapter
 
 router = APIRouter(prefix="/v1")
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 @router.post("/load_lora_adapter")
 async def load_adapter(body: LoadAdapter, ctx: Ctx, key_id: KeyId):
-    await run_in_threadpool(apart, ctx.pool.load, body.lora_name, body.lora_path)  # serve/openmp.py
+    await awaited(ctx.pool.load, body.lora_name, body.lora_path)  # serve/openmp.py
     log.info("adapter %s loaded from %s (key %s)", body.lora_name, body.lora_path, key_id)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 

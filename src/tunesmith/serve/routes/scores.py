@@ -5,11 +5,10 @@ probability of a label, with each label's probability and the label its decision
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.concurrency import run_in_threadpool
 
 from tunesmith.serve.context import Ctx
 from tunesmith.serve.errors import ApiError
-from tunesmith.serve.openmp import apart
+from tunesmith.serve.openmp import awaited
 from tunesmith.serve.schemas import ScoreRequest
 
 router = APIRouter(prefix="/v1")
@@ -21,7 +20,7 @@ async def score(body: ScoreRequest, ctx: Ctx):
         raise ApiError(404, f"the model {body.model!r} is not a served scorer (see /v1/models: those with "
                        "'scores')", "model")
     # In a thread that ends with it: a thread-pool thread would keep an OpenMP pool (serve/openmp.py).
-    scored = await run_in_threadpool(apart, ctx.scorers.score, body.model, body.input, body.prompt)
+    scored = await awaited(ctx.scorers.score, body.model, body.input, body.prompt)
     classifier = ctx.scorers.classifiers.get(body.model)
     return {"object": "list", "model": body.model, "scores": ctx.scorers.scorers[body.model].what,
             **({"decision": classifier.rule} if classifier else {}),

@@ -25,6 +25,8 @@ The judge is read in one place, ``load_judge``, through ``align.rewards.load_rew
 
 from __future__ import annotations
 
+import contextlib
+
 import functools
 import hashlib
 from contextlib import contextmanager
@@ -238,24 +240,37 @@ def _judge_chunks(session: Session, model, labels: list[str], judge: Judge, samp
     """Both sides' answers to the prompts of ``chunks``, scored chunk by chunk: per side, each answer's
     prompt, text, reward, KL and whether it ended."""
     tokenizer = session.tokenizer
-    ids = [tokenizer(p["framed"], add_special_tokens=False).input_ids for p in prompts]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    tuned = [_sample(model, tokenizer, ids, chunk, sampling, device) for chunk in chunks]
-    tuned_logp = _logp_sums(model, tuned, sampling.temperature)
-    with base_model(session, model, labels) as base:
-        base = base.to(device).eval()
-        reference = "the adapter disabled" if base is model else "the base model loaded again"
-        tuned_ref = _logp_sums(base, tuned, sampling.temperature)
-        untuned = [_sample(base, tokenizer, ids, chunk, sampling, device) for chunk in chunks]
-        base_logp = _logp_sums(base, untuned, sampling.temperature)
-        base_ref = _logp_sums(base, untuned, sampling.temperature)  # the reference is the base: a check
-    model.train(was_training)
+    ids, device = _framed_ids(tokenizer, prompts), next(model.parameters()).device
+    with _in_eval(model):
+        tuned = [_sample(model, tokenizer, ids, chunk, sampling, device) for chunk in chunks]
+        tuned_logp = _logp_sums(model, tuned, sampling.temperature)
+        with base_model(session, model, labels) as base:
+            base = base.to(device).eval()
+            reference = "the adapter disabled" if base is model else "the base model loaded again"
+            tuned_ref = _logp_sums(base, tuned, sampling.temperature)
+            untuned = [_sample(base, tokenizer, ids, chunk, sampling, device) for chunk in chunks]
+            base_logp = _logp_sums(base, untuned, sampling.temperature)
+            base_ref = _logp_sums(base, untuned, sampling.temperature)  # the reference is the base: a check
     asked = _asked(prompts, chunks, sampling)
     return {"reference": reference, **{name: _side(judge, tokenizer, asked, rollouts, [a - b for a, b in zip(logp, ref)])
                                        for name, rollouts, logp, ref in (("base", untuned, base_logp, base_ref),
                                                                          ("tuned", tuned, tuned_logp, tuned_ref))}}
+
+
+def _framed_ids(tokenizer, prompts: list[dict]) -> list[list[int]]:
+    """Each prompt's framed text (its chat template applied), as token ids."""
+    return [tokenizer(p["framed"], add_special_tokens=False).input_ids for p in prompts]
+
+
+@contextlib.contextmanager
+def _in_eval(model):
+    """``model`` in eval mode inside the block, as it was after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def answer_seed(seed: int, prompt: int, sample: int) -> int:
@@ -309,13 +324,9 @@ def judge_answers(session: Session, model, judge: Judge, sampling: Sampling, pro
     (a parent and its child, at the gate of ``retrain --judge``) are compared answer by answer on the
     same sampling noise."""
     tokenizer = session.tokenizer
-    ids = [tokenizer(p["framed"], add_special_tokens=False).input_ids for p in prompts]
-    chunks = _chunks(len(prompts))
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    rollouts = [_sample(model, tokenizer, ids, chunk, sampling, device) for chunk in chunks]
-    model.train(was_training)
+    ids, device, chunks = _framed_ids(tokenizer, prompts), next(model.parameters()).device, _chunks(len(prompts))
+    with _in_eval(model):
+        rollouts = [_sample(model, tokenizer, ids, chunk, sampling, device) for chunk in chunks]
     side = _scored(judge, tokenizer, _asked(prompts, chunks, sampling), rollouts)
     return {**side, "mean_reward": _mean(side["rewards"]), "ended": _mean(side.pop("ends"))}
 

@@ -20,6 +20,7 @@ from tunesmith.judge import Sampling, load_judge
 from tunesmith.retrain.gate import JUDGED, decide
 from tunesmith.config import load_config
 from tunesmith.retrain.loop import judge_file
+from tunesmith.session import load_run
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_retrain_with_a_judge_samples_parent_and_child_on_the_held_out_prompts(c
     assert judged["child"]["answers"] != judged["parent"]["answers"]
     # Same seeds: the parent judged again answers the same.
     config = load_config(child / "config.yaml")
-    again = judge_file(causal_parent, tmp_path / "dpo.data" / "new_heldout.jsonl", config,
+    again = judge_file(load_run(causal_parent), tmp_path / "dpo.data" / "new_heldout.jsonl", config,
                        load_judge(judge_run, "positive", torch.device("cpu")),
                        Sampling(**judged["sampling"]))
     assert again["answers"] == judged["parent"]["answers"]

@@ -140,10 +140,11 @@ def new_rows(kind: str, connection, ratings, adapter: str, labels: list[str], mi
     return rows + chosen, skipped + Counter(left_out)
 
 
-def score_files(run_dir: Path, files: dict[str, Path], by: dict[str, object] | None = None) -> dict[str, dict]:
-    """The run's tuned model's metrics on every row of each canonical file, by its own objective or by
-    the config ``by`` names for that file (a child's: its parent is scored as the child's objective)."""
-    run, session, model = load_run(run_dir)
+def score_files(loaded: tuple, files: dict[str, Path], by: dict[str, object] | None = None) -> dict[str, dict]:
+    """A run's tuned model's metrics (``loaded``: what ``session.load_run`` gives) on every row of each
+    canonical file, by its own objective or by the config ``by`` names for that file (a child's: its
+    parent is scored as the child's objective)."""
+    run, session, model = loaded
     labels = run.labels()
     scores = {}
     for name, path in files.items():
@@ -171,10 +172,11 @@ def file_session(config, path: Path, labels: list[str]) -> Session:
     return scoring
 
 
-def judge_file(run_dir: Path, path: Path, config, judge: Judge, sampling: Sampling) -> dict:
-    """The run's sampled answers to the distinct prompts of the canonical file ``path`` (framed as
-    ``config`` frames them), scored by ``judge`` (``judge.judge_answers``)."""
-    run, _, model = load_run(run_dir)
+def judge_file(loaded: tuple, path: Path, config, judge: Judge, sampling: Sampling) -> dict:
+    """A run's sampled answers (``loaded``: what ``session.load_run`` gives) to the distinct prompts of
+    the canonical file ``path`` (framed as ``config`` frames them), scored by ``judge``
+    (``judge.judge_answers``)."""
+    run, _, model = loaded
     scoring = file_session(config, path, run.labels())
     _, prompts = held_out_prompts(scoring, sampling.prompts)
     return judge_answers(scoring, model, judge, sampling, prompts)
@@ -305,20 +307,25 @@ def retrain(run_dir: str | Path, child_dir: str | Path | None = None, store: str
     if fresh:  # no parent of its kind: its own figures, the original pairs' (if any) recorded beside
         parent_scores = None
         evaluation = {"original": files["test"]} if "test" in files else {}
-        child_scores = score_files(child_dir, {**evaluation, "new": files["new"]})
+        child_scores = score_files(load_run(child_dir), {**evaluation, "new": files["new"]})
         decision = decide_first(child_scores, metric)
     else:
         evaluation = {"original": files["test"], "new": files["new"]}
         scored_by = {"original": test_config or config, "new": config}
-        parent_scores = score_files(run_dir, evaluation, scored_by)
-        child_scores = score_files(child_dir, evaluation, scored_by)
+        # Parent and child answer the held-out new prompts from the same seeds; the judge scores both.
+        sampling = None if judge is None else Sampling(prompts=len({input_of(r) for r in held}),
+                                                       samples_per_prompt=judge_samples, seed=seed)
+        scored, judged = {}, {}
+        for side, path in (("parent", run_dir), ("child", child_dir)):
+            loaded = load_run(path)  # once a side, for its scores and its judged answers
+            scored[side] = score_files(loaded, evaluation, scored_by)
+            if judge is not None:
+                judged[side] = judge_file(loaded, files["new"], config, judge, sampling)
+            del loaded
+        parent_scores, child_scores = scored["parent"], scored["child"]
         if judge is None:
             decision = decide(parent_scores, child_scores, metric, tolerance)
         else:
-            # Parent and child answer the held-out new prompts from the same seeds; the judge scores both.
-            sampling = Sampling(prompts=len({input_of(r) for r in held}), samples_per_prompt=judge_samples, seed=seed)
-            judged = {side: judge_file(path, files["new"], config, judge, sampling)
-                      for side, path in (("parent", run_dir), ("child", child_dir))}
             for scores, side in ((parent_scores, "parent"), (child_scores, "child")):
                 scores["new"][JUDGED] = judged[side]["mean_reward"]
             Run(child_dir).save_json("retrain_judged", {"judge": str(judge.path), "label": judge.label,

@@ -118,15 +118,21 @@ def test_the_fused_weights_are_the_models_own(tiny_model_dir, tiny_tokenizer):
 
 
 def test_models_and_adapters_it_does_not_run_go_through_transformers(tiny_model_dir, tiny_tokenizer, spied):
-    """DoRA, projections with biases, a model that is not Llama: ``supported`` names why, and the engine
-    decodes them through transformers, as ``generate`` does."""
+    """DoRA, another activation, a model that is not Llama, Mistral or Qwen2: ``supported`` names why, and
+    the engine decodes them through transformers, as ``generate`` does."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     dora = lora_model(tiny_model_dir, use_dora=True)
     assert "not a plain LoRA" in supported(dora)
-    assert "bias" in supported(LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                                            num_attention_heads=2, attention_bias=True)))
+    assert "activation" in supported(LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32,
+                                                                  num_hidden_layers=1, num_attention_heads=2,
+                                                                  hidden_act="gelu")))
     assert "GPT2LMHeadModel" in supported(GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2)))
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    assert "attention kinds" in supported(Qwen2ForCausalLM(Qwen2Config(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        use_sliding_window=True, sliding_window=4, max_window_layers=1)))
     ids = tiny_tokenizer(PROMPTS[0]).input_ids
     dora.set_adapter("some")  # PEFT cannot mix DoRA adapters in a batch: the server gives each a lane of its own
     with torch.no_grad():
@@ -135,6 +141,42 @@ def test_models_and_adapters_it_does_not_run_go_through_transformers(tiny_model_
     dora.set_adapter("every")
     assert decoded(dora, tiny_tokenizer, [("some", PROMPTS[0], 5)]) == [expected]
     assert not spied
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral", "llama-biases"])
+def test_qwen2_mistral_and_biases_decode_what_generate_decodes(kind, tiny_tokenizer, spied):
+    """Qwen2 (biases on q, k and v), Mistral with a sliding window of 4 positions over prompts of up to
+    9 (the window's mask for every pass, a lone row's too) and Llama with biases on every projection,
+    each with two LoRA adapters: rows of both and the base give ``generate``'s greedy tokens."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
+
+    shape = dict(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
+                 eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = {"qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**shape)),
+             "mistral": lambda: MistralForCausalLM(MistralConfig(**shape, sliding_window=4)),
+             "llama-biases": lambda: LlamaForCausalLM(LlamaConfig(**shape, attention_bias=True, mlp_bias=True))}[kind]()
+    for module in model.modules():  # biases initialise to zero: make them count
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            torch.nn.init.normal_(module.bias, std=0.5)
+    lora = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(model.eval(), lora, adapter_name="every")
+    model.add_adapter("some", lora)
+    for parameter in model.parameters():
+        if parameter.dim() == 2 and parameter.shape[1] <= 4:
+            parameter.data.mul_(40)
+    model.eval().requires_grad_(False)
+    lay_out_for_decoding(model)
+    assert supported(model) is None
+    specs = [("every", PROMPTS[1], 6), ("some", PROMPTS[0], 8), (BASE, PROMPTS[3], 4)]
+    expected = [alone(model, tiny_tokenizer, *spec) for spec in specs]
+    assert len({tuple(e) for e in expected}) == 3
+    assert decoded(model, tiny_tokenizer, specs, prefill_tokens=8) == expected
+    assert decoded(model, tiny_tokenizer, specs[1:2]) == expected[1:2]  # alone: one row of one token a pass
+    assert spied
 
 
 def test_transformers_forward_on_request(tiny_model_dir, tiny_tokenizer, monkeypatch, spied):

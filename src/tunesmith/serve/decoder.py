@@ -18,9 +18,9 @@ This module runs the same computation with about 25 ops a layer and no module ca
   (grouped keys and values not repeated), and only the positions whose logits are asked for go
   through the final norm and the output layer.
 
-It serves models whose layers are transformers' Llama layers as they are (``LlamaDecoder.of`` says
-which: no bias, SiLU, a rotary embedding fixed by position, no sliding window), with plain LoRA
-linear layers on their projections or no adapter at all; any other model or adapter kind decodes
+It serves transformers' Llama, Mistral and Qwen2 causal LMs (``supported`` says which: SiLU, a rotary
+embedding fixed by position, one attention kind for every layer), with plain LoRA linear layers on
+their projections or no adapter at all; any other model or adapter kind decodes
 through transformers and PEFT as before (``engine.Lane``). Greedy answers equal ``generate``'s
 (tests/test_serve_decoder.py).
 """
@@ -77,6 +77,10 @@ class _Fused:
         self.bases = [_base(m) for m in modules]
         self.pointers = [b.weight.data_ptr() for b in self.bases]
         self.sizes = [b.weight.shape[0] for b in self.bases]
+        self.bias = None  # of the layers side by side (zeros for a layer without), if any has one
+        if any(b.bias is not None for b in self.bases):
+            self.bias = torch.cat([b.bias.detach() if b.bias is not None else self.weight.new_zeros(b.weight.shape[0])
+                                   for b in self.bases])
         self.packed = None
         if pack and self.weight.dtype is torch.bfloat16 and self.weight.device.type == "cpu":
             # oneDNN's own blocked layout, packed once, as model.PackedLinear does for one layer.
@@ -88,9 +92,14 @@ class _Fused:
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         if self.packed is not None:
-            out = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-            return out if residual is None else out.add_(residual)
-        return x @ self.weight if residual is None else torch.addmm(residual, x, self.weight)
+            out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        elif self.bias is not None:
+            out = torch.addmm(self.bias, x, self.weight)
+        elif residual is not None:
+            return torch.addmm(residual, x, self.weight)
+        else:
+            return x @ self.weight
+        return out if residual is None else out.add_(residual)
 
 
 class _Projection:
@@ -109,7 +118,7 @@ class _Projection:
         # A base in lower precision than its adapter (bfloat16 and float32) sums as transformers does: the
         # delta in float32, rounded once to the base's dtype, then the residual; in one precision the
         # residual rides on the base product, and the delta on it in place.
-        late = residual is not None and self.fused.weight.dtype != lora.A.dtype
+        late = residual is not None and (self.fused.weight.dtype != lora.A.dtype or self.fused.bias is not None)
         out = self.fused(x, None if late else residual)
         if isinstance(names, str):
             pair = lora.pair(names)
@@ -171,18 +180,18 @@ def supported(model) -> str | None:
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import AuxiliaryTrainingWrapper
-    from transformers.models.llama.modeling_llama import LlamaForCausalLM
+    from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
     causal = _llama(model)
-    if type(causal) is not LlamaForCausalLM:
-        return f"{type(causal).__name__} is not transformers' LlamaForCausalLM"
+    # transformers' classes whose layers compute what this module computes (Qwen2: biases on q, k and
+    # v; Mistral: a sliding window, which the mask applies).
+    if type(causal) not in (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM):
+        return f"{type(causal).__name__} is not transformers' Llama, Mistral or Qwen2"
     config = causal.config
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        return "biases in the projections"
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"activation {config.hidden_act}"
-    if getattr(config, "sliding_window", None):
-        return "a sliding window"
+    if len(set(getattr(config, "layer_types", None) or ())) > 1:
+        return "layers of different attention kinds (full and sliding windows)"
     rotary = causal.model.rotary_emb
     if getattr(rotary, "rope_type", "default") not in ROTARY_TYPES:
         return f"rotary embedding {rotary.rope_type}"
@@ -217,6 +226,9 @@ class LlamaDecoder:
         self.scaling = attention.scaling
         self.eps = causal.model.norm.variance_epsilon
         self.dtype = self.embed.weight.dtype
+        # A sliding window needs the mask even for one row of one token (kvcache.attention_masks).
+        self.windowed = bool(getattr(self.config, "sliding_window", None)) and \
+            set(getattr(self.config, "layer_types", None) or ()) != {"full_attention"}
         self.layers = [_Layer(layer, fused) for layer, fused in zip(causal.model.layers, _fused_layers(causal))]
         self._rotary = torch.empty(0)
 
@@ -252,7 +264,7 @@ class LlamaDecoder:
         width = slots.bind(first, starts, tokens)
         names: list[str] | str = adapters[0] if len(set(adapters)) == 1 else list(adapters)
         mask = None
-        if rows > 1 or tokens > 1:
+        if rows > 1 or tokens > 1 or self.windowed:
             mask = attention_masks(self.config, starts, tokens, width, self.dtype).to(device)
         positions = (starts[:, None] + torch.arange(tokens)).to(device)
         rotary = self._table(int(starts.max()) + tokens, device)[positions]  # rows x tokens x 2 x dim

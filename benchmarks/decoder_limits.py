@@ -92,7 +92,8 @@ def compiled_step(tokens: int = 48) -> None:
             qk = qkv[:, :, :heads + kv_heads]
             qk = qk * cos + qk.roll(half, -1) * sin
             key_cache.view(-1, kv_heads, dim).index_copy_(0, index, qk[:, :, heads:].reshape(-1, kv_heads, dim))
-            value_cache.view(-1, kv_heads, dim).index_copy_(0, index, qkv[:, :, heads + kv_heads:].reshape(-1, kv_heads, dim))
+            values_now = qkv[:, :, heads + kv_heads:].reshape(-1, kv_heads, dim)
+            value_cache.view(-1, kv_heads, dim).index_copy_(0, index, values_now)
             attended = F.scaled_dot_product_attention(
                 qk[:, :, :heads].transpose(1, 2), key_cache[first:first + 1, :width].transpose(1, 2),
                 value_cache[first:first + 1, :width].transpose(1, 2), scale=decoder.scaling, enable_gqa=True)

@@ -115,9 +115,10 @@ class _Projection:
         lora = self.lora
         if lora is None:
             return self.fused(x, residual)
-        # A base in lower precision than its adapter (bfloat16 and float32) sums as transformers does: the
-        # delta in float32, rounded once to the base's dtype, then the residual; in one precision the
-        # residual rides on the base product, and the delta on it in place.
+        # A base in lower precision than its adapter (bfloat16 and float32), or with a bias, sums as
+        # transformers does: the product and bias, the delta (in float32, rounded once to the base's
+        # dtype), then the residual; otherwise the residual rides on the base product, and the delta on
+        # it in place.
         late = residual is not None and (self.fused.weight.dtype != lora.A.dtype or self.fused.bias is not None)
         out = self.fused(x, None if late else residual)
         if isinstance(names, str):

@@ -33,7 +33,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from tunesmith.model import packs_bfloat16
+from tunesmith.model import packs_bfloat16, unwrap
 from tunesmith.serve.kvcache import SlotCache, attention_masks
 from tunesmith.serve.lora_rows import StackedLora, stackable
 
@@ -169,13 +169,6 @@ def _fused_layers(causal) -> list[dict[str, _Fused]]:
     return kept
 
 
-def _llama(model):
-    """The causal LM under a PEFT wrapper (or the model itself)."""
-    from peft import PeftModel
-
-    return model.base_model.model if isinstance(model, PeftModel) else model
-
-
 def supported(model) -> str | None:
     """Why ``LlamaDecoder`` cannot run ``model``, or None when it can."""
     from peft import PeftModel
@@ -183,7 +176,7 @@ def supported(model) -> str | None:
     from peft.utils.other import AuxiliaryTrainingWrapper
     from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
-    causal = _llama(model)
+    causal = unwrap(model)
     # transformers' classes whose layers compute what this module computes (Qwen2: biases on q, k and
     # v; Mistral: a sliding window, which the mask applies).
     if type(causal) not in (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM):
@@ -212,7 +205,7 @@ class LlamaDecoder:
     since the last call are seen; the fused weights are made once per model and kept."""
 
     def __init__(self, model):
-        causal = _llama(model)
+        causal = unwrap(model)
         self.model = causal
         self.config = causal.config
         self.embed = causal.model.embed_tokens

@@ -25,8 +25,6 @@ The judge is read in one place, ``load_judge``, through ``align.rewards.load_rew
 
 from __future__ import annotations
 
-import contextlib
-
 import functools
 import hashlib
 from contextlib import contextmanager
@@ -262,7 +260,7 @@ def _framed_ids(tokenizer, prompts: list[dict]) -> list[list[int]]:
     return [tokenizer(p["framed"], add_special_tokens=False).input_ids for p in prompts]
 
 
-@contextlib.contextmanager
+@contextmanager
 def _in_eval(model):
     """``model`` in eval mode inside the block, as it was after."""
     was_training = model.training

@@ -75,22 +75,18 @@ class SlotCache:
         return self._width
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Write one layer's new keys and values at the bound rows' positions; return those rows' keys
-        and values up to the bound width (views of the slots)."""
-        if layer_idx == len(self.keys):
-            self._allocate(key_states.shape[1], key_states.shape[3], value_states.shape[3], key_states)
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        index = self._index.to(keys.device)
-        for cache, states in ((keys, key_states), (values, value_states)):
-            cache.view(-1, *cache.shape[2:]).index_copy_(0, index, states.transpose(1, 2).reshape(-1, *cache.shape[2:]))
-        end = self._first + key_states.shape[0]
-        return (keys[self._first:end, :self._width].transpose(1, 2),
-                values[self._first:end, :self._width].transpose(1, 2))
+        """Write one layer's new keys and values (transformers' ``rows x heads x tokens x size``) at the
+        bound rows' positions; return those rows' keys and values up to the bound width (views of the
+        slots)."""
+        def positions_major(states: torch.Tensor) -> torch.Tensor:
+            return states.transpose(1, 2).reshape(-1, states.shape[1], states.shape[3])
+
+        return self.put(layer_idx, positions_major(key_states), positions_major(value_states))
 
     def put(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``update`` for new keys and values already positions-major, ``rows * tokens x heads x size``
-        (``serve/decoder.py``): half the ops, no transposes. Returns the rows' keys and values up to the
-        bound width, heads-major views of the slots."""
+        """Write one layer's new keys and values, positions-major (``rows * tokens x heads x size``, as
+        ``serve/decoder.py`` has them), at the bound rows' positions; return those rows' keys and values
+        up to the bound width, heads-major views of the slots."""
         if layer_idx == len(self.keys):
             self._allocate(keys.shape[1], keys.shape[2], values.shape[2], keys)
         key_cache, value_cache = self.keys[layer_idx], self.values[layer_idx]

@@ -19,10 +19,11 @@ model's weights at the server's bytes per weight, rows = clients up to 16); the 
 ratios of the servers at the highest level.
 
 ``--against llamacpp`` adds llama.cpp's ``llama-server`` on GGUF files that tunesmith writes at
-float16 (``--llamacpp-dtype float32`` for float32): for one adapter the run's merged export (``tunesmith export --format gguf``); for two, the
-base model with both adapters as GGUF LoRAs (llama.cpp's ``convert_lora_to_gguf.py``), each request
-choosing its adapter with the ``lora`` field. Its settings: threads = CPU cores, one slot per client
-of the highest level (``--parallel``), continuous batching.
+float16 (``--llamacpp-dtype float32`` for float32): for one adapter the run's merged export
+(``tunesmith export --format gguf``); for two, the base model with both adapters as GGUF LoRAs
+(llama.cpp's ``convert_lora_to_gguf.py``), each request choosing its adapter with the ``lora`` field.
+Its settings: threads = CPU cores, one slot per client of the highest level (``--parallel``),
+continuous batching.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ PROMPTS = ["honestly the film is", "the plot of this movie was", "to me the endi
 ADAPTERS = ("alpha", "beta")
 MAX_BATCH = 16
 LLAMACPP_DIR = Path(os.environ.get("LLAMACPP_DIR", ROOT / ".llamacpp"))
+GGUF_TYPES = {"float16": ("f16", 2), "float32": ("f32", 4)}  # --llamacpp-dtype: the converter's name, bytes/weight
 SLOT_CONTEXT = 256  # llama.cpp's context per slot: a prompt of about 8 tokens and --max-tokens, with room
 
 
@@ -70,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--against", choices=["llamacpp"], help="also load llama.cpp's llama-server")
     parser.add_argument("--servers", default="tunesmith,naive,llama.cpp",
                         help="which of the servers to load, comma-separated (llama.cpp only with --against)")
-    parser.add_argument("--llamacpp-dtype", default="float16", choices=["float16", "float32"],
+    parser.add_argument("--llamacpp-dtype", default="float16", choices=list(GGUF_TYPES),
                         help="the GGUF files' type for llama.cpp: float16, its usual (2 bytes a weight, as tunesmith's "
                         "bfloat16), or float32 (to set it beside tunesmith at float32)")
     parser.add_argument("--llama-server", help="the llama-server binary (default: $LLAMA_SERVER, else "
@@ -231,7 +233,7 @@ def llamacpp_files(root: Path, model: str, mixes: list[int], converter: Path | N
         files["base"] = write_gguf(load_model(source), load_tokenizer(source), root / "base.gguf", dtype)
         for name in ADAPTERS:
             out = root / f"{name}-lora.gguf"
-            done = subprocess.run([sys.executable, str(converter), "--base", source, "--outtype", {"float16": "f16", "float32": "f32"}[dtype],
+            done = subprocess.run([sys.executable, str(converter), "--base", source, "--outtype", GGUF_TYPES[dtype][0],
                                    "--outfile", str(out), str(root / name / "adapter")],
                                   capture_output=True, text=True)
             if done.returncode != 0:
@@ -262,7 +264,7 @@ def llamacpp(binary: Path, files: dict[str, Path], slots: int, dtype: str = "flo
             "by tunesmith; one adapter: the run merged into the base (tunesmith export); two: GGUF LoRAs on the base, "
             "chosen per request; llama.cpp decodes only requests with the same adapters in one step "
             "(can_batch_with), so the two take turns where tunesmith decodes them in one batch")
-    return Target("llama.cpp", {"float16": 2, "float32": 4}[dtype], command, adapter_fields, note)
+    return Target("llama.cpp", GGUF_TYPES[dtype][1], command, adapter_fields, note)
 
 
 def free_port() -> int:

@@ -233,8 +233,8 @@ def test_a_batch_routes_each_row_to_its_adapter_and_takes_one_adapters_matrices_
     plain_calls: list[int] = []  # PEFT's own forward runs alpha's lora_A module; the routed products do not
     layer.lora_A["alpha"].register_forward_hook(lambda m, args, out: plain_calls.append(1))
     one: list[int] = []  # the one-adapter path ran in this layer's pass
-    add_delta = lora_rows._add_delta
-    monkeypatch.setattr(lora_rows, "_add_delta", lambda *args: one.append(1) or add_delta(*args))
+    pair = lora_rows.StackedLora.pair  # asked only for one adapter's own matrices
+    monkeypatch.setattr(lora_rows.StackedLora, "pair", lambda self, name: one.append(1) or pair(self, name))
     routing: list[str] = []  # per forward pass of one LoRA layer: how its rows were routed
 
     def clear(m, args, kwargs):

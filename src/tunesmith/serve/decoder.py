@@ -116,26 +116,10 @@ class _Projection:
         if lora is None:
             return self.fused(x, residual)
         # A base in lower precision than its adapter (bfloat16 and float32), or with a bias, sums as
-        # transformers does: the product and bias, the delta (in float32, rounded once to the base's
-        # dtype), then the residual; otherwise the residual rides on the base product, and the delta on
-        # it in place.
+        # transformers does: the product and bias, the delta (lora_rows.StackedLora.add), then the
+        # residual; otherwise the residual rides on the base product, and the delta on it in place.
         late = residual is not None and (self.fused.weight.dtype != lora.A.dtype or self.fused.bias is not None)
-        out = self.fused(x, None if late else residual)
-        if isinstance(names, str):
-            pair = lora.pair(names)
-            if pair is None:
-                return out.add_(residual) if late else out
-            down, up = pair
-            hidden = (x if x.dtype == down.dtype else x.to(down.dtype)) @ down
-        else:
-            rows = len(names)  # each row's tokens under its row's mask
-            hidden = (x if x.dtype == lora.A.dtype else x.to(lora.A.dtype)) @ lora.At
-            hidden.view(rows, -1, hidden.shape[-1]).mul_(lora.mask(names)[:, None])
-            up = lora.Bt
-        if out.dtype == up.dtype:
-            out.addmm_(hidden, up)
-        else:
-            out.add_(hidden @ up)
+        out = lora.add(self.fused(x, None if late else residual), x, names)
         return out.add_(residual) if late else out
 
 

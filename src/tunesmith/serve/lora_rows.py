@@ -83,13 +83,28 @@ class StackedLora:
         return self._masks[key]
 
     def add(self, result: torch.Tensor, x: torch.Tensor, names: list[str] | str) -> torch.Tensor:
-        """``result`` (the base product of ``x``) plus each row's adapter's delta: ``names`` is one name
-        per row (one stacked product), or the one adapter of every row (its own matrices)."""
+        """``result`` (the base product of ``x``, a tensor of its own: the delta goes in in place) plus
+        each row's adapter's delta: ``names`` is one name per row (one stacked product, each row's
+        positions under its row's mask), or the one adapter of every row (its own matrices)."""
         if isinstance(names, str):
-            return _add_delta(result, x, self.pair(names))
-        mask = self.mask(names).view(len(names), *([1] * (x.dim() - 2)), -1)
-        delta = ((x.to(self.A.dtype) @ self.At) * mask) @ self.Bt
-        return result + delta.to(result.dtype)
+            pair = self.pair(names)
+            if pair is None:
+                return result
+            down, up = pair
+        else:
+            down, up = self.At, self.Bt
+        x = x.reshape(-1, x.shape[-1])
+        hidden = (x if x.dtype == down.dtype else x.to(down.dtype)) @ down
+        if not isinstance(names, str):
+            hidden.view(len(names), -1, hidden.shape[-1]).mul_(self.mask(names)[:, None])
+        out = result.view(-1, result.shape[-1])
+        if not isinstance(names, str):  # the delta, rounded to the base's dtype, then added: as PEFT's mixed batches
+            out.add_((hidden @ up).to(out.dtype))
+        elif out.dtype == up.dtype:
+            out.addmm_(hidden, up)
+        else:  # a bfloat16 base, a float32 adapter: summed in float32 and rounded once, as PEFT's forward
+            out.add_(hidden @ up)
+        return result
 
 
 def route(module, names: Callable[[], list[str] | str | None]) -> Callable[[], None]:
@@ -108,13 +123,3 @@ def route(module, names: Callable[[], list[str] | str | None]) -> Callable[[], N
     module.forward = forward
     return lambda: vars(module).pop("forward", None)
 
-
-def _add_delta(result: torch.Tensor, x: torch.Tensor, pair: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """``result`` plus one adapter's delta of ``x`` (``StackedLora.pair``; None: no delta)."""
-    if pair is None:
-        return result
-    down, up = pair
-    hidden = x.reshape(-1, x.shape[-1]).to(down.dtype) @ down
-    if result.dtype != up.dtype:  # the base in bfloat16, the adapter in float32: summed as PEFT sums them
-        return (result + (hidden @ up).view_as(result)).to(result.dtype)
-    return torch.addmm(result.reshape(-1, result.shape[-1]), hidden, up).view_as(result)

@@ -5,10 +5,13 @@ changed); models and adapters it does not run go through transformers."""
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
-from tunesmith.model import lay_out_for_decoding
+from tunesmith.errors import TunesmithError
+from tunesmith.model import lay_out_for_decoding, packs_for_decoding
 from tunesmith.serve import decoder as decoder_module
 from tunesmith.serve.decoder import LlamaDecoder, supported
 from tunesmith.serve.engine import BASE, Caches, Event, Job, Sampling, decode
@@ -71,11 +74,20 @@ def spied(monkeypatch):
     return calls
 
 
-def test_rows_of_several_adapters_decode_what_generate_decodes_for_each_alone(tiny_model_dir, tiny_tokenizer, spied):
+X86_ONEDNN = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+
+
+@pytest.mark.parametrize("layout", ["column", pytest.param("packed", marks=pytest.mark.skipif(
+    not X86_ONEDNN, reason="float32 weights are packed for oneDNN on x86 CPUs only"))])
+def test_rows_of_several_adapters_decode_what_generate_decodes_for_each_alone(tiny_model_dir, tiny_tokenizer, spied,
+                                                                             layout, monkeypatch):
     """Four rows (an adapter on every linear layer, one on q and v, one on the MLP, the base), prompts of
     different lengths prefilled 4 tokens a pass and stopping at different lengths, so the batch goes
     from the stacked product of mixed rows to one adapter's own matrices: each row's tokens are
-    ``generate``'s alone, and PEFT's LoRA modules never run."""
+    ``generate``'s alone, and PEFT's LoRA modules never run. Both ways of running float32 products:
+    torch's BLAS on column-major weights, and oneDNN on weights packed once (model.packs_for_decoding),
+    whichever this CPU takes by default."""
+    monkeypatch.setenv("TUNESMITH_DECODE_LAYOUT", layout)
     model = lora_model(tiny_model_dir)
     assert supported(model) is None
     specs = [("every", PROMPTS[0], 9), ("some", PROMPTS[1], 3), ("mlp", PROMPTS[2], 5), (BASE, PROMPTS[3], 4)]
@@ -88,9 +100,17 @@ def test_rows_of_several_adapters_decode_what_generate_decodes_for_each_alone(ti
                 inner.register_forward_hook(lambda *args: peft_calls.append(1))
     assert decoded(model, tiny_tokenizer, specs, prefill_tokens=16) == expected
     assert spied and max(spied) == 4 and spied.count(1) >= 8 and not peft_calls
+    layers, head = decoder_module._FUSED[model.base_model.model]
+    assert all((product.packed is not None) == (layout == "packed") for product in [head, *layers[0].values()])
     # Each adapter alone (a lone request takes its adapter's own matrices).
     for spec, tokens in zip(specs, expected):
         assert decoded(model, tiny_tokenizer, [spec]) == [tokens]
+
+
+def test_an_unknown_decode_layout_is_refused_by_name(monkeypatch):
+    monkeypatch.setenv("TUNESMITH_DECODE_LAYOUT", "colum")
+    with pytest.raises(TunesmithError, match="TUNESMITH_DECODE_LAYOUT='colum': expected one of auto, column"):
+        packs_for_decoding(torch.float32)
 
 
 def test_the_fused_weights_are_the_models_own(tiny_model_dir, tiny_tokenizer):

@@ -10,9 +10,11 @@ base is the model's Hub id, so that it loads anywhere (``ModelOrigin``, ``export
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 from dataclasses import asdict, dataclass
@@ -270,10 +272,10 @@ def lay_out_for_decoding(model: torch.nn.Module) -> int:
     ``column`` lays out bfloat16 weights as float32 ones (no packing), ``row`` keeps every weight as it
     loaded (for a CPU where the gap runs the other way, and to measure the difference).
     """
-    layout = os.environ.get("TUNESMITH_DECODE_LAYOUT", "auto")
+    layout = decode_layout()
     if layout == "row":
         return 0
-    pack = layout == "auto" and packs_bfloat16()
+    pack = layout in ("auto", "packed") and packs_bfloat16()
     moved = 0
     with torch.no_grad():
         for module in model.modules():
@@ -290,6 +292,46 @@ def lay_out_for_decoding(model: torch.nn.Module) -> int:
                 weight.data = weight.data.t().contiguous().t()
                 moved += 1
     return moved
+
+
+DECODE_LAYOUTS = ("auto", "column", "row", "packed")
+
+
+def decode_layout() -> str:
+    """``TUNESMITH_DECODE_LAYOUT`` (``lay_out_for_decoding``, ``packs_for_decoding``), checked."""
+    layout = os.environ.get("TUNESMITH_DECODE_LAYOUT", "auto")
+    if layout not in DECODE_LAYOUTS:
+        raise TunesmithError(f"TUNESMITH_DECODE_LAYOUT={layout!r}: expected one of {', '.join(DECODE_LAYOUTS)}")
+    return layout
+
+
+@functools.cache
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+def packs_for_decoding(dtype: torch.dtype) -> bool:
+    """Whether the engine's decoder (``serve/decoder.py``) runs its products on ``dtype`` weights through
+    oneDNN, each weight packed once into oneDNN's blocked layout (a second copy of the weights):
+    - bfloat16 where oneDNN runs it natively (``packs_bfloat16``), as ``lay_out_for_decoding`` does;
+    - float32 on x86 CPUs not made by Intel. torch's x86 wheels do float32 products in MKL, which on
+      the 2-vCPU AMD EPYC without AVX-512 read weights at 13-15 GB/s for one row (of 31 GB/s) and ran
+      4 and 16 rows 1.2 to 1.6x slower than oneDNN with packed weights (docs/serving.md, run H).
+      On the Intel Xeons measured, MKL on column-major weights is kept.
+    ``TUNESMITH_DECODE_LAYOUT``: ``column`` (or ``row``) packs nothing, to compare; ``packed`` packs
+    float32 on any x86 CPU too."""
+    layout = decode_layout()
+    if layout in ("column", "row") or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype is torch.bfloat16:
+        return packs_bfloat16()
+    if dtype is not torch.float32 or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    return layout == "packed" or _cpu_vendor() not in ("", "GenuineIntel")
 
 
 def packs_bfloat16() -> bool:

@@ -33,7 +33,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from tunesmith.model import packs_bfloat16, unwrap
+from tunesmith.model import packs_for_decoding, unwrap
 from tunesmith.serve.kvcache import SlotCache, attention_masks
 from tunesmith.serve.lora_rows import StackedLora, stackable
 
@@ -72,7 +72,7 @@ def fuse(modules: list) -> torch.Tensor:
 class _Fused:
     """The base product of one linear layer, or of several fused (``fuse``)."""
 
-    def __init__(self, modules: list, pack: bool):
+    def __init__(self, modules: list):
         self.weight = fuse(modules)  # x @ weight
         self.bases = [_base(m) for m in modules]
         self.pointers = [b.weight.data_ptr() for b in self.bases]
@@ -82,8 +82,8 @@ class _Fused:
             self.bias = torch.cat([b.bias.detach() if b.bias is not None else self.weight.new_zeros(b.weight.shape[0])
                                    for b in self.bases])
         self.packed = None
-        if pack and self.weight.dtype is torch.bfloat16 and self.weight.device.type == "cpu":
-            # oneDNN's own blocked layout, packed once, as model.PackedLinear does for one layer.
+        if self.weight.device.type == "cpu" and packs_for_decoding(self.weight.dtype):
+            # oneDNN's own blocked layout, packed once (a copy), as model.PackedLinear does for one layer.
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.t().contiguous())
 
     def current(self, modules: list) -> bool:
@@ -123,7 +123,7 @@ class _Projection:
         return out.add_(residual) if late else out
 
 
-_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a model: its layers' _Fused, by group
+_FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a model: its layers' _Fused by group, its head's
 
 
 def _groups(layer) -> dict[str, list]:
@@ -141,14 +141,14 @@ class _Layer:
         self.index = layer.self_attn.layer_idx
 
 
-def _fused_layers(causal) -> list[dict[str, _Fused]]:
-    """Each layer's fused products, made at the first call on ``causal`` and again only if a weight
-    was replaced since (a merge, a reload)."""
+def _fused_products(causal) -> tuple[list[dict[str, _Fused]], _Fused]:
+    """Each layer's fused products and the output layer's product, made at the first call on ``causal``
+    and again only if a weight was replaced since (a merge, a reload)."""
     kept = _FUSED.get(causal)
     layers = [_groups(layer) for layer in causal.model.layers]
-    if kept is None or not all(kept[i][k].current(g) for i, groups in enumerate(layers) for k, g in groups.items()):
-        pack = packs_bfloat16()
-        kept = [{k: _Fused(g, pack) for k, g in groups.items()} for groups in layers]
+    if kept is None or not kept[1].current([causal.lm_head]) or \
+            not all(kept[0][i][k].current(g) for i, groups in enumerate(layers) for k, g in groups.items()):
+        kept = [{k: _Fused(g) for k, g in groups.items()} for groups in layers], _Fused([causal.lm_head])
         _FUSED[causal] = kept
     return kept
 
@@ -194,7 +194,6 @@ class LlamaDecoder:
         self.config = causal.config
         self.embed = causal.model.embed_tokens
         self.norm = causal.model.norm
-        self.head = causal.lm_head
         rotary = causal.model.rotary_emb
         self.inv_freq, self.rotary_scale = rotary.inv_freq.float(), rotary.attention_scaling
         attention = causal.model.layers[0].self_attn
@@ -207,7 +206,8 @@ class LlamaDecoder:
         # A sliding window needs the mask even for one row of one token (kvcache.attention_masks).
         self.windowed = bool(getattr(self.config, "sliding_window", None)) and \
             set(getattr(self.config, "layer_types", None) or ()) != {"full_attention"}
-        self.layers = [_Layer(layer, fused) for layer, fused in zip(causal.model.layers, _fused_layers(causal))]
+        fused, self.head = _fused_products(causal)
+        self.layers = [_Layer(layer, products) for layer, products in zip(causal.model.layers, fused)]
         self._rotary = torch.empty(0)
 
     @classmethod
@@ -267,4 +267,5 @@ class LlamaDecoder:
 
         hidden = hidden.view(rows, tokens, -1)
         hidden = hidden[:, keep] if isinstance(keep, torch.Tensor) else hidden[:, -keep:]
-        return self.head(F.rms_norm(hidden, (size,), self.norm.weight, eps)).float()
+        return self.head(F.rms_norm(hidden, (size,), self.norm.weight, eps).view(-1, size), None).view(
+            *hidden.shape[:2], -1).float()

@@ -5,26 +5,29 @@
 
 1. The products alone: SmolLM2-135M's layer products at one row (q/k/v, o, gate/up and down fused as
    the decoder fuses them), 30 layers of distinct weights so they stream from memory as in a real
-   step, in float32 (column-major, as ``model.lay_out_for_decoding`` lays them) and in bfloat16
-   packed for oneDNN (as the decoder packs them): milliseconds for all 30 layers and the rate they
-   read the weights at; then the cost of one packed bfloat16 call on a 64 x 64 weight (its fixed
-   cost) against a float32 product of the same size.
+   step, in float32 (column-major, as ``model.lay_out_for_decoding`` lays them, and packed for
+   oneDNN) and in bfloat16 packed for oneDNN (where it runs natively): milliseconds for all 30
+   layers and the rate they read the weights at; then the cost of one packed bfloat16 call on a
+   64 x 64 weight (its fixed cost) against a float32 product of the same size.
 2. The step compiled: the decoder's layer loop written for ``torch.compile`` (the slot tensors as
    the graph's inputs, written in place; shapes dynamic), on SmolLM2 with two LoRA adapters on every
    linear layer, float32, one request of 48 tokens: the compile time, then ms a token compiled and
-   eager, alternating, and whether the tokens are the same. (bfloat16's packed weights are opaque to
-   dynamo.)
+   eager, alternating, and whether the tokens are the same. (Weights packed for oneDNN are opaque to
+   dynamo: the step runs on column-major float32 weights on every CPU.)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from tunesmith.model import packs_bfloat16
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)]  # SmolLM2's fused products: out x in
 LAYERS = 30
@@ -43,7 +46,6 @@ def products() -> None:
     torch.manual_seed(0)
     weights = [[torch.randn(o, i) * 0.02 for o, i in SHAPES] for _ in range(LAYERS)]
     column = [[w.t().contiguous() for w in layer] for layer in weights]
-    packed = [[torch.ops.mkldnn._reorder_linear_weight(w.bfloat16()) for w in layer] for layer in weights]
     inputs = [torch.randn(1, i) for _, i in SHAPES]
     weights_per_layer = sum(o * i for o, i in SHAPES)
 
@@ -52,15 +54,30 @@ def products() -> None:
             for x, w in zip(inputs, layer):
                 x @ w
 
-    def bf16():
-        for layer in packed:
-            for x, w in zip(inputs, layer):
-                torch.ops.mkldnn._linear_pointwise(x.bfloat16(), w, None, "none", [], "")
+    def packed(dtype):
+        layers = [[torch.ops.mkldnn._reorder_linear_weight(w.to(dtype)) for w in layer] for layer in weights]
+        ins = [x.to(dtype) for x in inputs]
 
+        def work():
+            for layer in layers:
+                for x, w in zip(ins, layer):
+                    torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        return work
+
+    # float32 packed where oneDNN is there (model.packs_for_decoding's choice on CPUs not made by
+    # Intel); bfloat16 packed only where oneDNN runs it natively.
+    kinds = [("float32, column-major (BLAS)", f32, 4)]
+    if torch.backends.mkldnn.is_available():
+        kinds.append(("float32, packed for oneDNN", packed(torch.float32), 4))
+    if packs_bfloat16():
+        kinds.append(("bfloat16, packed for oneDNN", packed(torch.bfloat16), 2))
     print(f"## the layer products at one row, {LAYERS} layers of SmolLM2's shapes, best of 5")
-    for name, work, size in (("float32, column-major", f32, 4), ("bfloat16, packed for oneDNN", bf16, 2)):
+    for name, work, size in kinds:
         ms = best_ms(work)
         print(f"{name:28s} {ms:6.2f} ms  {LAYERS * weights_per_layer * size / ms / 1e6:5.1f} GB/s")
+    if not packs_bfloat16():
+        print("(no native bfloat16 in oneDNN on this CPU: its bfloat16 lines are left out)")
+        return
     small = torch.randn(64, 64)
     small_packed = torch.ops.mkldnn._reorder_linear_weight(small.bfloat16())
     x, x16 = torch.randn(1, 64), torch.randn(1, 64).bfloat16()
@@ -77,6 +94,8 @@ def compiled_step(tokens: int = 48) -> None:
 
     from tunesmith.serve.decoder import LlamaDecoder
     from tunesmith.serve.kvcache import SlotCache
+
+    os.environ["TUNESMITH_DECODE_LAYOUT"] = "column"  # dynamo cannot trace weights packed for oneDNN
 
     model, tokenizer = profile_engine.build(profile_engine.parse_args(["--targets", "all-linear"]))
     decoder = LlamaDecoder.of(model)

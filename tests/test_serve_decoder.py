@@ -107,6 +107,20 @@ def test_rows_of_several_adapters_decode_what_generate_decodes_for_each_alone(ti
         assert decoded(model, tiny_tokenizer, [spec]) == [tokens]
 
 
+@pytest.mark.skipif(not X86_ONEDNN, reason="float32 weights are packed for oneDNN on x86 CPUs only")
+def test_weights_are_packed_only_where_a_copy_leaves_room(tiny_model_dir, tiny_tokenizer, monkeypatch):
+    """The tiny model's copy fits; a model whose copy would not (``_room_to_pack`` says so) decodes from
+    its own weights, the same tokens."""
+    monkeypatch.setenv("TUNESMITH_DECODE_LAYOUT", "packed")
+    model = lora_model(tiny_model_dir)
+    assert decoder_module._room_to_pack(model.base_model.model)
+    expected = alone(model, tiny_tokenizer, "every", PROMPTS[1], 5)
+    monkeypatch.setattr(decoder_module, "_room_to_pack", lambda causal: False)
+    assert decoded(model, tiny_tokenizer, [("every", PROMPTS[1], 5)]) == [expected]
+    layers, head = decoder_module._FUSED[model.base_model.model]
+    assert head.packed is None and all(product.packed is None for product in layers[0].values())
+
+
 def test_an_unknown_decode_layout_is_refused_by_name(monkeypatch):
     monkeypatch.setenv("TUNESMITH_DECODE_LAYOUT", "colum")
     with pytest.raises(TunesmithError, match="TUNESMITH_DECODE_LAYOUT='colum': expected one of auto, column"):

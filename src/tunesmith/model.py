@@ -270,7 +270,8 @@ def lay_out_for_decoding(model: torch.nn.Module) -> int:
     Trainable weights keep their layout: their gradients and the optimizer expect it. GPUs are left
     alone (cuBLAS takes either layout at full speed). ``TUNESMITH_DECODE_LAYOUT`` in the environment:
     ``column`` lays out bfloat16 weights as float32 ones (no packing), ``row`` keeps every weight as it
-    loaded (for a CPU where the gap runs the other way, and to measure the difference).
+    loaded (for a CPU where the gap runs the other way, and to measure the difference), ``packed``
+    as ``auto`` here (the engine's decoder packs float32 weights too: ``packs_for_decoding``).
     """
     layout = decode_layout()
     if layout == "row":

@@ -27,6 +27,7 @@ through transformers and PEFT as before (``engine.Lane``). Greedy answers equal 
 
 from __future__ import annotations
 
+import logging
 import os
 import weakref
 
@@ -36,6 +37,8 @@ import torch.nn.functional as F
 from tunesmith.model import packs_for_decoding, unwrap
 from tunesmith.serve.kvcache import SlotCache, attention_masks
 from tunesmith.serve.lora_rows import StackedLora, stackable
+
+log = logging.getLogger(__name__)
 
 ROTARY_TYPES = {"default", "linear", "llama3"}  # rotary embeddings that depend on the position alone
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -72,7 +75,7 @@ def fuse(modules: list) -> torch.Tensor:
 class _Fused:
     """The base product of one linear layer, or of several fused (``fuse``)."""
 
-    def __init__(self, modules: list):
+    def __init__(self, modules: list, pack: bool):
         self.weight = fuse(modules)  # x @ weight
         self.bases = [_base(m) for m in modules]
         self.pointers = [b.weight.data_ptr() for b in self.bases]
@@ -82,7 +85,7 @@ class _Fused:
             self.bias = torch.cat([b.bias.detach() if b.bias is not None else self.weight.new_zeros(b.weight.shape[0])
                                    for b in self.bases])
         self.packed = None
-        if self.weight.device.type == "cpu" and packs_for_decoding(self.weight.dtype):
+        if pack and self.weight.device.type == "cpu" and packs_for_decoding(self.weight.dtype):
             # oneDNN's own blocked layout, packed once (a copy), as model.PackedLinear does for one layer.
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.t().contiguous())
 
@@ -148,9 +151,28 @@ def _fused_products(causal) -> tuple[list[dict[str, _Fused]], _Fused]:
     layers = [_groups(layer) for layer in causal.model.layers]
     if kept is None or not kept[1].current([causal.lm_head]) or \
             not all(kept[0][i][k].current(g) for i, groups in enumerate(layers) for k, g in groups.items()):
-        kept = [{k: _Fused(g) for k, g in groups.items()} for groups in layers], _Fused([causal.lm_head])
+        pack = _room_to_pack(causal)
+        kept = ([{k: _Fused(g, pack) for k, g in groups.items()} for groups in layers],
+                _Fused([causal.lm_head], pack))
         _FUSED[causal] = kept
     return kept
+
+
+def _room_to_pack(causal) -> bool:
+    """Whether a packed copy of the model's weights (``_Fused``) leaves at least half of the memory
+    that was free: a model that fits only once decodes from its own weights, slower, rather than
+    not at all."""
+    weights = sum(p.numel() * p.element_size() for p in causal.parameters())
+    try:
+        with open("/proc/meminfo") as info:
+            free = next(int(line.split()[1]) * 1024 for line in info if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return True
+    if weights <= free / 2:
+        return True
+    log.warning("decoding from the model's own weights: a packed copy (%.1f GB) would leave under half of "
+                "the %.1f GB free", weights / 1e9, free / 1e9)
+    return False
 
 
 def supported(model) -> str | None:

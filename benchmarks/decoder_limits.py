@@ -56,11 +56,10 @@ def products() -> None:
 
     def packed(dtype):
         layers = [[torch.ops.mkldnn._reorder_linear_weight(w.to(dtype)) for w in layer] for layer in weights]
-        ins = [x.to(dtype) for x in inputs]
-
         def work():
             for layer in layers:
-                for x, w in zip(ins, layer):
+                for x, w in zip(inputs, layer):
+                    x = x.to(dtype)
                     torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
         return work
 
@@ -75,6 +74,11 @@ def products() -> None:
     for name, work, size in kinds:
         ms = best_ms(work)
         print(f"{name:28s} {ms:6.2f} ms  {LAYERS * weights_per_layer * size / ms / 1e6:5.1f} GB/s")
+    # A few rows (a batch of requests, one new token each): where the BLAS and oneDNN part ways.
+    for rows in (4, 16):
+        inputs[:] = [torch.randn(rows, i) for _, i in SHAPES]
+        line = ", ".join(f"{name} {best_ms(work):6.2f} ms" for name, work, size in kinds[:2])
+        print(f"{rows:2d} rows, float32: {line}")
     if not packs_bfloat16():
         print("(no native bfloat16 in oneDNN on this CPU: its bfloat16 lines are left out)")
         return

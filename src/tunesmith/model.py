@@ -319,10 +319,10 @@ def packs_for_decoding(dtype: torch.dtype) -> bool:
     """Whether the engine's decoder (``serve/decoder.py``) runs its products on ``dtype`` weights through
     oneDNN, each weight packed once into oneDNN's blocked layout (a second copy of the weights):
     - bfloat16 where oneDNN runs it natively (``packs_bfloat16``), as ``lay_out_for_decoding`` does;
-    - float32 on x86 CPUs not made by Intel. torch's x86 wheels do float32 products in MKL, which on
-      the 2-vCPU AMD EPYC without AVX-512 read weights at 13-15 GB/s for one row (of 31 GB/s) and ran
-      4 and 16 rows 1.2 to 1.6x slower than oneDNN with packed weights (docs/serving.md, run H).
-      On the Intel Xeons measured, MKL on column-major weights is kept.
+    - float32 on x86 CPUs not made by Intel. torch's x86 wheels do float32 products in MKL; on the
+      2-vCPU AMD EPYC without AVX-512 a decoding step of 4 rows took 118 ms and of 16 rows 206-217 ms
+      that way, against 73 and 122-129 ms with the products in oneDNN (docs/serving.md, run H; one
+      row level). On the Intel Xeons measured, MKL on column-major weights is kept.
     ``TUNESMITH_DECODE_LAYOUT``: ``column`` (or ``row``) packs nothing, to compare; ``packed`` packs
     float32 on any x86 CPU too."""
     layout = decode_layout()

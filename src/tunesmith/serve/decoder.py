@@ -151,7 +151,8 @@ def _fused_products(causal) -> tuple[list[dict[str, _Fused]], _Fused]:
     layers = [_groups(layer) for layer in causal.model.layers]
     if kept is None or not kept[1].current([causal.lm_head]) or \
             not all(kept[0][i][k].current(g) for i, groups in enumerate(layers) for k, g in groups.items()):
-        pack = _room_to_pack(causal)
+        weight = causal.lm_head.weight
+        pack = weight.device.type == "cpu" and packs_for_decoding(weight.dtype) and _room_to_pack(causal)
         kept = ([{k: _Fused(g, pack) for k, g in groups.items()} for groups in layers],
                 _Fused([causal.lm_head], pack))
         _FUSED[causal] = kept

@@ -85,7 +85,7 @@ class _Fused:
             self.bias = torch.cat([b.bias.detach() if b.bias is not None else self.weight.new_zeros(b.weight.shape[0])
                                    for b in self.bases])
         self.packed = None
-        if pack and self.weight.device.type == "cpu" and packs_for_decoding(self.weight.dtype):
+        if pack:  # _fused_products decides once per model (model.packs_for_decoding, the free memory)
             # oneDNN's own blocked layout, packed once (a copy), as model.PackedLinear does for one layer.
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.t().contiguous())
 

@@ -60,8 +60,9 @@ def machine() -> str:
     """CPU count and model, torch version and threads, and the load average right now."""
     import torch
 
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown CPU")
+    from tunesmith.model import cpu_field
+
+    model = cpu_field("model name") or "unknown CPU"
     return (f"{os.cpu_count()} cpus ({model}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
             f"load average {os.getloadavg()[0]:.2f}")
 

@@ -307,10 +307,12 @@ def decode_layout() -> str:
 
 
 @functools.cache
-def _cpu_vendor() -> str:
+def cpu_field(name: str) -> str:
+    """Field ``name`` of the first CPU in ``/proc/cpuinfo`` (``vendor_id``, ``model name``), or "" where
+    there is none (another system)."""
     try:
         with open("/proc/cpuinfo") as info:
-            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("vendor_id")), "")
+            return next((line.split(":", 1)[1].strip() for line in info if line.split(":", 1)[0].strip() == name), "")
     except OSError:
         return ""
 
@@ -332,7 +334,7 @@ def packs_for_decoding(dtype: torch.dtype) -> bool:
         return packs_bfloat16()
     if dtype is not torch.float32 or platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    return layout == "packed" or _cpu_vendor() not in ("", "GenuineIntel")
+    return layout == "packed" or cpu_field("vendor_id") not in ("", "GenuineIntel")
 
 
 def packs_bfloat16() -> bool:

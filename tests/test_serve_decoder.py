@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tunesmith.errors import TunesmithError
+from tunesmith import model as model_module
 from tunesmith.model import lay_out_for_decoding, packs_for_decoding
 from tunesmith.serve import decoder as decoder_module
 from tunesmith.serve.decoder import LlamaDecoder, supported
@@ -109,13 +110,13 @@ def test_rows_of_several_adapters_decode_what_generate_decodes_for_each_alone(ti
 
 @pytest.mark.skipif(not X86_ONEDNN, reason="float32 weights are packed for oneDNN on x86 CPUs only")
 def test_weights_are_packed_only_where_a_copy_leaves_room(tiny_model_dir, tiny_tokenizer, monkeypatch):
-    """The tiny model's copy fits; a model whose copy would not (``_room_to_pack`` says so) decodes from
+    """The tiny model's copy fits; a model whose copy would not (``_room_for_copy`` says so) decodes from
     its own weights, the same tokens."""
     monkeypatch.setenv("TUNESMITH_DECODE_LAYOUT", "packed")
     model = lora_model(tiny_model_dir)
-    assert decoder_module._room_to_pack(model.base_model.model)
+    assert decoder_module._room_for_copy(model.base_model.model, 1)
     expected = alone(model, tiny_tokenizer, "every", PROMPTS[1], 5)
-    monkeypatch.setattr(decoder_module, "_room_to_pack", lambda causal: False)
+    monkeypatch.setattr(decoder_module, "_room_for_copy", lambda causal, scale: False)
     assert decoded(model, tiny_tokenizer, [("every", PROMPTS[1], 5)]) == [expected]
     layers, head = decoder_module._FUSED[model.base_model.model]
     assert head.packed is None and all(product.packed is None for product in layers[0].values())
@@ -248,6 +249,70 @@ def test_bfloat16_logits_equal_transformers_to_bfloat16s_rounding(tiny_model_dir
     assert {t.dtype for t in slots.keys} == {torch.bfloat16}
     scale = reference.abs().max()
     assert (ours - reference).abs().max() < 0.03 * scale
+    assert (ours.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.8
+
+
+def bfloat16_model(tiny_model_dir):
+    """``lora_model`` as the server serves it in bfloat16: the base cast and laid out again, the adapters
+    float32."""
+    model = lora_model(tiny_model_dir)
+    model.base_model.model.to(torch.bfloat16)
+    for module in model.modules():
+        if hasattr(module, "lora_A"):
+            module.lora_A.float()
+            module.lora_B.float()
+    for parameter in model.parameters():  # as loaded: row-major
+        parameter.data = parameter.data.contiguous()
+    lay_out_for_decoding(model)
+    return model
+
+
+def test_two_byte_weights_stay_row_major_where_bf16_is_not_native(tiny_model_dir, monkeypatch):
+    """On a CPU without native bf16, bfloat16 weights keep the row-major layout torch's own one-row
+    product reads at speed (column-major ran a lone request's step 9x slower); float32 ones are laid
+    out column-major as before."""
+    monkeypatch.setattr(model_module, "packs_bfloat16", lambda: False)
+    layer = torch.nn.Linear(8, 6, bias=False).requires_grad_(False)
+    wide = torch.nn.Linear(8, 6, bias=False).requires_grad_(False).to(torch.bfloat16)
+    lay_out_for_decoding(torch.nn.Sequential(layer, wide))
+    assert layer.weight.stride() == (1, 6) and wide.weight.is_contiguous()
+
+
+def test_two_byte_weights_decode_one_row_on_themselves_and_several_on_a_float32_copy(
+        tiny_model_dir, tiny_tokenizer, spied, monkeypatch):
+    """Where bf16 is not native (``model.widens_for_decoding``, forced here on every CPU), a bfloat16
+    model's products of one row run on its own row-major weights and those of several rows (prefill, a
+    batch) on a float32 copy, sums rounded to bfloat16 either way: each row of a batch decodes the tokens
+    it decodes alone, and the logits are transformers' to within bfloat16's rounding. (Rows of one
+    adapter: rows of several round each delta to bfloat16 first, as PEFT's mixed batches do, so their
+    tokens may differ from alone in bfloat16 whichever way the products run.)"""
+    from tunesmith.serve.kvcache import SlotCache
+
+    monkeypatch.setattr(decoder_module, "widens_for_decoding", lambda dtype: dtype is torch.bfloat16)
+    model = bfloat16_model(tiny_model_dir)
+    specs = [("every", PROMPTS[0], 6), ("every", PROMPTS[1], 4), ("every", PROMPTS[3], 5)]
+    expected = [decoded(model, tiny_tokenizer, [spec])[0] for spec in specs]
+    assert decoded(model, tiny_tokenizer, specs, prefill_tokens=16) == expected
+    assert max(spied) > 1 and spied.count(1) >= 4
+    layers, head = decoder_module._FUSED[model.base_model.model]
+    for product in [head, *layers[0].values()]:
+        assert product.weight.dtype is torch.bfloat16 and product.wide.dtype is torch.float32
+        assert product.wide.shape == product.weight.shape or product.packed is not None
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert q_proj.dtype is torch.bfloat16 and q_proj.data_ptr() == layers[0]["qkv"].weight.data_ptr()
+
+    ids = torch.tensor([tiny_tokenizer(PROMPTS[1]).input_ids])
+    model.set_adapter("every")
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits.float()
+    slots = SlotCache()
+    slots.reserve(1, ids.shape[1])
+    decoder = LlamaDecoder.of(model)
+    ours = [decoder.forward(ids[:, :-2], torch.tensor([0]), slots, 0, ["every"], keep=ids.shape[1] - 2)]
+    for at in (ids.shape[1] - 2, ids.shape[1] - 1):  # then one row of one token: the 2-byte weights
+        ours.append(decoder.forward(ids[:, at:at + 1], torch.tensor([at]), slots, 0, ["every"]))
+    ours = torch.cat(ours, dim=1)
+    assert (ours - reference).abs().max() < 0.03 * reference.abs().max()
     assert (ours.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.8
 
 

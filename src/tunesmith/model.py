@@ -272,6 +272,13 @@ def lay_out_for_decoding(model: torch.nn.Module) -> int:
     ``column`` lays out bfloat16 weights as float32 ones (no packing), ``row`` keeps every weight as it
     loaded (for a CPU where the gap runs the other way, and to measure the difference), ``packed``
     as ``auto`` here (the engine's decoder packs float32 weights too: ``packs_for_decoding``).
+
+    bfloat16 and float16 on a CPU without native bf16: kept row-major. torch runs a one-row product
+    on row-major 2-byte weights in a kernel of its own (float32 sums, both threads), and on column-major
+    ones through a generic loop: on the 2-vCPU AMD EPYC without AVX-512, a lone request's bfloat16
+    step on SmolLM2-135M took 418 ms column-major and 45 ms row-major (``benchmarks/profile_engine.py
+    --rows 1 --dtype bfloat16``; float32 51 ms). Several rows are slow either way there; the engine's
+    decoder runs them on a float32 copy (``widens_for_decoding``).
     """
     layout = decode_layout()
     if layout == "row":
@@ -289,6 +296,8 @@ def lay_out_for_decoding(model: torch.nn.Module) -> int:
                 if not isinstance(module.forward, PackedLinear):
                     module.forward = PackedLinear(module)
                     moved += 1
+            elif weight.element_size() == 2 and layout != "column" and not packs_bfloat16():
+                continue  # row-major: torch's own one-row product reads it at speed
             elif weight.is_contiguous():
                 weight.data = weight.data.t().contiguous().t()
                 moved += 1
@@ -335,6 +344,20 @@ def packs_for_decoding(dtype: torch.dtype) -> bool:
     if dtype is not torch.float32 or platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     return layout == "packed" or cpu_field("vendor_id") not in ("", "GenuineIntel")
+
+
+def widens_for_decoding(dtype: torch.dtype) -> bool:
+    """Whether the engine's decoder keeps a float32 copy of ``dtype`` weights for products of several
+    rows: 2-byte weights on a CPU without native bf16. There torch multiplies one row by row-major
+    2-byte weights faster than by float32 ones (half the bytes, in a kernel of its own: SmolLM2-135M's
+    layer products 11.5-16.6 ms against 26-33 ms, 2-vCPU AMD EPYC without AVX-512), but two rows take
+    twice as long, and 4 rows 54 ms against 31 ms through the float32 copy (packed for oneDNN there,
+    ``packs_for_decoding``). The copy holds the same values; inputs and outputs stay 2-byte, so a row's
+    products sum the same terms in float32 whichever way they run. ``TUNESMITH_DECODE_LAYOUT``:
+    ``column`` and ``row`` keep no copy, to compare."""
+    if decode_layout() in ("column", "row") or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return not packs_bfloat16()
 
 
 def packs_bfloat16() -> bool:

@@ -34,7 +34,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from tunesmith.model import packs_for_decoding, unwrap
+from tunesmith.model import packs_for_decoding, unwrap, widens_for_decoding
 from tunesmith.serve.kvcache import SlotCache, attention_masks
 from tunesmith.serve.lora_rows import StackedLora, stackable
 
@@ -73,9 +73,11 @@ def fuse(modules: list) -> torch.Tensor:
 
 
 class _Fused:
-    """The base product of one linear layer, or of several fused (``fuse``)."""
+    """The base product of one linear layer, or of several fused (``fuse``). ``pack``: through oneDNN,
+    the weight packed once (a copy); ``wide``: 2-byte weights on a CPU without native bf16, products of
+    several rows on a float32 copy (``model.widens_for_decoding``), packed if ``pack``."""
 
-    def __init__(self, modules: list, pack: bool):
+    def __init__(self, modules: list, pack: bool, wide: bool = False):
         self.weight = fuse(modules)  # x @ weight
         self.bases = [_base(m) for m in modules]
         self.pointers = [b.weight.data_ptr() for b in self.bases]
@@ -84,16 +86,22 @@ class _Fused:
         if any(b.bias is not None for b in self.bases):
             self.bias = torch.cat([b.bias.detach() if b.bias is not None else self.weight.new_zeros(b.weight.shape[0])
                                    for b in self.bases])
-        self.packed = None
-        if pack:  # _fused_products decides once per model (model.packs_for_decoding, the free memory)
-            # oneDNN's own blocked layout, packed once (a copy), as model.PackedLinear does for one layer.
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.t().contiguous())
+        # _fused_products decides both once per model (model.packs_for_decoding, widens_for_decoding,
+        # the free memory).
+        self.packed = self.wide = None
+        if wide:  # several rows on a float32 copy, x @ wide
+            self.wide = self.weight.float().contiguous()
+        if pack:  # oneDNN's own blocked layout, packed once (a copy), as model.PackedLinear does for one layer
+            self.packed = torch.ops.mkldnn._reorder_linear_weight((self.wide if wide else self.weight).t().contiguous())
+            self.wide = self.packed if wide else None
 
     def current(self, modules: list) -> bool:
         """Whether ``modules`` still hold the weights fused here (none was replaced since)."""
         return all(_base(m) is b and b.weight.data_ptr() == p for m, b, p in zip(modules, self.bases, self.pointers))
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        if self.wide is not None:
+            return self._widened(x, residual)
         if self.packed is not None:
             out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         elif self.bias is not None:
@@ -102,6 +110,19 @@ class _Fused:
             return torch.addmm(residual, x, self.weight)
         else:
             return x @ self.weight
+        return out if residual is None else out.add_(residual)
+
+    def _widened(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """One row on the 2-byte weights, several on their float32 copy, the sums rounded to 2 bytes
+        either way; then the bias and the residual, each rounded, as transformers adds them."""
+        if x.shape[0] == 1:
+            out = x @ self.weight
+        elif self.packed is not None:
+            out = torch.ops.mkldnn._linear_pointwise(x.float(), self.packed, None, "none", [], "").to(x.dtype)
+        else:
+            out = (x.float() @ self.wide).to(x.dtype)
+        if self.bias is not None:
+            out.add_(self.bias)
         return out if residual is None else out.add_(residual)
 
 
@@ -152,18 +173,20 @@ def _fused_products(causal) -> tuple[list[dict[str, _Fused]], _Fused]:
     if kept is None or not kept[1].current([causal.lm_head]) or \
             not all(kept[0][i][k].current(g) for i, groups in enumerate(layers) for k, g in groups.items()):
         weight = causal.lm_head.weight
-        pack = weight.device.type == "cpu" and packs_for_decoding(weight.dtype) and _room_to_pack(causal)
-        kept = ([{k: _Fused(g, pack) for k, g in groups.items()} for groups in layers],
-                _Fused([causal.lm_head], pack))
+        cpu = weight.device.type == "cpu"
+        wide = cpu and widens_for_decoding(weight.dtype) and _room_for_copy(causal, 2)
+        pack = cpu and packs_for_decoding(torch.float32 if wide else weight.dtype) and (wide or _room_for_copy(causal, 1))
+        kept = ([{k: _Fused(g, pack, wide) for k, g in groups.items()} for groups in layers],
+                _Fused([causal.lm_head], pack, wide))
         _FUSED[causal] = kept
     return kept
 
 
-def _room_to_pack(causal) -> bool:
-    """Whether a packed copy of the model's weights (``_Fused``) leaves at least half of the memory
-    that was free: a model that fits only once decodes from its own weights, slower, rather than
-    not at all."""
-    weights = sum(p.numel() * p.element_size() for p in causal.parameters())
+def _room_for_copy(causal, scale: int) -> bool:
+    """Whether a copy of the model's weights (``_Fused``), ``scale`` times their size (2: float32 of
+    2-byte weights), leaves at least half of the memory that was free: a model that fits only once
+    decodes from its own weights, slower, rather than not at all."""
+    weights = scale * sum(p.numel() * p.element_size() for p in causal.parameters())
     try:
         with open("/proc/meminfo") as info:
             free = next(int(line.split()[1]) * 1024 for line in info if line.startswith("MemAvailable:"))
@@ -171,7 +194,7 @@ def _room_to_pack(causal) -> bool:
         return True
     if weights <= free / 2:
         return True
-    log.warning("decoding from the model's own weights: a packed copy (%.1f GB) would leave under half of "
+    log.warning("decoding from the model's own weights: a copy of them (%.1f GB) would leave under half of "
                 "the %.1f GB free", weights / 1e9, free / 1e9)
     return False
 

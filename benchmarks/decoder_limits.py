@@ -6,7 +6,8 @@
 1. The products alone: SmolLM2-135M's layer products at one row (q/k/v, o, gate/up and down fused as
    the decoder fuses them), 30 layers of distinct weights so they stream from memory as in a real
    step, in float32 (column-major, as ``model.lay_out_for_decoding`` lays them, and packed for
-   oneDNN) and in bfloat16 packed for oneDNN (where it runs natively): milliseconds for all 30
+   oneDNN) and in bfloat16 packed for oneDNN where it runs natively, row-major elsewhere (torch's
+   own one-row kernel, as the decoder runs it there): milliseconds for all 30
    layers and the rate they read the weights at; then the cost of one packed bfloat16 call on a
    64 x 64 weight (its fixed cost) against a float32 product of the same size.
 2. The step compiled: the decoder's layer loop written for ``torch.compile`` (the slot tensors as
@@ -63,13 +64,23 @@ def products() -> None:
                     torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
         return work
 
+    def row_major(dtype):  # torch's own one-row kernel for 2-byte weights (model.widens_for_decoding)
+        layers = [[w.to(dtype) for w in layer] for layer in weights]
+        def work():
+            for layer in layers:
+                for x, w in zip(inputs, layer):
+                    F.linear(x.to(dtype), w)
+        return work
+
     # float32 packed where oneDNN is there (model.packs_for_decoding's choice on CPUs not made by
-    # Intel); bfloat16 packed only where oneDNN runs it natively.
+    # Intel); bfloat16 packed only where oneDNN runs it natively, row-major where it does not.
     kinds = [("float32, column-major (BLAS)", f32, 4)]
     if torch.backends.mkldnn.is_available():
         kinds.append(("float32, packed for oneDNN", packed(torch.float32), 4))
     if packs_bfloat16():
         kinds.append(("bfloat16, packed for oneDNN", packed(torch.bfloat16), 2))
+    else:
+        kinds.append(("bfloat16, row-major (torch)", row_major(torch.bfloat16), 2))
     print(f"## the layer products at one row, {LAYERS} layers of SmolLM2's shapes, best of 5")
     for name, work, size in kinds:
         ms = best_ms(work)
@@ -77,10 +88,10 @@ def products() -> None:
     # A few rows (a batch of requests, one new token each): where the BLAS and oneDNN part ways.
     for rows in (4, 16):
         inputs[:] = [torch.randn(rows, i) for _, i in SHAPES]
-        line = ", ".join(f"{name} {best_ms(work):6.2f} ms" for name, work, size in kinds[:2])
-        print(f"{rows:2d} rows, float32: {line}")
+        line = ", ".join(f"{name} {best_ms(work):6.2f} ms" for name, work, size in kinds)
+        print(f"{rows:2d} rows: {line}")
     if not packs_bfloat16():
-        print("(no native bfloat16 in oneDNN on this CPU: its bfloat16 lines are left out)")
+        print("(no native bfloat16 in oneDNN on this CPU: bfloat16 runs row-major, not packed)")
         return
     small = torch.randn(64, 64)
     small_packed = torch.ops.mkldnn._reorder_linear_weight(small.bfloat16())

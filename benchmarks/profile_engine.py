@@ -30,6 +30,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--top", type=int, default=15, help="ops listed")
+    p.add_argument("--shapes", action="store_true",
+                   help="list ops by their inputs' shapes too (which product costs what)")
     p.add_argument("--repeat", type=int, default=0, help="first time this many decodes without the profiler "
                    "and print the best (ms a decoding step)")
     p.add_argument("--targets", default="q_proj,v_proj", help="the LoRA's target modules: comma-separated, "
@@ -90,7 +92,7 @@ def main(argv=None) -> None:
 
     hooks = [model.register_forward_pre_hook(before, with_kwargs=True),
              model.register_forward_hook(after, with_kwargs=True)]
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
         started = time.perf_counter()
         decode(place, tokenizer, jobs(tokenizer, args.rows, args.tokens), caches=Caches(prefix_bytes=0))
         wall = time.perf_counter() - started
@@ -98,7 +100,7 @@ def main(argv=None) -> None:
         hook.remove()
     print(f"{args.rows} rows x {args.tokens} tokens, {args.dtype}: {wall:.2f} s wall, "
           f"{forward / wall:.0%} of it in forward passes")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top))
+    print(prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total", row_limit=args.top))
 
 
 if __name__ == "__main__":

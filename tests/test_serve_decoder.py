@@ -225,49 +225,57 @@ def test_transformers_forward_on_request(tiny_model_dir, tiny_tokenizer, monkeyp
     assert decoded(model, tiny_tokenizer, specs) == ours and not spied
 
 
-def test_bfloat16_logits_equal_transformers_to_bfloat16s_rounding(tiny_model_dir, tiny_tokenizer):
-    """A bfloat16 base with float32 adapters (as the server loads them): the decoder's logits of a prompt
-    and of the next tokens, in a bfloat16 cache, are transformers' to within bfloat16's rounding (its
-    sums run in another order, so not bit for bit: the float32 tests compare tokens)."""
-    from tunesmith.serve.kvcache import SlotCache
-
+def bfloat16_model(tiny_model_dir):
+    """``lora_model`` as the server serves it in bfloat16: the base cast, row-major as loaded, and laid
+    out again; the adapters float32."""
     model = lora_model(tiny_model_dir)
     model.base_model.model.to(torch.bfloat16)
     for module in model.modules():
         if hasattr(module, "lora_A"):
             module.lora_A.float()
             module.lora_B.float()
+    for parameter in model.parameters():
+        parameter.data = parameter.data.contiguous()
+    lay_out_for_decoding(model)
+    return model
+
+
+def widened(monkeypatch, wide: bool) -> None:
+    """Decode bfloat16 weights as on a CPU without native bf16 (``model.widens_for_decoding``), on any."""
+    if wide:
+        monkeypatch.setattr(decoder_module, "widens_for_decoding", lambda dtype: dtype is torch.bfloat16)
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["as-this-cpu", "widened"])
+def test_bfloat16_logits_equal_transformers_to_bfloat16s_rounding(tiny_model_dir, tiny_tokenizer, monkeypatch, wide):
+    """A bfloat16 base with float32 adapters (as the server loads them): the decoder's logits of a prompt
+    and of the next tokens one at a time, in a bfloat16 cache, are transformers' to within bfloat16's
+    rounding (its sums run in another order, so not bit for bit: the float32 tests compare tokens).
+    Both as this CPU decodes bfloat16 and as one without native bf16 does (``widened``: one row on the
+    2-byte weights, the prompt on their float32 copy)."""
+    from tunesmith.serve.kvcache import SlotCache
+
+    widened(monkeypatch, wide)
+    model = bfloat16_model(tiny_model_dir)
     ids = torch.tensor([tiny_tokenizer(PROMPTS[1]).input_ids])
     model.set_adapter("every")
     with torch.no_grad():
         reference = model(input_ids=ids).logits.float()
     slots = SlotCache()
     slots.reserve(1, ids.shape[1])
-    ours = LlamaDecoder.of(model).forward(ids[:, :-1], torch.tensor([0]), slots, 0, ["every"], keep=ids.shape[1] - 1)
-    last = LlamaDecoder.of(model).forward(ids[:, -1:], torch.tensor([ids.shape[1] - 1]), slots, 0, ["every"])
-    ours = torch.cat([ours, last], dim=1)
+    decoder = LlamaDecoder.of(model)
+    ours = [decoder.forward(ids[:, :-2], torch.tensor([0]), slots, 0, ["every"], keep=ids.shape[1] - 2)]
+    for at in (ids.shape[1] - 2, ids.shape[1] - 1):
+        ours.append(decoder.forward(ids[:, at:at + 1], torch.tensor([at]), slots, 0, ["every"]))
+    ours = torch.cat(ours, dim=1)
     assert {t.dtype for t in slots.keys} == {torch.bfloat16}
-    scale = reference.abs().max()
-    assert (ours - reference).abs().max() < 0.03 * scale
+    assert (ours - reference).abs().max() < 0.03 * reference.abs().max()
     assert (ours.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.8
+    layers, head = decoder_module._FUSED[model.base_model.model]
+    assert not wide or all(product.wide is not None for product in [head, *layers[0].values()])
 
 
-def bfloat16_model(tiny_model_dir):
-    """``lora_model`` as the server serves it in bfloat16: the base cast and laid out again, the adapters
-    float32."""
-    model = lora_model(tiny_model_dir)
-    model.base_model.model.to(torch.bfloat16)
-    for module in model.modules():
-        if hasattr(module, "lora_A"):
-            module.lora_A.float()
-            module.lora_B.float()
-    for parameter in model.parameters():  # as loaded: row-major
-        parameter.data = parameter.data.contiguous()
-    lay_out_for_decoding(model)
-    return model
-
-
-def test_two_byte_weights_stay_row_major_where_bf16_is_not_native(tiny_model_dir, monkeypatch):
+def test_two_byte_weights_stay_row_major_where_bf16_is_not_native(monkeypatch):
     """On a CPU without native bf16, bfloat16 weights keep the row-major layout torch's own one-row
     product reads at speed (column-major ran a lone request's step 9x slower); float32 ones are laid
     out column-major as before."""
@@ -280,15 +288,12 @@ def test_two_byte_weights_stay_row_major_where_bf16_is_not_native(tiny_model_dir
 
 def test_two_byte_weights_decode_one_row_on_themselves_and_several_on_a_float32_copy(
         tiny_model_dir, tiny_tokenizer, spied, monkeypatch):
-    """Where bf16 is not native (``model.widens_for_decoding``, forced here on every CPU), a bfloat16
-    model's products of one row run on its own row-major weights and those of several rows (prefill, a
-    batch) on a float32 copy, sums rounded to bfloat16 either way: each row of a batch decodes the tokens
-    it decodes alone, and the logits are transformers' to within bfloat16's rounding. (Rows of one
-    adapter: rows of several round each delta to bfloat16 first, as PEFT's mixed batches do, so their
-    tokens may differ from alone in bfloat16 whichever way the products run.)"""
-    from tunesmith.serve.kvcache import SlotCache
-
-    monkeypatch.setattr(decoder_module, "widens_for_decoding", lambda dtype: dtype is torch.bfloat16)
+    """Where bf16 is not native (``widened`` here on every CPU), a bfloat16 model's products of one row
+    run on its own row-major weights and those of several rows (prefill, a batch) on a float32 copy,
+    sums rounded to bfloat16 either way: each row of a batch decodes the tokens it decodes alone. (Rows
+    of one adapter: rows of several round each delta to bfloat16 first, as PEFT's mixed batches do, so
+    their tokens may differ from alone in bfloat16 whichever way the products run.)"""
+    widened(monkeypatch, True)
     model = bfloat16_model(tiny_model_dir)
     specs = [("every", PROMPTS[0], 6), ("every", PROMPTS[1], 4), ("every", PROMPTS[3], 5)]
     expected = [decoded(model, tiny_tokenizer, [spec])[0] for spec in specs]
@@ -300,20 +305,6 @@ def test_two_byte_weights_decode_one_row_on_themselves_and_several_on_a_float32_
         assert product.wide.shape == product.weight.shape or product.packed is not None
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
     assert q_proj.dtype is torch.bfloat16 and q_proj.data_ptr() == layers[0]["qkv"].weight.data_ptr()
-
-    ids = torch.tensor([tiny_tokenizer(PROMPTS[1]).input_ids])
-    model.set_adapter("every")
-    with torch.no_grad():
-        reference = model(input_ids=ids).logits.float()
-    slots = SlotCache()
-    slots.reserve(1, ids.shape[1])
-    decoder = LlamaDecoder.of(model)
-    ours = [decoder.forward(ids[:, :-2], torch.tensor([0]), slots, 0, ["every"], keep=ids.shape[1] - 2)]
-    for at in (ids.shape[1] - 2, ids.shape[1] - 1):  # then one row of one token: the 2-byte weights
-        ours.append(decoder.forward(ids[:, at:at + 1], torch.tensor([at]), slots, 0, ["every"]))
-    ours = torch.cat(ours, dim=1)
-    assert (ours - reference).abs().max() < 0.03 * reference.abs().max()
-    assert (ours.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.8
 
 
 def test_the_rotary_table_is_transformers(tiny_model_dir):

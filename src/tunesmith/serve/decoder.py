@@ -175,7 +175,8 @@ def _fused_products(causal) -> tuple[list[dict[str, _Fused]], _Fused]:
         weight = causal.lm_head.weight
         cpu = weight.device.type == "cpu"
         wide = cpu and widens_for_decoding(weight.dtype) and _room_for_copy(causal, 2)
-        pack = cpu and packs_for_decoding(torch.float32 if wide else weight.dtype) and (wide or _room_for_copy(causal, 1))
+        pack = cpu and packs_for_decoding(torch.float32 if wide else weight.dtype) and \
+            (wide or _room_for_copy(causal, 1))  # the float32 copy packed, or a packed copy of its own
         kept = ([{k: _Fused(g, pack, wide) for k, g in groups.items()} for groups in layers],
                 _Fused([causal.lm_head], pack, wide))
         _FUSED[causal] = kept

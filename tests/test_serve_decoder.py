@@ -153,7 +153,7 @@ def test_the_fused_weights_are_the_models_own(tiny_model_dir, tiny_tokenizer):
 
 
 def test_models_and_adapters_it_does_not_run_go_through_transformers(tiny_model_dir, tiny_tokenizer, spied):
-    """DoRA, another activation, a model that is not Llama, Mistral or Qwen2: ``supported`` names why, and
+    """DoRA, another activation, a model that is not Llama, Mistral, Qwen2 or Qwen3: ``supported`` names why, and
     the engine decodes them through transformers, as ``generate`` does."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -178,25 +178,29 @@ def test_models_and_adapters_it_does_not_run_go_through_transformers(tiny_model_
     assert not spied
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "mistral", "llama-biases"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "mistral", "llama-biases"])
 def test_qwen2_mistral_and_biases_decode_what_generate_decodes(kind, tiny_tokenizer, spied):
-    """Qwen2 (biases on q, k and v), Mistral with a sliding window of 4 positions over prompts of up to
-    9 (the window's mask for every pass, a lone row's too) and Llama with biases on every projection,
-    each with two LoRA adapters: rows of both and the base give ``generate``'s greedy tokens."""
+    """Qwen2 (biases on q, k and v), Qwen3 (each head of q and k normed, with weights of its own, and
+    biases), Mistral with a sliding window of 4 positions over prompts of up to 9 (the window's mask for
+    every pass, a lone row's too) and Llama with biases on every projection, each with two LoRA
+    adapters: rows of both and the base give ``generate``'s greedy tokens."""
     from peft import LoraConfig, get_peft_model
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     shape = dict(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
                  eos_token_id=tiny_tokenizer.eos_token_id, pad_token_id=tiny_tokenizer.pad_token_id)
-    torch.manual_seed(0)
+    torch.manual_seed({"qwen3": 1}.get(kind, 0))  # at 0, qwen3 ends a row at its end of sequence
     model = {"qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**shape)),
+             "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**shape, head_dim=8, attention_bias=True)),
              "mistral": lambda: MistralForCausalLM(MistralConfig(**shape, sliding_window=4)),
              "llama-biases": lambda: LlamaForCausalLM(LlamaConfig(**shape, attention_bias=True, mlp_bias=True))}[kind]()
-    for module in model.modules():  # biases initialise to zero: make them count
+    for name, module in model.named_modules():  # biases and norms initialise to zeros and ones: make them count
         if isinstance(module, torch.nn.Linear) and module.bias is not None:
             torch.nn.init.normal_(module.bias, std=0.5)
+        if name.endswith(("q_norm", "k_norm")):
+            torch.nn.init.normal_(module.weight, mean=1, std=0.5)
     lora = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
     model = get_peft_model(model.eval(), lora, adapter_name="every")
     model.add_adapter("some", lora)

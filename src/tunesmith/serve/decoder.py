@@ -18,7 +18,7 @@ This module runs the same computation with about 25 ops a layer and no module ca
   (grouped keys and values not repeated), and only the positions whose logits are asked for go
   through the final norm and the output layer.
 
-It serves transformers' Llama, Mistral and Qwen2 causal LMs (``supported`` says which: SiLU, a rotary
+It serves transformers' Llama, Mistral, Qwen2 and Qwen3 causal LMs (``supported`` says which: SiLU, a rotary
 embedding fixed by position, one attention kind for every layer), with plain LoRA linear layers on
 their projections or no adapter at all; any other model or adapter kind decodes
 through transformers and PEFT as before (``engine.Lane``). Greedy answers equal ``generate``'s
@@ -163,6 +163,15 @@ class _Layer:
                                                      for k in ("qkv", "o", "gate_up", "down"))
         self.norms = (layer.input_layernorm, layer.post_attention_layernorm)
         self.index = layer.self_attn.layer_idx
+        # Qwen3: q's and k's heads each normed (over a head's features) before the rotation, one weight
+        # for q's heads and one for k's, stacked once so one norm does both.
+        attention = layer.self_attn
+        self.head_norm = None
+        if hasattr(attention, "q_norm"):
+            heads, kv_heads = attention.config.num_attention_heads, attention.config.num_key_value_heads
+            self.head_norm = torch.cat([attention.q_norm.weight.expand(heads, -1),
+                                        attention.k_norm.weight.expand(kv_heads, -1)])
+            self.head_eps = attention.q_norm.variance_epsilon
 
 
 def _fused_products(causal) -> tuple[list[dict[str, _Fused]], _Fused]:
@@ -205,13 +214,14 @@ def supported(model) -> str | None:
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils.other import AuxiliaryTrainingWrapper
-    from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+    from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
     causal = unwrap(model)
     # transformers' classes whose layers compute what this module computes (Qwen2: biases on q, k and
-    # v; Mistral: a sliding window, which the mask applies).
-    if type(causal) not in (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM):
-        return f"{type(causal).__name__} is not transformers' Llama, Mistral or Qwen2"
+    # v; Qwen3: a norm of each head of q and k before the rotation; Mistral: a sliding window, which
+    # the mask applies).
+    if type(causal) not in (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM):
+        return f"{type(causal).__name__} is not transformers' Llama, Mistral, Qwen2 or Qwen3"
     config = causal.config
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"activation {config.hidden_act}"
@@ -302,6 +312,8 @@ class LlamaDecoder:
             x = F.rms_norm(hidden, (size,), layer.norms[0].weight, eps)
             qkv = layer.qkv(x, names).view(rows, tokens, heads + 2 * kv_heads, dim)
             qk = qkv[:, :, :heads + kv_heads]
+            if layer.head_norm is not None:  # Qwen3: normed, then scaled by its weight, as transformers rounds
+                qk = F.rms_norm(qk, (dim,), None, layer.head_eps).mul_(layer.head_norm)
             qk = qk * cos + qk.roll(half, -1) * sin  # two roundings, as transformers (addcmul rounds once)
             keys, values = slots.put(layer.index, qk[:, :, heads:].reshape(-1, kv_heads, dim),
                                      qkv[:, :, heads + kv_heads:].reshape(-1, kv_heads, dim))

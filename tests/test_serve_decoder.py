@@ -276,7 +276,7 @@ def test_bfloat16_logits_equal_transformers_to_bfloat16s_rounding(tiny_model_dir
     assert (ours - reference).abs().max() < 0.03 * reference.abs().max()
     assert (ours.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.8
     layers, head = decoder_module._FUSED[model.base_model.model]
-    assert not wide or all(product.wide is not None for product in [head, *layers[0].values()])
+    assert not wide or all(product.wide for product in [head, *layers[0].values()])
 
 
 def test_two_byte_weights_stay_row_major_where_bf16_is_not_native(monkeypatch):
@@ -305,8 +305,9 @@ def test_two_byte_weights_decode_one_row_on_themselves_and_several_on_a_float32_
     assert max(spied) > 1 and spied.count(1) >= 4
     layers, head = decoder_module._FUSED[model.base_model.model]
     for product in [head, *layers[0].values()]:
-        assert product.weight.dtype is torch.bfloat16 and product.wide.dtype is torch.float32
-        assert product.wide.shape == product.weight.shape or product.packed is not None
+        copy = product.packed if product.packed is not None else product.float32
+        assert product.wide and product.weight.dtype is torch.bfloat16 and copy.dtype is torch.float32
+        assert product.packed is not None or copy.shape == product.weight.shape
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
     assert q_proj.dtype is torch.bfloat16 and q_proj.data_ptr() == layers[0]["qkv"].weight.data_ptr()
 

@@ -296,7 +296,7 @@ def lay_out_for_decoding(model: torch.nn.Module) -> int:
                 if not isinstance(module.forward, PackedLinear):
                     module.forward = PackedLinear(module)
                     moved += 1
-            elif weight.element_size() == 2 and layout != "column" and not packs_bfloat16():
+            elif widens_for_decoding(weight.dtype):
                 continue  # row-major: torch's own one-row product reads it at speed
             elif weight.is_contiguous():
                 weight.data = weight.data.t().contiguous().t()

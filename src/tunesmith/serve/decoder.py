@@ -88,19 +88,20 @@ class _Fused:
                                    for b in self.bases])
         # _fused_products decides both once per model (model.packs_for_decoding, widens_for_decoding,
         # the free memory).
-        self.packed = self.wide = None
-        if wide:  # several rows on a float32 copy, x @ wide
-            self.wide = self.weight.float().contiguous()
+        self.wide = wide
+        source = self.weight.float() if wide else self.weight  # float32 of 2-byte weights: a copy, in x out
+        self.packed = self.float32 = None
         if pack:  # oneDNN's own blocked layout, packed once (a copy), as model.PackedLinear does for one layer
-            self.packed = torch.ops.mkldnn._reorder_linear_weight((self.wide if wide else self.weight).t().contiguous())
-            self.wide = self.packed if wide else None
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(source.t().contiguous())
+        elif wide:  # several rows: x @ float32
+            self.float32 = source.contiguous()
 
     def current(self, modules: list) -> bool:
         """Whether ``modules`` still hold the weights fused here (none was replaced since)."""
         return all(_base(m) is b and b.weight.data_ptr() == p for m, b, p in zip(modules, self.bases, self.pointers))
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        if self.wide is not None:
+        if self.wide:
             return self._widened(x, residual)
         if self.packed is not None:
             out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -120,7 +121,7 @@ class _Fused:
         elif self.packed is not None:
             out = torch.ops.mkldnn._linear_pointwise(x.float(), self.packed, None, "none", [], "").to(x.dtype)
         else:
-            out = (x.float() @ self.wide).to(x.dtype)
+            out = (x.float() @ self.float32).to(x.dtype)
         if self.bias is not None:
             out.add_(self.bias)
         return out if residual is None else out.add_(residual)

@@ -312,6 +312,39 @@ def test_two_byte_weights_decode_one_row_on_themselves_and_several_on_a_float32_
     assert q_proj.dtype is torch.bfloat16 and q_proj.data_ptr() == layers[0]["qkv"].weight.data_ptr()
 
 
+def test_the_decoder_is_kept_until_the_adapters_change(tiny_model_dir, tiny_tokenizer):
+    """A request on an idle server finds the decoder made for the last one (making it again cost 75-85
+    ms a request on SmolLM2); an adapter's weights written in place, an adapter unloaded, or loaded
+    again under its name with other weights make a new one, which decodes what ``generate`` does."""
+    from peft import LoraConfig
+
+    model = lora_model(tiny_model_dir)
+    spec = ("some", PROMPTS[1], 6)
+    first = LlamaDecoder.of(model)
+    assert decoded(model, tiny_tokenizer, [spec]) == [alone(model, tiny_tokenizer, *spec)]
+    assert LlamaDecoder.of(model) is first
+
+    with torch.no_grad():  # written in place, as a reload into the same tensors would
+        for module in model.modules():
+            if "some" in getattr(module, "lora_B", {}):
+                module.lora_B["some"].weight.mul_(-1)
+    changed = alone(model, tiny_tokenizer, *spec)
+    assert decoded(model, tiny_tokenizer, [spec]) == [changed]
+    second = LlamaDecoder.of(model)
+    assert second is not first
+
+    model.delete_adapter("some")
+    assert LlamaDecoder.of(model) is not second
+    torch.manual_seed(1)
+    model.add_adapter("some", LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    for name, parameter in model.named_parameters():
+        if "lora_B.some" in name:
+            parameter.data.mul_(40)
+    model.eval().requires_grad_(False)
+    again = alone(model, tiny_tokenizer, *spec)
+    assert again != changed and decoded(model, tiny_tokenizer, [spec]) == [again]
+
+
 def test_the_rotary_table_is_transformers(tiny_model_dir):
     """The decoder's cos and sin of each position are those transformers computes, the sign of
     ``rotate_half`` folded into sin's first half."""

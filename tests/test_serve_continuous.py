@@ -15,6 +15,7 @@ import torch
 from conftest import record_passes
 from test_serve import PROMPT, make_run, peft_model
 
+from tunesmith.serve.decoder import LlamaDecoder
 from tunesmith.serve.engine import BASE, Caches, Event, Job, Sampling, Scheduler, decode
 
 SYSTEM = "you are a film critic and you answer in one short sentence about the film you were asked about: "
@@ -218,6 +219,33 @@ def test_a_prompt_head_taken_from_the_prefix_cache_gives_the_tokens_of_a_miss(mo
     assert (caches.stats()["prefix_hits"], caches.stats()["prefix_misses"]) == (4, 3)
     for name, (adapter, prompt) in together.items():
         assert recorder.tokens[name, 0] == alone(model, tokenizer, adapter, prompt, 6), name
+
+
+def test_an_adapter_loaded_again_under_its_name_never_meets_the_old_ones_blocks(runs, tiny_model_dir):
+    """``beta`` unloaded, and ``alpha``'s weights loaded as ``beta``: the same prompt misses the prefix
+    cache and decodes the new weights' tokens. The old configuration stays held while its blocks are
+    kept, so no new one can take its id (the key was its id alone before)."""
+    import gc
+    import weakref
+
+    model, tokenizer = peft_model(runs, tiny_model_dir, "alpha", "beta")
+    caches, recorder, prompt = Caches(prefix_bytes=2**30, block=4), Recorder(), SYSTEM + "the plot"
+    assert alone(model, tokenizer, "alpha", prompt, 6) != alone(model, tokenizer, "beta", prompt, 6)
+
+    def run(name: str) -> None:
+        decode(lambda job: (None, model, True), tokenizer, [recorder.job(name, "beta", tokenizer(prompt).input_ids, 6)],
+               caches=caches)
+
+    run("old")
+    old = weakref.ref(model.peft_config["beta"])
+    model.delete_adapter("beta")
+    model.load_adapter(runs["alpha"] / "adapter", adapter_name="beta")
+    LlamaDecoder.of(model)  # the decoder kept for the old adapters goes (it held them too)
+    gc.collect()
+    assert old() is not None and old() is not model.peft_config["beta"]
+    run("new")
+    assert caches.stats()["prefix_hits"] == 0 and caches.stats()["prefix_misses"] == 2
+    assert recorder.tokens["new", 0] == alone(model, tokenizer, "alpha", prompt, 6)
 
 
 def test_slots_freed_by_finished_requests_are_reused_by_later_ones(model):

@@ -153,9 +153,10 @@ def test_the_fused_weights_are_the_models_own(tiny_model_dir, tiny_tokenizer):
 
 
 def test_models_and_adapters_it_does_not_run_go_through_transformers(tiny_model_dir, tiny_tokenizer, spied):
-    """DoRA, another activation, a model that is not Llama, Mistral, Qwen2 or Qwen3: ``supported`` names why, and
-    the engine decodes them through transformers, as ``generate`` does."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    """DoRA, another activation, a model that is not Llama, Mistral, Phi-3, Qwen2 or Qwen3, a rotary
+    embedding on part of each head: ``supported`` names why, and the engine decodes them through
+    transformers, as ``generate`` does."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
 
     dora = lora_model(tiny_model_dir, use_dora=True)
     assert "not a plain LoRA" in supported(dora)
@@ -163,6 +164,8 @@ def test_models_and_adapters_it_does_not_run_go_through_transformers(tiny_model_
                                                                   num_hidden_layers=1, num_attention_heads=2,
                                                                   hidden_act="gelu")))
     assert "GPT2LMHeadModel" in supported(GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2)))
+    assert "part of each head" in supported(Phi3ForCausalLM(Phi3Config(
+        hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, partial_rotary_factor=0.5)))
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     assert "attention kinds" in supported(Qwen2ForCausalLM(Qwen2Config(
@@ -178,15 +181,16 @@ def test_models_and_adapters_it_does_not_run_go_through_transformers(tiny_model_
     assert not spied
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "mistral", "llama-biases"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "mistral", "phi3", "llama-biases"])
 def test_qwen2_mistral_and_biases_decode_what_generate_decodes(kind, tiny_tokenizer, spied):
     """Qwen2 (biases on q, k and v), Qwen3 (each head of q and k normed, with weights of its own, and
     biases), Mistral with a sliding window of 4 positions over prompts of up to 9 (the window's mask for
-    every pass, a lone row's too) and Llama with biases on every projection, each with two LoRA
-    adapters: rows of both and the base give ``generate``'s greedy tokens."""
+    every pass, a lone row's too), Phi-3 (q, k and v one layer, gate and up another; a window of 5) and
+    Llama with biases on every projection, each with two LoRA adapters: rows of both and the base give
+    ``generate``'s greedy tokens."""
     from peft import LoraConfig, get_peft_model
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
+                              Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     shape = dict(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
@@ -195,6 +199,7 @@ def test_qwen2_mistral_and_biases_decode_what_generate_decodes(kind, tiny_tokeni
     model = {"qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**shape)),
              "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**shape, head_dim=8, attention_bias=True)),
              "mistral": lambda: MistralForCausalLM(MistralConfig(**shape, sliding_window=4)),
+             "phi3": lambda: Phi3ForCausalLM(Phi3Config(**shape, sliding_window=5)),
              "llama-biases": lambda: LlamaForCausalLM(LlamaConfig(**shape, attention_bias=True, mlp_bias=True))}[kind]()
     for name, module in model.named_modules():  # biases and norms initialise to zeros and ones: make them count
         if isinstance(module, torch.nn.Linear) and module.bias is not None:

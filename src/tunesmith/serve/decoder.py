@@ -18,7 +18,7 @@ This module runs the same computation with about 25 ops a layer and no module ca
   (grouped keys and values not repeated), and only the positions whose logits are asked for go
   through the final norm and the output layer.
 
-It serves transformers' Llama, Mistral, Qwen2 and Qwen3 causal LMs (``supported`` says which: SiLU, a rotary
+It serves transformers' Llama, Mistral, Phi-3, Qwen2 and Qwen3 causal LMs (``supported`` says which: SiLU, a rotary
 embedding fixed by position, one attention kind for every layer), with plain LoRA linear layers on
 their projections or no adapter at all; any other model or adapter kind decodes
 through transformers and PEFT as before (``engine.Lane``). Greedy answers equal ``generate``'s
@@ -41,7 +41,8 @@ from tunesmith.serve.lora_rows import StackedLora, stackable
 log = logging.getLogger(__name__)
 
 ROTARY_TYPES = {"default", "linear", "llama3"}  # rotary embeddings that depend on the position alone
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+               "qkv_proj", "gate_up_proj")  # the last two: Phi-3's, fused in the checkpoint
 
 
 def _base(module) -> torch.nn.Linear:
@@ -153,6 +154,9 @@ _FUSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a model: its 
 
 def _groups(layer) -> dict[str, list]:
     attention, mlp = layer.self_attn, layer.mlp
+    if hasattr(attention, "qkv_proj"):  # Phi-3: q, k and v are one layer, and gate and up another
+        return {"qkv": [attention.qkv_proj], "o": [attention.o_proj], "gate_up": [mlp.gate_up_proj],
+                "down": [mlp.down_proj]}
     return {"qkv": [attention.q_proj, attention.k_proj, attention.v_proj], "o": [attention.o_proj],
             "gate_up": [mlp.gate_proj, mlp.up_proj], "down": [mlp.down_proj]}
 
@@ -163,6 +167,8 @@ class _Layer:
         self.qkv, self.o, self.gate_up, self.down = (_Projection(fused[k], groups[k])
                                                      for k in ("qkv", "o", "gate_up", "down"))
         self.norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        sizes = self.gate_up.sizes  # gate's and up's widths: Phi-3's one layer holds both, gate first
+        self.gate_up_sizes = sizes if len(sizes) == 2 else [sizes[0] // 2] * 2
         self.index = layer.self_attn.layer_idx
         # Qwen3: q's and k's heads each normed (over a head's features) before the rotation, one weight
         # for q's heads and one for k's, stacked once so one norm does both.
@@ -213,10 +219,13 @@ def _room_for_copy(causal, scale: int) -> bool:
 def _llama_family(causal) -> bool:
     """Whether ``causal`` is one of transformers' classes whose layers compute what this module computes
     (Qwen2: biases on q, k and v; Qwen3: a norm of each head of q and k before the rotation; Mistral:
-    a sliding window, which the mask applies)."""
-    from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+    a sliding window, which the mask applies; Phi-3: q, k and v one layer, gate and up another, and a
+    sliding window)."""
+    from transformers import (LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM,
+                              Qwen3ForCausalLM)
 
-    return type(causal) in (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)
+    return type(causal) in (LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM,
+                            Qwen3ForCausalLM)
 
 
 def supported(model) -> str | None:
@@ -227,7 +236,7 @@ def supported(model) -> str | None:
 
     causal = unwrap(model)
     if not _llama_family(causal):
-        return f"{type(causal).__name__} is not transformers' Llama, Mistral, Qwen2 or Qwen3"
+        return f"{type(causal).__name__} is not transformers' Llama, Mistral, Phi-3, Qwen2 or Qwen3"
     config = causal.config
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"activation {config.hidden_act}"
@@ -236,6 +245,8 @@ def supported(model) -> str | None:
     rotary = causal.model.rotary_emb
     if getattr(rotary, "rope_type", "default") not in ROTARY_TYPES:
         return f"rotary embedding {rotary.rope_type}"
+    if 2 * rotary.inv_freq.numel() != causal.model.layers[0].self_attn.head_dim:
+        return "a rotary embedding on part of each head (partial_rotary_factor)"
     for name, module in causal.named_modules():
         if isinstance(module, BaseTunerLayer) and not (name.rsplit(".", 1)[-1] in PROJECTIONS and stackable(module)):
             return f"{name}: {type(module).__name__}, not a plain LoRA linear layer on a projection"
@@ -366,7 +377,7 @@ class LlamaDecoder:
                                                       scale=self.scaling, enable_gqa=heads != kv_heads)
             hidden = layer.o(attended.transpose(1, 2).reshape(rows * tokens, heads * dim), names, residual=hidden)
             x = F.rms_norm(hidden, (size,), layer.norms[1].weight, eps)
-            gate, up = layer.gate_up(x, names).split(layer.gate_up.sizes, dim=-1)
+            gate, up = layer.gate_up(x, names).split(layer.gate_up_sizes, dim=-1)
             hidden = layer.down(F.silu(gate).mul_(up), names, residual=hidden)
 
         hidden = hidden.view(rows, tokens, -1)

@@ -26,6 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--tiny", action="store_true", help="a tiny Llama built from a config, on the model's tokenizer")
+    p.add_argument("--layers", type=int, default=2, help="--tiny's layers (30, as SmolLM2-135M: the cost of a "
+                   "step's ops apart from the size of their weights)")
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -46,8 +48,8 @@ def build(args):
     source = resolve_model(args.model)
     tokenizer = load_tokenizer(source)
     if args.tiny:
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2)
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2)
         model = LlamaForCausalLM(config)
     else:
         model = load_model(source)

@@ -166,11 +166,6 @@ def test_models_and_adapters_it_does_not_run_go_through_transformers(tiny_model_
     assert "GPT2LMHeadModel" in supported(GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2)))
     assert "part of each head" in supported(Phi3ForCausalLM(Phi3Config(
         hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, partial_rotary_factor=0.5)))
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    assert "attention kinds" in supported(Qwen2ForCausalLM(Qwen2Config(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        use_sliding_window=True, sliding_window=4, max_window_layers=1)))
     ids = tiny_tokenizer(PROMPTS[0]).input_ids
     dora.set_adapter("some")  # PEFT cannot mix DoRA adapters in a batch: the server gives each a lane of its own
     with torch.no_grad():
@@ -181,16 +176,19 @@ def test_models_and_adapters_it_does_not_run_go_through_transformers(tiny_model_
     assert not spied
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "mistral", "phi3", "llama-biases"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen2-windows", "qwen3", "mistral", "phi3", "gemma3", "llama-biases"])
 def test_qwen2_mistral_and_biases_decode_what_generate_decodes(kind, tiny_tokenizer, spied):
-    """Qwen2 (biases on q, k and v), Qwen3 (each head of q and k normed, with weights of its own, and
-    biases), Mistral with a sliding window of 4 positions over prompts of up to 9 (the window's mask for
-    every pass, a lone row's too), Phi-3 (q, k and v one layer, gate and up another; a window of 5) and
-    Llama with biases on every projection, each with two LoRA adapters: rows of both and the base give
-    ``generate``'s greedy tokens."""
+    """Qwen2 (biases on q, k and v; then a window of 4 on its second layer only), Qwen3 (each head of q
+    and k normed, with weights of its own, and biases), Mistral with a sliding window of 4 positions
+    over prompts of up to 9 (the window's mask for every pass, a lone row's too), Phi-3 (q, k and v one
+    layer, gate and up another; a window of 5), Gemma 3 (a local layer with a window of 4 and its own
+    rotary table, a global one; four norms a layer and the heads' norms, all with weights made to
+    count) and Llama with biases on every projection, each with two LoRA adapters: rows of both and the
+    base give ``generate``'s greedy tokens."""
     from peft import LoraConfig, get_peft_model
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
-                              Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+    from transformers import (Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                              MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM)
 
     shape = dict(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
@@ -199,12 +197,16 @@ def test_qwen2_mistral_and_biases_decode_what_generate_decodes(kind, tiny_tokeni
     model = {"qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**shape)),
              "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**shape, head_dim=8, attention_bias=True)),
              "mistral": lambda: MistralForCausalLM(MistralConfig(**shape, sliding_window=4)),
+             "qwen2-windows": lambda: Qwen2ForCausalLM(Qwen2Config(**shape, use_sliding_window=True, sliding_window=4,
+                                                                   max_window_layers=1)),
              "phi3": lambda: Phi3ForCausalLM(Phi3Config(**shape, sliding_window=5)),
+             "gemma3": lambda: Gemma3ForCausalLM(Gemma3TextConfig(**shape, head_dim=8, sliding_window=4,
+                                                                  layer_types=["sliding_attention", "full_attention"])),
              "llama-biases": lambda: LlamaForCausalLM(LlamaConfig(**shape, attention_bias=True, mlp_bias=True))}[kind]()
     for name, module in model.named_modules():  # biases and norms initialise to zeros and ones: make them count
         if isinstance(module, torch.nn.Linear) and module.bias is not None:
             torch.nn.init.normal_(module.bias, std=0.5)
-        if name.endswith(("q_norm", "k_norm")):
+        if name.endswith(("q_norm", "k_norm")) or (kind == "gemma3" and name.endswith("norm")):
             torch.nn.init.normal_(module.weight, mean=1, std=0.5)
     lora = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
     model = get_peft_model(model.eval(), lora, adapter_name="every")
@@ -221,6 +223,48 @@ def test_qwen2_mistral_and_biases_decode_what_generate_decodes(kind, tiny_tokeni
     assert decoded(model, tiny_tokenizer, specs, prefill_tokens=8) == expected
     assert decoded(model, tiny_tokenizer, specs[1:2]) == expected[1:2]  # alone: one row of one token a pass
     assert spied
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_gemma3_logits_equal_transformers(tiny_tokenizer, dtype):
+    """Gemma 3 on an adapter: the decoder's logits of a prompt longer than the window and of the next
+    tokens one at a time are transformers' to float32's rounding, so each part counts (each kind's
+    rotary table, GELU, the norms), not only what moves the greedy tokens; in bfloat16 (float32
+    adapters, as the server loads them) to bfloat16's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from tunesmith.serve.kvcache import SlotCache
+
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4, initializer_range=0.3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"]))
+    for name, module in model.named_modules():
+        if name.endswith("norm"):
+            torch.nn.init.normal_(module.weight, std=0.5)
+    model = get_peft_model(model.eval(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+                           adapter_name="every").eval().requires_grad_(False)
+    model.base_model.model.to(dtype)
+    for module in model.modules():
+        if hasattr(module, "lora_A"):
+            module.lora_A.float()
+            module.lora_B.float()
+    lay_out_for_decoding(model)
+    ids = torch.tensor([tiny_tokenizer(PROMPTS[1]).input_ids])
+    assert ids.shape[1] > 8
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits.float()
+    slots = SlotCache()
+    slots.reserve(1, ids.shape[1])
+    decoder = LlamaDecoder.of(model)
+    ours = [decoder.forward(ids[:, :-2], torch.tensor([0]), slots, 0, ["every"], keep=ids.shape[1] - 2)]
+    for at in (ids.shape[1] - 2, ids.shape[1] - 1):
+        ours.append(decoder.forward(ids[:, at:at + 1], torch.tensor([at]), slots, 0, ["every"]))
+    ours = torch.cat(ours, dim=1)
+    assert (ours - reference).abs().max() < (1e-4 if dtype is torch.float32 else 0.03) * reference.abs().max()
+    assert (ours.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.8
 
 
 def test_transformers_forward_on_request(tiny_model_dir, tiny_tokenizer, monkeypatch, spied):

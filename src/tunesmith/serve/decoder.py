@@ -18,9 +18,9 @@ This module runs the same computation with about 25 ops a layer and no module ca
   (grouped keys and values not repeated), and only the positions whose logits are asked for go
   through the final norm and the output layer.
 
-It serves transformers' Llama, Mistral, Phi-3, Qwen2 and Qwen3 causal LMs (``supported`` says which: SiLU, a rotary
-embedding fixed by position, one attention kind for every layer), with plain LoRA linear layers on
-their projections or no adapter at all; any other model or adapter kind decodes
+It serves transformers' Gemma 3, Llama, Mistral, Phi-3, Qwen2 and Qwen3 causal LMs (``supported`` says
+which: SiLU or Gemma's GELU, a rotary embedding fixed by position, on every feature of a head), with
+plain LoRA linear layers on their projections or no adapter at all; any other model or adapter kind decodes
 through transformers and PEFT as before (``engine.Lane``). Greedy answers equal ``generate``'s
 (tests/test_serve_decoder.py).
 """
@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -161,24 +162,50 @@ def _groups(layer) -> dict[str, list]:
             "gate_up": [mlp.gate_proj, mlp.up_proj], "down": [mlp.down_proj]}
 
 
+class _Norm:
+    """An RMS norm: Llama's (``F.rms_norm`` in the model's dtype; ``scaled_after``: normed, rounded, then
+    times the weight, as transformers rounds Qwen3's head norms), or Gemma's (in float32, times 1 + its
+    weight, rounded once, as transformers does). ``weight``: one that is not the module's own (the
+    stacked weights of q's and k's head norms); Gemma's 1 + weight is made here, once (a norm's weight
+    written in place later is seen by Llama's norms, not by these copies: serving does not write them)."""
+
+    def __init__(self, module, gemma: bool, weight: torch.Tensor | None = None, scaled_after: bool = False):
+        self.gemma, self.scaled_after = gemma, scaled_after
+        self.eps = module.eps if gemma else module.variance_epsilon
+        weight = module.weight if weight is None else weight
+        self.weight = 1 + weight.float() if gemma else weight
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemma:
+            return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).mul_(self.weight).to(x.dtype)
+        if self.scaled_after:
+            return F.rms_norm(x, (x.shape[-1],), None, self.eps).mul_(self.weight)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
 class _Layer:
-    def __init__(self, layer, fused: dict[str, _Fused]):
+    def __init__(self, layer, fused: dict[str, _Fused], gemma: bool):
         groups = _groups(layer)
         self.qkv, self.o, self.gate_up, self.down = (_Projection(fused[k], groups[k])
                                                      for k in ("qkv", "o", "gate_up", "down"))
-        self.norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        # Llama's two norms; Gemma's four: before and after attention, before and after the MLP.
+        names = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm")[:4 if gemma else 2]
+        self.norms = [_Norm(getattr(layer, name), gemma) for name in names]
         sizes = self.gate_up.sizes  # gate's and up's widths: Phi-3's one layer holds both, gate first
         self.gate_up_sizes = sizes if len(sizes) == 2 else [sizes[0] // 2] * 2
-        self.index = layer.self_attn.layer_idx
-        # Qwen3: q's and k's heads each normed (over a head's features) before the rotation, one weight
-        # for q's heads and one for k's, stacked once so one norm does both.
         attention = layer.self_attn
+        self.index = attention.layer_idx
+        layer_types = getattr(attention.config, "layer_types", None)
+        self.kind = layer_types[self.index] if layer_types else "full_attention"  # its mask and rotary table
+        # Qwen3 and Gemma 3: q's and k's heads each normed (over a head's features) before the rotation,
+        # one weight for q's heads and one for k's, stacked once so one norm does both.
         self.head_norm = None
         if hasattr(attention, "q_norm"):
             heads, kv_heads = attention.config.num_attention_heads, attention.config.num_key_value_heads
-            self.head_norm = torch.cat([attention.q_norm.weight.expand(heads, -1),
-                                        attention.k_norm.weight.expand(kv_heads, -1)])
-            self.head_eps = attention.q_norm.variance_epsilon
+            stacked = torch.cat([attention.q_norm.weight.expand(heads, -1),
+                                 attention.k_norm.weight.expand(kv_heads, -1)])
+            self.head_norm = _Norm(attention.q_norm, gemma, stacked, scaled_after=True)
 
 
 def _fused_products(causal) -> tuple[list[dict[str, _Fused]], _Fused]:
@@ -220,12 +247,28 @@ def _llama_family(causal) -> bool:
     """Whether ``causal`` is one of transformers' classes whose layers compute what this module computes
     (Qwen2: biases on q, k and v; Qwen3: a norm of each head of q and k before the rotation; Mistral:
     a sliding window, which the mask applies; Phi-3: q, k and v one layer, gate and up another, and a
-    sliding window)."""
-    from transformers import (LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM,
-                              Qwen3ForCausalLM)
+    sliding window; Gemma 3: ``_gemma``)."""
+    from transformers import (Gemma3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM,
+                              Qwen2ForCausalLM, Qwen3ForCausalLM)
 
-    return type(causal) in (LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM,
-                            Qwen3ForCausalLM)
+    return type(causal) in (Gemma3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM,
+                            Qwen2ForCausalLM, Qwen3ForCausalLM)
+
+
+def _gemma(causal) -> bool:
+    """Whether ``causal`` is Gemma 3's text model: its embeddings scaled, four norms a layer (each
+    block's output normed before the residual adds it), norms that scale by 1 + their weight in float32,
+    GELU (tanh), and a rotary table for local (sliding-window) layers and another for global ones."""
+    from transformers import Gemma3ForCausalLM
+
+    return type(causal) is Gemma3ForCausalLM
+
+
+def _rotary(rotary, kind: str) -> tuple[torch.Tensor, float]:
+    """The inverse frequencies and scale of layers of attention ``kind``: Gemma 3 has a table per kind."""
+    if hasattr(rotary, f"{kind}_inv_freq"):
+        return getattr(rotary, f"{kind}_inv_freq"), getattr(rotary, f"{kind}_attention_scaling")
+    return rotary.inv_freq, rotary.attention_scaling
 
 
 def supported(model) -> str | None:
@@ -236,16 +279,22 @@ def supported(model) -> str | None:
 
     causal = unwrap(model)
     if not _llama_family(causal):
-        return f"{type(causal).__name__} is not transformers' Llama, Mistral, Phi-3, Qwen2 or Qwen3"
+        return f"{type(causal).__name__} is not transformers' Gemma 3, Llama, Mistral, Phi-3, Qwen2 or Qwen3"
     config = causal.config
-    if getattr(config, "hidden_act", "silu") != "silu":
+    if _gemma(causal):
+        if config.hidden_activation != "gelu_pytorch_tanh":
+            return f"activation {config.hidden_activation}"
+        if config.final_logit_softcapping or config.attn_logit_softcapping or config.use_bidirectional_attention:
+            return "logit soft-capping or bidirectional attention"
+    elif getattr(config, "hidden_act", "silu") != "silu":
         return f"activation {config.hidden_act}"
-    if len(set(getattr(config, "layer_types", None) or ())) > 1:
-        return "layers of different attention kinds (full and sliding windows)"
     rotary = causal.model.rotary_emb
-    if getattr(rotary, "rope_type", "default") not in ROTARY_TYPES:
-        return f"rotary embedding {rotary.rope_type}"
-    if 2 * rotary.inv_freq.numel() != causal.model.layers[0].self_attn.head_dim:
+    rope = getattr(rotary, "rope_type", "default")
+    types = rope.values() if isinstance(rope, dict) else [rope]
+    if not set(types) <= ROTARY_TYPES:
+        return f"rotary embedding {rope}"
+    kinds = set(getattr(config, "layer_types", None) or ("full_attention",))
+    if any(2 * _rotary(rotary, kind)[0].numel() != causal.model.layers[0].self_attn.head_dim for kind in kinds):
         return "a rotary embedding on part of each head (partial_rotary_factor)"
     for name, module in causal.named_modules():
         if isinstance(module, BaseTunerLayer) and not (name.rsplit(".", 1)[-1] in PROJECTIONS and stackable(module)):
@@ -298,24 +347,25 @@ class LlamaDecoder:
     def __init__(self, model):
         causal = unwrap(model)
         self.config = causal.config
-        self.embed = causal.model.embed_tokens
-        self.norm = causal.model.norm
-        rotary = causal.model.rotary_emb
-        self.inv_freq, self.rotary_scale = rotary.inv_freq.float(), rotary.attention_scaling
+        self.embed = causal.model.embed_tokens  # Gemma's scales what it looks up
+        self.gemma = _gemma(causal)
+        self.norm = _Norm(causal.model.norm, self.gemma)
+        self.act = partial(F.gelu, approximate="tanh") if self.gemma else F.silu
+        self.rotary = causal.model.rotary_emb
         attention = causal.model.layers[0].self_attn
         self.head_dim = attention.head_dim
         self.heads = self.config.num_attention_heads
         self.kv_heads = self.config.num_key_value_heads
         self.scaling = attention.scaling
-        self.eps = causal.model.norm.variance_epsilon
         self.dtype = self.embed.weight.dtype
         # A sliding window needs the mask even for one row of one token (kvcache.attention_masks).
         self.windowed = bool(getattr(self.config, "sliding_window", None)) and \
             set(getattr(self.config, "layer_types", None) or ()) != {"full_attention"}
         self.fused = _fused_products(causal)  # the same object until a weight is replaced
-        self.layers = [_Layer(layer, products) for layer, products in zip(causal.model.layers, self.fused[0])]
+        self.layers = [_Layer(layer, products, self.gemma)
+                       for layer, products in zip(causal.model.layers, self.fused[0])]
         self.head = self.fused[1]
-        self._rotary = torch.empty(0)
+        self._tables: dict[str, torch.Tensor] = {}  # a rotary table per attention kind (_table)
 
     @classmethod
     def of(cls, model) -> LlamaDecoder | None:
@@ -331,18 +381,20 @@ class LlamaDecoder:
         _DECODERS[model] = (adapters, decoder)
         return decoder
 
-    def _table(self, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of every position below ``length`` (grown in whole slots' lengths), the second
-        half's sin negated: ``rotate_half(x) * sin == x.roll(half) * signed_sin``."""
-        if self._rotary.shape[0] < length:
-            positions = torch.arange(max(length, 2 * self._rotary.shape[0]), dtype=torch.float32)
-            freqs = positions[:, None] * self.inv_freq[None, :].cpu()  # as transformers computes them
+    def _table(self, length: int, device, kind: str = "full_attention") -> torch.Tensor:
+        """cos and sin of every position below ``length`` (grown in whole slots' lengths) for layers of
+        attention ``kind``, the second half's sin negated: ``rotate_half(x) * sin == x.roll(half) * signed_sin``."""
+        table = self._tables.get(kind, torch.empty(0))
+        if table.shape[0] < length:
+            inv_freq, scale = _rotary(self.rotary, kind)
+            positions = torch.arange(max(length, 2 * table.shape[0]), dtype=torch.float32)
+            freqs = positions[:, None] * inv_freq.float()[None, :].cpu()  # as transformers computes them
             emb = torch.cat((freqs, freqs), dim=-1)
-            cos, sin = emb.cos() * self.rotary_scale, emb.sin() * self.rotary_scale
+            cos, sin = emb.cos() * scale, emb.sin() * scale
             half = self.head_dim // 2
             sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
-            self._rotary = torch.stack((cos, sin)).to(device, self.dtype).transpose(0, 1)  # positions x 2 x dim
-        return self._rotary
+            table = self._tables[kind] = torch.stack((cos, sin)).to(device, self.dtype).transpose(0, 1)
+        return table  # positions x 2 x dim
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, starts: torch.Tensor, slots: SlotCache, first: int,
@@ -354,33 +406,41 @@ class LlamaDecoder:
         device = self.embed.weight.device
         width = slots.bind(first, starts, tokens)
         names: list[str] | str = adapters[0] if len(set(adapters)) == 1 else list(adapters)
-        mask = None
+        masks = None  # one for every layer, or one per attention kind (full, sliding window)
         if rows > 1 or tokens > 1 or self.windowed:
-            mask = attention_masks(self.config, starts, tokens, width, self.dtype).to(device)
+            masks = attention_masks(self.config, starts, tokens, width, self.dtype)
+            masks = {k: m.to(device) for k, m in masks.items()} if isinstance(masks, dict) else masks.to(device)
         positions = (starts[:, None] + torch.arange(tokens)).to(device)
-        rotary = self._table(int(starts.max()) + tokens, device)[positions]  # rows x tokens x 2 x dim
-        cos, sin = rotary[:, :, None, 0], rotary[:, :, None, 1]
+        rotations = {}  # each kind's cos and sin of the chunk's positions (rows x tokens x 1 x dim)
+        for kind in {layer.kind for layer in self.layers}:
+            rotary = self._table(int(starts.max()) + tokens, device, kind)[positions]
+            rotations[kind] = rotary[:, :, None, 0], rotary[:, :, None, 1]
         half, heads, kv_heads, dim = self.head_dim // 2, self.heads, self.kv_heads, self.head_dim
 
         hidden = self.embed(ids.to(device)).view(rows * tokens, -1)
-        size, eps = hidden.shape[-1], self.eps
+        size = hidden.shape[-1]
         for layer in self.layers:
-            x = F.rms_norm(hidden, (size,), layer.norms[0].weight, eps)
-            qkv = layer.qkv(x, names).view(rows, tokens, heads + 2 * kv_heads, dim)
+            mask = masks[layer.kind] if isinstance(masks, dict) else masks
+            cos, sin = rotations[layer.kind]
+            qkv = layer.qkv(layer.norms[0](hidden), names).view(rows, tokens, heads + 2 * kv_heads, dim)
             qk = qkv[:, :, :heads + kv_heads]
-            if layer.head_norm is not None:  # Qwen3: normed, then scaled by its weight, as transformers rounds
-                qk = F.rms_norm(qk, (dim,), None, layer.head_eps).mul_(layer.head_norm)
+            if layer.head_norm is not None:  # Qwen3, Gemma 3: each head of q and k normed
+                qk = layer.head_norm(qk)
             qk = qk * cos + qk.roll(half, -1) * sin  # two roundings, as transformers (addcmul rounds once)
             keys, values = slots.put(layer.index, qk[:, :, heads:].reshape(-1, kv_heads, dim),
                                      qkv[:, :, heads + kv_heads:].reshape(-1, kv_heads, dim))
             attended = F.scaled_dot_product_attention(qk[:, :, :heads].transpose(1, 2), keys, values, attn_mask=mask,
                                                       scale=self.scaling, enable_gqa=heads != kv_heads)
-            hidden = layer.o(attended.transpose(1, 2).reshape(rows * tokens, heads * dim), names, residual=hidden)
-            x = F.rms_norm(hidden, (size,), layer.norms[1].weight, eps)
-            gate, up = layer.gate_up(x, names).split(layer.gate_up_sizes, dim=-1)
-            hidden = layer.down(F.silu(gate).mul_(up), names, residual=hidden)
+            attended = attended.transpose(1, 2).reshape(rows * tokens, heads * dim)
+            if self.gemma:  # each block's output normed, then added to the residual
+                hidden = hidden + layer.norms[1](layer.o(attended, names))
+                gate, up = layer.gate_up(layer.norms[2](hidden), names).split(layer.gate_up_sizes, dim=-1)
+                hidden = hidden + layer.norms[3](layer.down(self.act(gate).mul_(up), names))
+            else:  # the residual added on the products
+                hidden = layer.o(attended, names, residual=hidden)
+                gate, up = layer.gate_up(layer.norms[1](hidden), names).split(layer.gate_up_sizes, dim=-1)
+                hidden = layer.down(self.act(gate).mul_(up), names, residual=hidden)
 
         hidden = hidden.view(rows, tokens, -1)
         hidden = hidden[:, keep] if isinstance(keep, torch.Tensor) else hidden[:, -keep:]
-        return self.head(F.rms_norm(hidden, (size,), self.norm.weight, eps).view(-1, size), None).view(
-            *hidden.shape[:2], -1).float()
+        return self.head(self.norm(hidden).view(-1, size), None).view(*hidden.shape[:2], -1).float()

@@ -5,6 +5,7 @@ greedy tokens each, half on one LoRA adapter and half on another (a mixed batch)
     python benchmarks/profile_engine.py                       # SmolLM2-135M, 16 rows x 32 tokens
     python benchmarks/profile_engine.py --tiny --dtype bfloat16
     python benchmarks/profile_engine.py --rows 1 --targets all-linear --repeat 3   # one request, timed too
+    python benchmarks/profile_engine.py --tiny --arch gemma3 --layers 30 --rows 1 --targets all-linear --repeat 3
 
 Prints the wall time of the whole decode, the share of it inside the model's forward passes, and the
 ops that took the most CPU time (self time). Figures on a shared machine are rough.
@@ -28,6 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="a tiny Llama built from a config, on the model's tokenizer")
     p.add_argument("--layers", type=int, default=2, help="--tiny's layers (30, as SmolLM2-135M: the cost of a "
                    "step's ops apart from the size of their weights)")
+    p.add_argument("--arch", choices=["llama", "gemma3"], default="llama", help="--tiny's architecture")
     p.add_argument("--rows", type=int, default=16)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -43,14 +45,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(args):
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
     source = resolve_model(args.model)
     tokenizer = load_tokenizer(source)
     if args.tiny:
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                             num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2)
-        model = LlamaForCausalLM(config)
+        shape = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=args.layers,
+                     num_attention_heads=4, num_key_value_heads=2)
+        if args.arch == "gemma3":  # five local layers (a window of 8) to a global one, as Gemma 3's
+            model = Gemma3ForCausalLM(Gemma3TextConfig(**shape, head_dim=16, sliding_window=8))
+        else:
+            model = LlamaForCausalLM(LlamaConfig(**shape))
     else:
         model = load_model(source)
     model = model.to(getattr(torch, args.dtype)).eval().requires_grad_(False)

@@ -225,6 +225,24 @@ def test_qwen2_mistral_and_biases_decode_what_generate_decodes(kind, tiny_tokeni
     assert spied
 
 
+def logits_both_ways(model, ids: torch.Tensor, adapter: str):
+    """``model``'s logits of ``ids`` on ``adapter`` from the decoder (all but the last two tokens in one
+    pass, then those one at a time, in a slot cache) and from transformers' forward, both float32,
+    and the slots."""
+    from tunesmith.serve.kvcache import SlotCache
+
+    model.set_adapter(adapter)
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits.float()
+    slots = SlotCache()
+    slots.reserve(1, ids.shape[1])
+    decoder = LlamaDecoder.of(model)
+    ours = [decoder.forward(ids[:, :-2], torch.tensor([0]), slots, 0, [adapter], keep=ids.shape[1] - 2)]
+    for at in (ids.shape[1] - 2, ids.shape[1] - 1):
+        ours.append(decoder.forward(ids[:, at:at + 1], torch.tensor([at]), slots, 0, [adapter]))
+    return torch.cat(ours, dim=1), reference, slots
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_gemma3_logits_equal_transformers(tiny_tokenizer, dtype):
     """Gemma 3 on an adapter: the decoder's logits of a prompt longer than the window and of the next
@@ -233,8 +251,6 @@ def test_gemma3_logits_equal_transformers(tiny_tokenizer, dtype):
     adapters, as the server loads them) to bfloat16's."""
     from peft import LoraConfig, get_peft_model
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    from tunesmith.serve.kvcache import SlotCache
 
     torch.manual_seed(0)
     model = Gemma3ForCausalLM(Gemma3TextConfig(
@@ -246,23 +262,10 @@ def test_gemma3_logits_equal_transformers(tiny_tokenizer, dtype):
             torch.nn.init.normal_(module.weight, std=0.5)
     model = get_peft_model(model.eval(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
                            adapter_name="every").eval().requires_grad_(False)
-    model.base_model.model.to(dtype)
-    for module in model.modules():
-        if hasattr(module, "lora_A"):
-            module.lora_A.float()
-            module.lora_B.float()
-    lay_out_for_decoding(model)
+    as_served(model, dtype)
     ids = torch.tensor([tiny_tokenizer(PROMPTS[1]).input_ids])
     assert ids.shape[1] > 8
-    with torch.no_grad():
-        reference = model(input_ids=ids).logits.float()
-    slots = SlotCache()
-    slots.reserve(1, ids.shape[1])
-    decoder = LlamaDecoder.of(model)
-    ours = [decoder.forward(ids[:, :-2], torch.tensor([0]), slots, 0, ["every"], keep=ids.shape[1] - 2)]
-    for at in (ids.shape[1] - 2, ids.shape[1] - 1):
-        ours.append(decoder.forward(ids[:, at:at + 1], torch.tensor([at]), slots, 0, ["every"]))
-    ours = torch.cat(ours, dim=1)
+    ours, reference, _ = logits_both_ways(model, ids, "every")
     assert (ours - reference).abs().max() < (1e-4 if dtype is torch.float32 else 0.03) * reference.abs().max()
     assert (ours.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.8
 
@@ -278,11 +281,10 @@ def test_transformers_forward_on_request(tiny_model_dir, tiny_tokenizer, monkeyp
     assert decoded(model, tiny_tokenizer, specs) == ours and not spied
 
 
-def bfloat16_model(tiny_model_dir):
-    """``lora_model`` as the server serves it in bfloat16: the base cast, row-major as loaded, and laid
-    out again; the adapters float32."""
-    model = lora_model(tiny_model_dir)
-    model.base_model.model.to(torch.bfloat16)
+def as_served(model, dtype: torch.dtype):
+    """``model`` (PEFT) as the server serves it in ``dtype``: the base cast, row-major as loaded, and
+    laid out for decoding; the adapters float32."""
+    model.base_model.model.to(dtype)
     for module in model.modules():
         if hasattr(module, "lora_A"):
             module.lora_A.float()
@@ -291,6 +293,11 @@ def bfloat16_model(tiny_model_dir):
         parameter.data = parameter.data.contiguous()
     lay_out_for_decoding(model)
     return model
+
+
+def bfloat16_model(tiny_model_dir):
+    """``lora_model`` as the server serves it in bfloat16."""
+    return as_served(lora_model(tiny_model_dir), torch.bfloat16)
 
 
 def widened(monkeypatch, wide: bool) -> None:
@@ -306,21 +313,10 @@ def test_bfloat16_logits_equal_transformers_to_bfloat16s_rounding(tiny_model_dir
     rounding (its sums run in another order, so not bit for bit: the float32 tests compare tokens).
     Both as this CPU decodes bfloat16 and as one without native bf16 does (``widened``: one row on the
     2-byte weights, the prompt on their float32 copy)."""
-    from tunesmith.serve.kvcache import SlotCache
-
     widened(monkeypatch, wide)
     model = bfloat16_model(tiny_model_dir)
     ids = torch.tensor([tiny_tokenizer(PROMPTS[1]).input_ids])
-    model.set_adapter("every")
-    with torch.no_grad():
-        reference = model(input_ids=ids).logits.float()
-    slots = SlotCache()
-    slots.reserve(1, ids.shape[1])
-    decoder = LlamaDecoder.of(model)
-    ours = [decoder.forward(ids[:, :-2], torch.tensor([0]), slots, 0, ["every"], keep=ids.shape[1] - 2)]
-    for at in (ids.shape[1] - 2, ids.shape[1] - 1):
-        ours.append(decoder.forward(ids[:, at:at + 1], torch.tensor([at]), slots, 0, ["every"]))
-    ours = torch.cat(ours, dim=1)
+    ours, reference, slots = logits_both_ways(model, ids, "every")
     assert {t.dtype for t in slots.keys} == {torch.bfloat16}
     assert (ours - reference).abs().max() < 0.03 * reference.abs().max()
     assert (ours.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.8

@@ -176,6 +176,23 @@ def test_models_and_adapters_it_does_not_run_go_through_transformers(tiny_model_
     assert not spied
 
 
+def test_the_slower_path_is_logged_once_with_its_reason(tiny_model_dir, caplog):
+    """A model that decodes through transformers says why in the server's log, once (not at every batch),
+    and again when its adapters change."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    caplog.set_level("INFO", logger=decoder_module.__name__)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2))
+    dora = lora_model(tiny_model_dir, use_dora=True)
+    for _ in range(2):
+        assert LlamaDecoder.of(gpt2) is None and LlamaDecoder.of(dora) is None
+    said = [r.getMessage() for r in caplog.records if "slower" in r.getMessage()]
+    assert len(said) == 2 and "GPT2LMHeadModel" in said[0] and "not a plain LoRA" in said[1]
+    dora.delete_adapter("mlp")
+    assert LlamaDecoder.of(dora) is None
+    assert len([r for r in caplog.records if "slower" in r.getMessage()]) == 3
+
+
 @pytest.mark.parametrize("kind", ["qwen2", "qwen2-windows", "qwen3", "mistral", "phi3", "gemma3", "llama-biases"])
 def test_qwen2_mistral_and_biases_decode_what_generate_decodes(kind, tiny_tokenizer, spied):
     """Qwen2 (biases on q, k and v; then a window of 4 on its second layer only), Qwen3 (each head of q

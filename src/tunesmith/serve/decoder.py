@@ -307,6 +307,8 @@ def supported(model) -> str | None:
 
 
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a model: (_Adapters, its LlamaDecoder or None)
+_TOLD: weakref.WeakSet = weakref.WeakSet()  # models of other architectures whose slower path was logged
+SLOWER = "decoding through transformers, slower than the engine's own forward pass: %s"
 
 
 class _Adapters:
@@ -372,12 +374,20 @@ class LlamaDecoder:
         """A decoder for ``model``, or None where it cannot run it (``supported``) or where
         ``TUNESMITH_DECODER=transformers`` asks for transformers' forward (to compare the two)."""
         causal = unwrap(model)
-        if os.environ.get("TUNESMITH_DECODER", "auto") == "transformers" or not _llama_family(causal):
+        if os.environ.get("TUNESMITH_DECODER", "auto") == "transformers":
+            return None
+        if not _llama_family(causal):
+            if causal not in _TOLD:  # once per model
+                _TOLD.add(causal)
+                log.info(SLOWER, supported(model))
             return None
         adapters, kept = _Adapters(model), _DECODERS.get(model)
         if kept is not None and kept[0] == adapters and (kept[1] is None or kept[1].fused is _fused_products(causal)):
             return kept[1]
-        decoder = None if supported(model) is not None else cls(model)
+        why = supported(model)
+        if why is not None:  # once per change of the adapters
+            log.info(SLOWER, why)
+        decoder = None if why is not None else cls(model)
         _DECODERS[model] = (adapters, decoder)
         return decoder
 

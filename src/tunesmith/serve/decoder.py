@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from tunesmith.model import packs_for_decoding, unwrap, widens_for_decoding
+from tunesmith.serve.held import Held
 from tunesmith.serve.kvcache import SlotCache, attention_masks
 from tunesmith.serve.lora_rows import StackedLora, stackable
 
@@ -306,37 +307,26 @@ def supported(model) -> str | None:
     return None
 
 
-_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a model: (_Adapters, its LlamaDecoder or None)
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # a model: (_adapters, its LlamaDecoder or None)
 _TOLD: weakref.WeakSet = weakref.WeakSet()  # models of other architectures whose slower path was logged
 SLOWER = "decoding through transformers, slower than the engine's own forward pass: %s"
 
 
-class _Adapters:
-    """What a decoder of a model was made from besides the base weights (``_Fused.current`` checks those):
-    each adapter's configuration and every projection's LoRA weights, their in-place versions and
-    scales, and whether a layer was merged. The objects are held, so none can be freed and another take
-    its address: equal states are the same adapters."""
-
-    def __init__(self, model):
-        causal = unwrap(model)
-        held, marks = [], []
-        for name, config in getattr(model, "peft_config", {}).items():
-            held.append(config)
-            marks.append((name, id(config)))
-        for layer in causal.model.layers:
-            for modules in _groups(layer).values():
-                for module in modules:
-                    held.append(module)
-                    marks.append((id(module), tuple(getattr(module, "merged_adapters", ()))))
-                    for name in getattr(module, "lora_A", {}):
-                        for weight in (module.lora_A[name].weight, module.lora_B[name].weight):
-                            held.append(weight)
-                            marks.append((name, id(weight), weight._version))
-                        marks.append(module.scaling[name])
-        self.held, self.marks = held, marks
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, _Adapters) and self.marks == other.marks
+def _adapters(model) -> list:
+    """What a decoder of a model is made from besides the base weights (``_Fused.current`` checks those):
+    each adapter's configuration and every projection's LoRA weights (``Held``: by identity, so none
+    can be freed and another take its id), their in-place versions and scales, and whether a layer was
+    merged. Equal lists are the same adapters."""
+    marks = [(name, Held(config)) for name, config in getattr(model, "peft_config", {}).items()]
+    for layer in unwrap(model).model.layers:
+        for modules in _groups(layer).values():
+            for module in modules:
+                marks.append((Held(module), tuple(getattr(module, "merged_adapters", ()))))
+                for name in getattr(module, "lora_A", {}):
+                    for weight in (module.lora_A[name].weight, module.lora_B[name].weight):
+                        marks.append((name, Held(weight), weight._version))
+                    marks.append(module.scaling[name])
+    return marks
 
 
 class LlamaDecoder:
@@ -367,6 +357,7 @@ class LlamaDecoder:
         self.layers = [_Layer(layer, products, self.gemma)
                        for layer, products in zip(causal.model.layers, self.fused[0])]
         self.head = self.fused[1]
+        self.kinds = {layer.kind for layer in self.layers}  # of attention: full, sliding window
         self._tables: dict[str, torch.Tensor] = {}  # a rotary table per attention kind (_table)
 
     @classmethod
@@ -381,7 +372,7 @@ class LlamaDecoder:
                 _TOLD.add(causal)
                 log.info(SLOWER, supported(model))
             return None
-        adapters, kept = _Adapters(model), _DECODERS.get(model)
+        adapters, kept = _adapters(model), _DECODERS.get(model)
         if kept is not None and kept[0] == adapters and (kept[1] is None or kept[1].fused is _fused_products(causal)):
             return kept[1]
         why = supported(model)
@@ -422,7 +413,7 @@ class LlamaDecoder:
             masks = {k: m.to(device) for k, m in masks.items()} if isinstance(masks, dict) else masks.to(device)
         positions = (starts[:, None] + torch.arange(tokens)).to(device)
         rotations = {}  # each kind's cos and sin of the chunk's positions (rows x tokens x 1 x dim)
-        for kind in {layer.kind for layer in self.layers}:
+        for kind in self.kinds:
             rotary = self._table(int(starts.max()) + tokens, device, kind)[positions]
             rotations[kind] = rotary[:, :, None, 0], rotary[:, :, None, 1]
         half, heads, kv_heads, dim = self.head_dim // 2, self.heads, self.kv_heads, self.head_dim

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tunesmith.serve.decoder import LlamaDecoder
+from tunesmith.serve.held import Held
 from tunesmith.serve.kvcache import PrefixCache, SlotCache, attention_masks
 from tunesmith.serve.lora_rows import route, stackable
 from tunesmith.serve.structured import Constraint
@@ -312,22 +313,6 @@ class _Routing:
         self.undo, self.names, self.plain = [], None, None
 
 
-class _Held:
-    """An object as part of a key: equal to itself alone, and held, so that while the key is kept no
-    other object can be given its id."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __hash__(self) -> int:
-        return id(self.obj)
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, _Held) and other.obj is self.obj
-
-
 class Caches:
     """The KV caches the server keeps from batch to batch: a ``SlotCache`` for each lane of each model
     (lanes on one model take turns, each with its own rows), and a ``PrefixCache`` per model, its blocks
@@ -454,7 +439,7 @@ class Lane:
         # The adapter's config object too: an adapter unloaded and loaded again under its name (other
         # weights) must not meet the keys of the old one. Held, not its id: a freed config's id may be
         # the next one's.
-        return name, _Held(getattr(self.model, "peft_config", {}).get(name))
+        return name, Held(getattr(self.model, "peft_config", {}).get(name))
 
     def _place(self, prefill: _Prefill) -> None:
         """Slots for ``prefill``'s prompts (the last ones, past every row that may decode meanwhile),

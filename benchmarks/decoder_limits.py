@@ -119,10 +119,8 @@ def compiled_step(tokens: int = 48) -> None:
     prompt = torch.tensor([tokenizer("review 1: the film was long, the plot thin, and the cast").input_ids])
 
     def layers(hidden, cos, sin, index, keys, values, first: int, width: int):
-        size = hidden.shape[-1]
         for layer, key_cache, value_cache in zip(decoder.layers, keys, values):
-            x = F.rms_norm(hidden, (size,), layer.norms[0].weight, decoder.eps)
-            qkv = layer.qkv(x, "alpha").view(1, 1, heads + 2 * kv_heads, dim)
+            qkv = layer.qkv(layer.norms[0](hidden), "alpha").view(1, 1, heads + 2 * kv_heads, dim)
             qk = qkv[:, :, :heads + kv_heads]
             qk = qk * cos + qk.roll(half, -1) * sin
             key_cache.view(-1, kv_heads, dim).index_copy_(0, index, qk[:, :, heads:].reshape(-1, kv_heads, dim))
@@ -132,8 +130,7 @@ def compiled_step(tokens: int = 48) -> None:
                 qk[:, :, :heads].transpose(1, 2), key_cache[first:first + 1, :width].transpose(1, 2),
                 value_cache[first:first + 1, :width].transpose(1, 2), scale=decoder.scaling, enable_gqa=True)
             hidden = layer.o(attended.transpose(1, 2).reshape(1, heads * dim), "alpha", residual=hidden)
-            x = F.rms_norm(hidden, (size,), layer.norms[1].weight, decoder.eps)
-            gate, up = layer.gate_up(x, "alpha").split(layer.gate_up.sizes, dim=-1)
+            gate, up = layer.gate_up(layer.norms[1](hidden), "alpha").split(layer.gate_up_sizes, dim=-1)
             hidden = layer.down(F.silu(gate).mul_(up), "alpha", residual=hidden)
         return hidden
 
@@ -143,7 +140,7 @@ def compiled_step(tokens: int = 48) -> None:
             rotary = decoder._table(int(start.max()) + 1, "cpu")[start[:, None]]
             hidden = loop(decoder.embed(token).view(1, -1), rotary[:, :, None, 0], rotary[:, :, None, 1],
                           slots._index, slots.keys, slots.values, 0, width)
-            return decoder.head(F.rms_norm(hidden, (hidden.shape[-1],), decoder.norm.weight, decoder.eps))
+            return decoder.head(decoder.norm(hidden), None)
         return step
 
     def decode(step, n: int) -> tuple[float, list[int]]:
